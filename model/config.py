@@ -1,0 +1,101 @@
+"""ModelConfig: every number that shapes the network, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+FAMILIES = ("gpt2", "modern")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257  # the real vocabulary; logits never extend past it
+    block_size: int = 1024  # context length
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # grouped-query attention (Ainslie et al. 2023); None = n_head
+    n_embd: int = 768
+    # "gpt2": learned positions, LayerNorm, GELU MLP (Radford et al. 2019).
+    # "modern": RoPE (Su et al. 2021), RMSNorm (Zhang & Sennrich 2019),
+    #           SwiGLU (Shazeer 2020), GQA -- the LLaMA recipe.
+    family: str = "gpt2"
+    ffn_hidden: int | None = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd rounded to 64 (modern)
+    bias: bool = True  # biases in Linear layers and LayerNorm (GPT-2 has them)
+    tie_embeddings: bool = True  # lm_head shares the token embedding (GPT-2 does)
+    dropout: float = 0.0
+    # Pad the embedding / lm_head rows to a multiple of this (nanoGPT's 50304 = 64*786
+    # is ~25% faster on GPU). The padded rows are never returned, sampled or in the loss.
+    pad_vocab_multiple: int = 1
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    extra: dict = field(default_factory=dict)  # reserved; keeps model.json forward compatible
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.n_embd % self.n_head:
+            raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(
+                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})"
+            )
+        if self.family == "gpt2" and self.n_kv_head != self.n_head:
+            raise ValueError("grouped-query attention (n_kv_head < n_head) needs model.family: modern")
+        if self.family == "modern" and self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head dimension, got {self.head_dim}")
+        if self.pad_vocab_multiple < 1:
+            raise ValueError("model.pad_vocab_multiple must be >= 1")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        if self.family == "gpt2":
+            return 4 * self.n_embd
+        # SwiGLU keeps the parameter count of a 4x MLP with 2/3 of the width (Shazeer 2020),
+        # rounded up to a multiple of 64 for matmul efficiency (LLaMA uses multiple_of=256).
+        return (int(8 * self.n_embd / 3) + 63) // 64 * 64
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ModelConfig keys {sorted(unknown)}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# GPT-2 sizes from Radford et al. 2019, Table 2 (vocab 50257, context 1024, tied
+# embeddings, biases everywhere). Parameter counts are checked in tests/test_model.py.
+PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124,439,808 params
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 354,823,168
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774,030,080
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1,557,611,200
+    # The modern recipe at GPT-2-small scale: no biases, untied head, GQA 12:4.
+    "modern-small": dict(
+        family="modern", n_layer=12, n_head=12, n_kv_head=4, n_embd=768, bias=False, tie_embeddings=False
+    ),
+}

@@ -1,0 +1,276 @@
+"""The GPT: two block families in one file, a preallocated KV cache, pure torch.nn.
+
+GPT-2 family: learned positions, LayerNorm, GELU MLP (Radford et al. 2019).
+Modern family: RoPE, RMSNorm, SwiGLU, grouped-query attention (LLaMA, Touvron et al. 2023).
+Parallelism, compile and mixed precision are applied from outside (train/).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+
+# kv_update(layer, k, v) -> (k_all, v_all): stores this step's keys/values and returns
+# everything the queries attend to. A static cache writes in place (KVCache); the ONNX
+# export concatenates past and present instead (model/onnx_export.py).
+KVUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (block_size, head_dim/2), float32 (Su et al. 2021, eq. 34)."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, half, device=device, dtype=torch.float32) / half))
+    t = torch.arange(cfg.block_size, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (block_size, half)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos/sin (B or 1, 1, T, D/2). Rotate-half convention (GPT-NeoX, HF LLaMA)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        # q, k, v in one matmul; with n_kv_head == n_head this is GPT-2's c_attn exactly.
+        self.c_attn = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.use_rope = cfg.family == "modern"
+
+    def forward(self, x, rope, layer, kv_update, attn_mask, is_causal):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_update is not None:
+            k, v = kv_update(layer, k, v)  # (B, Hkv, S, D), S = past + T
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.family == "modern"
+        hidden = cfg.hidden_dim
+        # SwiGLU's gate and up projections share one matmul: c_fc outputs [gate | up].
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        return self.drop(self.c_proj(h))
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "modern":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.ln_1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, rope=None, kv_update=None, attn_mask=None, is_causal=True):
+        x = x + self.attn(self.ln_1(x), rope, self.layer, kv_update, attn_mask, is_causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated to max_seq_len (gpt-fast's static cache).
+
+    Decoding T new tokens writes them at [start_pos, start_pos + T) and attends to the
+    first start_pos + T entries only, so one step costs one token, not the whole context.
+    `left_pad` (B,) lets prompts of different lengths share a batch: row b's first
+    left_pad[b] slots are padding, masked out, and its positions start after them.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int | None = None,
+                 device=None, dtype=torch.float32, left_pad: torch.Tensor | None = None):
+        self.max_seq_len = max_seq_len or cfg.block_size
+        if self.max_seq_len > cfg.block_size:
+            raise ValueError(f"KV cache length {self.max_seq_len} exceeds the context ({cfg.block_size})")
+        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.left_pad = None if left_pad is None else left_pad.to(device=device, dtype=torch.long)  # (B,)
+
+    def updater(self, start_pos: int) -> KVUpdate:
+        def update(layer: int, k: torch.Tensor, v: torch.Tensor):
+            stop = start_pos + k.shape[2]
+            self.k[layer, :, :, start_pos:stop] = k
+            self.v[layer, :, :, start_pos:stop] = v
+            return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
+
+        return update
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        V = cfg.padded_vocab_size
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(V, cfg.n_embd),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+            ln_f=make_norm(cfg),
+        ))
+        if cfg.family == "gpt2":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if cfg.family == "modern":
+            cos, sin = rope_tables(cfg)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2*n_layer)) (Radford et al.
+        2019, sec. 2.3), zero biases, unit norms. Callable again after meta-device construction."""
+        std = 0.02
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                s = std / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else std
+                nn.init.normal_(mod.weight, mean=0.0, std=s)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, mean=0.0, std=std)
+            elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
+                mod.reset_parameters()
+        if self.config.family == "modern":
+            cos, sin = rope_tables(self.config, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    # ----------------------------------------------------------------- sizes
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Unique parameters. non_embedding drops the position table, and the token table unless it
+        is tied (then it is the output projection's weight, used in a matmul) -- nanoGPT's convention."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_embeddings:
+                n -= self.transformer.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6N + 12·L·H·Q·T (Chowdhery et al. 2022, PaLM, appendix B)."""
+        cfg, T = self.config, seq_len or self.config.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+
+    # --------------------------------------------------------------- forward
+    def positions(self, T: int, start_pos: int, kv_cache: KVCache | None, device) -> torch.Tensor:
+        """(T,) positions, or (B, T) when left padding shifts each row."""
+        pos = torch.arange(start_pos, start_pos + T, device=device)
+        if kv_cache is not None and kv_cache.left_pad is not None:
+            pos = (pos[None, :] - kv_cache.left_pad[:, None]).clamp_min(0)
+        return pos
+
+    def trunk(self, idx: torch.Tensor, pos: torch.Tensor, kv_update: KVUpdate | None = None,
+              attn_mask: torch.Tensor | None = None, is_causal: bool = True) -> torch.Tensor:
+        """idx (B, T) int64, pos (T,) or (B, T) -> final hidden states (B, T, C)."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
+        else:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D/2) or (B, T, D/2)
+            if pos.dim() == 1:
+                rope = (cos[None, None], sin[None, None])  # (1, 1, T, D/2)
+            else:
+                rope = (cos[:, None], sin[:, None])  # (B, 1, T, D/2)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, kv_update, attn_mask, is_causal)
+        return self.transformer.ln_f(x)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> logits (B, T, vocab_size); padded vocabulary rows are dropped."""
+        logits = self.lm_head(h)  # (B, T, padded_vocab)
+        V = self.config.vocab_size
+        return logits if logits.shape[-1] == V else logits[..., :V]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        """idx (B, T). Returns logits (B, T, vocab_size), or with targets (B, T) the mean cross
+        entropy over targets != -100. With kv_cache, idx holds positions [start_pos, start_pos+T)."""
+        B, T = idx.shape
+        end = start_pos + T
+        limit = kv_cache.max_seq_len if kv_cache is not None else self.config.block_size
+        if end > limit:
+            raise ValueError(f"sequence of {end} tokens exceeds the context of {limit}")
+        pos = self.positions(T, start_pos, kv_cache, idx.device)
+        kv_update, attn_mask, is_causal = None, None, True
+        if kv_cache is not None:
+            kv_update = kv_cache.updater(start_pos)
+            attn_mask, is_causal = cache_mask(T, start_pos, kv_cache.left_pad, idx.device)
+        h = self.trunk(idx, pos, kv_update, attn_mask, is_causal)
+        logits = self.head(h)  # (B, T, V)
+        if targets is None:
+            return logits
+        # flatten(0, 1) stays a view even after the vocabulary slice, so no logits copy is kept.
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def cache_mask(T: int, start_pos: int, left_pad: torch.Tensor | None, device):
+    """(attn_mask, is_causal) for T queries at [start_pos, start_pos+T) over S = start_pos+T keys.
+
+    Without padding, a prefill from 0 is plain causal and one decoded token sees every key, so
+    SDPA gets no mask (and may use its fastest kernel); otherwise a boolean (B or 1, 1, T, S) mask.
+    """
+    S = start_pos + T
+    if left_pad is None:
+        if start_pos == 0:
+            return None, True
+        if T == 1:
+            return None, False
+    q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if left_pad is not None:
+        mask = mask & (k_pos[None, None] >= left_pad[:, None, None, None])  # (B, 1, T, S)
+    return mask, False

@@ -1,0 +1,230 @@
+"""The GPT itself: shapes, causality, KV cache, presets, padding, training, artifacts."""
+
+import pytest
+import torch
+
+from model import GPT, KVCache, ModelConfig
+from model.io import ArtifactError, load_model, resolve, save_artifact
+from model.loss import mean_loss
+
+
+def tiny(family: str, **kw) -> ModelConfig:
+    base = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, family=family)
+    if family == "modern":
+        base.update(n_kv_head=2, bias=False, tie_embeddings=False)
+    return ModelConfig(**{**base, **kw})
+
+
+FAMILIES = ["gpt2", "modern"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causality(family):
+    torch.manual_seed(0)
+    model = GPT(tiny(family)).eval()
+    idx = torch.randint(0, 97, (2, 16))
+    base = model(idx)
+    for t in (0, 5, 14):
+        changed = idx.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 1) % 97
+        out = model(changed)
+        assert torch.equal(out[:, : t + 1], base[:, : t + 1]), f"position <= {t} saw token {t + 1}"
+        assert not torch.allclose(out[:, t + 1], base[:, t + 1]), "the changed token had no effect"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_matches_full_forward(family):
+    torch.manual_seed(0)
+    cfg = tiny(family, pad_vocab_multiple=64)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 97, (3, 24))
+    with torch.no_grad():
+        full = model(idx)  # (B, T, V)
+        cache = KVCache(cfg, batch_size=3)
+        steps = [model(idx[:, :10], kv_cache=cache, start_pos=0)]  # prefill
+        steps += [model(idx[:, 10:13], kv_cache=cache, start_pos=10)]  # a few tokens at once
+        steps += [model(idx[:, t : t + 1], kv_cache=cache, start_pos=t) for t in range(13, 24)]
+    assert full.shape == (3, 24, 97)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_left_padding(family):
+    """Rows of a batch with different prompt lengths, left-padded, decode like each row alone."""
+    torch.manual_seed(0)
+    cfg = tiny(family)
+    model = GPT(cfg).eval()
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 7))
+    pad = 12 - 7
+    batch = torch.cat([a, torch.cat([torch.zeros(1, pad, dtype=torch.long), b], 1)])  # (2, 12)
+    with torch.no_grad():
+        cache = KVCache(cfg, batch_size=2, left_pad=torch.tensor([0, pad]))
+        logits = model(batch, kv_cache=cache, start_pos=0)[:, -1]  # (2, V)
+        nxt = torch.tensor([[5], [9]])
+        step = model(nxt, kv_cache=cache, start_pos=12)[:, -1]
+        ref_a = model(torch.cat([a, nxt[:1]], 1))[:, -2:]
+        ref_b = model(torch.cat([b, nxt[1:]], 1))[:, -2:]
+    torch.testing.assert_close(logits[0], ref_a[0, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits[1], ref_b[0, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[0], ref_a[0, 1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(step[1], ref_b[0, 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "preset,count",
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
+     ("gpt2-xl", 1_557_611_200)],
+)
+def test_preset_parameter_counts(preset, count):
+    with torch.device("meta"):  # gpt2-xl in fp32 is 6 GB
+        model = GPT(ModelConfig.from_preset(preset))
+    assert model.num_params() == count
+    # non-embedding drops only the position table (the tied token table is the output matmul)
+    assert model.num_params(non_embedding=True) == count - 1024 * model.config.n_embd
+
+
+def test_padded_vocabulary_is_never_exposed():
+    torch.manual_seed(0)
+    cfg = tiny("gpt2", vocab_size=100, pad_vocab_multiple=64)
+    assert cfg.padded_vocab_size == 128 and cfg.vocab_size == 100
+    assert ModelConfig.from_preset("gpt2", pad_vocab_multiple=64).padded_vocab_size == 50304
+    model = GPT(cfg)
+    assert model.lm_head.weight.shape[0] == 128
+    with torch.no_grad():  # make the padded rows win the argmax if they leaked
+        model.lm_head.weight[100:] = 10.0
+    idx = torch.randint(0, 100, (2, 8))
+    logits = model(idx)
+    assert logits.shape == (2, 8, 100)
+    loss = model(idx, idx)
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), idx.flatten())
+    torch.testing.assert_close(loss, ref)
+
+
+def test_ignore_index_and_loss_value():
+    torch.manual_seed(0)
+    model = GPT(tiny("gpt2"))
+    idx = torch.randint(0, 97, (2, 8))
+    y = idx.clone()
+    y[:, :4] = -100
+    logits = model(idx)
+    ref = torch.nn.functional.cross_entropy(logits[:, 4:].flatten(0, 1), idx[:, 4:].flatten())
+    torch.testing.assert_close(model(idx, y), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_trains_fp32_and_bf16(family):
+    torch.manual_seed(0)
+    model = GPT(tiny(family))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = torch.randint(0, 97, (4, 32))
+    y = torch.roll(x, -1, dims=1)
+    losses = []
+    for step in range(30):
+        dtype = torch.bfloat16 if step % 2 else torch.float32  # both paths must train
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_flops_per_token_formula():
+    model = GPT(tiny("gpt2"))
+    cfg = model.config
+    n = model.num_params(non_embedding=True)
+    assert model.flops_per_token(16) == 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * 16
+
+
+def test_gpt2_init_scales_residual_projections():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=8, n_head=4, n_embd=256, vocab_size=1000, block_size=64))
+    std_proj = model.transformer.h[0].attn.c_proj.weight.std().item()
+    std_fc = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert abs(std_fc - 0.02) < 0.002
+    assert abs(std_proj - 0.02 / 4) < 0.001  # 0.02 / sqrt(2 * 8)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="n_kv_head"):
+        ModelConfig(n_head=12, n_kv_head=5, family="modern")
+    with pytest.raises(ValueError, match="family"):
+        ModelConfig(family="llama")
+    with pytest.raises(ValueError, match="unknown model preset"):
+        ModelConfig.from_preset("gpt5")
+
+
+def test_context_overflow_raises():
+    model = GPT(tiny("gpt2"))
+    with pytest.raises(ValueError, match="exceeds the context"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_artifact_round_trip(tmp_path, family):
+    torch.manual_seed(0)
+    cfg = tiny(family, pad_vocab_multiple=8)
+    model = GPT(cfg).eval()
+    save_artifact(tmp_path / "art", model, cfg, {"tokenizer": "bytes", "step": 7})
+    loaded, meta = load_model(tmp_path / "art")
+    assert meta == {"tokenizer": "bytes", "step": 7}
+    assert loaded.config == cfg
+    idx = torch.randint(0, 97, (2, 10))
+    torch.testing.assert_close(loaded(idx), model(idx), atol=0, rtol=0)
+    if cfg.tie_embeddings:
+        assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    with pytest.raises(FileExistsError):
+        save_artifact(tmp_path / "art", model, cfg)
+
+
+def test_resolve_run_directory_and_errors(tmp_path):
+    cfg = tiny("gpt2")
+    ck = tmp_path / "run" / "checkpoints" / "step_000010"
+    save_artifact(ck / "model", GPT(cfg), cfg, {"step": 10})
+    with pytest.raises(ArtifactError, match="no complete checkpoint"):
+        resolve(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000010\n")
+    assert resolve(tmp_path / "run") == ck / "model"
+    assert resolve(ck) == ck / "model"
+    with pytest.raises(ArtifactError, match="does not exist"):
+        resolve(tmp_path / "nope")
+    (ck / "model" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_model(tmp_path / "run")
+
+
+def test_dcp_checkpoint_reads_in_one_process(tmp_path):
+    """A sharded (torch.distributed.checkpoint) checkpoint's model part loads without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    from model.io import CONFIG, FORMAT
+
+    torch.manual_seed(0)
+    cfg = tiny("modern")
+    model = GPT(cfg).eval()
+    opt = torch.optim.AdamW(model.parameters())
+    ck = tmp_path / "step_000005"
+    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(ck / "dcp"))
+    import json
+
+    (ck / CONFIG).write_text(json.dumps({"format": FORMAT, "config": cfg.to_dict(), "metadata": {"step": 5}}))
+    loaded, meta = load_model(ck)
+    idx = torch.randint(0, 97, (1, 9))
+    torch.testing.assert_close(loaded(idx), model(idx), atol=0, rtol=0)
+    assert meta["step"] == 5
+
+
+def test_mean_loss_weights_by_scored_tokens():
+    torch.manual_seed(0)
+    model = GPT(tiny("gpt2"))
+    x = torch.randint(0, 97, (2, 8))
+    y1, y2 = x.clone(), x.clone()
+    y2[:, :6] = -100  # second batch scores 4 tokens, the first 16
+    l1, l2 = model.eval()(x, y1).item(), model(x, y2).item()
+    got = mean_loss(model, [(x, y1), (x, y2)])
+    assert abs(got - (16 * l1 + 4 * l2) / 20) < 1e-5
+    assert abs(mean_loss(model, [(x, y1), (x, y2)], max_batches=1) - l1) < 1e-6
+    model.train()
+    mean_loss(model, [(x, y1)])
+    assert model.training, "mean_loss must restore training mode"
