@@ -1,0 +1,14 @@
+"""Text -> tokens -> shards on disk -> batches.
+
+    tokenizer.py    get_tokenizer(spec): tiktoken names, .tiktoken files, `bytes`
+    sources.py      documents from the embedded corpus, local files, the Hugging Face hub
+    writer.py       streams tokens into llm.c-layout shards (val first, then train)
+    prepare.py      `python -m data.prepare`: sources -> tokenizer -> shards + meta.json
+    shards.py       the shard format: headers, memmaps, meta.json, validation
+    permutation.py  a seeded permutation of the windows that needs no memory
+    loader.py       BatchLoader (train, resumable across world sizes) and val_batches
+    errors.py       DataError: every error a user can cause, with what to do about it
+    bench.py        `python -m data.bench`: throughput, memory and loader figures
+
+Nothing is imported here, so that `import data.shards` does not pull in torch or datasets.
+"""

@@ -1,0 +1,156 @@
+"""`python -m data.bench`: the data pipeline's numbers (printed, never asserted).
+
+1. prepare throughput: `data.prepare` from a JSONL corpus on disk to shards (reading, tokenizing on all
+   cores, writing, hashing) against tiktoken's raw `encode_ordinary_batch` on all cores over the same
+   documents already in memory. Goal: >= 80% of it.
+2. prepare memory: peak RSS of a prepare process at 1x and 10x the corpus. Goal: 10x <= 1.2 x 1x.
+3. loader: microseconds per micro-batch of BatchLoader.next_step and val_batches.
+
+The corpus is generated: paragraphs of Python's reference documentation (the embedded corpus),
+shuffled with a fixed seed into documents of 1-30 paragraphs, until it reaches --mb megabytes.
+Each prepare runs in a fresh process, so that its peak RSS is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_CHILD = "--child-prepare"
+
+
+def make_corpus(path: Path, megabytes: float, seed: int) -> int:
+    """Write a JSONL corpus of about `megabytes` MB of text; returns its document count."""
+    from pydoc_data.topics import topics
+
+    paragraphs = [p for text in topics.values() for p in text.split("\n\n") if p.strip()]
+    rng = random.Random(seed)
+    target, written, docs = megabytes * 1e6, 0, 0
+    with open(path, "w") as f:
+        while written < target:
+            text = "\n\n".join(rng.choices(paragraphs, k=rng.randint(1, 30)))
+            f.write(json.dumps({"text": text}) + "\n")
+            written += len(text)
+            docs += 1
+    return docs
+
+
+def run_prepare_child(source: str, out: str, tokenizer: str, workers: int | None) -> None:
+    """In a fresh process: prepare once, print seconds, tokens and this process's peak RSS as JSON."""
+    os.environ.setdefault("USE_TORCH", "0")  # as the CLI does: datasets need not import torch
+    import datasets  # noqa: F401  (imported before the clock starts: a one-off cost, not throughput)
+    from data.prepare import prepare
+
+    started = time.perf_counter()
+    meta = prepare(out, source=source, tokenizer=tokenizer, workers=workers, progress=False)
+    seconds = time.perf_counter() - started
+    tokens = meta["train_tokens"] + meta["val_tokens"]
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "peak_mib": peak_kb / 1024}))
+
+
+def _prepare_in_child(source: Path, out: Path, tokenizer: str, workers: int | None) -> dict:
+    cmd = [sys.executable, "-m", "data.bench", _CHILD, str(source), str(out), tokenizer, str(workers or 0)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"data.bench: prepare failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _baseline(corpus: Path, tokenizer: str, threads: int) -> dict:
+    from data.tokenizer import get_tokenizer
+
+    enc = get_tokenizer(tokenizer)
+    with open(corpus) as f:
+        docs = [json.loads(line)["text"] for line in f]
+    enc.encode_ordinary_batch(docs[:200], num_threads=threads)  # warm the thread pool and caches
+    started = time.perf_counter()
+    tokens = sum(len(t) for t in enc.encode_ordinary_batch(docs, num_threads=threads))
+    return {"seconds": time.perf_counter() - started, "tokens": tokens}
+
+
+def _loader_us(data_dir: Path, seq_len: int, micro_batch: int, steps: int) -> tuple[float, float]:
+    from data.loader import BatchLoader, val_batches
+
+    loader = BatchLoader(data_dir, seq_len=seq_len, tokens_per_step=seq_len * micro_batch * 4, micro_batch=micro_batch)
+    loader.next_step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        loader.next_step()
+    train_us = (time.perf_counter() - started) / (steps * loader.grad_accum_steps) * 1e6
+    started, n = time.perf_counter(), 0
+    for _ in val_batches(data_dir, seq_len=seq_len, batch_size=micro_batch, max_batches=steps):
+        n += 1
+    return train_us, (time.perf_counter() - started) / n * 1e6
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == _CHILD:
+        source, out, tokenizer, workers = argv[1:]
+        run_prepare_child(source, out, tokenizer, int(workers) or None)
+        return
+    parser = argparse.ArgumentParser(prog="python -m data.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mb", type=float, default=10.0, help="size of the 1x corpus in MB of text")
+    parser.add_argument("--tokenizer", default="gpt2")
+    parser.add_argument("--workers", type=int, default=None, help="prepare threads (default: all cores)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--dir", type=Path, default=None, help="work here instead of a temporary directory")
+    args = parser.parse_args(argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        tmp = Path(tmp)
+        (tmp / "x1").mkdir()
+        (tmp / "x10").mkdir()
+        n_docs = make_corpus(tmp / "x1" / "part-00.jsonl", args.mb, seed=0)
+        for i in range(10):  # 10x: ten different shuffles of the same paragraphs
+            make_corpus(tmp / "x10" / f"part-{i:02d}.jsonl", args.mb, seed=i)
+        print(
+            f"corpus: {args.mb:g} MB of text, {n_docs:,} documents (1x); 10 such files (10x); {cores} cores; "
+            f"load average {os.getloadavg()[0]:.2f}"
+        )
+
+        base = _baseline(tmp / "x1" / "part-00.jsonl", args.tokenizer, cores)
+        one = _prepare_in_child(tmp / "x1", tmp / "ds1", args.tokenizer, args.workers)
+        ten = _prepare_in_child(tmp / "x10", tmp / "ds10", args.tokenizer, args.workers)
+        train_us, val_us = _loader_us(tmp / "ds10", args.seq_len, args.micro_batch, steps=200)
+
+    _report(args, cores, base, one, ten, train_us, val_us)
+
+
+def _report(args, cores: int, base: dict, one: dict, ten: dict, train_us: float, val_us: float) -> None:
+    base_rate = base["tokens"] / base["seconds"]
+    # t = startup + tokens / rate: two sizes separate the one-off cost (tokenizer load, opening the source)
+    # from the streaming rate that decides how long a real corpus takes.
+    marginal = (ten["tokens"] - one["tokens"]) / (ten["seconds"] - one["seconds"])
+    startup = one["seconds"] - one["tokens"] / marginal
+    print(f"tokenizer {args.tokenizer}: 1x = {one['tokens']:,} tokens, 10x = {ten['tokens']:,} tokens")
+    rows = [
+        (f"tiktoken encode_ordinary_batch, {cores} threads, in memory", base_rate, ""),
+        ("data.prepare 1x, disk -> shards", one["tokens"] / one["seconds"], ""),
+        ("data.prepare 10x, disk -> shards", ten["tokens"] / ten["seconds"], ""),
+        ("data.prepare marginal (10x - 1x)", marginal, f" (+ {startup:.2f} s start-up per run)"),
+    ]
+    for name, rate, extra in rows:
+        print(f"{name:<58} {rate / 1e6:6.2f} M tokens/s = {rate / base_rate:4.0%} of tiktoken{extra}")
+    ratio = ten["peak_mib"] / one["peak_mib"]
+    mib1, mib10 = one["peak_mib"], ten["peak_mib"]
+    print(f"peak RSS of data.prepare: 1x {mib1:.0f} MiB, 10x {mib10:.0f} MiB (10x/1x = {ratio:.2f})")
+    print(
+        f"loader (B={args.micro_batch}, T={args.seq_len}): BatchLoader.next_step {train_us:.0f} us per micro-batch, "
+        f"val_batches {val_us:.0f} us per batch"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,373 @@
+"""`python -m data.prepare`: documents -> tokens -> llm.c shards + meta.json.
+
+    python -m data.prepare --source pydoc --tokenizer bytes --out datasets/pydoc-bytes
+    python -m data.prepare --source 'corpus/**/*.jsonl' --text-field content --tokenizer gpt2
+    python -m data.prepare --source hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT --out datasets/edu
+
+Documents are tokenized in parallel by a pool of threads (tiktoken releases the GIL while it encodes),
+each one prefixed by <|endoftext|> as llm.c does, and streamed to disk: at most a few batches of
+documents are in flight, so memory does not grow with the corpus. The first --val-tokens tokens become
+the val shards (default: min(10,485,760, 10% of the corpus)), the rest the train shards.
+
+Everything is written into a hidden temporary directory beside --out and renamed into place at the end,
+meta.json last: an interrupted run leaves no dataset behind, and an existing dataset is replaced only
+with --force, and only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import shlex
+import shutil
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+
+from data.errors import DataError
+from data.shards import MAX_SHARD_TOKENS, META_NAME, SHARD_RE, dtype_name, token_dtype
+from data.sources import HF_PREFIX, PYDOC, TXT_MODES, open_source, source_slug
+from data.tokenizer import get_tokenizer, tokenizer_record
+from data.writer import ShardWriter, SplitRouter
+
+DEFAULT_SHARD_TOKENS = 100_000_000
+_BATCH_CHARS = 1 << 17  # characters per tokenization task: large enough to amortize the hand-off
+_BATCH_DOCS = 1024
+_SPOOL_NAME = "stream.spool"
+
+
+def prepare(
+    out: str | Path,
+    *,
+    source: str | Iterable[str] = PYDOC,
+    tokenizer: str = "gpt2",
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    val_tokens: int | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    hf_config: str | None = None,
+    hf_split: str = "train",
+    max_documents: int | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Tokenize `source` (a --source string, or any iterable of str) into a dataset at `out`.
+
+    Returns the meta dict also written to `out/meta.json`. Raises DataError for anything the caller
+    can fix (unknown tokenizer, missing files, existing output without `force`, empty corpus).
+    """
+    workers = _cpu_count() if workers is None else workers
+    _check_positive(shard_tokens=shard_tokens, workers=workers)
+    _check_positive(max_documents=max_documents, allow_none=True)
+    if shard_tokens > MAX_SHARD_TOKENS:
+        raise DataError(f"shard_tokens is at most {MAX_SHARD_TOKENS:,} (the header's count is an int32)")
+    if val_tokens is not None and val_tokens < 0:
+        raise DataError(f"val_tokens must be >= 0, not {val_tokens}")
+    out = Path(out)
+    _check_out(out, force)
+    enc = get_tokenizer(tokenizer)
+    spec, spec_sha = tokenizer_record(tokenizer)
+    if isinstance(source, str):
+        docs = open_source(source, text_field=text_field, txt_mode=txt_mode, hf_config=hf_config, hf_split=hf_split)
+    else:
+        docs = iter(source)
+    if max_documents is not None:
+        docs = itertools.islice(docs, max_documents)
+
+    tmp = _temp_dir(out)
+    started = time.perf_counter()
+    try:
+        shards, n_docs = _write_shards(docs, enc, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress)
+        train = sum(s["tokens"] for s in shards if s["split"] == "train")
+        val = sum(s["tokens"] for s in shards if s["split"] == "val")
+        if n_docs == 0:
+            raise DataError(f"source {source!r} has no documents")
+        if train == 0:
+            raise DataError(
+                f"the train split is empty: the corpus has {val:,} tokens, all taken by val; lower --val-tokens"
+            )
+        meta = {
+            "format": "llm.c",
+            "tokenizer": spec,
+            "tokenizer_sha256": spec_sha,
+            "vocab_size": enc.n_vocab,
+            "eot_id": enc.eot_token,
+            "dtype": dtype_name(token_dtype(enc.n_vocab)),
+            "shards": shards,
+            "documents": n_docs,
+            "train_tokens": train,
+            "val_tokens": val,
+            "shard_tokens": shard_tokens,
+            "source": source if isinstance(source, str) else "<iterable>",
+            "text_field": text_field,
+            "command": command or _call_repr(out, source, tokenizer, shard_tokens, val_tokens, max_documents),
+        }
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        _install(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if progress:
+        seconds = time.perf_counter() - started
+        n_train = sum(s["split"] == "train" for s in shards)
+        print(
+            f"{n_docs:,} documents, {train + val:,} tokens ({train:,} train in {n_train} shards, {val:,} val in "
+            f"{len(shards) - n_train} shards) -> {out} in {seconds:.1f}s ({(train + val) / seconds:,.0f} tokens/s)",
+            file=sys.stderr,
+        )
+    return meta
+
+
+def encode_documents(enc: tiktoken.Encoding, texts: list[str], dtype: np.dtype) -> np.ndarray:
+    """The tokens of `texts`, each document prefixed by <|endoftext|> (llm.c's convention), as one array.
+
+    Special-token text inside a document is encoded as ordinary text, so the only eot ids in a dataset
+    are the delimiters.
+    """
+    encoded = [_encode_ordinary(enc, text) for text in texts]
+    tokens = np.empty(len(texts) + sum(len(e) for e in encoded), dtype=dtype)  # (n_tokens,)
+    pos = 0
+    for e in encoded:
+        tokens[pos] = enc.eot_token
+        tokens[pos + 1 : pos + 1 + len(e)] = e
+        pos += 1 + len(e)
+    return tokens
+
+
+def _encode_ordinary(enc: tiktoken.Encoding, text: str) -> np.ndarray:
+    # encode_to_numpy skips building a Python int per token; with nothing allowed or disallowed it is
+    # encode_ordinary. Lone surrogates (from JSON escapes) are replaced as encode_ordinary does.
+    try:
+        return enc.encode_to_numpy(text, disallowed_special=())
+    except UnicodeEncodeError:
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return enc.encode_to_numpy(text, disallowed_special=())
+
+
+def _write_shards(
+    docs: Iterator[str],
+    enc: tiktoken.Encoding,
+    directory: Path,
+    prefix: str,
+    shard_tokens: int,
+    val_tokens: int | None,
+    workers: int,
+    progress: bool,
+) -> tuple[list[dict], int]:
+    dtype = token_dtype(enc.n_vocab)
+    router = SplitRouter(ShardWriter(directory, prefix, dtype, shard_tokens), val_tokens, directory / _SPOOL_NAME)
+    n_docs = 0
+    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
+    # In order: futures are drained oldest first, so the token stream follows the document order; at most
+    # 2 * workers batches wait, which bounds memory and keeps every thread busy.
+    pending: deque = deque()
+    with ThreadPoolExecutor(workers, thread_name_prefix="tokenize") as pool:
+        try:
+            for batch in _batches(docs):
+                pending.append((pool.submit(encode_documents, enc, batch, dtype), len(batch)))
+                while len(pending) >= 2 * workers or (pending and pending[0][0].done()):
+                    n_docs += _drain(pending, router, bar, n_docs)
+            while pending:
+                n_docs += _drain(pending, router, bar, n_docs)
+            shards = router.close()
+        except BaseException:
+            for future, _ in pending:
+                future.cancel()
+            router.abort()
+            raise
+        finally:
+            bar.close()
+    return shards, n_docs
+
+
+def _drain(pending: deque, router: SplitRouter, bar: tqdm, n_docs: int) -> int:
+    future, count = pending.popleft()
+    tokens = future.result()
+    router.write(tokens)
+    bar.set_postfix_str(f"docs={n_docs + count:,}", refresh=False)
+    bar.update(len(tokens))
+    return count
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for doc in docs:
+        if not isinstance(doc, str):
+            raise DataError(f"documents must be str, got {type(doc).__name__}")
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; pass a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not force:
+        raise DataError(f"{out} already holds a dataset; pass --force to replace it, or choose another --out")
+    entries = list(out.iterdir())
+    if not all(p.is_file() and (p.name == META_NAME or SHARD_RE.match(p.name)) for p in entries):
+        raise DataError(
+            f"{out} holds files that are not a dataset ({', '.join(sorted(p.name for p in entries)[:5])}...); "
+            f"--force only replaces datasets made by data.prepare: choose another --out"
+        )
+
+
+def _temp_dir(out: Path) -> Path:
+    """A fresh hidden directory beside `out`, after removing those of earlier runs that were killed here."""
+    host = socket.gethostname()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.tmp-{host}-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{host}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Rename the finished dataset into place; an old one (allowed by _check_out) is removed only after."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{socket.gethostname()}-{os.getpid()}"
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _check_positive(allow_none: bool = False, **values: int | None) -> None:
+    for name, value in values.items():
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or value < 1:
+            raise DataError(f"{name} must be a positive integer, not {value!r}")
+
+
+def _call_repr(out, source, tokenizer, shard_tokens, val_tokens, max_documents) -> str:
+    src = source if isinstance(source, str) else "<iterable>"
+    return (
+        f"data.prepare.prepare({str(out)!r}, source={src!r}, tokenizer={tokenizer!r}, shard_tokens={shard_tokens}, "
+        f"val_tokens={val_tokens}, max_documents={max_documents})"
+    )
+
+
+def default_out(source: str, tokenizer: str) -> Path:
+    """datasets/SOURCE-TOKENIZER, e.g. datasets/pydoc-bytes."""
+    return Path("datasets") / f"{source_slug(source)}-{source_slug(Path(tokenizer).name.removesuffix('.tiktoken'))}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        description="Tokenize documents into llm.c token shards (uint16/uint32) plus meta.json.",
+        epilog=__doc__.split("\n\n")[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = parser.add_argument_group("source")
+    src.add_argument(
+        "--source",
+        default=PYDOC,
+        help=f"`{PYDOC}` (embedded Python docs, default), a .txt/.jsonl/"
+        f".json/.parquet file, directory or glob, or {HF_PREFIX}NAME (Hugging Face hub, streamed)",
+    )
+    src.add_argument(
+        "--text-field",
+        default="text",
+        help="field holding the text in jsonl/json/parquet/hub rows (default: %(default)s)",
+    )
+    src.add_argument(
+        "--txt-mode",
+        choices=TXT_MODES,
+        default="file",
+        help="a .txt file is one document, or one per blank-line-separated block",
+    )
+    src.add_argument("--hf-config", default=None, help="hub dataset config (subset), e.g. sample-10BT")
+    src.add_argument("--hf-split", default="train", help="hub dataset split (default: %(default)s)")
+    src.add_argument("--max-documents", type=int, default=None, help="stop after this many documents")
+    dst = parser.add_argument_group("output")
+    dst.add_argument(
+        "--tokenizer",
+        default="gpt2",
+        help="bytes, a tiktoken name (gpt2, cl100k_base, ...) or a .tiktoken file (default: %(default)s)",
+    )
+    dst.add_argument("--out", type=Path, default=None, help="dataset directory (default: datasets/SOURCE-TOKENIZER)")
+    dst.add_argument(
+        "--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (default: %(default)s)"
+    )
+    dst.add_argument(
+        "--val-tokens",
+        type=int,
+        default=None,
+        help="tokens at the start of the stream that form val (default: min(10485760, 10%% of corpus))",
+    )
+    dst.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
+    dst.add_argument("--force", action="store_true", help="replace an existing dataset at --out")
+    dst.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        out = args.out or default_out(args.source, args.tokenizer)
+        prepare(
+            out,
+            source=args.source,
+            tokenizer=args.tokenizer,
+            shard_tokens=args.shard_tokens,
+            val_tokens=args.val_tokens,
+            workers=args.workers,
+            force=args.force,
+            text_field=args.text_field,
+            txt_mode=args.txt_mode,
+            hf_config=args.hf_config,
+            hf_split=args.hf_split,
+            max_documents=args.max_documents,
+            progress=not args.quiet,
+            command=shlex.join(["python", "-m", "data.prepare", *argv]),
+        )
+    except (DataError, OSError) as e:  # OSError: disk full, permission denied: also the user's to fix
+        raise SystemExit(f"data.prepare: error: {e}") from None
+    except KeyboardInterrupt:
+        print("data.prepare: interrupted; nothing was written", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    # Only for this process (not for callers of main() in theirs): it never hands tensors to datasets, whose
+    # first streaming dataset would otherwise import torch (seconds of start-up) to look for DataLoader
+    # workers; and datasets logs read errors before raising them, which we report once, ourselves.
+    os.environ.setdefault("USE_TORCH", "0")
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")
+    main()
