@@ -1,0 +1,12 @@
+"""What reads a checkpoint: sampling, evaluation, export, benchmarks (never imports train/).
+
+    backends.py   torch (fp32 / bf16, optional compiled decode step), int8, ONNX Runtime behind one interface
+    generate.py   the engine: prefill once, one token per step, left-padded batches, top-k / top-p sampling
+    sample.py     `python -m eval.sample`: streamed text from a checkpoint or an exported ONNX decoder
+    evaluate.py   `python -m eval.evaluate`: loss, perplexity, bits per byte on a dataset split
+    export.py     `python -m eval.export`: ONNX (fp32 / int8), torch.export .pt2, int8 artifacts, each checked
+    hf.py         `python -m eval.hf import|export`: Hugging Face GPT-2 directories <-> model artifacts
+    bench.py      `python -m eval.bench`: decode / prefill tokens/s and sizes against the goals
+    cli.py        user errors -> one line on stderr and exit code 2
+The transforms themselves live beside the model: model/quantize.py and model/onnx_export.py.
+"""

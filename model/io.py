@@ -144,12 +144,16 @@ def load_state(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Te
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[GPT, dict]:
-    """(model in eval mode, metadata). Float artifacts only; int8 ones go through model.quantize."""
+    """(model in eval mode, metadata). An int8 artifact loads through model.quantize (dtype must be None)."""
     config, sd, metadata = load_state(path)
+    if metadata.get("quantization") == "int8":
+        if dtype is not None:
+            raise ArtifactError(f"{path} is an int8 artifact; it runs in float32 activations, not {dtype}")
+        from model.quantize import from_quantized_state  # model.quantize imports this module
+
+        return from_quantized_state(config, sd, metadata, device=device, where=str(path))
     if metadata.get("quantization"):
-        raise ArtifactError(
-            f"{path} is a {metadata['quantization']} artifact; load it with model.quantize.load_quantized"
-        )
+        raise ArtifactError(f"{path}: unknown quantization {metadata['quantization']!r} (known: int8)")
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)

@@ -1,0 +1,235 @@
+"""Inference backends behind one interface: torch (fp32 / bf16), torch int8, ONNX Runtime.
+
+A backend holds the decoding state of one batch. `prefill` runs the (left-padded) prompts once and
+fills the KV cache; each `decode` call feeds one new token per row. `forward` is the plain
+full-sequence pass (no cache), used by evaluation and the no-cache reference loop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.cli import UsageError
+from model import GPT, KVCache
+from model.onnx_export import DECODER, FULL, past_names, session
+
+BACKENDS = ("torch", "int8", "onnx")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class Backend:
+    """The interface; see the module docstring. Logits are float32 (B, vocab_size) or (B, T, vocab_size)."""
+
+    name: str
+    vocab_size: int
+    block_size: int
+    tokenizer: str | None  # the spec for data.tokenizer.get_tokenizer, from the artifact / ONNX metadata
+
+    def prefill(self, tokens: torch.Tensor, left_pad: torch.Tensor, max_len: int) -> torch.Tensor:
+        """tokens (B, T) int64, left_pad (B,) -> logits of the last position (B, V); room for max_len."""
+        raise NotImplementedError
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) int64, the next token of every row -> logits (B, V)."""
+        raise NotImplementedError
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, V), no cache."""
+        raise NotImplementedError
+
+
+class TorchBackend(Backend):
+    """A GPT (float or int8-quantized) with the preallocated in-place KVCache (gpt-fast's design)."""
+
+    def __init__(self, model: GPT, metadata: dict, name: str = "torch", compile: bool = False):
+        self.model, self.name = model.eval(), name
+        cfg = model.config
+        self.vocab_size, self.block_size = cfg.vocab_size, cfg.block_size
+        self.tokenizer = metadata.get("tokenizer")
+        p = next(iter(model.parameters()), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
+        self.dtype = p.dtype if p is not None and p.is_floating_point() and name != "int8" else torch.float32
+        self.cache: KVCache | None = None
+        self.pos = 0
+        self.compiled = compile
+        if compile:
+            # gpt-fast's recipe: the decode step has static shapes (it attends over the whole preallocated
+            # cache with a mask, and takes its position as a tensor), so inductor compiles it once per
+            # batch size and cache length instead of once per position. It pays off where eager is
+            # launch-bound (GPUs); on the 2-core AVX2 CPU of the bench it was slower than eager.
+            self._static_step = torch.compile(self._static_step_eager, dynamic=False)
+
+    def _static_step_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
+                           v_cache: torch.Tensor, left_pad: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1), input_pos (1,) the cache slot, caches (L, B, Hkv, S_max, D), left_pad (B,) -> (B, V)."""
+        pos = (input_pos[None, :] - left_pad[:, None]).clamp_min(0)  # (B, 1) position within each row
+        k_idx = torch.arange(k_cache.shape[3], device=tokens.device)  # (S_max,)
+        mask = ((k_idx[None, :] <= input_pos) & (k_idx[None, :] >= left_pad[:, None]))[:, None, None, :]
+
+        def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # k, v (B, Hkv, 1, D)
+            k_cache[layer].index_copy_(2, input_pos, k)
+            v_cache[layer].index_copy_(2, input_pos, v)
+            return k_cache[layer], v_cache[layer]  # all S_max slots; the mask hides the unwritten ones
+
+        h = self.model.trunk(tokens, pos, update, attn_mask=mask, is_causal=False)  # (B, 1, C)
+        return self.model.head(h)[:, -1]  # (B, V)
+
+    @torch.inference_mode()  # a little less per-op bookkeeping than no_grad (~7% per decode step here)
+    def prefill(self, tokens, left_pad, max_len):
+        B, T = tokens.shape
+        if self.compiled:  # a few cache lengths, not one per call: each is a compiled graph
+            max_len = min(self.block_size, -(-max_len // 256) * 256)
+        pad = left_pad.to(self.device) if bool((left_pad > 0).any()) else None
+        self.cache = KVCache(self.model.config, B, max_len, device=self.device, dtype=self.dtype, left_pad=pad)
+        self.left_pad = left_pad.to(self.device)
+        logits = self.model(tokens.to(self.device), kv_cache=self.cache, start_pos=0)[:, -1]  # (B, V)
+        self.pos = T
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, tokens):
+        tokens = tokens.to(self.device)
+        if self.compiled:
+            input_pos = torch.tensor([self.pos], device=self.device)
+            logits = self._static_step(tokens, input_pos, self.cache.k, self.cache.v, self.left_pad)
+        else:
+            logits = self.model(tokens, kv_cache=self.cache, start_pos=self.pos)[:, -1]  # (B, V)
+        self.pos += 1
+        return logits.float()
+
+    @torch.inference_mode()
+    def forward(self, idx):
+        return self.model(idx.to(self.device)).float()
+
+
+class OnnxBackend(Backend):
+    """The KV-cache decoder graph under ONNX Runtime; needs only the .onnx file (see model/onnx_export.py)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        self.path = Path(path)
+        try:
+            self.sess = session(self.path, threads)
+        except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...) for foreign files
+            raise UsageError(f"{self.path} is not an ONNX model onnxruntime can load "
+                             f"({str(e).splitlines()[0][:200]})") from None
+        meta = dict(self.sess.get_modelmeta().custom_metadata_map)
+        kind = meta.get("gptrain.graph")
+        if kind not in (DECODER, FULL):
+            raise UsageError(f"{self.path} was not written by python -m eval.export (no gptrain metadata)")
+        self.kind = kind
+        self.name = "onnx-int8" if meta.get("gptrain.quantization") == "int8" else "onnx"
+        self.tokenizer = meta.get("tokenizer")
+        self.vocab_size, self.block_size = int(meta["gptrain.vocab_size"]), int(meta["gptrain.block_size"])
+        self.n_layer, self.n_kv_head = int(meta["gptrain.n_layer"]), int(meta["gptrain.n_kv_head"])
+        self.head_dim = int(meta["gptrain.head_dim"])
+        self.past: list = []  # past_key_0, past_value_0, ... as onnxruntime OrtValues
+        self.past_names = past_names(self.n_layer)
+        self.output_names = ["logits", *past_names(self.n_layer, "present")]
+        self.pos = 0
+        self.pad = np.zeros(1, dtype=np.int64)
+
+    def _need_decoder(self) -> None:
+        if self.kind != DECODER:
+            raise UsageError(f"{self.path} is the full-sequence graph, which has no KV cache; "
+                             "generate with the decoder graph (decoder.onnx) written beside it")
+
+    def _run(self, tokens: np.ndarray, position: np.ndarray) -> np.ndarray:
+        # IOBinding keeps the presents inside onnxruntime (OrtValues) and binds them as the next
+        # step's pasts: no copy of the whole cache into numpy and back on every token.
+        io = self.sess.io_binding()
+        io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
+        io.bind_cpu_input("position", np.ascontiguousarray(position, dtype=np.int64))
+        for name, value in zip(self.past_names, self.past, strict=True):
+            io.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            io.bind_output(name)
+        self.sess.run_with_iobinding(io)
+        logits, *self.past = io.get_outputs()  # the presents are the next step's pasts
+        return logits.numpy()[:, -1]  # (B, V)
+
+    def prefill(self, tokens, left_pad, max_len):
+        import onnxruntime as ort
+
+        self._need_decoder()
+        B, T = tokens.shape
+        self._empty = np.zeros((B, self.n_kv_head, 0, self.head_dim), dtype=np.float32)  # kept alive:
+        self.past = [ort.OrtValue.ortvalue_from_numpy(self._empty)] * (2 * self.n_layer)  # OrtValues borrow it
+        self.pad = left_pad.cpu().numpy().astype(np.int64)
+        logits = self._run(tokens.cpu().numpy(), -self.pad)
+        self.pos = T
+        return torch.from_numpy(logits)
+
+    def decode(self, tokens):
+        logits = self._run(tokens.cpu().numpy(), self.pos - self.pad)
+        self.pos += 1
+        return torch.from_numpy(logits)
+
+    def forward(self, idx):
+        x = idx.cpu().numpy()
+        if self.kind == FULL:
+            (logits,) = self.sess.run(None, {"tokens": x})
+            return torch.from_numpy(logits)
+        empty = np.zeros((x.shape[0], self.n_kv_head, 0, self.head_dim), dtype=np.float32)
+        feeds = {"tokens": x, "position": np.zeros(x.shape[0], dtype=np.int64),
+                 **{n: empty for n in self.past_names}}
+        return torch.from_numpy(self.sess.run(["logits"], feeds)[0])
+
+
+def find_onnx(path: str | os.PathLike, int8: bool = False) -> Path:
+    """An .onnx file, or the decoder graph inside a directory written by eval.export."""
+    p = Path(path)
+    if p.is_dir():
+        name = "decoder.int8.onnx" if int8 else "decoder.onnx"
+        if not (p / name).is_file():
+            raise UsageError(f"{p} holds no {name}; write it with python -m eval.export --format onnx "
+                             f"{'--int8 ' if int8 else ''}--out {p}")
+        return p / name
+    if not p.is_file():
+        raise UsageError(f"{p} does not exist; pass an .onnx file written by python -m eval.export")
+    return p
+
+
+def load_backend(backend: str, ckpt: str | None = None, onnx: str | None = None, dtype: str = "fp32",
+                 compile: bool = False, device: str = "cpu", threads: int | None = None) -> Backend:
+    """The backend named `backend` for a checkpoint (torch, int8) or an exported graph (onnx)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if backend == "onnx":
+        if onnx is None:
+            raise UsageError("--backend onnx needs --onnx FILE (write one with python -m eval.export --format onnx)")
+        if device != "cpu":
+            raise UsageError("the onnx backend runs on the CPU (onnxruntime's CPU provider); drop --device")
+        return OnnxBackend(find_onnx(onnx), threads)
+    if ckpt is None:
+        raise UsageError(f"--backend {backend} needs --ckpt (a run directory, checkpoint or model artifact)")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"unknown --device {device!r}; use cpu or cuda (cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    from model.io import load_model
+
+    if backend == "int8":
+        if dtype != "fp32":
+            raise UsageError("the int8 backend computes in float32 activations; drop --dtype")
+        model, meta = load_model(ckpt, device=device)
+        if meta.get("quantization") != "int8":
+            from model.quantize import quantize_model
+
+            model = quantize_model(model)  # a float checkpoint, quantized on load
+        return TorchBackend(model, meta, name="int8", compile=compile)
+    model, meta = load_model(ckpt, device=device)
+    if meta.get("quantization") == "int8":
+        if dtype != "fp32":
+            raise UsageError(f"{ckpt} is an int8 artifact; it runs with float32 activations only")
+        return TorchBackend(model, meta, name="int8", compile=compile)
+    model = model.to(DTYPES[dtype])
+    return TorchBackend(model, meta, name="torch" if dtype == "fp32" else f"torch-{dtype}", compile=compile)

@@ -1,0 +1,140 @@
+"""The generation engine: sampling semantics, determinism, stop tokens, KV cache == no cache."""
+
+import math
+
+import pytest
+import torch
+
+from eval.backends import TorchBackend
+from eval.generate import TextStream, filter_logits, generate, generate_no_cache, sample_next
+from eval.sample import StopWriter
+from model import GPT, ModelConfig
+
+
+def backend(family: str = "gpt2", seed: int = 0, **kw) -> TorchBackend:
+    torch.manual_seed(seed)
+    base = dict(vocab_size=97, block_size=48, n_layer=2, n_head=4, n_embd=32, family=family)
+    if family == "modern":
+        base.update(n_kv_head=2, bias=False, tie_embeddings=False)
+    return TorchBackend(GPT(ModelConfig(**{**base, **kw})).eval(), {"tokenizer": "bytes"})
+
+
+# A hand-built distribution over 5 tokens: p = [0.5, 0.25, 0.15, 0.07, 0.03].
+P = torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]])
+LOGITS = P.log()
+
+
+def test_temperature_sharpens_and_flattens():
+    torch.testing.assert_close(filter_logits(LOGITS, 1.0), P)
+    hot, cold = filter_logits(LOGITS, 2.0), filter_logits(LOGITS, 0.5)
+    torch.testing.assert_close(hot, P.sqrt() / P.sqrt().sum())  # p^(1/T), renormalized
+    torch.testing.assert_close(cold, P**2 / (P**2).sum())
+    assert sample_next(LOGITS, temperature=0).item() == 0  # greedy
+
+
+def test_top_k_keeps_the_k_most_likely():
+    probs = filter_logits(LOGITS, 1.0, top_k=2)
+    torch.testing.assert_close(probs, torch.tensor([[2 / 3, 1 / 3, 0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.5, 1), (0.6, 2), (0.75, 2), (0.8, 3), (0.95, 4), (1.0, 5)])
+def test_top_p_keeps_the_smallest_nucleus(top_p, kept):
+    """Holtzman et al. 2019: the smallest prefix of the sorted distribution with mass >= top_p."""
+    probs = filter_logits(LOGITS, 1.0, top_p=top_p)
+    assert int((probs > 0).sum()) == kept
+    torch.testing.assert_close(probs[0, :kept], P[0, :kept] / P[0, :kept].sum())
+
+
+def test_top_p_works_on_unsorted_rows_of_a_batch():
+    logits = torch.stack([LOGITS[0], LOGITS[0].flip(0)])  # row 1 has its best token last
+    probs = filter_logits(logits, 1.0, top_p=0.7)
+    assert (probs[0] > 0).tolist() == [True, True, False, False, False]
+    assert (probs[1] > 0).tolist() == [False, False, False, True, True]
+
+
+def test_sampling_frequencies_follow_the_filtered_distribution():
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(LOGITS.expand(2000, -1), 1.0, top_k=3, generator=g)]).flatten()
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    expected = torch.tensor([0.5, 0.25, 0.15, 0, 0]) / 0.9
+    assert (freq - expected).abs().max() < 0.04
+    assert freq[3] == 0 and freq[4] == 0
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    be = backend()
+    runs = [generate(be, [[1, 2, 3]], 20, temperature=1.0, seed=s) for s in (7, 7, 8)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+def test_kv_cache_generation_equals_no_cache_generation(family):
+    be = backend(family)
+    prompt = [5, 17, 3, 88, 42]
+    cached = generate(be, [prompt], 30, temperature=0)[0]
+    plain = generate_no_cache(be.forward, prompt, 30, be.block_size)
+    assert cached == plain
+    assert len(set(cached)) > 1  # not a degenerate constant sequence
+
+
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+def test_batched_prompts_of_different_lengths_match_one_by_one(family):
+    be = backend(family, seed=1)
+    prompts = [[1, 2, 3, 4, 5, 6, 7], [9], [30, 31, 32]]
+    batched = generate(be, prompts, 12, temperature=0)
+    alone = [generate(be, [p], 12, temperature=0)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_stop_token_ends_a_row_and_is_not_returned():
+    be = backend()
+    free = generate(be, [[1, 2, 3]], 15, temperature=0)[0]
+    stop = free[4]
+    first = free.index(stop)
+    out = generate(be, [[1, 2, 3]], 15, temperature=0, stop_ids=[stop])[0]
+    assert out == free[:first]
+
+
+def test_on_token_can_finish_a_row():
+    be = backend()
+    seen = []
+    out = generate(be, [[1, 2]], 10, temperature=0, on_token=lambda b, t: seen.append(t) or len(seen) == 3)
+    assert len(out[0]) == 3 and seen == out[0]
+
+
+def test_context_overflow_is_a_clear_error():
+    be = backend()
+    with pytest.raises(ValueError, match="exceeds the model's context of 48"):
+        generate(be, [[1] * 40], 10)
+
+
+def test_text_stream_holds_back_partial_utf8():
+    from data.tokenizer import get_tokenizer
+
+    enc = get_tokenizer("bytes")
+    stream = TextStream(enc)
+    pieces = [stream.push(t) for t in "né€".encode()]
+    assert pieces == ["n", "", "é", "", "", "€"]
+
+
+def test_stop_writer_catches_a_stop_string_split_across_pieces():
+    out = []
+    w = StopWriter(["STOP"], out.append)
+    stopped = [w.feed(p) for p in ["ab", "cS", "TO", "Pxyz"]]
+    assert stopped == [False, False, False, True]
+    assert "".join(out) == "abc"
+
+
+def test_filter_logits_probabilities_sum_to_one():
+    probs = filter_logits(torch.randn(4, 50), 0.7, top_k=10, top_p=0.9)
+    assert torch.allclose(probs.sum(-1), torch.ones(4))
+    assert all(math.isfinite(v) for v in probs.flatten().tolist())
+
+
+def test_compiled_decode_step_equals_eager():
+    """--compile: gpt-fast's static-shape decode step (whole-cache attention with a mask)."""
+    eager = backend(n_layer=1)
+    compiled = TorchBackend(eager.model, {}, compile=True)
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    assert generate(compiled, prompts, 8, temperature=0) == generate(eager, prompts, 8, temperature=0)
