@@ -45,7 +45,14 @@ class Strategy(ABC):
     local_rank: int = 0
     world_size: int = 1
     device: torch.device
-    grad_accum_steps: int = 1  # set by the loop before the first backward
+    grad_accum_steps: int = 1  # set by the loop before wrap() (DeepSpeed builds its config from it)
+    # The loop's gradient clipping (clip_and_step's max_norm) and autocast precision
+    # ("fp32" | "bf16" | "fp16"), set before wrap(): DeepSpeed bakes both into its config.
+    grad_clip: float = 0.0
+    precision: str = "fp32"
+    # True when wrap() already applied torch.compile (per block, as torchtitan does); the loop
+    # then must not compile the returned model again.
+    compiles_model: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -104,32 +111,56 @@ class Strategy(ABC):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare GPT under torch.compile's OptimizedModule and DDP's .module."""
+    """The bare GPT under torch.compile's OptimizedModule, DDP's and DeepSpeed's .module."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model):
             model = model.module
         else:
             return model
 
 
+def _is_deepspeed_engine(model: nn.Module) -> bool:
+    # By class name, so that this module never imports deepspeed (an optional extra).
+    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
+
+
 class SingleProcess(Strategy):
     """The debug mode: one process, CPU or one GPU, no process group."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    scaler: torch.amp.GradScaler | None = None
+
+    def __init__(self, device: torch.device, activation_checkpointing: bool = False, **_options):
+        self.device = device  # the other parallel options (fsdp/deepspeed settings) mean nothing here
+        self.activation_checkpointing = activation_checkpointing
 
     def wrap(self, model, build_optimizer):
+        if self.activation_checkpointing:
+            from train.ac import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
         model = model.to(self.device)
         self.model, self.optimizer = model, build_optimizer(model)
+        # fp16 autocast needs loss scaling (Micikevicius et al. 2018); fp32 and bf16 do not.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         return self.model, self.optimizer
 
+    def backward(self, loss):
+        loss = loss / self.grad_accum_steps
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
     def clip_and_step(self, max_norm):
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = [p for p in self.model.parameters() if p.grad is not None]
         # clip_grad_norm_ with a huge bound still returns the norm, keeping one code path
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         return norm
 
     def zero_grad(self):
@@ -141,7 +172,10 @@ class SingleProcess(Strategy):
     def save(self, ckpt_dir, extra_state, metadata):
         bare = unwrap(self.model)
         save_artifact(Path(ckpt_dir) / "model", self.model_state_dict(), bare.config, metadata)
-        torch.save({"optimizer": self.optimizer.state_dict(), "extra": extra_state}, Path(ckpt_dir) / TRAIN_STATE)
+        state = {"optimizer": self.optimizer.state_dict(), "extra": extra_state}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, Path(ckpt_dir) / TRAIN_STATE)
 
     def load(self, ckpt_dir):
         from model.io import load_state
@@ -153,6 +187,8 @@ class SingleProcess(Strategy):
         bare.load_state_dict(sd, strict=not bare.config.tie_embeddings)
         state = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         return state["extra"]
 
     def teardown(self):
@@ -171,7 +207,7 @@ def make_strategy(name: str, device: torch.device, **options) -> Strategy:
     Distributed ones are imported lazily from train/strategies/ so that the debug mode needs
     neither a process group nor the deepspeed package."""
     if name == "none":
-        return SingleProcess(device)
+        return SingleProcess(device, **options)
     if name in ("ddp", "fsdp", "deepspeed"):
         import importlib
 

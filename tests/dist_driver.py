@@ -1,0 +1,195 @@
+"""Drives the Strategy interface through the loop's exact call sequence (train/strategy.py's
+docstring) on a tiny GPT and fixed synthetic batches; used by tests/test_dist_*.py.
+
+    python -m torch.distributed.run --nproc_per_node=2 --standalone tests/dist_driver.py SPEC.json
+
+SPEC.json: {"out": DIR, "driver_group": bool, "scenarios": [{...}, ...]}. Each scenario names a
+strategy, its options, the gradient-accumulation steps, the steps to run, where to save and what
+to resume from; rank 0 writes DIR/<name>.json (per-step global losses and grad norms) and
+DIR/<name>.final.pt (the final full state dict). With driver_group the driver creates the process
+group (so several scenarios share it) and the strategies reuse it; otherwise each strategy owns it.
+run_scenario() also runs in the pytest process for strategy "none", the one-process reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model.config import ModelConfig
+from model.gpt import GPT
+from train.strategy import make_strategy, unwrap
+
+GLOBAL_BATCH = 8  # rows per optimizer step, whatever the world size and accumulation
+SEQ = 16
+VOCAB = 97
+REPO = Path(__file__).resolve().parents[1]
+
+
+def model_config(family: str = "gpt2") -> ModelConfig:
+    if family == "modern":
+        return ModelConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                           family="modern", bias=False, tie_embeddings=False)
+    return ModelConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=4, n_embd=64)
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of a step (1-based): the same tensors in every process and run."""
+    g = torch.Generator().manual_seed(1000 + step)
+    seq = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def build_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
+    decay = [p for p in module.parameters() if p.dim() >= 2]
+    no_decay = [p for p in module.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    # eps=1e-6, not 1e-8: the attention key bias has an exactly-zero true gradient (softmax is
+    # shift-invariant), so its gradient is rounding noise that Adam with a tiny eps would
+    # normalise into lr-sized, reduction-order-dependent updates.
+    return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-6, foreach=False)
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    flat = torch.cat([p.detach().float().flatten().cpu() for p in unwrap(model).parameters()])
+    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+def run_scenario(sc: dict, out: Path) -> dict:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    s = make_strategy(sc["strategy"], torch.device(sc.get("device", "cpu")), **sc.get("options", {}))
+    accum, clip = sc.get("accum", 1), sc.get("clip", 1.0)
+    s.grad_accum_steps, s.grad_clip, s.precision = accum, clip, sc.get("precision", "fp32")
+    world = s.world_size
+    # Each rank initialises differently (the loop seeds rank r with seed + r for its dropout
+    # stream): wrap() must start every rank from rank 0's weights, the reference's.
+    torch.manual_seed(sc.get("seed", 0) + rank)
+    model = GPT(model_config(sc.get("family", "gpt2")))
+    model, _ = s.wrap(model, build_optimizer)
+    bare = unwrap(model)
+    res: dict = {"world_size": world, "losses": {}, "norms": {},
+                 "tied": bare.lm_head.weight is bare.transformer.wte.weight}
+
+    start = 0
+    if sc.get("expect_error"):  # a user error: every rank must raise it, before any collective
+        try:
+            s.load(Path(sc["load"]))
+            res["error"] = None
+        except Exception as e:  # the message is what the test checks
+            res["error"] = f"{type(e).__name__}: {e}"
+        if rank == 0:
+            (out / f"{sc['name']}.json").write_text(json.dumps(res))
+        del model, bare
+        s.teardown()
+        return res
+    if sc.get("load"):
+        extra = s.load(Path(sc["load"]))
+        start = extra["step"]
+        res["loaded_step"] = start
+        res["extra_roundtrip"] = bool(torch.equal(extra["probe"], torch.arange(5) * start)
+                                      and extra["nested"] == {"a": [1, 2.5, "x"]})
+
+    rows = GLOBAL_BATCH // world
+    micro = rows // accum
+    for step in range(start + 1, sc["steps"] + 1):
+        x, y = global_batch(step)
+        x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        total = torch.zeros(())
+        model.train()
+        for m in range(accum):
+            xm, ym = x[m * micro:(m + 1) * micro].to(s.device), y[m * micro:(m + 1) * micro].to(s.device)
+            with s.sync_context(is_last=m == accum - 1):
+                loss = model(xm, ym)
+                s.backward(loss)
+            total += loss.detach().float().cpu()
+        norm = s.clip_and_step(clip)
+        s.zero_grad()
+        mean = s.all_reduce_sum(total / accum) / world  # equal micro-batches: the global mean
+        res["losses"][step] = float(mean)
+        res["norms"][step] = float(norm)
+        if step == sc.get("save_at"):
+            save(s, Path(sc["save_dir"]), step)
+            sd = s.model_state_dict()
+            if rank == 0:
+                torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, out / f"{sc['name']}.saved_sd.pt")
+
+    if dist.is_initialized() and sc.get("check_replicas"):  # replicated (not sharded) parameters
+        digests = [None] * world
+        dist.all_gather_object(digests, param_digest(model))
+        res["params_equal_across_ranks"] = len(set(digests)) == 1
+    sd = s.model_state_dict()
+    if rank == 0:
+        torch.save({k: v.detach().float().cpu().clone() for k, v in sd.items()}, out / f"{sc['name']}.final.pt")
+        (out / f"{sc['name']}.json").write_text(json.dumps(res))
+    del model, bare, sd
+    s.teardown()
+    return res
+
+
+def save(s, run_dir: Path, step: int) -> None:
+    """The loop's checkpoint protocol: every rank writes into a temporary directory, rank 0
+    renames it and points `latest` at it."""
+    ckpts = run_dir / "checkpoints"
+    name = f"step_{step:06d}"
+    tmp = ckpts / f".tmp-{name}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    extra = {"step": step, "probe": torch.arange(5) * step, "nested": {"a": [1, 2.5, "x"]}}
+    s.save(tmp, extra, {"step": step, "tokenizer": "bytes"})
+    if s.is_main:
+        os.replace(tmp, ckpts / name)
+        (ckpts / "latest").write_text(name + "\n")
+    s.barrier()
+
+
+def launch(spec: dict, nproc: int, spec_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run this driver under torchrun with nproc processes (one thread each: 2 ranks, 2 cores)."""
+    spec_path.write_text(json.dumps(spec))
+    cuda = any(sc.get("device", "cpu").startswith("cuda") for sc in spec["scenarios"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cuda" if cuda else "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           str(Path(__file__).resolve()), str(spec_path)]
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def load_result(out: Path, name: str) -> dict:
+    res = json.loads((out / f"{name}.json").read_text())
+    for key in ("losses", "norms"):
+        res[key] = {int(k): v for k, v in res.get(key, {}).items()}
+    return res
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecations inside DeepSpeed's comm calls
+    if any(sc["strategy"] == "deepspeed" and sc.get("device", "cpu") == "cpu" for sc in spec["scenarios"]):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed.ops
+
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce on first use (over a minute,
+        # then cached); the tests use plain gloo collectives instead.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    owned = None
+    if spec.get("driver_group"):
+        from train.strategies.dist import init_distributed
+
+        owned = init_distributed(spec["scenarios"][0].get("device", "cpu"), "driver")
+    for sc in spec["scenarios"]:
+        run_scenario(sc, out)
+    if owned is not None:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

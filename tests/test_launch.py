@@ -1,0 +1,80 @@
+"""launch.sh: the argument handling and the multi-node / SLURM mapping, with a stand-in torchrun
+that records its arguments (the real one is exercised by `--nproc 2` in test_launch_nproc2_end_to_end)."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import DEBUG_YAML, REPO, prepared_dataset, python_env, tiny_overrides, train_losses
+
+
+def fake_torchrun(tmp_path: Path) -> tuple[Path, Path]:
+    log = tmp_path / "torchrun_args.txt"
+    exe = tmp_path / "torchrun"
+    exe.write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > {log}\n")
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return exe, log
+
+
+def run_launch(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in python_env().items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_"))}
+    return subprocess.run(["bash", "launch.sh", *args], cwd=REPO, env={**base, "PYTHON": sys.executable, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_slurm_variables_become_torchrun_rendezvous(tmp_path):
+    exe, log = fake_torchrun(tmp_path)
+    slurm = {"TORCHRUN": str(exe), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
+             "SLURM_JOB_NODELIST": "gpu-a,gpu-b", "SLURM_GPUS_ON_NODE": "8"}
+    proc = run_launch([str(DEBUG_YAML), "train.max_steps=3"], slurm)
+    assert proc.returncode == 0, proc.stderr
+    args = log.read_text().split("\n")
+    assert "--nnodes=2" in args and "--node_rank=1" in args and "--nproc_per_node=8" in args
+    assert "--master_addr=gpu-a" in args
+    assert f"--master_port={20000 + 4242 % 20000}" in args
+    # the config and overrides pass through; 16 ranks of strategy none become ddp
+    assert args[args.index("--config") + 1] == str(DEBUG_YAML)
+    assert "train.max_steps=3" in args and "parallel.strategy=ddp" in args
+
+
+def test_manual_multinode_and_deepspeed_flag(tmp_path):
+    exe, log = fake_torchrun(tmp_path)
+    env = {"TORCHRUN": str(exe), "NNODES": "3", "NODE_RANK": "2", "MASTER_ADDR": "10.1.2.3"}
+    proc = run_launch(["--nproc", "4", "--deepspeed", str(DEBUG_YAML)], env)
+    assert proc.returncode == 0, proc.stderr
+    args = log.read_text().split("\n")
+    assert {"--nnodes=3", "--node_rank=2", "--master_addr=10.1.2.3", "--master_port=29500",
+            "--nproc_per_node=4", "parallel.strategy=deepspeed"} <= set(args)
+
+
+@pytest.mark.parametrize("env,args,message", [
+    ({"NNODES": "2"}, [str(DEBUG_YAML)], "needs NODE_RANK and MASTER_ADDR"),
+    ({}, ["--nproc", "zero", str(DEBUG_YAML)], "--nproc must be a positive integer"),
+    ({}, ["configs/nope.yaml"], "config file configs/nope.yaml not found"),
+    ({"SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n[1-2]",
+      "PATH": "/usr/bin:/bin"}, [str(DEBUG_YAML)], "without scontrol; set MASTER_ADDR"),
+])
+def test_launch_errors_are_one_clear_line(tmp_path, env, args, message):
+    exe, log = fake_torchrun(tmp_path)
+    proc = run_launch(args, {"TORCHRUN": str(exe), **env})
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not log.exists(), "nothing may be launched after a launch error"
+
+
+@pytest.mark.slow
+def test_launch_nproc2_end_to_end(tmp_path_factory, tmp_path):
+    """`bash launch.sh --nproc 2` on the CPU: two gloo ranks of DDP train and checkpoint, exit 0."""
+    data = prepared_dataset(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    env = {"OMP_NUM_THREADS": "1", "TORCHRUN": str(Path(sys.executable).parent / "torchrun")}
+    proc = run_launch(["--nproc", "2", str(DEBUG_YAML),
+                       *tiny_overrides(data, run_dir, "train.max_steps=2", "checkpoint.every=2")], env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "parallel.strategy=ddp" in proc.stderr
+    assert sorted(train_losses(run_dir)) == [1, 2]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"

@@ -1,0 +1,186 @@
+"""Checkpoints: bit-exact resume after SIGKILL, atomic saves, SIGTERM, retention, resume modes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import (
+    DEBUG_YAML,
+    REPO,
+    metrics,
+    one_thread,
+    prepared_dataset,
+    python_env,
+    run_cli,
+    tiny_config,
+    tiny_overrides,
+    train_losses,
+    val_losses,
+)
+
+from model.io import load_model
+from train.errors import TrainError
+from train.loop import run
+from train.strategy import SingleProcess
+
+QUIET = dict(log=lambda m: None)
+
+# Runs `python -m train` with CheckpointManager.save patched to announce step N's checkpoint once it is
+# complete, then to hang until the test SIGKILLs the process: a crash right after a checkpoint.
+KILL_AFTER_SAVE = """
+import sys, time
+import train.checkpoint as ck
+real, stop_at = ck.CheckpointManager.save, int(sys.argv[1])
+def save(self, step, *args, **kwargs):
+    path = real(self, step, *args, **kwargs)
+    if step == stop_at:
+        print("CHECKPOINT-WRITTEN", flush=True)
+        time.sleep(600)
+    return path
+ck.CheckpointManager.save = save
+from train.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepared_dataset(tmp_path_factory)
+
+
+def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
+    """2N steps straight == N steps, SIGKILL right after the step-N checkpoint, resume, N more steps:
+    identical train losses at every step and identical val losses, with dropout on, evaluation and
+    sampling interleaved (neither may move the training RNG) and the LR schedule mid-warmup/decay."""
+    n = 4
+    common = [f"train.max_steps={2 * n}", "model.dropout=0.1", "train.eval_every=3", "logging.sample_every=3",
+              "logging.sample_tokens=8", f"checkpoint.every={n}", "schedule.warmup_steps=3"]
+    ref = tmp_path / "ref"
+    run(tiny_config(data_dir, ref, *common), **QUIET)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_AFTER_SAVE, str(n), "--config", str(DEBUG_YAML),
+         *tiny_overrides(data_dir, killed, *common)],
+        cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if "CHECKPOINT-WRITTEN" in line:
+                break
+        else:
+            pytest.fail(f"the run ended before its checkpoint: {proc.stderr.read()}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert (killed / "checkpoints" / "latest").read_text().strip() == f"step_{n:06d}"
+
+    proc = run_cli(["--config", str(DEBUG_YAML), *tiny_overrides(data_dir, killed, *common)])  # resume: auto
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {killed / 'checkpoints' / f'step_{n:06d}'} at step {n}" in proc.stdout
+
+    ref_loss, got_loss = train_losses(ref), train_losses(killed)
+    assert sorted(ref_loss) == list(range(1, 2 * n + 1))
+    assert got_loss == ref_loss  # exact float equality, every step
+    assert val_losses(killed) == val_losses(ref)
+    ref_samples = [r["sample"] for r in metrics(ref) if "sample" in r]
+    assert [r["sample"] for r in metrics(killed) if "sample" in r] == ref_samples
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_dir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    real_save = SingleProcess.save
+
+    def crashing_save(self, ckpt_dir, extra_state, metadata):
+        if extra_state["step"] == 4:  # the model artifact is written, then the "disk fills up"
+            real_save(self, ckpt_dir, extra_state, metadata)
+            (ckpt_dir / "train_state.pt").write_bytes(b"half a file")
+            raise OSError(28, "No space left on device")
+        real_save(self, ckpt_dir, extra_state, metadata)
+
+    monkeypatch.setattr(SingleProcess, "save", crashing_save)
+    cfg = tiny_config(data_dir, run_dir, "train.max_steps=6", "checkpoint.every=2")
+    with pytest.raises(OSError, match="No space"):
+        run(cfg, **QUIET)
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+    assert (ckpts / ".tmp-step_000004").is_dir() and not (ckpts / "step_000004").exists()
+    model, meta = load_model(run_dir)  # the run dir still resolves to a complete model
+    assert meta["step"] == 2
+    state = torch.load(ckpts / "step_000002" / "train_state.pt", weights_only=True)  # no pickled code
+    assert state["extra"]["step"] == 2 and state["extra"]["loader"]["windows_consumed"] > 0
+
+    monkeypatch.setattr(SingleProcess, "save", real_save)
+    out = run(cfg, **QUIET)  # resume: auto, from step 2
+    assert out["step"] == 6
+    assert not list(ckpts.glob(".tmp-*"))
+    assert (ckpts / "latest").read_text().strip() == "step_000006"
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
+    run_dir = tmp_path / "pre"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", "--config", str(DEBUG_YAML),
+         *tiny_overrides(data_dir, run_dir, "train.max_steps=100000")],
+        cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(train_losses(run_dir)) < 3:  # a few steps in
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "stopped by SIGTERM" in out
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    step = int(latest.split("_")[1])
+    assert step >= 3 and step == max(train_losses(run_dir))
+    state = torch.load(run_dir / "checkpoints" / latest / "train_state.pt", weights_only=True)
+    assert state["extra"]["step"] == step
+
+
+def test_keeps_the_last_k_and_the_best(data_dir, tmp_path):
+    run_dir = tmp_path / "keep"
+    run(tiny_config(data_dir, run_dir, "train.max_steps=8", "checkpoint.every=1", "checkpoint.keep_last=2",
+                    "checkpoint.keep_best=true", "train.eval_every=1", "optim.lr=0.05",
+                    "schedule.warmup_steps=0"), **QUIET)
+    ckpts = run_dir / "checkpoints"
+    names = sorted(p.name for p in ckpts.iterdir() if p.is_dir() and not p.is_symlink())
+    vals = {s: v for s, v in val_losses(run_dir).items() if s > 0}
+    best_step = min(vals, key=vals.get)
+    assert os.readlink(ckpts / "best") == f"step_{best_step:06d}"
+    assert set(names) == {"step_000007", "step_000008", f"step_{best_step:06d}"}
+    _, meta = load_model(ckpts / "best")
+    assert meta["val_loss"] == vals[best_step]
+
+
+def test_resume_never_starts_over_and_finished_runs_do_nothing(data_dir, tmp_path):
+    run_dir = tmp_path / "again"
+    cfg = tiny_config(data_dir, run_dir, "train.max_steps=3", "checkpoint.every=1")
+    run(cfg, **QUIET)
+    assert run(cfg, **QUIET)["step"] == 3  # resume: auto at max_steps: nothing to train
+    assert max(train_losses(run_dir)) == 3
+    run(tiny_config(data_dir, run_dir, "train.max_steps=1", "train.resume=never"), **QUIET)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step")) == ["step_000001"]
+    assert sorted(train_losses(run_dir)) == [1]
+
+
+def test_resume_from_another_model_is_a_clear_error(data_dir, tmp_path):
+    run_dir = tmp_path / "mismatch"
+    run(tiny_config(data_dir, run_dir, "train.max_steps=1"), **QUIET)
+    with pytest.raises(TrainError, match="n_layer: 2 -> 3"):
+        run(tiny_config(data_dir, run_dir, "model.n_layer=3", "train.max_steps=2"), **QUIET)

@@ -1,0 +1,181 @@
+"""The training loop on CPU: the debug config, learning, init_from, NaN stop, accumulation, bf16, AC."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from train_helpers import (
+    DEBUG_YAML,
+    metrics,
+    one_thread,
+    prepared_dataset,
+    run_cli,
+    tiny_config,
+    train_losses,
+    val_losses,
+)
+
+import train.loop as loop
+from model.io import load_model, load_state
+from train.errors import TrainError
+from train.loop import run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepared_dataset(tmp_path_factory)
+
+
+def test_debug_config_trains_from_the_command_line(data_dir, tmp_path):
+    """configs/debug.yaml as written (model, optimizer, sampler), for 2 steps, through `python -m train`."""
+    run_dir = tmp_path / "debug"
+    proc = run_cli(["--config", str(DEBUG_YAML), f"data.dir={data_dir}", f"train.run_dir={run_dir}",
+                    "train.max_steps=2", "train.eval_batches=1", "logging.sample_tokens=16"])
+    assert proc.returncode == 0, proc.stderr
+    assert "sample at step 2" in proc.stdout
+    assert (run_dir / "config.yaml").is_file()
+    recs = metrics(run_dir)
+    assert [r["step"] for r in recs if "loss" in r] == [2]  # log_every 20 -> only the last step
+    assert math.isfinite(train_losses(run_dir)[2])
+    model, meta = load_model(run_dir)  # the latest checkpoint's artifact
+    assert meta["tokenizer"] == "bytes" and meta["step"] == 2 and meta["eot_id"] == 256
+    assert model.config.n_layer == 4 and model.config.vocab_size == 257
+
+
+def test_short_run_lowers_val_loss_and_logs_metrics(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run(tiny_config(data_dir, run_dir, "train.max_steps=40", "train.eval_every=20"), log=lambda m: None)
+    vals = val_losses(run_dir)
+    assert sorted(vals) == [0, 20, 40]
+    assert vals[0] > math.log(257) - 0.3  # untrained: about uniform over the bytes vocabulary
+    assert vals[40] < vals[0] - 1.5, vals  # it learned byte statistics at least
+    assert out["val_loss"] == vals[40] and out["step"] == 40
+    rec = [r for r in metrics(run_dir) if "loss" in r][-1]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "ms_per_step", "peak_mem_gb"):
+        assert math.isfinite(rec[key]) and rec[key] >= 0, key
+    assert rec["tokens"] == 40 * 256 and rec["tokens_per_s"] > 0 and 0 < rec["mfu"]
+
+
+def test_init_from_artifact_starts_from_its_weights_with_a_fresh_schedule(data_dir, tmp_path):
+    src = tmp_path / "src"
+    run(tiny_config(data_dir, src, "train.max_steps=6", "train.eval_every=6"), log=lambda m: None)
+    src_val = val_losses(src)[6]
+    dst = tmp_path / "dst"
+    artifact = src / "checkpoints" / "step_000006" / "model"
+    # lr 0: the weights stay those of the artifact, so the first eval must reproduce its val loss
+    out = run(tiny_config(data_dir, dst, f"train.init_from={artifact}", "train.max_steps=2",
+                          "train.eval_every=1", "optim.lr=0"), log=lambda m: None)
+    assert out["step"] == 2  # a fresh step count: not resumed at 6
+    assert val_losses(dst)[0] == pytest.approx(src_val, abs=1e-6)
+    _, src_sd, _ = load_state(artifact)
+    _, dst_sd, _ = load_state(dst)
+    assert all(torch.equal(src_sd[k], dst_sd[k]) for k in src_sd)
+    state = torch.load(dst / "checkpoints" / "step_000002" / "train_state.pt", weights_only=True)
+    steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {2}  # a new AdamW, not the source's
+
+
+def test_init_from_a_missing_path_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(TrainError, match="init_from"):
+        run(tiny_config(data_dir, tmp_path / "x", f"train.init_from={tmp_path / 'nope'}"), log=lambda m: None)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_never_saves_it(data_dir, tmp_path, monkeypatch):
+    real, calls = loop.train_step, []
+
+    def poisoned(*args, **kwargs):
+        loss, norm = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), norm
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    run_dir = tmp_path / "nan"
+    # log every 5 steps: the NaN of step 3 is caught by the check before step 4's save
+    cfg = tiny_config(data_dir, run_dir, "train.max_steps=10", "checkpoint.every=2", "logging.log_every=5")
+    with pytest.raises(TrainError, match=r"non-finite .* at step 3"):
+        run(cfg, log=lambda m: None)
+    ckpts = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_000002"]
+    assert (ckpts / "latest").read_text().strip() == "step_000002"
+
+
+def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
+    """4 micro-batches of 2 and 1 micro-batch of 8 see the same 8 sequences per step (the loader's
+    contract) and must give the same losses and weights in fp32."""
+    common = ["train.max_steps=4", "train.tokens_per_step=256", "optim.grad_clip=0.5"]
+    accum, big = tmp_path / "accum", tmp_path / "big"
+    run(tiny_config(data_dir, accum, *common, "train.micro_batch=2"), log=lambda m: None)
+    run(tiny_config(data_dir, big, *common, "train.micro_batch=8"), log=lambda m: None)
+    la, lb = train_losses(accum), train_losses(big)
+    assert sorted(la) == [1, 2, 3, 4]
+    for s in la:
+        assert la[s] == pytest.approx(lb[s], abs=1e-5, rel=0)
+    _, sa, _ = load_state(accum)
+    _, sb, _ = load_state(big)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=0)
+
+
+def test_bfloat16_autocast_path_runs(data_dir, tmp_path):
+    run_dir = tmp_path / "bf16"
+    out = run(tiny_config(data_dir, run_dir, "train.dtype=bfloat16", "train.max_steps=3", "train.eval_every=3"),
+              log=lambda m: None)
+    losses = train_losses(run_dir)
+    assert all(math.isfinite(v) for v in losses.values()) and math.isfinite(out["val_loss"])
+    _, sd, _ = load_state(run_dir)
+    assert all(v.dtype == torch.float32 for v in sd.values())  # autocast: the weights stay fp32
+
+
+def test_activation_checkpointing_gives_the_same_losses_with_dropout(data_dir, tmp_path):
+    """Recomputation replays the dropout masks (preserve_rng_state), so the run is unchanged."""
+    common = ["train.max_steps=3", "model.dropout=0.1"]
+    run(tiny_config(data_dir, tmp_path / "plain", *common), log=lambda m: None)
+    run(tiny_config(data_dir, tmp_path / "ac", *common, "train.activation_checkpointing=true"), log=lambda m: None)
+    assert train_losses(tmp_path / "plain") == train_losses(tmp_path / "ac")
+    _, sd, _ = load_state(tmp_path / "ac")
+    assert not any("checkpoint" in k for k in sd)  # parameter names unchanged
+
+
+def test_world_size_without_a_strategy_is_refused(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainError, match="parallel.strategy=none"):
+        run(tiny_config(data_dir, tmp_path / "ws"), log=lambda m: None)
+
+
+def test_missing_dataset_says_how_to_prepare_it(tmp_path):
+    proc = run_cli(["--config", str(DEBUG_YAML), f"data.dir={tmp_path / 'none'}", f"train.run_dir={tmp_path / 'r'}"])
+    assert proc.returncode == 1
+    assert "python -m data.prepare" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_profiler_trace_and_tensorboard(data_dir, tmp_path):
+    run_dir = tmp_path / "prof"
+    run(tiny_config(data_dir, run_dir, "train.max_steps=5", "logging.profile_steps=2", "logging.tensorboard=true"),
+        log=lambda m: None)
+    trace = run_dir / "profile" / "trace_rank0.json"
+    assert trace.is_file() and '"traceEvents"' in trace.read_text()[:10_000]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_bench_prints_the_comparison(capsys):
+    from train.bench import main as bench
+
+    assert bench(["--steps", "1", "--warmup", "1", "--settings", "baseline,fused", "model.n_layer=1",
+                  "model.n_embd=32", "model.block_size=32", "train.tokens_per_step=128", "train.micro_batch=4"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 eager, for-loop AdamW (baseline)" in out and "1.00x" in out and "fastest:" in out
+
+
+def test_unigram_baseline(data_dir):
+    from train.unigram import unigram_losses
+
+    entropy, cross = unigram_losses(data_dir)
+    assert 2.5 < entropy < math.log(257) and entropy - 0.1 < cross < entropy + 0.3

@@ -1,0 +1,165 @@
+"""`python -m train.bench`: training throughput of the real step (train.loop.train_step) under the
+speed levers -- bf16 autocast, fused AdamW, torch.compile -- against a plain fp32 eager loop.
+
+    python -m train.bench                                   # the reference: 4 layers, 256 wide, context 256,
+                                                            # batch 8, bytes vocabulary (257)
+    python -m train.bench --config configs/gpt2-124m.yaml   # a config's model and batch
+    python -m train.bench --settings baseline,compile --steps 20 model.n_layer=6
+
+Prints ms/step (the median of the measured steps, after warm-up steps that absorb compilation and
+allocator growth), tokens/s and MFU (against the measured or datasheet peak of the device for the
+setting's dtype, see train/metrics.py), and the speed-up over the baseline. Batches are random
+tokens: throughput does not depend on their values, and no dataset is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model import GPT, ModelConfig
+from train.config import Config, ConfigError, OptimSection, load_config
+from train.loop import autocast_ctx, pick_device, train_step
+from train.metrics import device_peak_flops
+from train.optim import build_optimizer
+from train.strategy import SingleProcess
+
+# The reference setting of the README's table.
+REFERENCE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=256",
+             "model.vocab_size=257", "model.dropout=0.0", "train.micro_batch=8", "train.tokens_per_step=2048"]
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    dtype: str
+    fused: bool
+    compile: bool
+
+
+SETTINGS = {
+    "baseline": Setting("fp32 eager, for-loop AdamW (baseline)", "float32", False, False),
+    "fused": Setting("fp32 eager, fused AdamW", "float32", True, False),
+    "bf16": Setting("bf16 autocast, fused AdamW", "bfloat16", True, False),
+    "compile": Setting("fp32 compile, fused AdamW", "float32", True, True),
+    "bf16-compile": Setting("bf16 autocast + compile, fused AdamW", "bfloat16", True, True),
+}
+
+
+def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torch.device) -> dict:
+    """Median seconds per optimizer step of `setting` on cfg's model and batch."""
+    torch.manual_seed(0)
+    mcfg = ModelConfig(**{**cfg.model.__dict__, "vocab_size": vocab_size(cfg)})
+    model = GPT(mcfg)
+    seq, mb = cfg.seq_len, cfg.train.micro_batch
+    accum = cfg.train.tokens_per_step // (seq * mb)
+    strategy = SingleProcess(device)
+    strategy.grad_accum_steps, strategy.precision = accum, {"float32": "fp32", "bfloat16": "bf16"}[setting.dtype]
+    optim_cfg = OptimSection(**{**cfg.optim.__dict__, "fused": setting.fused})
+    model, _ = strategy.wrap(model, lambda m: build_optimizer(m, optim_cfg))
+    if setting.compile:
+        model = torch.compile(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g).to(device),
+                torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g).to(device)) for _ in range(accum)]
+    amp = autocast_ctx(device, setting.dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    t_start = time.perf_counter()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss, _ = train_step(model, strategy, batches, amp, cfg.optim.grad_clip)
+        loss.item()  # the sync a real loop makes at a log step
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        elif i == warmup - 1:
+            warm_s = time.perf_counter() - t_start
+    strategy.teardown()
+    sec = statistics.median(times)
+    tokens = cfg.train.tokens_per_step / sec
+    peak, src = device_peak_flops(device, setting.dtype)
+    flops = model_for_flops(mcfg).flops_per_token(seq)
+    return {"ms": 1000 * sec, "tokens_per_s": tokens, "mfu": flops * tokens / peak, "peak": peak,
+            "peak_source": src, "warmup_s": warm_s if warmup else 0.0}
+
+
+def vocab_size(cfg: Config) -> int:
+    """model.vocab_size, else the config's dataset's (when prepared), else GPT-2's 50257."""
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    try:
+        from data.shards import read_meta
+
+        return int(read_meta(cfg.data.dir)["vocab_size"])
+    except (OSError, ValueError, KeyError):
+        return 50257
+
+
+def model_for_flops(mcfg: ModelConfig) -> GPT:
+    with torch.device("meta"):
+        return GPT(mcfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="a run file; default: the README's reference model on the bytes vocabulary")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ap.add_argument("--steps", type=int, default=10, help="measured steps per setting (default 10)")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation; default 3)")
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
+    args = ap.parse_args(argv)
+    names = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names or args.steps < 1 or args.warmup < 0:
+        print(f"error: --settings takes {', '.join(SETTINGS)} (got {unknown or names}); --steps >= 1, "
+              "--warmup >= 0", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, (REFERENCE if args.config is None else []) + args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    if device.type != "cuda":
+        names = [n for n in names if SETTINGS[n].dtype != "float16"]
+    m = cfg.model
+    print(f"model: {m.family}, {m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads, context {cfg.seq_len}, "
+          f"vocab {vocab_size(cfg)} | batch {cfg.train.micro_batch} x {cfg.seq_len} "
+          f"({cfg.train.tokens_per_step:,} tokens/step) | device {device} "
+          f"({torch.get_num_threads()} threads) | torch {torch.__version__}")
+    print(f"{args.warmup} warm-up + {args.steps} measured steps per setting; median step time\n")
+    header = f"{'setting':<40} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7} {'vs baseline':>12}"
+    print(header)
+    print("-" * len(header))
+    results = {}
+    for name in names:
+        r = measure(cfg, SETTINGS[name], args.steps, args.warmup, device)
+        results[name] = r
+        base = results.get("baseline")
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        print(f"{SETTINGS[name].name:<40} {r['ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {100 * r['mfu']:>6.1f}% "
+              f"{speed:>12}", flush=True)
+    print()
+    for name, r in results.items():
+        print(f"  {name}: peak {r['peak'] / 1e12:.3g} TFLOP/s ({r['peak_source']}); warm-up {r['warmup_s']:.1f} s")
+    if "baseline" in results and len(results) > 1:
+        best = max((n for n in results if n != "baseline"), key=lambda n: results[n]["tokens_per_s"])
+        ratio = results[best]["tokens_per_s"] / results["baseline"]["tokens_per_s"]
+        print(f"\nfastest: {SETTINGS[best].name} at {ratio:.2f}x the baseline's tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

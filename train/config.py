@@ -1,0 +1,410 @@
+"""The one typed training config: dataclass sections loaded from YAML, overridden from the command line.
+
+    python -m train --config configs/debug.yaml optim.lr=1e-3 train.max_steps=200
+
+Every key is `section.field`; values are parsed as YAML (`1e-3`, `true`, `null`, `[0.9, 0.95]`) and
+checked against the field's type. An unknown key or a wrong type raises one ConfigError naming the key
+and the closest valid one (difflib), before any work starts. `parallel.deepspeed` is a free-form dict:
+`parallel.deepspeed.zero_optimization.stage=3` sets a nested key inside it.
+
+This module imports neither torch nor the model so that a bad key is reported in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from train.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+TRAIN_DTYPES = ("auto", *DTYPES)
+SCHEDULES = ("cosine", "wsd", "constant")
+WSD_SHAPES = ("linear", "1-sqrt")
+STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
+FAMILIES = ("gpt2", "modern")
+
+
+@dataclass
+class ModelSection:
+    """model.ModelConfig's fields (a test keeps them in step); vocab_size null = the dataset's."""
+
+    family: str = "gpt2"  # gpt2 | modern (RoPE, RMSNorm, SwiGLU, GQA)
+    vocab_size: int | None = None  # null: meta.json's vocab_size
+    block_size: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # null: n_head (no grouped-query attention)
+    n_embd: int = 768
+    ffn_hidden: int | None = None  # null: 4*n_embd (gpt2) or ~8/3*n_embd (modern)
+    bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    pad_vocab_multiple: int = 1  # 64 turns GPT-2's 50257 into nanoGPT's faster 50304
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+
+@dataclass
+class DataSection:
+    dir: str = "datasets/pydoc-bytes"  # a directory written by `python -m data.prepare`
+    seq_len: int | None = None  # tokens per training sequence; null = model.block_size
+
+
+@dataclass
+class OptimSection:
+    """AdamW (Loshchilov & Hutter 2019). Defaults: GPT-3 (Brown et al. 2020, appendix B) / nanoGPT."""
+
+    lr: float = 6e-4  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    # Decay only matmul weights by default (nanoGPT, minGPT): biases and norm gains never;
+    # embeddings only if asked (nanoGPT decays them, minGPT and LLaMA recipes do not).
+    decay_embeddings: bool = False
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    fused: bool | None = None  # null: fused AdamW when the device supports it
+
+
+@dataclass
+class ScheduleSection:
+    name: str = "cosine"  # cosine | wsd | constant (all after a linear warmup)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * optim.lr (Chinchilla, Hoffmann et al. 2022: 10x decay)
+    total_steps: int | None = None  # steps the schedule spans; null = train.max_steps (nanoGPT's lr_decay_iters)
+    decay_frac: float = 0.2  # wsd: the final fraction of total_steps spent decaying (Hägele et al. 2024)
+    wsd_shape: str = "linear"  # wsd decay: linear | 1-sqrt (Hägele et al. 2024 found 1-sqrt slightly better)
+
+
+@dataclass
+class TrainSection:
+    run_dir: str | None = None  # null: runs/<config file name without .yaml>
+    max_steps: int = 1000  # optimizer steps
+    tokens_per_step: int = 524288  # global batch in tokens; gradient accumulation makes up the rest
+    micro_batch: int = 8  # sequences per forward/backward on one device
+    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
+    # float32 | bfloat16 (autocast) | float16 (autocast + grad scaler, CUDA) | auto: bfloat16 where the
+    # device has bf16 matrix units (CUDA >= Ampere, CPUs with AVX512-BF16/AMX), float16 on older GPUs,
+    # float32 elsewhere
+    dtype: str = "float32"
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
+    seed: int = 1337
+    resume: str = "auto"  # auto: from run_dir's latest checkpoint if any | never | a checkpoint path
+    init_from: str | None = None  # a model artifact / checkpoint / run dir: its weights, fresh optimizer
+    eval_every: int = 250  # steps between val evaluations (and the last step); 0 = never
+    eval_batches: int = 20  # val batches of micro_batch sequences per evaluation (per rank)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000  # steps between checkpoints; 0 = only the final one (and on SIGTERM)
+    keep_last: int = 3  # newest checkpoints kept; 0 = keep all
+    keep_best: bool = True  # also save at an eval that improves val loss, and keep that one (`best`)
+    save_final: bool = True  # save at the last step
+
+
+@dataclass
+class LoggingSection:
+    log_every: int = 10  # steps between console / metrics.jsonl lines (the only host syncs)
+    progress_bar: bool = True  # tqdm bar on a terminal
+    sample_every: int = 0  # steps between text samples in the log; 0 = never
+    sample_prompt: str = "\n"
+    sample_tokens: int = 64
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 50
+    tensorboard: bool = False  # RUN_DIR/tensorboard, when the tensorboard package is installed
+    wandb: bool = False  # Weights & Biases, when wandb is installed
+    wandb_project: str = "gptrain"
+    wandb_run_name: str | None = None
+    profile_steps: int = 0  # > 0: torch.profiler trace of that many steps (after 3 warm-up steps)
+
+
+@dataclass
+class ParallelSection:
+    """Read by the strategy (train/strategy.py, train/strategies/); `none` needs none of it."""
+
+    strategy: str = "none"  # none | ddp | fsdp | deepspeed
+    fsdp_param_dtype: str | None = None  # FSDP2 MixedPrecisionPolicy param dtype; null = train.dtype
+    fsdp_reduce_dtype: str | None = "float32"  # gradient reduce-scatter dtype
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (Rajbhandari et al. 2020)
+    deepspeed_config: str | None = None  # a DeepSpeed JSON config; overrides what we derive
+    offload_optimizer: bool = False  # DeepSpeed ZeRO-Offload of the optimizer to CPU
+    deepspeed: dict = field(default_factory=dict)  # free-form keys merged into the DeepSpeed config
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=120)
+
+    @property
+    def seq_len(self) -> int:
+        return self.data.seq_len or self.model.block_size
+
+    def parallel_options(self) -> dict:
+        """What make_strategy(name, device, **options) receives: the parallel section (less the name)
+        plus the two model transforms a strategy applies inside wrap() (torchtitan's order: activation
+        checkpointing, compile, then sharding). The loop compiles only if the strategy did not."""
+        opts = dataclasses.asdict(self.parallel)
+        opts.pop("strategy")
+        opts.update(activation_checkpointing=self.train.activation_checkpointing, compile=self.train.compile)
+        return opts
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _sections() -> dict[str, type]:
+    hints = get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def valid_keys() -> list[str]:
+    """Every `section.field` key, in declaration order."""
+    return [f"{s}.{f.name}" for s, cls in _sections().items() for f in dataclasses.fields(cls)]
+
+
+def suggest(key: str) -> str:
+    """' (did you mean X?)' for the closest valid key, or ''."""
+    keys = valid_keys()
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not match:  # a bare or misplaced field name: compare the last component alone
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+        close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+        match = [leaves[close[0]]] if close else []
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping",
+            type(None): "null"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, raw: str | None = None) -> Any:
+    """value checked/converted to tp (YAML-parsed); raw is the command-line text, if any."""
+    bad = ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}"
+                      + (f" ({type(value).__name__})" if value is not None else ""))
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, raw)
+            except ConfigError:
+                pass
+        raise bad
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:  # 5e5 written as a count
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `6e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if raw is not None and value is not None:  # `train.run_dir=123` on the command line is a name
+            return raw
+        raise bad
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (elem,) = get_args(tp)
+        return [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return dict(value)
+    raise TypeError(f"unsupported config field type {tp!r} for {key}")  # a bug in this file, not user error
+
+
+def _set(cfg: Config, key: str, value: Any, raw: str | None = None) -> None:
+    parts = key.split(".")
+    sections = _sections()
+    if len(parts) < 2 or parts[0] not in sections:
+        what = "section" if len(parts) >= 2 else "key (expected section.field)"
+        raise ConfigError(f"unknown config {what} in {key!r}{suggest(key)}; sections: {', '.join(sections)}")
+    section = getattr(cfg, parts[0])
+    hints = get_type_hints(type(section))
+    name = parts[1]
+    if name not in hints:
+        raise ConfigError(f"unknown config key {'.'.join(parts[:2])!r}{suggest(key)}")
+    tp = hints[name]
+    if len(parts) > 2:  # a nested key inside a free-form dict field (parallel.deepspeed.a.b=1)
+        if tp is not dict:
+            raise ConfigError(f"config key {'.'.join(parts[:2])!r} has no sub-keys (got {key!r})")
+        node = getattr(section, name)
+        for p in parts[2:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r}: {p!r} is not a mapping")
+        node[parts[-1]] = value
+        return
+    setattr(section, name, _coerce(value, tp, key, raw))
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """YAML mapping -> [(dotted key, value)], descending into sections only (dict fields stay whole)."""
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if not prefix and isinstance(v, dict):
+            out += _flatten(v, key + ".")
+        elif not prefix:
+            raise ConfigError(f"config section {key!r} must be a mapping of keys, got {v!r}{suggest(key)}")
+        else:
+            out.append((key, v))
+    return out
+
+
+_OVERRIDE = re.compile(r"^([A-Za-z_][\w.-]*)=(.*)$", re.S)
+
+
+def parse_override(text: str) -> tuple[str, Any, str]:
+    """'optim.lr=1e-3' -> ('optim.lr', 0.001 as YAML reads it, '1e-3')."""
+    m = _OVERRIDE.match(text.strip() if "=" in text else "")
+    if not m:
+        raise ConfigError(f"cannot read override {text!r}: write section.key=value, e.g. optim.lr=3e-4")
+    key, raw = m.group(1), m.group(2)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # e.g. a prompt with a colon: keep the text as written
+    return key, value, raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML file <- command-line overrides, then validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass one of configs/*.yaml with --config")
+        try:
+            doc = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path} must be a mapping of sections (model:, data:, optim:, ...)")
+        for key, value in _flatten(doc):
+            try:
+                _set(cfg, key, value)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+    for text in overrides:
+        key, value, raw = parse_override(text)
+        _set(cfg, key, value, raw)
+    if cfg.train.run_dir is None:
+        cfg.train.run_dir = str(Path("runs") / (Path(path).stem if path is not None else "default"))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """A Config from to_dict()'s output (a checkpoint's copy), with the same checks as a YAML file."""
+    cfg = Config()
+    for key, value in _flatten(d):
+        _set(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}{hint}")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that need no data and no device; the rest are made at start-up."""
+    m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
+    _choice("model.family", m.family, FAMILIES)
+    _choice("train.dtype", t.dtype, TRAIN_DTYPES)
+    _choice("schedule.name", s.name, SCHEDULES)
+    _choice("schedule.wsd_shape", s.wsd_shape, WSD_SHAPES)
+    _choice("parallel.strategy", cfg.parallel.strategy, STRATEGIES)
+    _choice("parallel.zero_stage", cfg.parallel.zero_stage, (0, 1, 2, 3))
+    for k in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+        if getattr(cfg.parallel, k) is not None:
+            _choice(f"parallel.{k}", getattr(cfg.parallel, k), DTYPES)
+    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
+           f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}")
+    for key, v in (("train.max_steps", t.max_steps), ("train.tokens_per_step", t.tokens_per_step),
+                   ("train.micro_batch", t.micro_batch), ("train.eval_batches", t.eval_batches),
+                   ("logging.log_every", cfg.logging.log_every), ("model.block_size", m.block_size),
+                   ("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd)):
+        _check(v > 0, f"{key} must be > 0; got {v}")
+    for key, v in (("train.eval_every", t.eval_every), ("checkpoint.every", cfg.checkpoint.every),
+                   ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("schedule.warmup_steps", s.warmup_steps),
+                   ("logging.sample_every", cfg.logging.sample_every), ("optim.lr", o.lr),
+                   ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
+                   ("logging.profile_steps", cfg.logging.profile_steps),
+                   ("logging.sample_tokens", cfg.logging.sample_tokens)):
+        _check(v >= 0, f"{key} must be >= 0; got {v}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optim.betas must be two numbers in [0, 1); got {o.betas}")
+    _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1]; got {s.min_lr_ratio}")
+    _check(0 <= s.decay_frac <= 1, f"schedule.decay_frac must be in [0, 1]; got {s.decay_frac}")
+    _check(s.total_steps is None or s.total_steps > 0, "schedule.total_steps must be > 0 or null")
+    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1); got {m.dropout}")
+    _check(cfg.seq_len <= m.block_size,
+           f"data.seq_len ({cfg.seq_len}) exceeds model.block_size ({m.block_size}); lower it or raise block_size")
+    _check(t.tokens_per_step % (cfg.seq_len * t.micro_batch) == 0,
+           f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of seq_len * micro_batch "
+           f"({cfg.seq_len} * {t.micro_batch} = {cfg.seq_len * t.micro_batch}); e.g. "
+           f"{max(1, round(t.tokens_per_step / (cfg.seq_len * t.micro_batch))) * cfg.seq_len * t.micro_batch}")
+    _check(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
+    try:  # the model's own checks (head divisibility, GQA needs family modern, ...)
+        from model.config import ModelConfig
+
+        ModelConfig(**{**dataclasses.asdict(m), "vocab_size": m.vocab_size or 256})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

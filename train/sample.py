@@ -1,0 +1,90 @@
+"""A small sampler for the text samples in the training log (train/ never imports eval/).
+
+Decodes with model.KVCache, so each new token costs one token of compute, from its own
+torch.Generator, so that sampling never moves the training RNG (exact resume depends on it).
+Every rank runs it (under FSDP / ZeRO-3 the forward is a collective); only rank 0 prints.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from model import KVCache
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.8,
+             top_k: int | None = 50, seed: int = 0, device: torch.device | str = "cpu") -> list[int]:
+    """Prompt token ids -> the prompt's continuation (new ids only). model is the bare GPT.
+    A fixed number of tokens is drawn (no early stop), so that every rank runs the same forwards."""
+    cfg = model.config
+    prompt = prompt[-(cfg.block_size - 1):] or [0]  # keep room for at least one new token
+    max_new_tokens = min(max_new_tokens, cfg.block_size - len(prompt))
+    if max_new_tokens <= 0:
+        return []
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    cache = KVCache(cfg, batch_size=1, max_seq_len=len(prompt) + max_new_tokens, device=device, dtype=dtype)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
+    out: list[torch.Tensor] = []
+    pos = 0
+    try:
+        for _ in range(max_new_tokens):
+            logits = model(idx, kv_cache=cache, start_pos=pos)[:, -1, :].float()  # (1, V)
+            pos += idx.shape[1]
+            if temperature <= 0:
+                idx = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (1, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                idx = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)  # (1, 1)
+            out.append(idx)
+    finally:
+        model.train(was_training)
+    return torch.cat(out, dim=1)[0].tolist()
+
+
+def decode(tokenizer, ids: list[int], eot_id: int | None = None) -> str:
+    """Text of ids, cut at the first end-of-text token."""
+    if eot_id is not None and eot_id in ids:
+        ids = ids[: ids.index(eot_id)]
+    return tokenizer.decode(ids, errors="replace")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m train.sample --ckpt RUN_OR_CHECKPOINT --prompt TEXT`: the demo's fallback sampler
+    (eval.sample is the full one: batches, top-p, int8 and ONNX backends, streaming)."""
+    import argparse
+    import sys
+
+    from data.errors import DataError
+    from data.tokenizer import get_tokenizer
+    from model.io import ArtifactError, load_model
+
+    ap = argparse.ArgumentParser(prog="python -m train.sample", description=main.__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="run directory, checkpoint or model artifact")
+    ap.add_argument("--prompt", default="\n")
+    ap.add_argument("--max-new-tokens", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=1337)
+    args = ap.parse_args(argv)
+    try:
+        model, meta = load_model(args.ckpt)
+        tok = get_tokenizer(meta["tokenizer"], sha256=meta.get("tokenizer_sha256"))
+    except (ArtifactError, DataError, KeyError) as e:
+        print(f"error: cannot sample from {args.ckpt}: {e}", file=sys.stderr)
+        return 1
+    ids = generate(model, tok.encode(args.prompt, allowed_special="all"), args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(args.prompt + decode(tok, ids, meta.get("eot_id")))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""DeepSpeed ZeRO stage 1, 2 and 3 (https://www.deepspeed.ai/tutorials/zero/): optimizer state
+(1), plus gradients (2), plus parameters (3) partitioned across ranks; optional optimizer offload
+to CPU (ZeRO-Offload). Needs the `deepspeed` extra: pip install -e '.[deepspeed]'.
+
+The DeepSpeed config is built from ours (config_builder.py). The optimizer is the torch one that
+the loop's build_optimizer returns (DeepSpeed wraps it); the returned optimizer is that torch
+optimizer, so the loop sets its learning rate as usual -- it must never call its step() itself.
+
+Gradient accumulation: the loop calls backward() on every micro-step and clip_and_step() once.
+We mark the boundary explicitly (engine.set_gradient_accumulation_boundary(is_last) before each
+backward, DeepSpeed's documented alternative to calling engine.step() per micro-step), so
+engine.backward() reduces gradients only on the last micro-step and the single engine.step()
+in clip_and_step() is the real optimizer step. engine.backward() divides the loss by the
+configured gradient_accumulation_steps itself, so backward() does not divide again.
+
+Checkpoints: engine.save_checkpoint into ckpt_dir/deepspeed (each rank writes its partition),
+plus, from rank 0, the loop's state in ckpt_dir/train_state.pt (weights_only) and a consolidated
+fp32 model artifact in ckpt_dir/model/ so that eval/ opens DeepSpeed runs like any other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from model.io import clean_state_dict, save_artifact
+from train.strategies.config_builder import build_ds_config
+from train.strategies.dist import (
+    DistributedSetupError,
+    DistributedStrategy,
+    StrategyError,
+    apply_block_transforms,
+    check_options,
+)
+from train.strategy import TRAIN_STATE, BuildOptimizer, unwrap
+
+DS_DIR = "deepspeed"
+TAG = "state"  # one engine checkpoint per checkpoint directory
+
+
+def _import_deepspeed(device: torch.device):
+    """Import deepspeed with the accelerator matching our device (DS_ACCELERATOR is read once,
+    on first use: https://www.deepspeed.ai/tutorials/accelerator-abstraction-interface/)."""
+    want = "cpu" if device.type == "cpu" else "cuda"
+    have = os.environ.setdefault("DS_ACCELERATOR", want)
+    if have != want:
+        raise DistributedSetupError(f"DS_ACCELERATOR={have} but the device is {device.type}; unset DS_ACCELERATOR "
+                                    f"or set it to {want}")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ImportError(
+            f"parallel.strategy=deepspeed needs the deepspeed package ({e}); install it with "
+            "pip install -e '.[deepspeed]', or choose parallel.strategy=fsdp"
+        ) from None
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != want:
+        raise DistributedSetupError(f"deepspeed was already set up for {get_accelerator().device_name()}, but "
+                                    f"the device is {device.type}; set DS_ACCELERATOR={want} before starting")
+    return deepspeed
+
+
+class DeepSpeedStrategy(DistributedStrategy):
+    name = "deepspeed"
+
+    def __init__(self, device: torch.device | str, zero_stage: int | None = None, deepspeed_config: str | None = None,
+                 offload_optimizer: bool = False, deepspeed: dict | None = None,
+                 activation_checkpointing: bool = False, compile: bool = False):
+        self.ds = _import_deepspeed(torch.device(device))  # first: a missing package needs no launcher
+        super().__init__(device)
+        # DeepSpeed wraps the torch process group we created (it does not make its own).
+        self.ds.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
+        if not self.is_main:
+            logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # rank 0 alone logs
+        self.zero_stage, self.config_path, self.offload_optimizer = zero_stage, deepspeed_config, offload_optimizer
+        self.overrides = deepspeed or {}
+        self.activation_checkpointing, self.compile = activation_checkpointing, compile
+        self.engine = self.optimizer = None
+        self.ds_config: dict = {}
+        self._is_last = True
+
+    def wrap(self, model: nn.Module, build_optimizer: BuildOptimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        bare = unwrap(model)
+        apply_block_transforms(bare, self.activation_checkpointing, compile_blocks=False)
+        self.ds_config = build_ds_config(
+            path=self.config_path, overrides=self.overrides, zero_stage=self.zero_stage,
+            offload_optimizer=self.offload_optimizer, grad_accum_steps=self.grad_accum_steps,
+            grad_clip=self.grad_clip, precision=self.precision, world_size=self.world_size,
+            cuda=self.device.type == "cuda",
+        )
+        self.zero_stage = self.ds_config["zero_optimization"]["stage"]
+        self.optimizer = build_optimizer(bare)
+        # dist_init_required=False: the process group exists (ours); DeepSpeed moves the module to
+        # its device, casts it for bf16/fp16 and partitions as the stage says.
+        self.engine, _, _, _ = self.ds.initialize(model=bare, optimizer=self.optimizer, config=self.ds_config,
+                                                  dist_init_required=False)
+        self._accum_at_wrap = self.grad_accum_steps
+        if self.compile:
+            self.engine.compile()  # DeepSpeed's own entry point (it knows ZeRO-3's hooks)
+            self.compiles_model = True
+        return self.engine, self.optimizer
+
+    def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
+        self._is_last = is_last  # the boundary is set in backward(), where DeepSpeed reads it
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.grad_accum_steps != self._accum_at_wrap:
+            raise RuntimeError(
+                f"grad_accum_steps changed from {self._accum_at_wrap} to {self.grad_accum_steps} after wrap(); "
+                "DeepSpeed fixes it at initialisation: set strategy.grad_accum_steps before wrap()"
+            )
+        self.engine.set_gradient_accumulation_boundary(self._is_last)
+        self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
+
+    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+        # The ZeRO optimizer clips with its clip_grad (from the config, and restored by
+        # load_checkpoint); keep it equal to the loop's max_norm of this step.
+        if getattr(self.engine.optimizer, "clip_grad", max_norm) != max_norm:
+            self.engine.optimizer.clip_grad = max_norm
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()  # pre-clip global norm, computed inside step()
+        if norm is None:
+            return torch.tensor(float("nan"), device=self.device)
+        return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm), device=self.device)
+
+    def zero_grad(self) -> None:
+        # engine.step() already cleared the gradients at the boundary (ZeRO's own buffers included).
+        return None
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights (the optimizer's master copy under bf16/fp16) on rank 0; collective.
+        safe_get_full_fp32_param all-gathers ZeRO partitions (DeepSpeed's tensor-fragment API)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.engine.module
+        full: dict[int, torch.Tensor] = {}
+        names: dict[str, int] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) not in full:
+                t = safe_get_full_fp32_param(p)
+                if t is None:  # no optimizer mapping (frozen param): replicated under ZeRO 1/2
+                    with self.ds.zero.GatheredParameters([p], enabled=self.zero_stage == 3):
+                        t = p.detach().clone()
+                full[id(p)] = t.detach().float().cpu() if self.is_main else torch.empty(0)
+            names[name] = id(p)
+        if not self.is_main:
+            return {}
+        out = {}
+        for key, value in clean_state_dict(module.state_dict()).items():
+            out[key] = full[names[key]] if key in names else value.detach().cpu()
+        return out
+
+    def save(self, ckpt_dir: Path, extra_state: dict, metadata: dict) -> None:
+        ckpt_dir = Path(ckpt_dir)
+        # Every rank writes its ZeRO partition; DeepSpeed pickles these files (see README).
+        self.engine.save_checkpoint(str(ckpt_dir / DS_DIR), tag=TAG, save_latest=False)
+        sd = self.model_state_dict()  # collective
+        if self.is_main:
+            save_artifact(ckpt_dir / "model", sd, unwrap(self.engine).config, metadata)
+            torch.save({"extra": extra_state, "strategy": self.name, "world_size": self.world_size,
+                        "zero_stage": self.zero_stage}, ckpt_dir / TRAIN_STATE)
+        self.barrier()  # the caller renames the directory after save(): every file must be written
+
+    def load(self, ckpt_dir: Path) -> dict:
+        ckpt_dir = Path(ckpt_dir)
+        if not (ckpt_dir / DS_DIR).is_dir():
+            other = "fsdp" if (ckpt_dir / "dcp").is_dir() else "none or ddp"
+            raise StrategyError(f"{ckpt_dir} has no {DS_DIR}/: it was written by parallel.strategy={other}; "
+                                "resume it with that strategy")
+        state = torch.load(ckpt_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
+        saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
+        if saved_world != self.world_size or saved_stage != self.zero_stage:
+            raise StrategyError(
+                f"{ckpt_dir} was written by {saved_world} ranks with ZeRO stage {saved_stage}; this run has "
+                f"{self.world_size} ranks and stage {self.zero_stage}: ZeRO partitions do not reshard here. Resume "
+                f"with {saved_world} ranks and parallel.zero_stage={saved_stage}, or start a new run from its "
+                f"weights with train.init_from={ckpt_dir / 'model'} (a fresh optimizer state)"
+            )
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir / DS_DIR), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise StrategyError(f"DeepSpeed found no checkpoint under {ckpt_dir / DS_DIR}/{TAG}")
+        return state["extra"]
+
+    def _release(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = self.optimizer = None
+
+
+def build(device: torch.device | str, **options) -> DeepSpeedStrategy:
+    check_options("deepspeed", options)
+    stage = options.get("zero_stage")
+    return DeepSpeedStrategy(
+        device,
+        zero_stage=None if stage is None else int(stage),
+        deepspeed_config=options.get("deepspeed_config"),
+        offload_optimizer=bool(options.get("offload_optimizer") or False),
+        deepspeed=dict(options.get("deepspeed") or {}),
+        activation_checkpointing=bool(options.get("activation_checkpointing") or False),
+        compile=bool(options.get("compile") or False),
+    )
