@@ -179,3 +179,14 @@ def test_unigram_baseline(data_dir):
 
     entropy, cross = unigram_losses(data_dir)
     assert 2.5 < entropy < math.log(257) and entropy - 0.1 < cross < entropy + 0.3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.dtype=float16", "float16 needs CUDA"),
+    pytest.param("train.device=cuda", "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_device_and_dtype_errors(data_dir, tmp_path, override, message):
+    with pytest.raises(TrainError, match=message):
+        run(tiny_config(data_dir, tmp_path / "e", override), log=lambda m: None)
+    assert not (tmp_path / "e").exists()
