@@ -36,6 +36,7 @@ from train.strategies.dist import (
     StrategyError,
     apply_block_transforms,
     check_options,
+    require_layout,
 )
 from train.strategy import TRAIN_STATE, BuildOptimizer, unwrap
 
@@ -171,10 +172,7 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def load(self, ckpt_dir: Path) -> dict:
         ckpt_dir = Path(ckpt_dir)
-        if not (ckpt_dir / DS_DIR).is_dir():
-            other = "fsdp" if (ckpt_dir / "dcp").is_dir() else "none or ddp"
-            raise StrategyError(f"{ckpt_dir} has no {DS_DIR}/: it was written by parallel.strategy={other}; "
-                                "resume it with that strategy")
+        require_layout(ckpt_dir, DS_DIR, "deepspeed")
         state = torch.load(ckpt_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
         saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
         if saved_world != self.world_size or saved_stage != self.zero_stage:

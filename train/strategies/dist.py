@@ -44,6 +44,19 @@ class StrategyError(TrainError, ValueError):
     A TrainError, so `python -m train` prints its one line instead of a traceback."""
 
 
+def require_layout(ckpt_dir, subdir: str, strategy: str) -> None:
+    """Refuse, with the strategy to use instead, a checkpoint written by another strategy."""
+    from pathlib import Path
+
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / subdir).is_dir():
+        return
+    other = "fsdp" if (ckpt_dir / "dcp").is_dir() else "deepspeed" if (ckpt_dir / "deepspeed").is_dir() \
+        else "none or ddp"
+    raise StrategyError(f"{ckpt_dir} has no {subdir}/ (parallel.strategy={strategy} writes one): it was written "
+                        f"by parallel.strategy={other}; resume it with that strategy")
+
+
 def check_options(strategy: str, options: dict) -> None:
     """Reject option names that no strategy knows, with the closest valid name as a hint."""
     for key in options:

@@ -36,6 +36,7 @@ from train.strategies.dist import (
     broadcast_module_,
     check_options,
     parse_dtype,
+    require_layout,
 )
 from train.strategy import TRAIN_STATE, BuildOptimizer, unwrap
 
@@ -133,10 +134,7 @@ class FSDPStrategy(DistributedStrategy):
 
     def load(self, ckpt_dir: Path) -> dict:
         ckpt_dir = Path(ckpt_dir)
-        if not (ckpt_dir / DCP_DIR).is_dir():
-            other = "deepspeed" if (ckpt_dir / "deepspeed").is_dir() else "none or ddp"
-            raise StrategyError(f"{ckpt_dir} has no {DCP_DIR}/: it was written by parallel.strategy={other}; "
-                                "resume it with that strategy")
+        require_layout(ckpt_dir, DCP_DIR, "fsdp")
         # get_state_dict gives the current (sharded) layout; DCP reads into it, resharding from
         # whatever world size wrote the checkpoint (torchtitan's checkpoint.py does the same).
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
