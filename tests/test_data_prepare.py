@@ -178,35 +178,24 @@ def _interrupted(docs, after, seen_shards):
         yield doc
 
 
+def prepare_until_ctrl_c(out, docs, seen, force=False):
+    """A multi-shard prepare that Ctrl-C stops at document 1500 (see _interrupted)."""
+    prepare(out, source=_interrupted(docs, 1500, seen), tokenizer="bytes", shard_tokens=5000, val_tokens=1000,
+            workers=1, force=force, progress=False)
+
+
 def test_interrupted_run_leaves_nothing_and_keeps_the_old_dataset(tmp_path):
     docs = [f"document {i} " * 20 for i in range(2000)]
     out = tmp_path / "ds"
     seen = [tmp_path]
     with pytest.raises(KeyboardInterrupt):
-        prepare(
-            out,
-            source=_interrupted(docs, 1500, seen),
-            tokenizer="bytes",
-            shard_tokens=5000,
-            val_tokens=1000,
-            workers=1,
-            progress=False,
-        )
+        prepare_until_ctrl_c(out, docs, seen)
     assert seen[1] > 10, "shards had been written when the run stopped"
     assert not out.exists() and not list(tmp_path.iterdir())
     prepare(out, source=["old"] * 10, tokenizer="bytes", progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(KeyboardInterrupt):
-        prepare(
-            out,
-            source=_interrupted(docs, 1500, seen),
-            tokenizer="bytes",
-            shard_tokens=5000,
-            val_tokens=1000,
-            workers=1,
-            force=True,
-            progress=False,
-        )
+        prepare_until_ctrl_c(out, docs, seen, force=True)
     assert seen[2] > 10
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
