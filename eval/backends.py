@@ -42,8 +42,28 @@ class Backend:
         raise NotImplementedError
 
 
+def decode_layout(model: torch.nn.Module) -> None:
+    """Store the fp32 weight of every Linear with out_features >= in_features as the transpose of a
+    contiguous (in, out) matrix (same values and shape, other strides), in place.
+
+    Decoding a few rows is a matrix-vector product that streams every weight from DRAM once per token.
+    On the bench's CPU (MKL sgemv, AVX2) the (in, out) layout streams faster when the output side is
+    the longer one: 11-15 GB/s against 8-10 GB/s, +20% decode tokens/s on gpt2 at batch 1, and it
+    makes no difference to long prompts (python -m eval.bench prints both). ONNX Runtime prepacks its
+    weights for the same reason. A tied head stays tied: the Parameter itself is re-strided.
+    """
+    with torch.no_grad():
+        for mod in model.modules():
+            w = getattr(mod, "weight", None)
+            if (isinstance(mod, torch.nn.Linear) and w.dtype == torch.float32 and w.device.type == "cpu"
+                    and mod.out_features >= mod.in_features and w.is_contiguous()):
+                w.data = w.data.t().contiguous().t()  # (out, in) with strides (1, out)
+
+
 class TorchBackend(Backend):
-    """A GPT (float or int8-quantized) with the preallocated in-place KVCache (gpt-fast's design)."""
+    """A GPT (float or int8-quantized) with the preallocated in-place KVCache (gpt-fast's design).
+
+    A float32 model on the CPU has its Linear weights re-strided for decoding (decode_layout)."""
 
     def __init__(self, model: GPT, metadata: dict, name: str = "torch", compile: bool = False):
         self.model, self.name = model.eval(), name
@@ -54,6 +74,8 @@ class TorchBackend(Backend):
         self.device = p.device if p is not None else torch.device("cpu")
         # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
         self.dtype = p.dtype if p is not None and p.is_floating_point() and name != "int8" else torch.float32
+        if self.dtype == torch.float32 and self.device.type == "cpu":
+            decode_layout(model)
         self.cache: KVCache | None = None
         self.pos = 0
         self.compiled = compile
@@ -64,16 +86,17 @@ class TorchBackend(Backend):
             # launch-bound (GPUs); on the 2-core AVX2 CPU of the bench it was slower than eager.
             self._static_step = torch.compile(self._static_step_eager, dynamic=False)
 
-    def _static_step_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: torch.Tensor,
-                           v_cache: torch.Tensor, left_pad: torch.Tensor) -> torch.Tensor:
-        """tokens (B, 1), input_pos (1,) the cache slot, caches (L, B, Hkv, S_max, D), left_pad (B,) -> (B, V)."""
+    def _static_step_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: list[torch.Tensor],
+                           v_cache: list[torch.Tensor], left_pad: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1), input_pos (1,) the cache slot, caches L x (B, Hkv, S_max, D), left_pad (B,) -> (B, V)."""
         pos = (input_pos[None, :] - left_pad[:, None]).clamp_min(0)  # (B, 1) position within each row
-        k_idx = torch.arange(k_cache.shape[3], device=tokens.device)  # (S_max,)
+        k_idx = torch.arange(k_cache[0].shape[2], device=tokens.device)  # (S_max,)
         mask = ((k_idx[None, :] <= input_pos) & (k_idx[None, :] >= left_pad[:, None]))[:, None, None, :]
 
         def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # k, v (B, Hkv, 1, D)
-            k_cache[layer].index_copy_(2, input_pos, k)
-            v_cache[layer].index_copy_(2, input_pos, v)
+            # index_put_ on a whole graph input, as gpt-fast writes its cache: inductor keeps it in place.
+            k_cache[layer][:, :, input_pos] = k
+            v_cache[layer][:, :, input_pos] = v
             return k_cache[layer], v_cache[layer]  # all S_max slots; the mask hides the unwritten ones
 
         h = self.model.trunk(tokens, pos, update, attn_mask=mask, is_causal=False)  # (B, 1, C)

@@ -2,16 +2,20 @@
 
     python -m eval.hf import HF_DIR OUT     config.json + model.safetensors -> artifact (tokenizer gpt2)
     python -m eval.hf export CKPT OUT       a GPT-2-family checkpoint -> config.json + model.safetensors
+                                            (+ vocab.json, merges.txt, tokenizer_config.json)
 
 The imported artifact is what eval.sample / evaluate / export read and what training starts from
 (train.init_from). The exported directory loads with transformers.GPT2LMHeadModel.from_pretrained
 and gives the same logits. The conversion itself is model/hf.py (Conv1D transposes, vocabulary padding).
+When the checkpoint's tokenizer is a byte-level BPE with GPT-2's split pattern (gpt2, bytes), export
+also writes it in GPT-2's Hugging Face files, so AutoTokenizer.from_pretrained(OUT) encodes as we do.
 Neither direction imports transformers; no network is used.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -79,6 +83,68 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str 
     return save_artifact(out, sd, cfg, {"tokenizer": tokenizer, "source": f"hf:{Path(hf_dir).name}"}, overwrite=force)
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet of vocab.json and merges.txt (openai/gpt-2
+    src/encoder.py): printable bytes stand for themselves, the others move to chr(256 + n)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + n) for n, b in enumerate(moved)}}
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merge list that reproduces byte-level BPE ranks: every multi-byte token, in rank order, split
+    into the two parts that BPE with only lower ranks leaves it in (HF's TikTokenConverter does the same)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:  # merge the lowest-ranked adjacent pair, as tiktoken's encoder does
+            pair_ranks = [ranks.get(a + b, rank) for a, b in itertools.pairwise(parts)]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                raise ValueError(f"token {token!r} (rank {rank}) is not reachable by merging lower ranks")
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def write_hf_tokenizer(spec: str, vocab_size: int, block_size: int, out: Path) -> str | None:
+    """vocab.json + merges.txt + tokenizer_config.json (GPT2Tokenizer) for the tokenizer `spec`, into out.
+    Returns why nothing was written, or None. Only byte-level BPEs with GPT-2's split pattern and
+    <|endoftext|> as their last id convert exactly; for any other tokenizer the weights go alone."""
+    import tiktoken_ext.openai_public as openai_public
+
+    from data.errors import DataError
+    from data.tokenizer import ENDOFTEXT, get_tokenizer
+
+    try:
+        enc = get_tokenizer(spec)
+    except DataError as e:
+        return f"tokenizer {spec!r} cannot be loaded here ({str(e)[:120]}...)"
+    if enc._pat_str != openai_public.r50k_pat_str or enc._special_tokens != {ENDOFTEXT: enc.n_vocab - 1}:
+        return f"tokenizer {spec!r} is not GPT-2's byte-level BPE (split pattern or special tokens differ)"
+    if enc.n_vocab != vocab_size:
+        return f"tokenizer {spec!r} has {enc.n_vocab} tokens but the model's vocabulary is {vocab_size}"
+    ranks = {b: enc.encode_single_token(b) for b in enc.token_byte_values()}
+    if sorted(ranks.values()) != list(range(enc.n_vocab - 1)) or any(bytes([b]) not in ranks for b in range(256)):
+        return f"tokenizer {spec!r} does not hold all 256 bytes with dense ranks"
+    to_chr = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(to_chr[x] for x in b)
+
+    vocab = {text(b): r for b, r in sorted(ranks.items(), key=lambda kv: kv[1])}
+    vocab[ENDOFTEXT] = enc.n_vocab - 1
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    merges = "".join(f"{text(a)} {text(b)}\n" for a, b in bpe_merges(ranks))
+    (out / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
+              "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return None
+
+
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
     """Our GPT-2-family checkpoint -> a directory GPT2LMHeadModel.from_pretrained loads."""
     cfg, sd, meta = load_state(ckpt)
@@ -103,6 +169,9 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
         save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps({**hf_cfg, "torch_dtype": "float32"}, indent=2) + "\n")
+        why = write_hf_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size, cfg.block_size, tmp)
+        if why:
+            print(f"note: no tokenizer files written: {why}", file=sys.stderr)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

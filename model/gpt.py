@@ -128,17 +128,19 @@ class KVCache:
         self.max_seq_len = max_seq_len or cfg.block_size
         if self.max_seq_len > cfg.block_size:
             raise ValueError(f"KV cache length {self.max_seq_len} exceeds the context ({cfg.block_size})")
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_head, self.max_seq_len, cfg.head_dim)
+        # One tensor per layer, not one (L, ...) tensor: a compiled decode step then mutates its
+        # inputs in place; writing into a view of a shared tensor made inductor copy the whole cache.
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.left_pad = None if left_pad is None else left_pad.to(device=device, dtype=torch.long)  # (B,)
 
     def updater(self, start_pos: int) -> KVUpdate:
         def update(layer: int, k: torch.Tensor, v: torch.Tensor):
             stop = start_pos + k.shape[2]
-            self.k[layer, :, :, start_pos:stop] = k
-            self.v[layer, :, :, start_pos:stop] = v
-            return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
+            self.k[layer][:, :, start_pos:stop] = k
+            self.v[layer][:, :, start_pos:stop] = v
+            return self.k[layer][:, :, :stop], self.v[layer][:, :, :stop]
 
         return update
 

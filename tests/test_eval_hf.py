@@ -61,3 +61,36 @@ def test_modern_family_cannot_export(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "GPT-2 family" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("spec", ["gpt2", "bytes"])
+def test_export_writes_a_tokenizer_that_encodes_like_ours(tmp_path, spec):
+    """The exported vocab.json + merges.txt give transformers' GPT-2 tokenizers our token ids."""
+    import inspect
+
+    from data.tokenizer import get_tokenizer
+    from model import GPT, ModelConfig
+    from model.io import save_artifact
+
+    enc = get_tokenizer(spec)
+    cfg = ModelConfig(vocab_size=enc.n_vocab, block_size=16, n_layer=1, n_head=2, n_embd=8)
+    art = save_artifact(tmp_path / "ours", GPT(cfg), cfg, {"tokenizer": spec})
+    assert run(main, ["export", str(art), str(tmp_path / "hf")]) == 0
+    text = inspect.getsource(json) + " naïve café 日本語 🤖\n\n\tx  y   z\r\n I'm can't we'll 123456 ...!!"
+    for cls in (transformers.AutoTokenizer, transformers.GPT2TokenizerFast):
+        tok = cls.from_pretrained(tmp_path / "hf")
+        assert tok.encode(text) == enc.encode_ordinary(text), cls
+        assert tok.encode("a<|endoftext|>b") == enc.encode("a<|endoftext|>b", allowed_special="all")
+        assert tok.decode(enc.encode_ordinary(text)) == text
+    if spec == "gpt2":  # two facts of OpenAI's GPT-2 files: " the" is id 262, the first merge is "Ġ t"
+        assert json.loads((tmp_path / "hf" / "vocab.json").read_text(encoding="utf-8"))["Ġthe"] == 262
+        assert (tmp_path / "hf" / "merges.txt").read_text(encoding="utf-8").splitlines()[1] == "Ġ t"
+
+
+def test_export_without_a_matching_tokenizer_writes_weights_only(tmp_path, capsys):
+    from _eval_fixtures import tiny_random
+
+    art = tiny_random(tmp_path / "m", vocab_size=101)  # tokenizer bytes (257 ids) != vocabulary 101
+    assert run(main, ["export", str(art), str(tmp_path / "hf")]) == 0
+    assert "no tokenizer files written" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["config.json", "model.safetensors"]

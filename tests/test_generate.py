@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eval.backends import TorchBackend
+from eval.backends import TorchBackend, decode_layout
 from eval.generate import TextStream, filter_logits, generate, generate_no_cache, sample_next
 from eval.sample import StopWriter
 from model import GPT, ModelConfig
@@ -138,3 +138,29 @@ def test_compiled_decode_step_equals_eager():
     compiled = TorchBackend(eager.model, {}, compile=True)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
     assert generate(compiled, prompts, 8, temperature=0) == generate(eager, prompts, 8, temperature=0)
+    # The compiled step writes its keys into the backend's own cache tensors (in place), slot by slot.
+    T = 5 + 7  # the left-padded prompt, then 7 decoded tokens (the 8th is sampled, never fed back)
+    for ours, ref in zip(compiled.cache.k + compiled.cache.v, eager.cache.k + eager.cache.v, strict=True):
+        torch.testing.assert_close(ours[:, :, :T], ref[:, :, :T], atol=1e-5, rtol=1e-5)
+        assert ours[:, :, T:].abs().sum() == 0  # nothing written past the last decoded position
+
+
+def test_decode_layout_keeps_values_shapes_and_tying():
+    """decode_layout re-strides wide fp32 Linear weights; the model computes the same function."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval()
+    x = torch.randint(0, 300, (2, 9))
+    ref = model(x)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    decode_layout(model)
+    assert model.lm_head.weight is model.transformer.wte.weight  # still one tied Parameter
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            wide = mod.out_features >= mod.in_features  # c_attn, attn c_proj, c_fc, the head; not mlp c_proj
+            assert mod.weight.is_contiguous() != wide, name
+            assert mod.weight.t().is_contiguous() == wide, name
+    for n, p in model.named_parameters():
+        assert p.shape == before[n].shape and torch.equal(p, before[n]), n
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    # The embedding still looks up rows of the re-strided table.
+    torch.testing.assert_close(model.transformer.wte(x), before["transformer.wte.weight"][x])
