@@ -14,9 +14,8 @@ The no-cache loop is timed on --nocache-steps steps spread evenly over the same 
 extrapolated to --new-tokens steps (its cost grows with the context; running all of them on gpt2 takes
 minutes). Every figure is the fastest of --repeats rounds that each visit every backend once.
 Last, weight streaming: batch-1 decode reads every weight once per token, so its tokens/s times the
-weight bytes is the bandwidth it streams at; printed beside the fastest matrix-vector stream measured
-and the bandwidth each speed goal needs. Models with random weights are fine for speed. This prints numbers;
-no test times anything.
+weight bytes is the memory bandwidth it streams at; printed beside the bandwidth each speed goal
+needs. Models with random weights are fine for speed. This prints numbers; no test times anything.
 """
 
 from __future__ import annotations
@@ -98,31 +97,6 @@ def decode_weight_bytes(model: GPT) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def stream_probe(mib: int = 288):
-    """() -> seconds per byte of batch-1 matrix-vector products over `mib` MiB of fp32 weights (GPT-2's
-    head shape, in the layout TorchBackend decodes with), far more than any cache: how fast this machine
-    streams weights, which bounds batch-1 decode (Williams et al. 2009, "Roofline"). Timed in the
-    bench's rounds like every other figure, since a shared machine's bandwidth drifts."""
-    from eval.backends import decode_layout
-
-    out, inp = 50304, 768
-    n = max(1, mib * 2**20 // (4 * out * inp))
-    layers = [torch.nn.Linear(inp, out, bias=False) for _ in range(n)]  # 147 MiB each
-    for layer in layers:
-        decode_layout(layer)
-    x = torch.randn(1, inp)
-
-    @torch.inference_mode()
-    def probe() -> float:
-        t0 = time.perf_counter()
-        for layer in layers:
-            layer(x)
-        return (time.perf_counter() - t0) / (n * out * inp * 4)
-
-    probe()  # pages the weights in
-    return probe
-
-
 def bench_model(name: str, args, tmp: Path) -> dict:
     model, meta = build_model(name, args.ckpt)
     cfg = model.config
@@ -191,8 +165,6 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             timers[key, B, "decode"] = decode_timer(be, B)
         # prefill once per backend, at the first batch size: a long prompt is already a big matmul
         timers[key, args.batch_sizes[0], "prefill"] = prefill_timer(be, args.batch_sizes[0])
-    if "torch" in backends:
-        timers["roof", 0, "bandwidth"] = stream_probe()
     if "nocache" in args.backends:
         timers["nocache", 1, "decode"] = lambda: time_nocache(model, args.prompt_len, args.new_tokens,
                                                               args.nocache_steps) / args.new_tokens
@@ -208,8 +180,6 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             res["rows"].append(row)
             pre = f"   prefill {row['prefill']:9.1f} tok/s" if "prefill" in row else ""
             print(f"  {be.name:<13} batch {B:<3} decode {row['decode']:9.1f} tok/s{pre}", flush=True)
-    if ("roof", 0, "bandwidth") in best:
-        res["bandwidth"] = 1 / best["roof", 0, "bandwidth"]  # bytes/s
     if "nocache" in args.backends:
         res["nocache"] = 1 / best["nocache", 1, "decode"]
         print(f"  {'no-cache':<13} batch 1   decode {res['nocache']:9.1f} tok/s   (nanoGPT-style loop, fp32)",
@@ -249,14 +219,12 @@ def report(name: str, res: dict) -> None:
         rel = abs(got - ref) / ref
         print(f"  [{'ok' if rel <= 0.01 else 'MISSED'}] int8 val loss {got:.4f} vs fp32 {ref:.4f}: "
               f"{rel:+.2%} (goal within 1%)")
-    bandwidth = res.get("bandwidth")
-    if fp32 and bandwidth:
-        # Batch-1 decode reads every weight once per token, so tokens/s x weight bytes is the bandwidth
-        # it streams at, and no backend can stream faster than the machine; the no-cache loop is
-        # compute-bound. The goals, restated as the bandwidth they need:
+    if fp32:
+        # Batch-1 decode reads every weight once per token, so tokens/s x weight bytes is the memory
+        # bandwidth it streams at (Williams et al. 2009, "Roofline"), and no backend streams faster than
+        # the machine can; the no-cache loop is compute-bound. The goals, restated as bandwidth:
         size = res["weight_bytes"]
         print(f"### {name}: weight streaming at batch 1 ({size / 2**20:.1f} MiB of fp32 weights per token)")
-        print(f"  fastest matrix-vector stream measured here: {bandwidth / 1e9:.1f} GB/s")
         for key in ("torch", "onnx"):
             if rate(key):
                 print(f"  {key} fp32 decode streams at {rate(key) * size / 1e9:.1f} GB/s")
