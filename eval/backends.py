@@ -48,10 +48,10 @@ def decode_layout(model: torch.nn.Module) -> None:
 
     Decoding a few rows is a matrix-vector product that streams every weight from DRAM once per token.
     On the bench's CPU (MKL sgemv, AVX2) the (in, out) layout streams faster when the output side is
-    the longer one (the other Linears stream faster as they are): gpt2 decodes 26-33 tokens/s at
-    batch 1 against 18.2 in the (out, in) layout (python -m eval.bench), and long prompts, which are
-    matrix-matrix products, run as fast as before. ONNX Runtime prepacks its weights for the same
-    reason. A tied head stays tied: the Parameter itself is re-strided.
+    the longer one (the other Linears stream faster as they are): about +20% gpt2 decode tokens/s at
+    batch 1 (README, Inference), while long prompts, matrix-matrix products, run as fast as before.
+    ONNX Runtime prepacks its weights for the same reason. A tied head stays tied: the Parameter
+    itself is re-strided.
     """
     with torch.no_grad():
         for mod in model.modules():
