@@ -55,9 +55,11 @@ def decode_layout(model: torch.nn.Module) -> None:
     """
     with torch.no_grad():
         for mod in model.modules():
-            w = getattr(mod, "weight", None)
-            if (isinstance(mod, torch.nn.Linear) and w.dtype == torch.float32 and w.device.type == "cpu"
-                    and mod.out_features >= mod.in_features and w.is_contiguous()):
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+            w = mod.weight
+            if (w.dtype == torch.float32 and w.device.type == "cpu" and mod.out_features >= mod.in_features
+                    and w.is_contiguous()):
                 w.data = w.data.t().contiguous().t()  # (out, in) with strides (1, out)
 
 

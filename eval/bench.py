@@ -92,11 +92,6 @@ def time_nocache(model: GPT, prompt_len: int, new_tokens: int, steps: int) -> fl
     return spent / len(lengths) * new_tokens
 
 
-def decode_weight_bytes(model: GPT) -> int:
-    """Bytes of weights one batch-1 decode step must read: every Linear (the head included), once."""
-    return sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, torch.nn.Linear))
-
-
 def bench_model(name: str, args, tmp: Path) -> dict:
     model, meta = build_model(name, args.ckpt)
     cfg = model.config
@@ -184,7 +179,7 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         res["nocache"] = 1 / best["nocache", 1, "decode"]
         print(f"  {'no-cache':<13} batch 1   decode {res['nocache']:9.1f} tok/s   (nanoGPT-style loop, fp32)",
               flush=True)
-    res["weight_bytes"] = decode_weight_bytes(model)
+    res["weight_bytes"] = linear_weight_bytes(model)  # what batch-1 decode reads per token (the head included)
     return res
 
 
