@@ -47,6 +47,7 @@ def run_prepare_child(source: str, out: str, tokenizer: str, workers: int | None
     """In a fresh process: prepare once, print seconds, tokens and this process's peak RSS as JSON."""
     os.environ.setdefault("USE_TORCH", "0")  # as the CLI does: datasets need not import torch
     import datasets  # noqa: F401  (imported before the clock starts: a one-off cost, not throughput)
+
     from data.prepare import prepare
 
     started = time.perf_counter()

@@ -58,8 +58,12 @@ def decode_layout(model: torch.nn.Module) -> None:
             if not isinstance(mod, torch.nn.Linear):
                 continue
             w = mod.weight
-            if (w.dtype == torch.float32 and w.device.type == "cpu" and mod.out_features >= mod.in_features
-                    and w.is_contiguous()):
+            if (
+                w.dtype == torch.float32
+                and w.device.type == "cpu"
+                and mod.out_features >= mod.in_features
+                and w.is_contiguous()
+            ):
                 w.data = w.data.t().contiguous().t()  # (out, in) with strides (1, out)
 
 
@@ -89,8 +93,14 @@ class TorchBackend(Backend):
             # launch-bound (GPUs); on the 2-core AVX2 CPU of the bench it was slower than eager.
             self._static_step = torch.compile(self._static_step_eager, dynamic=False)
 
-    def _static_step_eager(self, tokens: torch.Tensor, input_pos: torch.Tensor, k_cache: list[torch.Tensor],
-                           v_cache: list[torch.Tensor], left_pad: torch.Tensor) -> torch.Tensor:
+    def _static_step_eager(
+        self,
+        tokens: torch.Tensor,
+        input_pos: torch.Tensor,
+        k_cache: list[torch.Tensor],
+        v_cache: list[torch.Tensor],
+        left_pad: torch.Tensor,
+    ) -> torch.Tensor:
         """tokens (B, 1), input_pos (1,) the cache slot, caches L x (B, Hkv, S_max, D), left_pad (B,) -> (B, V)."""
         pos = (input_pos[None, :] - left_pad[:, None]).clamp_min(0)  # (B, 1) position within each row
         k_idx = torch.arange(k_cache[0].shape[2], device=tokens.device)  # (S_max,)
@@ -141,8 +151,9 @@ class OnnxBackend(Backend):
         try:
             self.sess = session(self.path, threads)
         except Exception as e:  # onnxruntime's own types (InvalidProtobuf, Fail, ...) for foreign files
-            raise UsageError(f"{self.path} is not an ONNX model onnxruntime can load "
-                             f"({str(e).splitlines()[0][:200]})") from None
+            raise UsageError(
+                f"{self.path} is not an ONNX model onnxruntime can load ({str(e).splitlines()[0][:200]})"
+            ) from None
         meta = dict(self.sess.get_modelmeta().custom_metadata_map)
         kind = meta.get("gptrain.graph")
         if kind not in (DECODER, FULL):
@@ -161,8 +172,10 @@ class OnnxBackend(Backend):
 
     def _need_decoder(self) -> None:
         if self.kind != DECODER:
-            raise UsageError(f"{self.path} is the full-sequence graph, which has no KV cache; "
-                             "generate with the decoder graph (decoder.onnx) written beside it")
+            raise UsageError(
+                f"{self.path} is the full-sequence graph, which has no KV cache; "
+                "generate with the decoder graph (decoder.onnx) written beside it"
+            )
 
     def _run(self, tokens: np.ndarray, position: np.ndarray) -> np.ndarray:
         # IOBinding keeps the presents inside onnxruntime (OrtValues) and binds them as the next
@@ -201,8 +214,7 @@ class OnnxBackend(Backend):
             (logits,) = self.sess.run(None, {"tokens": x})
             return torch.from_numpy(logits)
         empty = np.zeros((x.shape[0], self.n_kv_head, 0, self.head_dim), dtype=np.float32)
-        feeds = {"tokens": x, "position": np.zeros(x.shape[0], dtype=np.int64),
-                 **{n: empty for n in self.past_names}}
+        feeds = {"tokens": x, "position": np.zeros(x.shape[0], dtype=np.int64), **{n: empty for n in self.past_names}}
         return torch.from_numpy(self.sess.run(["logits"], feeds)[0])
 
 
@@ -212,16 +224,25 @@ def find_onnx(path: str | os.PathLike, int8: bool = False) -> Path:
     if p.is_dir():
         name = "decoder.int8.onnx" if int8 else "decoder.onnx"
         if not (p / name).is_file():
-            raise UsageError(f"{p} holds no {name}; write it with python -m eval.export --format onnx "
-                             f"{'--int8 ' if int8 else ''}--out {p}")
+            raise UsageError(
+                f"{p} holds no {name}; write it with python -m eval.export --format onnx "
+                f"{'--int8 ' if int8 else ''}--out {p}"
+            )
         return p / name
     if not p.is_file():
         raise UsageError(f"{p} does not exist; pass an .onnx file written by python -m eval.export")
     return p
 
 
-def load_backend(backend: str, ckpt: str | None = None, onnx: str | None = None, dtype: str = "fp32",
-                 compile: bool = False, device: str = "cpu", threads: int | None = None) -> Backend:
+def load_backend(
+    backend: str,
+    ckpt: str | None = None,
+    onnx: str | None = None,
+    dtype: str = "fp32",
+    compile: bool = False,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Backend:
     """The backend named `backend` for a checkpoint (torch, int8) or an exported graph (onnx)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

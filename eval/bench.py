@@ -97,10 +97,15 @@ def bench_model(name: str, args, tmp: Path) -> dict:
     cfg = model.config
     need = max(args.prompt_len + args.new_tokens, args.prefill_len + 1)
     if need > cfg.block_size:
-        raise UsageError(f"{name}: prompt + new tokens ({need}) exceed the context of {cfg.block_size}; "
-                         "lower --new-tokens / --prefill-len")
-    print(f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
-          f"{model.num_params() / 1e6:.1f}M params", flush=True)
+        raise UsageError(
+            f"{name}: prompt + new tokens ({need}) exceed the context of {cfg.block_size}; "
+            "lower --new-tokens / --prefill-len"
+        )
+    print(
+        f"\n## {name}: {cfg.n_layer} layers, {cfg.n_embd} wide, vocab {cfg.vocab_size}, "
+        f"{model.num_params() / 1e6:.1f}M params",
+        flush=True,
+    )
     res: dict = {"rows": [], "sizes": {}}
     from model.io import save_artifact
     from model.quantize import linear_weight_bytes, quantize_model, save_quantized
@@ -133,8 +138,11 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             t0 = time.perf_counter()
             dec = export_decoder(model, tmp / f"{name}-decoder.onnx", meta)
             diff = check_parity(model, None, dec)
-            print(f"exported the ONNX decoder in {time.perf_counter() - t0:.0f}s "
-                  f"(max |onnxruntime - torch| = {diff:.1e})", flush=True)
+            print(
+                f"exported the ONNX decoder in {time.perf_counter() - t0:.0f}s "
+                f"(max |onnxruntime - torch| = {diff:.1e})",
+                flush=True,
+            )
             res["onnx"] = dec
             res["sizes"]["onnx fp32"] = dir_size(dec)
     if "onnx" in res:
@@ -144,6 +152,7 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             q8 = quantize_onnx(res["onnx"], tmp / f"{name}-decoder.int8.onnx")
             res["sizes"]["onnx int8"] = dir_size(q8)
             backends["onnx-int8"] = OnnxBackend(q8, args.threads)
+
     # Every measurement is repeated in rounds, each round visiting every backend once: a slow spell of a
     # shared CPU then hits all backends alike, and the fastest of the rounds is reported (timeit's rule).
     # The ratios the goals compare are taken from the same rounds.
@@ -161,8 +170,9 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         # prefill once per backend, at the first batch size: a long prompt is already a big matmul
         timers[key, args.batch_sizes[0], "prefill"] = prefill_timer(be, args.batch_sizes[0])
     if "nocache" in args.backends:
-        timers["nocache", 1, "decode"] = lambda: time_nocache(model, args.prompt_len, args.new_tokens,
-                                                              args.nocache_steps) / args.new_tokens
+        timers["nocache", 1, "decode"] = lambda: (
+            time_nocache(model, args.prompt_len, args.new_tokens, args.nocache_steps) / args.new_tokens
+        )
     best = dict.fromkeys(timers, float("inf"))
     for _ in range(args.repeats):
         for k, timer in timers.items():
@@ -177,8 +187,9 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             print(f"  {be.name:<13} batch {B:<3} decode {row['decode']:9.1f} tok/s{pre}", flush=True)
     if "nocache" in args.backends:
         res["nocache"] = 1 / best["nocache", 1, "decode"]
-        print(f"  {'no-cache':<13} batch 1   decode {res['nocache']:9.1f} tok/s   (nanoGPT-style loop, fp32)",
-              flush=True)
+        print(
+            f"  {'no-cache':<13} batch 1   decode {res['nocache']:9.1f} tok/s   (nanoGPT-style loop, fp32)", flush=True
+        )
     res["weight_bytes"] = linear_weight_bytes(model)  # what batch-1 decode reads per token (the head included)
     return res
 
@@ -201,8 +212,9 @@ def report(name: str, res: dict) -> None:
     goal("KV-cache decode vs no-cache loop, torch fp32, batch 1", fp32 / base if fp32 and base else None, 10)
     best = max((r for r in res["rows"] if r["batch"] == 1), key=lambda r: r["decode"], default=None)
     if best is not None and base and best["key"] != "torch":
-        goal(f"KV-cache decode vs no-cache loop, fastest backend ({best['backend']}), batch 1",
-             best["decode"] / base, 10)
+        goal(
+            f"KV-cache decode vs no-cache loop, fastest backend ({best['backend']}), batch 1", best["decode"] / base, 10
+        )
     for B in sorted({r["batch"] for r in res["rows"]}):
         f, o, i = rate("torch", B), rate("onnx", B), rate("int8", B)
         goal(f"ONNX Runtime fp32 decode vs torch eager fp32, batch {B}", o / f if o and f else None, 1.5)
@@ -212,8 +224,10 @@ def report(name: str, res: dict) -> None:
     if "int8_loss" in res:
         ref, got = res["int8_loss"]
         rel = abs(got - ref) / ref
-        print(f"  [{'ok' if rel <= 0.01 else 'MISSED'}] int8 val loss {got:.4f} vs fp32 {ref:.4f}: "
-              f"{rel:+.2%} (goal within 1%)")
+        print(
+            f"  [{'ok' if rel <= 0.01 else 'MISSED'}] int8 val loss {got:.4f} vs fp32 {ref:.4f}: "
+            f"{rel:+.2%} (goal within 1%)"
+        )
     if fp32:
         # Batch-1 decode reads every weight once per token, so tokens/s x weight bytes is the memory
         # bandwidth it streams at (Williams et al. 2009, "Roofline"), and no backend streams faster than
@@ -230,9 +244,12 @@ def report(name: str, res: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m eval.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--models", default="demo,gpt2", help="comma list of demo, gpt2, ckpt")
     p.add_argument("--ckpt", help="checkpoint benched as model 'ckpt'")
     p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help=f"comma list of {', '.join(ALL_BACKENDS)}")
@@ -243,8 +260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nocache-steps", type=int, default=16, help="no-cache steps actually timed")
     p.add_argument("--data", help="with --models ckpt: its dataset, for the int8 val-loss goal")
     p.add_argument("--loss-batches", type=int, default=16, help="val batches (of 8 windows) for that goal")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="rounds over all backends; each figure is the fastest of its rounds")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="rounds over all backends; each figure is the fastest of its rounds"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: all cores)")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
@@ -256,8 +274,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     except ValueError:
         raise UsageError(f"--batch-sizes must be a comma list of integers, got {args.batch_sizes!r}") from None
-    if (args.new_tokens < 2 or args.prompt_len < 1 or args.prefill_len < 1 or args.repeats < 1
-            or min(args.batch_sizes, default=0) < 1):
+    if (
+        args.new_tokens < 2
+        or args.prompt_len < 1
+        or args.prefill_len < 1
+        or args.repeats < 1
+        or min(args.batch_sizes, default=0) < 1
+    ):
         raise UsageError("--new-tokens must be >= 2, --prompt-len, --prefill-len, --repeats and batch sizes >= 1")
     return args
 
@@ -266,9 +289,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"# eval.bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; greedy decode of {args.new_tokens} tokens "
-          f"after a {args.prompt_len}-token prompt; prefill of {args.prefill_len} tokens")
+    print(
+        f"# eval.bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}; greedy decode of {args.new_tokens} tokens "
+        f"after a {args.prompt_len}-token prompt; prefill of {args.prefill_len} tokens"
+    )
     tmp = Path(tempfile.mkdtemp(prefix="eval-bench-"))
     try:
         results = {m: bench_model(m, args, tmp) for m in args.models}

@@ -37,14 +37,16 @@ def token_bytes(enc) -> torch.Tensor:
     return torch.tensor(lengths, dtype=torch.long)
 
 
-def split_batches(data_dir: str | Path, split: str, seq_len: int, batch_size: int, max_batches: int | None,
-                  vocab_size: int) -> Batches:
+def split_batches(
+    data_dir: str | Path, split: str, seq_len: int, batch_size: int, max_batches: int | None, vocab_size: int
+) -> Batches:
     """Consecutive windows of a split in order. val is exactly training's val set (data.loader.val_batches)."""
     if split == "val":
         from data.loader import val_batches
 
-        return val_batches(data_dir, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
-                           vocab_size=vocab_size)
+        return val_batches(
+            data_dir, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches, vocab_size=vocab_size
+        )
     from data.shards import open_split
 
     stream = open_split(data_dir, split, vocab_size=vocab_size)
@@ -78,21 +80,30 @@ def evaluate(backend: Backend, batches: Batches, byte_table: torch.Tensor) -> di
         total, count = 0.0, 0
         for x, y in tally(batches):
             logits = backend.forward(x)  # (B, T, V)
-            total += F.cross_entropy(logits.flatten(0, 1).double(), y.flatten(), ignore_index=-100,
-                                     reduction="sum").item()
+            total += F.cross_entropy(
+                logits.flatten(0, 1).double(), y.flatten(), ignore_index=-100, reduction="sum"
+            ).item()
             count += int((y != -100).sum())
         if count == 0:
             raise UsageError("no batches to evaluate: the split is empty or shorter than one window")
     loss = total / count
     n_bytes = counted["bytes"]
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": int(count), "bytes": n_bytes,
-            "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else float("nan")}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": int(count),
+        "bytes": n_bytes,
+        "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else float("nan"),
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m eval.evaluate",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--ckpt", help="run directory, checkpoint or model artifact (torch and int8 backends)")
     p.add_argument("--data", required=True, help="dataset directory written by python -m data.prepare")
     p.add_argument("--split", default="val", help="val (default) or train")
@@ -119,8 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     backend = load_backend(args.backend, args.ckpt, args.onnx, args.dtype, device=args.device)
     meta = read_meta(args.data)
     if backend.tokenizer and meta["tokenizer"] != backend.tokenizer:
-        raise UsageError(f"{args.data} is tokenized with {meta['tokenizer']!r} but the model with "
-                         f"{backend.tokenizer!r}; evaluate on a dataset prepared with --tokenizer {backend.tokenizer}")
+        raise UsageError(
+            f"{args.data} is tokenized with {meta['tokenizer']!r} but the model with "
+            f"{backend.tokenizer!r}; evaluate on a dataset prepared with --tokenizer {backend.tokenizer}"
+        )
     seq_len = args.seq_len or backend.block_size
     if seq_len > backend.block_size:
         raise UsageError(f"--seq-len {seq_len} exceeds the model's context of {backend.block_size}")
@@ -131,12 +144,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({**r, "backend": backend.name, "split": args.split}))
         return
     where = args.ckpt or args.onnx
-    rows = [("model", f"{where} ({backend.name})"),
-            ("data", f"{args.data} [{args.split}], tokenizer {meta['tokenizer']}"),
-            ("scored", f"{r['tokens']:,} tokens, {r['bytes']:,} bytes (windows of {seq_len})"),
-            ("loss", f"{r['loss']:.4f} nats/token"),
-            ("perplexity", f"{r['perplexity']:.3f}"),
-            ("bits/byte", f"{r['bits_per_byte']:.4f}")]
+    rows = [
+        ("model", f"{where} ({backend.name})"),
+        ("data", f"{args.data} [{args.split}], tokenizer {meta['tokenizer']}"),
+        ("scored", f"{r['tokens']:,} tokens, {r['bytes']:,} bytes (windows of {seq_len})"),
+        ("loss", f"{r['loss']:.4f} nats/token"),
+        ("perplexity", f"{r['perplexity']:.3f}"),
+        ("bits/byte", f"{r['bits_per_byte']:.4f}"),
+    ]
     for k, v in rows:
         print(f"{k:<11} {v}")
 

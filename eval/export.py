@@ -89,12 +89,14 @@ def check_batches(data: str, model: GPT, seq_len: int | None, batch_size: int, m
     from data.loader import val_batches
 
     T = min(seq_len or model.config.block_size, model.config.block_size)
-    return list(val_batches(data, seq_len=T, batch_size=batch_size, max_batches=max_batches,
-                            vocab_size=model.config.vocab_size))
+    return list(
+        val_batches(data, seq_len=T, batch_size=batch_size, max_batches=max_batches, vocab_size=model.config.vocab_size)
+    )
 
 
-def export_onnx(model: GPT, meta: dict, out: Path, int8: bool, batches: list | None, force: bool,
-                log=print) -> list[Path]:
+def export_onnx(
+    model: GPT, meta: dict, out: Path, int8: bool, batches: list | None, force: bool, log=print
+) -> list[Path]:
     """Write, check and install the ONNX graphs; returns the installed files."""
     from eval.backends import OnnxBackend
     from model.onnx_export import check_parity, export_decoder, export_full, quantize_onnx
@@ -115,8 +117,10 @@ def export_onnx(model: GPT, meta: dict, out: Path, int8: bool, batches: list | N
                 ort = OnnxBackend(tmp / f"{name}.int8.onnx")
                 agree, ref, got = val_agreement(model, ort.forward, batches)
                 rel = abs(got - ref) / ref
-                msg = (f"{name}.int8.onnx check: argmax agrees on {agree:.2%} of val positions (>= {INT8_ARGMAX:.0%}), "
-                       f"val loss {got:.4f} vs {ref:.4f} ({rel:+.2%}, within {INT8_LOSS_REL:.0%})")
+                msg = (
+                    f"{name}.int8.onnx check: argmax agrees on {agree:.2%} of val positions (>= {INT8_ARGMAX:.0%}), "
+                    f"val loss {got:.4f} vs {ref:.4f} ({rel:+.2%}, within {INT8_LOSS_REL:.0%})"
+                )
                 if agree < INT8_ARGMAX or rel > INT8_LOSS_REL:
                     raise CheckFailed(msg.replace(" check:", " check FAILED:") + "; export rejected")
                 log(msg)
@@ -183,9 +187,12 @@ def export_int8(model: GPT, meta: dict, out: Path, batches: list | None, force: 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.export", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m eval.export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--ckpt", required=True, help="run directory, checkpoint or model artifact (float)")
     p.add_argument("--format", default="onnx", help=f"one of {', '.join(FORMATS)}")
     p.add_argument("--out", required=True, help="output directory")

@@ -21,8 +21,9 @@ from eval.cli import UsageError
 OnToken = Callable[[int, int], bool | None]
 
 
-def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> torch.Tensor:
     """logits (B, V) -> the sampling distribution (B, V) after temperature, top-k and top-p."""
     if temperature <= 0:
         raise ValueError("temperature 0 is greedy decoding: use argmax, not a distribution")
@@ -41,8 +42,13 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.softmax(logits, dim=-1)
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits (B, V) -> next tokens (B,) int64."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -66,15 +72,23 @@ def left_pad_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[t
     T = max(len(p) for p in prompts)
     tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
-        tokens[b, T - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        tokens[b, T - len(p) :] = torch.tensor(list(p), dtype=torch.long)
     return tokens, torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
 
 
 @torch.no_grad()
-def generate(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             seed: int | None = None, stop_ids: Sequence[int] = (), on_token: OnToken | None = None,
-             ) -> list[list[int]]:
+def generate(
+    backend: Backend,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_ids: Sequence[int] = (),
+    on_token: OnToken | None = None,
+) -> list[list[int]]:
     """The new tokens of each prompt (a stop token ends its row and is not included).
 
     Rows of a batch finish independently; the batch stops when all have, or after max_new_tokens."""
@@ -84,8 +98,10 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens:
     tokens, left_pad = left_pad_batch(prompts)  # (B, T), (B,)
     B, T = tokens.shape
     if T + max_new_tokens > backend.block_size:
-        raise UsageError(f"prompt ({T} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's context "
-                         f"of {backend.block_size} tokens; ask for fewer new tokens or a shorter prompt")
+        raise UsageError(
+            f"prompt ({T} tokens) + --max-new-tokens ({max_new_tokens}) exceeds the model's context "
+            f"of {backend.block_size} tokens; ask for fewer new tokens or a shorter prompt"
+        )
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int(torch.seed()))
     out: list[list[int]] = [[] for _ in range(B)]
@@ -112,15 +128,16 @@ def generate(backend: Backend, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 
 @torch.no_grad()
-def generate_no_cache(forward: Callable[[torch.Tensor], torch.Tensor], prompt: Sequence[int],
-                      max_new_tokens: int, block_size: int) -> list[int]:
+def generate_no_cache(
+    forward: Callable[[torch.Tensor], torch.Tensor], prompt: Sequence[int], max_new_tokens: int, block_size: int
+) -> list[int]:
     """Greedy decoding that re-runs the whole context every step (nanoGPT's `generate`): the reference
     the KV-cache engine must match token for token, and the baseline of the bench's speed-up."""
     idx = torch.tensor([list(prompt)], dtype=torch.long)  # (1, T)
     for _ in range(max_new_tokens):
         logits = forward(idx[:, -block_size:])[:, -1]  # (1, V)
         idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
-    return idx[0, len(prompt):].tolist()
+    return idx[0, len(prompt) :].tolist()
 
 
 class TextStream:

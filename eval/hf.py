@@ -35,8 +35,9 @@ def read_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     """(config.json dict, state dict) of a Hugging Face GPT-2 directory (one or several safetensors files)."""
     d = Path(hf_dir)
     if not d.is_dir():
-        raise UsageError(f"{d} is not a directory; pass a Hugging Face model directory "
-                         "(config.json + model.safetensors)")
+        raise UsageError(
+            f"{d} is not a directory; pass a Hugging Face model directory (config.json + model.safetensors)"
+        )
     if not (d / "config.json").is_file():
         raise UsageError(f"{d} has no config.json; it is not a Hugging Face model directory")
     try:
@@ -50,8 +51,11 @@ def read_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
         files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
     else:
         bins = [p.name for p in d.glob("*.bin")]
-        hint = (" (it has pickle .bin weights: re-save them with save_pretrained(..., safe_serialization=True))"
-                if bins else "")
+        hint = (
+            " (it has pickle .bin weights: re-save them with save_pretrained(..., safe_serialization=True))"
+            if bins
+            else ""
+        )
         raise UsageError(f"{d} has no model.safetensors{hint}")
     sd: dict[str, torch.Tensor] = {}
     for f in files:
@@ -62,8 +66,7 @@ def read_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     return hf_cfg, sd
 
 
-def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str = "gpt2",
-              force: bool = False) -> Path:
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str = "gpt2", force: bool = False) -> Path:
     """A Hugging Face GPT-2 directory -> our model artifact (weights checked against the config)."""
     hf_cfg, hf_sd = read_hf_dir(hf_dir)
     cfg = config_from_hf(hf_cfg)
@@ -73,12 +76,14 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str 
     expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:
-        raise UsageError(f"{hf_dir}: weights do not match its config.json (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+        raise UsageError(
+            f"{hf_dir}: weights do not match its config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     for k in expected:  # shapes, before anything is written
         if tuple(sd[k].shape) != tuple(model.state_dict()[k].shape):
-            raise UsageError(f"{hf_dir}: {k} has shape {tuple(sd[k].shape)}, the config implies "
-                             f"{tuple(model.state_dict()[k].shape)}")
+            raise UsageError(
+                f"{hf_dir}: {k} has shape {tuple(sd[k].shape)}, the config implies {tuple(model.state_dict()[k].shape)}"
+            )
     sd = {k: v.float() for k, v in sd.items()}
     return save_artifact(out, sd, cfg, {"tokenizer": tokenizer, "source": f"hf:{Path(hf_dir).name}"}, overwrite=force)
 
@@ -104,7 +109,7 @@ def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
             i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
             if pair_ranks[i] >= rank:
                 raise ValueError(f"token {token!r} (rank {rank}) is not reachable by merging lower ranks")
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
         merges.append((parts[0], parts[1]))
     return merges
 
@@ -139,8 +144,14 @@ def write_hf_tokenizer(spec: str, vocab_size: int, block_size: int, out: Path) -
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
     merges = "".join(f"{text(a)} {text(b)}\n" for a, b in bpe_merges(ranks))
     (out / "merges.txt").write_text("#version: 0.2\n" + merges, encoding="utf-8")
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
-              "bos_token": ENDOFTEXT, "eos_token": ENDOFTEXT, "unk_token": ENDOFTEXT}
+    config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": block_size,
+        "add_prefix_space": False,
+        "bos_token": ENDOFTEXT,
+        "eos_token": ENDOFTEXT,
+        "unk_token": ENDOFTEXT,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return None
 
@@ -166,8 +177,9 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        save_file({k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+        )
         (tmp / "config.json").write_text(json.dumps({**hf_cfg, "torch_dtype": "float32"}, indent=2) + "\n")
         why = write_hf_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size, cfg.block_size, tmp)
         if why:
@@ -182,9 +194,12 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eval.hf", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m eval.hf",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="Hugging Face GPT-2 directory -> model artifact")
     imp.add_argument("hf_dir")

@@ -57,8 +57,15 @@ def plot(run_dirs: list[Path], out: Path, log_y: bool = False) -> Path:
         if s["val_loss"]:
             steps, vals = zip(*s["val_loss"], strict=True)
             best = min(vals)
-            ax.plot(steps, vals, color=c, marker="o", markersize=3, linestyle="--",
-                    label=f"{name} val (best {best:.3f})".strip())
+            ax.plot(
+                steps,
+                vals,
+                color=c,
+                marker="o",
+                markersize=3,
+                linestyle="--",
+                label=f"{name} val (best {best:.3f})".strip(),
+            )
         if s["lr"]:
             steps, vals = zip(*s["lr"], strict=True)
             ax_lr.plot(steps, vals, color=c, label=name or None)

@@ -23,9 +23,12 @@ EOT = "<|endoftext|>"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m eval.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        prog="python -m eval.sample",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--ckpt", help="run directory, checkpoint or model artifact (torch and int8 backends)")
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(BACKENDS)} (default torch)")
     p.add_argument("--onnx", help="decoder .onnx file, or the directory eval.export wrote (onnx backend)")
@@ -73,9 +76,11 @@ def encode_prompt(enc, text: str | None, block_size: int, max_new_tokens: int, c
         raise UsageError("the prompt is empty; give some text or leave the prompt out for an unconditional sample")
     if len(ids) >= block_size:
         if not crop:
-            raise UsageError(f"the prompt is {len(ids)} tokens but the model's context is {block_size}; "
-                             "shorten it, or pass --crop-prompt to keep its end")
-        ids = ids[-max(1, block_size - max_new_tokens):]
+            raise UsageError(
+                f"the prompt is {len(ids)} tokens but the model's context is {block_size}; "
+                "shorten it, or pass --crop-prompt to keep its end"
+            )
+        ids = ids[-max(1, block_size - max_new_tokens) :]
     return ids
 
 
@@ -136,13 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     if enc.n_vocab > backend.vocab_size:
         raise UsageError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {backend.vocab_size}")
     texts = read_prompts(args)
-    prompts = [encode_prompt(enc, t, backend.block_size, args.max_new_tokens, args.crop_prompt)
-               for t in (texts or [None])]
+    prompts = [
+        encode_prompt(enc, t, backend.block_size, args.max_new_tokens, args.crop_prompt) for t in (texts or [None])
+    ]
     room = backend.block_size - max(len(p) for p in prompts)
     max_new = args.max_new_tokens
     if max_new > room:
-        print(f"[note: generating {room} tokens, all that fit in the context of {backend.block_size}]",
-              file=sys.stderr)
+        print(f"[note: generating {room} tokens, all that fit in the context of {backend.block_size}]", file=sys.stderr)
         max_new = room
     stop_ids, stop_texts = stop_rules(enc, args.stop if args.stop is not None else [EOT])
     common = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, stop_ids=stop_ids)
@@ -159,8 +164,14 @@ def main(argv: list[str] | None = None) -> None:
             if not args.no_echo and texts:
                 write(texts[0])
             stream, writer = TextStream(enc), StopWriter(stop_texts, write)
-            generate(backend, prompts, max_new, seed=args.seed + i,
-                     on_token=lambda _b, tok, w=writer, s=stream: w.feed(s.push(tok)), **common)
+            generate(
+                backend,
+                prompts,
+                max_new,
+                seed=args.seed + i,
+                on_token=lambda _b, tok, w=writer, s=stream: w.feed(s.push(tok)),
+                **common,
+            )
             writer.feed(stream.flush())
             writer.close()
         write("\n")
@@ -173,8 +184,10 @@ def main(argv: list[str] | None = None) -> None:
         writer.feed(enc.decode(new, errors="replace"))
         writer.close()
         prefix = "" if args.no_echo else texts[r // args.num_samples]
-        write(f"=== prompt {r // args.num_samples + 1}, sample {r % args.num_samples + 1} ===\n"
-              f"{prefix}{''.join(pieces)}\n")
+        write(
+            f"=== prompt {r // args.num_samples + 1}, sample {r % args.num_samples + 1} ===\n"
+            f"{prefix}{''.join(pieces)}\n"
+        )
 
 
 if __name__ == "__main__":

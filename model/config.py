@@ -39,9 +39,7 @@ class ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})"
-            )
+            raise ValueError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({self.n_kv_head})")
         if self.family == "gpt2" and self.n_kv_head != self.n_head:
             raise ValueError("grouped-query attention (n_kv_head < n_head) needs model.family: modern")
         if self.family == "modern" and self.head_dim % 2:

@@ -64,7 +64,9 @@ class Attention(nn.Module):
         if kv_update is not None:
             k, v = kv_update(layer, k, v)  # (B, Hkv, S, D), S = past + T
         y = F.scaled_dot_product_attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attn_mask=attn_mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
@@ -125,8 +127,15 @@ class KVCache:
     left_pad[b] slots are padding, masked out, and its positions start after them.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int | None = None,
-                 device=None, dtype=torch.float32, left_pad: torch.Tensor | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        max_seq_len: int | None = None,
+        device=None,
+        dtype=torch.float32,
+        left_pad: torch.Tensor | None = None,
+    ):
         self.max_seq_len = max_seq_len or cfg.block_size
         if self.max_seq_len > cfg.block_size:
             raise ValueError(f"KV cache length {self.max_seq_len} exceeds the context ({cfg.block_size})")
@@ -152,12 +161,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         V = cfg.padded_vocab_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(V, cfg.n_embd),
-            drop=dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
-            ln_f=make_norm(cfg),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(V, cfg.n_embd),
+                drop=dropout(cfg.dropout),
+                h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
+                ln_f=make_norm(cfg),
+            )
+        )
         if cfg.family == "gpt2":
             self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
@@ -214,8 +225,14 @@ class GPT(nn.Module):
             pos = (pos[None, :] - kv_cache.left_pad[:, None]).clamp_min(0)
         return pos
 
-    def trunk(self, idx: torch.Tensor, pos: torch.Tensor, kv_update: KVUpdate | None = None,
-              attn_mask: torch.Tensor | None = None, is_causal: bool = True) -> torch.Tensor:
+    def trunk(
+        self,
+        idx: torch.Tensor,
+        pos: torch.Tensor,
+        kv_update: KVUpdate | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = True,
+    ) -> torch.Tensor:
         """idx (B, T) int64, pos (T,) or (B, T) -> final hidden states (B, T, C)."""
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
@@ -238,8 +255,13 @@ class GPT(nn.Module):
         V = self.config.vocab_size
         return logits if logits.shape[-1] == V else logits[..., :V]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> torch.Tensor:
         """idx (B, T). Returns logits (B, T, vocab_size), or with targets (B, T) the mean cross
         entropy over targets != -100. With kv_cache, idx holds positions [start_pos, start_pos+T)."""
         B, T = idx.shape

@@ -24,9 +24,15 @@ def config_from_hf(hf: dict) -> ModelConfig:
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"activation {act!r} is not GPT-2's tanh GELU; this checkpoint does not convert")
     return ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_embd=hf["n_embd"], ffn_hidden=hf.get("n_inner"), family="gpt2",
-        bias=True, tie_embeddings=hf.get("tie_word_embeddings", True),
+        vocab_size=hf["vocab_size"],
+        block_size=hf["n_positions"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_embd=hf["n_embd"],
+        ffn_hidden=hf.get("n_inner"),
+        family="gpt2",
+        bias=True,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
     )
 
@@ -34,14 +40,28 @@ def config_from_hf(hf: dict) -> ModelConfig:
 def config_to_hf(cfg: ModelConfig) -> dict:
     """GPT2Config kwargs for one of our GPT-2-family configs."""
     if cfg.family != "gpt2" or not cfg.bias:
-        raise ValueError("only the GPT-2 family with biases (model.family: gpt2, model.bias: true) "
-                         "has a Hugging Face GPT2LMHeadModel equivalent")
+        raise ValueError(
+            "only the GPT-2 family with biases (model.family: gpt2, model.bias: true) "
+            "has a Hugging Face GPT2LMHeadModel equivalent"
+        )
     return dict(
-        model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
-        n_positions=cfg.block_size, n_ctx=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=cfg.hidden_dim, activation_function="gelu_new",
-        layer_norm_epsilon=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256,
+        model_type="gpt2",
+        architectures=["GPT2LMHeadModel"],
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_ctx=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=cfg.hidden_dim,
+        activation_function="gelu_new",
+        layer_norm_epsilon=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=50256,
+        eos_token_id=50256,
     )
 
 

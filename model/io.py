@@ -44,8 +44,13 @@ def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def save_artifact(out_dir: str | os.PathLike, state: torch.nn.Module | dict[str, torch.Tensor],
-                  config: ModelConfig, metadata: dict | None = None, overwrite: bool = False) -> Path:
+def save_artifact(
+    out_dir: str | os.PathLike,
+    state: torch.nn.Module | dict[str, torch.Tensor],
+    config: ModelConfig,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write an artifact atomically: into a temporary sibling directory, then renamed."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -142,8 +147,9 @@ def load_state(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Te
     return config, sd, metadata
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> tuple[GPT, dict]:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GPT, dict]:
     """(model in eval mode, metadata). An int8 artifact loads through model.quantize (dtype must be None)."""
     config, sd, metadata = load_state(path)
     if metadata.get("quantization") == "int8":

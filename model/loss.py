@@ -9,9 +9,12 @@ import torch
 
 
 @torch.no_grad()
-def loss_totals(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                max_batches: int | None = None,
-                autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_totals(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    max_batches: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of per-token losses and the number of scored tokens (targets != -100), as float64
     tensors on the model's device, so that ranks can all-reduce them before dividing.
     autocast_dtype (e.g. torch.bfloat16) runs the forward under torch.autocast."""
@@ -22,8 +25,11 @@ def loss_totals(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, to
         for i, (x, y) in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            ctx = (torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                   else contextlib.nullcontext())
+            ctx = (
+                torch.autocast(x.device.type, dtype=autocast_dtype)
+                if autocast_dtype is not None
+                else contextlib.nullcontext()
+            )
             with ctx:
                 loss = model(x, y)  # mean over scored tokens of this batch
             n = (y != -100).sum()
@@ -37,8 +43,12 @@ def loss_totals(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, to
     return total, count
 
 
-def mean_loss(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              max_batches: int | None = None, autocast_dtype: torch.dtype | None = None) -> float:
+def mean_loss(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    max_batches: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> float:
     """Mean cross entropy per scored token over the batches (one host sync, at the end)."""
     total, count = loss_totals(model, batches, max_batches, autocast_dtype)
     return (total / count).item()

@@ -62,8 +62,9 @@ class KVDecoder(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens: torch.Tensor, position: torch.Tensor,
-                past: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(
+        self, tokens: torch.Tensor, position: torch.Tensor, past: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """past = [key_0, value_0, key_1, ...], each (B, Hkv, P, D) -> (logits (B, T, V), presents)."""
         T, P = tokens.shape[1], past[0].shape[2]
         offs = torch.arange(T, device=tokens.device)  # (T,)
@@ -136,12 +137,22 @@ def _quiet():
             logging.disable(logging.NOTSET)
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-            dynamic_shapes: dict) -> None:
+def _export(
+    module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic_shapes: dict
+) -> None:
     with _quiet():
-        prog = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
-                                 dynamic_shapes=dynamic_shapes, optimize=True, verbose=False,
-                                 external_data=False, opset_version=OPSET)
+        prog = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+            external_data=False,
+            opset_version=OPSET,
+        )
         # One self-contained file (protobuf's 2 GB limit allows up to ~gpt2-large in fp32).
         prog.save(str(path), external_data=False)
 
@@ -161,8 +172,11 @@ def export_full(model: GPT, path: str | os.PathLike, metadata: dict | None = Non
 def decoder_example(model: GPT, batch: int = 2, seq: int = 3, past: int = 4):
     cfg = model.config
     shape = (batch, cfg.n_kv_head, past, cfg.head_dim)
-    return (torch.randint(0, cfg.vocab_size, (batch, seq)), torch.full((batch,), past, dtype=torch.long),
-            [torch.randn(shape) for _ in range(2 * cfg.n_layer)])
+    return (
+        torch.randint(0, cfg.vocab_size, (batch, seq)),
+        torch.full((batch,), past, dtype=torch.long),
+        [torch.randn(shape) for _ in range(2 * cfg.n_layer)],
+    )
 
 
 @torch.no_grad()
@@ -195,8 +209,15 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
     dst = Path(dst)
     with _quiet():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True,
-                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=head_nodes(src))
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=True,
+            op_types_to_quantize=["MatMul", "Gemm"],
+            nodes_to_exclude=head_nodes(src),
+        )
     props = read_metadata(src)
     props["gptrain.quantization"] = "int8"
     set_metadata(dst, props)
@@ -234,8 +255,13 @@ def session(path: str | os.PathLike, threads: int | None = None):
 
 
 @torch.no_grad()
-def check_parity(model: GPT, full_path: str | os.PathLike | None, decoder_path: str | os.PathLike | None,
-                 atol: float = 1e-3, seed: int = 0) -> float:
+def check_parity(
+    model: GPT,
+    full_path: str | os.PathLike | None,
+    decoder_path: str | os.PathLike | None,
+    atol: float = 1e-3,
+    seed: int = 0,
+) -> float:
     """Max |logits_onnx - logits_torch| over random prompts, for each graph given (the fp32 check).
 
     The decoder is checked the way it is used: a left-padded prefill from an empty past, then
@@ -266,6 +292,9 @@ def check_parity(model: GPT, full_path: str | os.PathLike | None, decoder_path: 
                 k = min(logits.shape[1], S - pad[b].item())  # its real (non-padding) new positions
                 got = torch.from_numpy(logits[b, logits.shape[1] - k :])
                 worst = max(worst, (got - ref[-k:]).abs().max().item())
-            feeds = {"tokens": idx[:, S : S + 1].numpy(), "position": (S - pad).numpy(),
-                     **dict(zip(names, presents, strict=True))}
+            feeds = {
+                "tokens": idx[:, S : S + 1].numpy(),
+                "position": (S - pad).numpy(),
+                **dict(zip(names, presents, strict=True)),
+            }
     return worst

@@ -60,8 +60,7 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """A Linear whose weight is int8 with one float32 scale per output channel."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto",
-                 device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str = "auto", device=None):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {KERNELS}")
@@ -166,8 +165,9 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def save_quantized(out_dir: str | os.PathLike, model: GPT, metadata: dict | None = None,
-                   overwrite: bool = False) -> Path:
+def save_quantized(
+    out_dir: str | os.PathLike, model: GPT, metadata: dict | None = None, overwrite: bool = False
+) -> Path:
     """Write a quantized model as an artifact whose metadata says int8 (atomic, like every artifact)."""
     from model.io import save_artifact
 
@@ -196,8 +196,14 @@ def load_quantized(path: str | os.PathLike, device="cpu", kernel: str = "auto") 
     return from_quantized_state(config, sd, metadata, device=device, kernel=kernel, where=str(path))
 
 
-def from_quantized_state(config: ModelConfig, sd: dict[str, torch.Tensor], metadata: dict, device="cpu",
-                         kernel: str = "auto", where: str = "the artifact") -> tuple[GPT, dict]:
+def from_quantized_state(
+    config: ModelConfig,
+    sd: dict[str, torch.Tensor],
+    metadata: dict,
+    device="cpu",
+    kernel: str = "auto",
+    where: str = "the artifact",
+) -> tuple[GPT, dict]:
     """(quantized GPT in eval mode, metadata) from an int8 artifact's loaded contents."""
     from model.io import ArtifactError
 
@@ -208,7 +214,8 @@ def from_quantized_state(config: ModelConfig, sd: dict[str, torch.Tensor], metad
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ArtifactError(f"{where}: int8 weights do not match the config (missing {missing}, "
-                            f"unexpected {unexpected})")
+        raise ArtifactError(
+            f"{where}: int8 weights do not match the config (missing {missing}, unexpected {unexpected})"
+        )
     model.load_state_dict(sd, strict=False)  # a tied lm_head's buffers are the wte ones, loaded in place
     return model.eval(), metadata

@@ -36,8 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def model_config(family: str = "gpt2") -> ModelConfig:
     if family == "modern":
-        return ModelConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                           family="modern", bias=False, tie_embeddings=False)
+        return ModelConfig(
+            vocab_size=VOCAB,
+            block_size=SEQ,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            n_embd=64,
+            family="modern",
+            bias=False,
+            tie_embeddings=False,
+        )
     return ModelConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=4, n_embd=64)
 
 
@@ -75,8 +84,12 @@ def run_scenario(sc: dict, out: Path) -> dict:
     model = GPT(model_config(sc.get("family", "gpt2")))
     model, _ = s.wrap(model, build_optimizer)
     bare = unwrap(model)
-    res: dict = {"world_size": world, "losses": {}, "norms": {},
-                 "tied": bare.lm_head.weight is bare.transformer.wte.weight}
+    res: dict = {
+        "world_size": world,
+        "losses": {},
+        "norms": {},
+        "tied": bare.lm_head.weight is bare.transformer.wte.weight,
+    }
 
     start = 0
     if sc.get("expect_error"):  # a user error: every rank must raise it, before any collective
@@ -94,18 +107,19 @@ def run_scenario(sc: dict, out: Path) -> dict:
         extra = s.load(Path(sc["load"]))
         start = extra["step"]
         res["loaded_step"] = start
-        res["extra_roundtrip"] = bool(torch.equal(extra["probe"], torch.arange(5) * start)
-                                      and extra["nested"] == {"a": [1, 2.5, "x"]})
+        res["extra_roundtrip"] = bool(
+            torch.equal(extra["probe"], torch.arange(5) * start) and extra["nested"] == {"a": [1, 2.5, "x"]}
+        )
 
     rows = GLOBAL_BATCH // world
     micro = rows // accum
     for step in range(start + 1, sc["steps"] + 1):
         x, y = global_batch(step)
-        x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        x, y = x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
         total = torch.zeros(())
         model.train()
         for m in range(accum):
-            xm, ym = x[m * micro:(m + 1) * micro].to(s.device), y[m * micro:(m + 1) * micro].to(s.device)
+            xm, ym = x[m * micro : (m + 1) * micro].to(s.device), y[m * micro : (m + 1) * micro].to(s.device)
             with s.sync_context(is_last=m == accum - 1):
                 loss = model(xm, ym)
                 s.backward(loss)
@@ -153,10 +167,21 @@ def launch(spec: dict, nproc: int, spec_path: Path, timeout: float = 600) -> sub
     """Run this driver under torchrun with nproc processes (one thread each: 2 ranks, 2 cores)."""
     spec_path.write_text(json.dumps(spec))
     cuda = any(sc.get("device", "cpu").startswith("cuda") for sc in spec["scenarios"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cuda" if cuda else "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           str(Path(__file__).resolve()), str(spec_path)]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "DS_ACCELERATOR": "cuda" if cuda else "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        str(Path(__file__).resolve()),
+        str(spec_path),
+    ]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 

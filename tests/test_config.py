@@ -50,9 +50,17 @@ def test_gpt2_configs_have_the_paper_sizes(name, params):
 def test_yaml_then_overrides_with_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optim:\n  lr: 6e-4\n  betas: [0.9, 0.99]\ntrain:\n  max_steps: 10\n")
-    cfg = load_config(path, ["train.max_steps=20", "optim.weight_decay=0", "model.n_kv_head=null",
-                             "logging.sample_prompt=def f(x):", "parallel.deepspeed.zero_optimization.stage=3",
-                             "train.init_from=runs/x"])
+    cfg = load_config(
+        path,
+        [
+            "train.max_steps=20",
+            "optim.weight_decay=0",
+            "model.n_kv_head=null",
+            "logging.sample_prompt=def f(x):",
+            "parallel.deepspeed.zero_optimization.stage=3",
+            "train.init_from=runs/x",
+        ],
+    )
     assert cfg.optim.lr == 6e-4 and isinstance(cfg.optim.lr, float)  # PyYAML reads 6e-4 as a string
     assert cfg.optim.betas == [0.9, 0.99] and cfg.train.max_steps == 20
     assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
@@ -70,21 +78,24 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     assert config_from_dict(cfg.to_dict()) == cfg
 
 
-@pytest.mark.parametrize("override, message", [
-    ("optim.lrr=1e-3", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
-    ("optm.lr=1e-3", "did you mean 'optim.lr'?"),
-    ("lr=1e-3", "did you mean 'optim.lr'?"),
-    ("train.max_step=5", "did you mean 'train.max_steps'?"),
-    ("train.max_steps=ten", "config key 'train.max_steps' expects an integer, got 'ten'"),
-    ("train.max_steps=2.5", "expects an integer, got 2.5"),
-    ("train.compile=yes please", "expects true/false"),
-    ("optim.betas=0.9", "expects a list of a number"),
-    ("train.dtype=bf16", "did you mean 'bfloat16'?"),
-    ("train.tokens_per_step=1000", "must be a multiple of seq_len * micro_batch"),
-    ("model.n_head=5", "divisible by model.n_head"),
-    ("data.seq_len=4096", "exceeds model.block_size"),
-    ("train.max_steps", "write section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1e-3", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        ("optm.lr=1e-3", "did you mean 'optim.lr'?"),
+        ("lr=1e-3", "did you mean 'optim.lr'?"),
+        ("train.max_step=5", "did you mean 'train.max_steps'?"),
+        ("train.max_steps=ten", "config key 'train.max_steps' expects an integer, got 'ten'"),
+        ("train.max_steps=2.5", "expects an integer, got 2.5"),
+        ("train.compile=yes please", "expects true/false"),
+        ("optim.betas=0.9", "expects a list of a number"),
+        ("train.dtype=bf16", "did you mean 'bfloat16'?"),
+        ("train.tokens_per_step=1000", "must be a multiple of seq_len * micro_batch"),
+        ("model.n_head=5", "divisible by model.n_head"),
+        ("data.seq_len=4096", "exceeds model.block_size"),
+        ("train.max_steps", "write section.key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(REPO / "configs" / "debug.yaml", [override])
@@ -94,8 +105,11 @@ def test_bad_overrides_name_the_key(override, message):
 def test_unknown_key_in_a_file_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("train:\n  max_stepz: 3\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'train.max_stepz' \(did you mean "
-                                          r"'train.max_steps'\?\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"bad.yaml: unknown config key 'train.max_stepz' \(did you mean "
+        r"'train.max_steps'\?\)",
+    ):
         load_config(path)
 
 
@@ -105,8 +119,13 @@ def test_parse_override_keeps_text():
 
 
 def test_cli_config_error_is_one_line_and_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "train", "--config", "configs/debug.yaml", "optim.lrr=1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--config", "configs/debug.yaml", "optim.lrr=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "config error: unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"
 
@@ -116,8 +135,11 @@ def test_weight_decay_groups():
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[id(p)] for p in decay["params"]} == {
-        "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
-        "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight"}
+        "transformer.h.0.attn.c_attn.weight",
+        "transformer.h.0.attn.c_proj.weight",
+        "transformer.h.0.mlp.c_fc.weight",
+        "transformer.h.0.mlp.c_proj.weight",
+    }
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     with_emb, _ = param_groups(model, 0.1, decay_embeddings=True)
     assert {"transformer.wte.weight", "transformer.wpe.weight"} <= {names[id(p)] for p in with_emb["params"]}

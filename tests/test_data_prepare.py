@@ -180,8 +180,16 @@ def _interrupted(docs, after, seen_shards):
 
 def prepare_until_ctrl_c(out, docs, seen, force=False):
     """A multi-shard prepare that Ctrl-C stops at document 1500 (see _interrupted)."""
-    prepare(out, source=_interrupted(docs, 1500, seen), tokenizer="bytes", shard_tokens=5000, val_tokens=1000,
-            workers=1, force=force, progress=False)
+    prepare(
+        out,
+        source=_interrupted(docs, 1500, seen),
+        tokenizer="bytes",
+        shard_tokens=5000,
+        val_tokens=1000,
+        workers=1,
+        force=force,
+        progress=False,
+    )
 
 
 def test_interrupted_run_leaves_nothing_and_keeps_the_old_dataset(tmp_path):

@@ -29,24 +29,77 @@ def runs(tmp_path_factory) -> dict:
     out.mkdir()
     ref = drv.run_scenario({"name": "ref", "strategy": "none", "steps": STEPS}, out)
     z3_ckpt = str(work / "run_z3" / "checkpoints" / f"step_{SAVE_AT:06d}")
-    spec = {"out": str(out), "driver_group": True, "scenarios": [
-        {"name": "zero1", "strategy": "deepspeed", "steps": STEPS, "options": {"zero_stage": 1},
-         "check_replicas": True},
-        {"name": "zero1_acc", "strategy": "deepspeed", "steps": STEPS, "accum": 2, "options": {"zero_stage": 1},
-         "check_replicas": True},
-        {"name": "zero2_acc", "strategy": "deepspeed", "steps": STEPS, "accum": 2, "options": {"zero_stage": 2},
-         "check_replicas": True},
-        {"name": "zero2_offload", "strategy": "deepspeed", "steps": STEPS, "accum": 2,
-         "options": {"zero_stage": 2, "offload_optimizer": True}, "check_replicas": True},
-        {"name": "zero3_acc", "strategy": "deepspeed", "steps": STEPS, "accum": 2, "options": {"zero_stage": 3},
-         "save_at": SAVE_AT, "save_dir": str(work / "run_z3")},
-        {"name": "zero3_resume", "strategy": "deepspeed", "steps": STEPS, "accum": 2, "options": {"zero_stage": 3},
-         "load": z3_ckpt, "seed": 5},
-        {"name": "zero3_bf16_ac", "strategy": "deepspeed", "steps": STEPS, "accum": 2, "precision": "bf16",
-         "options": {"zero_stage": 3, "activation_checkpointing": True}},
-        {"name": "zero2_loads_zero3", "strategy": "deepspeed", "steps": STEPS, "options": {"zero_stage": 2},
-         "load": z3_ckpt, "expect_error": True},
-    ]}
+    spec = {
+        "out": str(out),
+        "driver_group": True,
+        "scenarios": [
+            {
+                "name": "zero1",
+                "strategy": "deepspeed",
+                "steps": STEPS,
+                "options": {"zero_stage": 1},
+                "check_replicas": True,
+            },
+            {
+                "name": "zero1_acc",
+                "strategy": "deepspeed",
+                "steps": STEPS,
+                "accum": 2,
+                "options": {"zero_stage": 1},
+                "check_replicas": True,
+            },
+            {
+                "name": "zero2_acc",
+                "strategy": "deepspeed",
+                "steps": STEPS,
+                "accum": 2,
+                "options": {"zero_stage": 2},
+                "check_replicas": True,
+            },
+            {
+                "name": "zero2_offload",
+                "strategy": "deepspeed",
+                "steps": STEPS,
+                "accum": 2,
+                "options": {"zero_stage": 2, "offload_optimizer": True},
+                "check_replicas": True,
+            },
+            {
+                "name": "zero3_acc",
+                "strategy": "deepspeed",
+                "steps": STEPS,
+                "accum": 2,
+                "options": {"zero_stage": 3},
+                "save_at": SAVE_AT,
+                "save_dir": str(work / "run_z3"),
+            },
+            {
+                "name": "zero3_resume",
+                "strategy": "deepspeed",
+                "steps": STEPS,
+                "accum": 2,
+                "options": {"zero_stage": 3},
+                "load": z3_ckpt,
+                "seed": 5,
+            },
+            {
+                "name": "zero3_bf16_ac",
+                "strategy": "deepspeed",
+                "steps": STEPS,
+                "accum": 2,
+                "precision": "bf16",
+                "options": {"zero_stage": 3, "activation_checkpointing": True},
+            },
+            {
+                "name": "zero2_loads_zero3",
+                "strategy": "deepspeed",
+                "steps": STEPS,
+                "options": {"zero_stage": 2},
+                "load": z3_ckpt,
+                "expect_error": True,
+            },
+        ],
+    }
     proc = drv.launch(spec, 2, work / "spec.json")
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {"ref": ref, "out": out, "z3_ckpt": z3_ckpt}

@@ -17,8 +17,16 @@ LOSS_TOL = 1e-5  # fp32, dropout 0: only the reduction order differs (2 ranks x 
 
 def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     env = {**python_env(), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train",
-           *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "train",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -28,14 +36,20 @@ def test_ddp_run_under_torchrun_resumes_in_one_process(tmp_path_factory, tmp_pat
     ref = run_cli(["--config", str(DEBUG_YAML), *tiny_overrides(data, ref_dir, "train.max_steps=4")])
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    first = torchrun(2, ["--config", str(DEBUG_YAML),
-                         *tiny_overrides(data, run_dir, "train.max_steps=2", "checkpoint.every=2",
-                                         "parallel.strategy=ddp")])
+    first = torchrun(
+        2,
+        [
+            "--config",
+            str(DEBUG_YAML),
+            *tiny_overrides(data, run_dir, "train.max_steps=2", "checkpoint.every=2", "parallel.strategy=ddp"),
+        ],
+    )
     assert first.returncode == 0, f"{first.stdout[-2000:]}\n{first.stderr[-4000:]}"  # no abort at exit either
     assert (run_dir / "checkpoints" / "step_000002" / "model" / "model.safetensors").is_file()
 
-    second = run_cli(["--config", str(DEBUG_YAML),
-                      *tiny_overrides(data, run_dir, "train.max_steps=4", "parallel.strategy=none")])
+    second = run_cli(
+        ["--config", str(DEBUG_YAML), *tiny_overrides(data, run_dir, "train.max_steps=4", "parallel.strategy=none")]
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout + second.stderr
 

@@ -70,20 +70,45 @@ def test_deepspeed_accelerator_mismatch(monkeypatch, no_launcher):
 
 # ---- the DeepSpeed config -------------------------------------------------------------
 def ds_config(**kw) -> dict:
-    args = dict(path=None, overrides={}, zero_stage=2, offload_optimizer=False, grad_accum_steps=4, grad_clip=1.0,
-                precision="fp32", world_size=2, cuda=False)
+    args = dict(
+        path=None,
+        overrides={},
+        zero_stage=2,
+        offload_optimizer=False,
+        grad_accum_steps=4,
+        grad_clip=1.0,
+        precision="fp32",
+        world_size=2,
+        cuda=False,
+    )
     return build_ds_config(**{**args, **kw})
 
 
 def test_ds_config_layers_json_dict_and_our_values(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True},
-                                "train_micro_batch_size_per_gpu": 8, "steps_per_print": 50}))
-    cfg = ds_config(path=path, overrides={"zero_optimization": {"reduce_bucket_size": 1000}}, zero_stage=3,
-                    offload_optimizer=True, precision="bf16")
+    path.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 3, "overlap_comm": True},
+                "train_micro_batch_size_per_gpu": 8,
+                "steps_per_print": 50,
+            }
+        )
+    )
+    cfg = ds_config(
+        path=path,
+        overrides={"zero_optimization": {"reduce_bucket_size": 1000}},
+        zero_stage=3,
+        offload_optimizer=True,
+        precision="bf16",
+    )
     z = cfg["zero_optimization"]
-    assert z == {"stage": 3, "overlap_comm": True, "reduce_bucket_size": 1000,
-                 "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert z == {
+        "stage": 3,
+        "overlap_comm": True,
+        "reduce_bucket_size": 1000,
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+    }
     assert cfg["bf16"] == {"enabled": True} and "fp16" not in cfg
     assert cfg["gradient_accumulation_steps"] == 4 and cfg["gradient_clipping"] == 1.0
     assert cfg["train_batch_size"] == 8 * 4 * 2 and cfg["steps_per_print"] == 50
@@ -97,16 +122,24 @@ def test_ds_config_stage_from_json_when_ours_is_unset(tmp_path):
     assert ds_config(zero_stage=None)["zero_optimization"]["stage"] == 2
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(overrides={"zero_optimization": {"stage": 3}}), "parallel.zero_stage=2 but .*zero_optimization.stage=3"),
-    (dict(overrides={"gradient_accumulation_steps": 2}), "gradient accumulation=4 but .*gradient_accumulation_steps=2"),
-    (dict(overrides={"train_batch_size": 5}), "train_batch_size=5"),
-    (dict(overrides={"optimizer": {"type": "Adam"}}), "remove 'optimizer'"),
-    (dict(overrides={"fp16": {"enabled": True}}, precision="bf16"), "both bf16 and fp16"),
-    (dict(zero_stage=0), "use parallel.strategy=ddp"),
-    (dict(offload_optimizer=True, overrides={"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}),
-     "offload_optimizer.device='nvme'"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(overrides={"zero_optimization": {"stage": 3}}), "parallel.zero_stage=2 but .*zero_optimization.stage=3"),
+        (
+            dict(overrides={"gradient_accumulation_steps": 2}),
+            "gradient accumulation=4 but .*gradient_accumulation_steps=2",
+        ),
+        (dict(overrides={"train_batch_size": 5}), "train_batch_size=5"),
+        (dict(overrides={"optimizer": {"type": "Adam"}}), "remove 'optimizer'"),
+        (dict(overrides={"fp16": {"enabled": True}}, precision="bf16"), "both bf16 and fp16"),
+        (dict(zero_stage=0), "use parallel.strategy=ddp"),
+        (
+            dict(offload_optimizer=True, overrides={"zero_optimization": {"offload_optimizer": {"device": "nvme"}}}),
+            "offload_optimizer.device='nvme'",
+        ),
+    ],
+)
 def test_ds_config_conflicts_are_errors(kw, message):
     with pytest.raises(ValueError, match=message):
         ds_config(**kw)

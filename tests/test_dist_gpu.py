@@ -9,8 +9,7 @@ import dist_driver as drv
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.slow,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 STEPS = 6
 
@@ -22,12 +21,27 @@ def test_nccl_strategies_match_the_cpu_reference(tmp_path):
     scenarios = [
         {"name": "ddp", "strategy": "ddp", "device": "cuda", "steps": STEPS, "accum": 2, "check_replicas": True},
         {"name": "fsdp", "strategy": "fsdp", "device": "cuda", "steps": STEPS},
-        {"name": "fsdp_bf16", "strategy": "fsdp", "device": "cuda", "steps": STEPS, "precision": "bf16",
-         "options": {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "fp32"}},
+        {
+            "name": "fsdp_bf16",
+            "strategy": "fsdp",
+            "device": "cuda",
+            "steps": STEPS,
+            "precision": "bf16",
+            "options": {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "fp32"},
+        },
     ]
     if importlib.util.find_spec("deepspeed") is not None:
-        scenarios.append({"name": "zero3_bf16", "strategy": "deepspeed", "device": "cuda", "steps": STEPS,
-                          "accum": 2, "precision": "bf16", "options": {"zero_stage": 3}})
+        scenarios.append(
+            {
+                "name": "zero3_bf16",
+                "strategy": "deepspeed",
+                "device": "cuda",
+                "steps": STEPS,
+                "accum": 2,
+                "precision": "bf16",
+                "options": {"zero_stage": 3},
+            }
+        )
     nproc = min(2, torch.cuda.device_count())
     proc = drv.launch({"out": str(out), "driver_group": True, "scenarios": scenarios}, nproc, tmp_path / "spec.json")
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

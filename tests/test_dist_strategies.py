@@ -38,8 +38,9 @@ def work(tmp_path_factory) -> Path:
 def _run(spec: dict, nproc: int, work: Path, tag: str) -> None:
     proc = drv.launch(spec, nproc, work / f"spec_{tag}.json")
     # Exit code 0 from torchrun: no rank failed, and none aborted at interpreter exit.
-    assert proc.returncode == 0, \
+    assert proc.returncode == 0, (
         f"torchrun ({tag}) exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,17 @@ def ref(work) -> dict:
     out = work / "out"
     out.mkdir()
     return {
-        "gpt2": drv.run_scenario({"name": "ref", "strategy": "none", "steps": STEPS, "save_at": SAVE_AT,
-                                  "save_dir": str(work / "run_single")}, out),
-        "modern": drv.run_scenario({"name": "ref_modern", "strategy": "none", "steps": STEPS, "family": "modern"},
-                                   out),
+        "gpt2": drv.run_scenario(
+            {
+                "name": "ref",
+                "strategy": "none",
+                "steps": STEPS,
+                "save_at": SAVE_AT,
+                "save_dir": str(work / "run_single"),
+            },
+            out,
+        ),
+        "modern": drv.run_scenario({"name": "ref_modern", "strategy": "none", "steps": STEPS, "family": "modern"}, out),
     }
 
 
@@ -62,9 +70,23 @@ def ckpt(work: Path, run: str) -> str:
 @pytest.fixture(scope="module")
 def one_rank_first(work, ref) -> Path:
     out = work / "out"
-    _run({"out": str(out), "scenarios": [
-        {"name": "fsdp_w1", "strategy": "fsdp", "steps": STEPS, "save_at": SAVE_AT, "save_dir": str(work / "run_f1")},
-    ]}, 1, work, "one_rank_first")
+    _run(
+        {
+            "out": str(out),
+            "scenarios": [
+                {
+                    "name": "fsdp_w1",
+                    "strategy": "fsdp",
+                    "steps": STEPS,
+                    "save_at": SAVE_AT,
+                    "save_dir": str(work / "run_f1"),
+                },
+            ],
+        },
+        1,
+        work,
+        "one_rank_first",
+    )
     return out
 
 
@@ -72,31 +94,83 @@ def one_rank_first(work, ref) -> Path:
 def two_ranks(work, ref, one_rank_first) -> Path:
     out = work / "out"
     fresh = {"seed": 5}  # resumed runs start from other weights: only load() can make them match
-    _run({"out": str(out), "driver_group": True, "scenarios": [
-        {"name": "ddp", "strategy": "ddp", "steps": STEPS, "check_replicas": True},
-        {"name": "ddp_acc", "strategy": "ddp", "steps": STEPS, "accum": 2, "check_replicas": True,
-         "save_at": SAVE_AT, "save_dir": str(work / "run_d2")},
-        {"name": "fsdp", "strategy": "fsdp", "steps": STEPS, "save_at": SAVE_AT, "save_dir": str(work / "run_f2")},
-        {"name": "fsdp_acc_ac", "strategy": "fsdp", "steps": STEPS, "accum": 2, "family": "modern",
-         "options": {"activation_checkpointing": True}},
-        {"name": "fsdp_bf16", "strategy": "fsdp", "steps": STEPS,
-         "options": {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "fp32"}},
-        {"name": "ddp_1to2", "strategy": "ddp", "steps": STEPS, "load": ckpt(work, "run_single"), **fresh},
-        {"name": "ddp_2to2", "strategy": "ddp", "steps": STEPS, "load": ckpt(work, "run_d2"), **fresh},
-        {"name": "fsdp_1to2", "strategy": "fsdp", "steps": STEPS, "load": ckpt(work, "run_f1"), **fresh},
-        {"name": "fsdp_2to2", "strategy": "fsdp", "steps": STEPS, "accum": 2, "load": ckpt(work, "run_f2"), **fresh},
-        {"name": "ddp_loads_fsdp", "strategy": "ddp", "steps": STEPS, "load": ckpt(work, "run_f2"),
-         "expect_error": True},
-    ]}, 2, work, "two_ranks")
+    _run(
+        {
+            "out": str(out),
+            "driver_group": True,
+            "scenarios": [
+                {"name": "ddp", "strategy": "ddp", "steps": STEPS, "check_replicas": True},
+                {
+                    "name": "ddp_acc",
+                    "strategy": "ddp",
+                    "steps": STEPS,
+                    "accum": 2,
+                    "check_replicas": True,
+                    "save_at": SAVE_AT,
+                    "save_dir": str(work / "run_d2"),
+                },
+                {
+                    "name": "fsdp",
+                    "strategy": "fsdp",
+                    "steps": STEPS,
+                    "save_at": SAVE_AT,
+                    "save_dir": str(work / "run_f2"),
+                },
+                {
+                    "name": "fsdp_acc_ac",
+                    "strategy": "fsdp",
+                    "steps": STEPS,
+                    "accum": 2,
+                    "family": "modern",
+                    "options": {"activation_checkpointing": True},
+                },
+                {
+                    "name": "fsdp_bf16",
+                    "strategy": "fsdp",
+                    "steps": STEPS,
+                    "options": {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "fp32"},
+                },
+                {"name": "ddp_1to2", "strategy": "ddp", "steps": STEPS, "load": ckpt(work, "run_single"), **fresh},
+                {"name": "ddp_2to2", "strategy": "ddp", "steps": STEPS, "load": ckpt(work, "run_d2"), **fresh},
+                {"name": "fsdp_1to2", "strategy": "fsdp", "steps": STEPS, "load": ckpt(work, "run_f1"), **fresh},
+                {
+                    "name": "fsdp_2to2",
+                    "strategy": "fsdp",
+                    "steps": STEPS,
+                    "accum": 2,
+                    "load": ckpt(work, "run_f2"),
+                    **fresh,
+                },
+                {
+                    "name": "ddp_loads_fsdp",
+                    "strategy": "ddp",
+                    "steps": STEPS,
+                    "load": ckpt(work, "run_f2"),
+                    "expect_error": True,
+                },
+            ],
+        },
+        2,
+        work,
+        "two_ranks",
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def one_rank_after(work, two_ranks) -> Path:
     out = work / "out"
-    _run({"out": str(out), "scenarios": [
-        {"name": "fsdp_2to1", "strategy": "fsdp", "steps": STEPS, "load": ckpt(work, "run_f2"), "seed": 5},
-    ]}, 1, work, "one_rank_after")
+    _run(
+        {
+            "out": str(out),
+            "scenarios": [
+                {"name": "fsdp_2to1", "strategy": "fsdp", "steps": STEPS, "load": ckpt(work, "run_f2"), "seed": 5},
+            ],
+        },
+        1,
+        work,
+        "one_rank_after",
+    )
     return out
 
 
@@ -156,8 +230,9 @@ def test_resume_across_world_sizes(two_ranks, one_rank_after, ref, name):
 
 def test_ddp_checkpoint_resumes_in_one_process(work, two_ranks, ref):
     """A 2-rank DDP checkpoint has the single-process format: SingleProcess continues it."""
-    res = drv.run_scenario({"name": "ddp_2to1", "strategy": "none", "steps": STEPS, "seed": 5,
-                            "load": ckpt(work, "run_d2")}, work / "out")
+    res = drv.run_scenario(
+        {"name": "ddp_2to1", "strategy": "none", "steps": STEPS, "seed": 5, "load": ckpt(work, "run_d2")}, work / "out"
+    )
     assert res["loaded_step"] == SAVE_AT and res["extra_roundtrip"]
     assert_matches(res, ref["gpt2"], first_step=SAVE_AT + 1)
 

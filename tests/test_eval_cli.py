@@ -52,8 +52,21 @@ def test_sample_is_deterministic_per_seed(trained, capsys):
 
 def test_sample_text_stop_and_no_echo(trained, capsys):
     art, _ = trained
-    rc, out, _ = cli(capsys, sample.main, "--ckpt", art, "--prompt", "The ", "--no-echo", "--max-new-tokens", 60,
-                     "--stop", "e", "--seed", 0)
+    rc, out, _ = cli(
+        capsys,
+        sample.main,
+        "--ckpt",
+        art,
+        "--prompt",
+        "The ",
+        "--no-echo",
+        "--max-new-tokens",
+        60,
+        "--stop",
+        "e",
+        "--seed",
+        0,
+    )
     assert rc == 0 and "e" not in out and not out.startswith("The ")
 
 
@@ -62,8 +75,22 @@ def test_sample_reads_stdin_and_batches_prompts(trained, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("import os\n"))
     rc, out, _ = cli(capsys, sample.main, "--ckpt", art, "--max-new-tokens", 10, "--temperature", 0)
     assert rc == 0 and out.startswith("import os\n")
-    rc, out, _ = cli(capsys, sample.main, "--ckpt", art, "--prompt", "a", "--prompt", "class Foo",
-                     "--max-new-tokens", 10, "--temperature", 0, "--num-samples", 2)
+    rc, out, _ = cli(
+        capsys,
+        sample.main,
+        "--ckpt",
+        art,
+        "--prompt",
+        "a",
+        "--prompt",
+        "class Foo",
+        "--max-new-tokens",
+        10,
+        "--temperature",
+        0,
+        "--num-samples",
+        2,
+    )
     assert rc == 0 and out.count("=== prompt") == 4
     assert "=== prompt 2, sample 2 ===\nclass Foo" in out
 
@@ -82,16 +109,20 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys):
     one_line_error(*cli(capsys, sample.main, "--ckpt", art, "--backend", "tpu")[::2], "unknown backend 'tpu'")
     rc, _, err = cli(capsys, sample.main, "--ckpt", art, "--prompt", "x" * 100)
     one_line_error(rc, err, "context is 64")
-    rc, out, _ = cli(capsys, sample.main, "--ckpt", art, "--prompt", "x" * 100, "--crop-prompt",
-                     "--max-new-tokens", 5)
+    rc, out, _ = cli(capsys, sample.main, "--ckpt", art, "--prompt", "x" * 100, "--crop-prompt", "--max-new-tokens", 5)
     assert rc == 0
     one_line_error(*cli(capsys, sample.main, "--backend", "onnx")[::2], "--onnx")
     one_line_error(*cli(capsys, sample.main, "--ckpt", art, "--top-p", 1.5)[::2], "--top-p")
 
 
 def test_real_process_exit_code_without_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "eval.sample", "--ckpt", str(tmp_path / "missing")],
-                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "eval.sample", "--ckpt", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.startswith("error: ") and "does not exist" in r.stderr
 
@@ -104,8 +135,11 @@ def test_evaluate_torch_int8_onnx(trained, onnx_dir, capsys):
     art, data = trained
     base = ["--data", data, "--max-batches", 4, "--batch-size", 4, "--json"]
     results = {}
-    for name, extra in {"torch": ["--ckpt", art], "int8": ["--ckpt", art, "--backend", "int8"],
-                        "onnx": ["--backend", "onnx", "--onnx", onnx_dir / "model.onnx"]}.items():
+    for name, extra in {
+        "torch": ["--ckpt", art],
+        "int8": ["--ckpt", art, "--backend", "int8"],
+        "onnx": ["--backend", "onnx", "--onnx", onnx_dir / "model.onnx"],
+    }.items():
         rc, out, err = cli(capsys, evaluate.main, *base, *extra)
         assert rc == 0, err
         results[name] = json.loads(out)
@@ -158,10 +192,12 @@ def test_failed_check_deletes_the_export(trained, tmp_path, capsys, monkeypatch)
 
 def test_export_errors(trained, tmp_path, capsys):
     art, _ = trained
-    one_line_error(*cli(capsys, export.main, "--ckpt", art, "--format", "onnx", "--int8", "--out", tmp_path)[::2],
-                   "--data")
-    one_line_error(*cli(capsys, export.main, "--ckpt", art, "--format", "tflite", "--out", tmp_path)[::2],
-                   "unknown --format")
+    one_line_error(
+        *cli(capsys, export.main, "--ckpt", art, "--format", "onnx", "--int8", "--out", tmp_path)[::2], "--data"
+    )
+    one_line_error(
+        *cli(capsys, export.main, "--ckpt", art, "--format", "tflite", "--out", tmp_path)[::2], "unknown --format"
+    )
 
 
 def test_unreadable_onnx_file_is_a_clear_error(tmp_path, capsys):
@@ -175,9 +211,26 @@ def test_bench_runs_on_a_checkpoint(trained, capsys):
     from eval import bench
 
     art, data = trained
-    rc, out, err = cli(capsys, bench.main, "--models", "ckpt", "--ckpt", art, "--data", data, "--backends",
-                       "torch,int8,nocache", "--batch-sizes", "1,2", "--new-tokens", 8, "--prefill-len", 8,
-                       "--loss-batches", 2)
+    rc, out, err = cli(
+        capsys,
+        bench.main,
+        "--models",
+        "ckpt",
+        "--ckpt",
+        art,
+        "--data",
+        data,
+        "--backends",
+        "torch,int8,nocache",
+        "--batch-sizes",
+        "1,2",
+        "--new-tokens",
+        8,
+        "--prefill-len",
+        8,
+        "--loss-batches",
+        2,
+    )
     assert rc == 0, err
     assert out.count("decode") >= 5 and "artifact int8" in out
     assert "[ok] int8 Linear weights" in out and "int8 val loss" in out

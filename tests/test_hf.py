@@ -11,8 +11,17 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (transfo
 
 def small_hf_model(tie: bool = True):
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=48, n_layer=2, n_head=4,
-                                  tie_word_embeddings=tie, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=101,
+        n_positions=32,
+        n_embd=48,
+        n_layer=2,
+        n_head=4,
+        tie_word_embeddings=tie,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 

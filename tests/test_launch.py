@@ -22,14 +22,26 @@ def fake_torchrun(tmp_path: Path) -> tuple[Path, Path]:
 
 def run_launch(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     base = {k: v for k, v in python_env().items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_"))}
-    return subprocess.run(["bash", "launch.sh", *args], cwd=REPO, env={**base, "PYTHON": sys.executable, **env},
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["bash", "launch.sh", *args],
+        cwd=REPO,
+        env={**base, "PYTHON": sys.executable, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_slurm_variables_become_torchrun_rendezvous(tmp_path):
     exe, log = fake_torchrun(tmp_path)
-    slurm = {"TORCHRUN": str(exe), "SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1",
-             "SLURM_JOB_NODELIST": "gpu-a,gpu-b", "SLURM_GPUS_ON_NODE": "8"}
+    slurm = {
+        "TORCHRUN": str(exe),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_NODEID": "1",
+        "SLURM_JOB_NODELIST": "gpu-a,gpu-b",
+        "SLURM_GPUS_ON_NODE": "8",
+    }
     proc = run_launch([str(DEBUG_YAML), "train.max_steps=3"], slurm)
     assert proc.returncode == 0, proc.stderr
     args = log.read_text().split("\n")
@@ -47,17 +59,35 @@ def test_manual_multinode_and_deepspeed_flag(tmp_path):
     proc = run_launch(["--nproc", "4", "--deepspeed", str(DEBUG_YAML)], env)
     assert proc.returncode == 0, proc.stderr
     args = log.read_text().split("\n")
-    assert {"--nnodes=3", "--node_rank=2", "--master_addr=10.1.2.3", "--master_port=29500",
-            "--nproc_per_node=4", "parallel.strategy=deepspeed"} <= set(args)
+    assert {
+        "--nnodes=3",
+        "--node_rank=2",
+        "--master_addr=10.1.2.3",
+        "--master_port=29500",
+        "--nproc_per_node=4",
+        "parallel.strategy=deepspeed",
+    } <= set(args)
 
 
-@pytest.mark.parametrize("env,args,message", [
-    ({"NNODES": "2"}, [str(DEBUG_YAML)], "needs NODE_RANK and MASTER_ADDR"),
-    ({}, ["--nproc", "zero", str(DEBUG_YAML)], "--nproc must be a positive integer"),
-    ({}, ["configs/nope.yaml"], "config file configs/nope.yaml not found"),
-    ({"SLURM_JOB_ID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "n[1-2]",
-      "PATH": "/usr/bin:/bin"}, [str(DEBUG_YAML)], "without scontrol; set MASTER_ADDR"),
-])
+@pytest.mark.parametrize(
+    "env,args,message",
+    [
+        ({"NNODES": "2"}, [str(DEBUG_YAML)], "needs NODE_RANK and MASTER_ADDR"),
+        ({}, ["--nproc", "zero", str(DEBUG_YAML)], "--nproc must be a positive integer"),
+        ({}, ["configs/nope.yaml"], "config file configs/nope.yaml not found"),
+        (
+            {
+                "SLURM_JOB_ID": "1",
+                "SLURM_JOB_NUM_NODES": "2",
+                "SLURM_NODEID": "0",
+                "SLURM_JOB_NODELIST": "n[1-2]",
+                "PATH": "/usr/bin:/bin",
+            },
+            [str(DEBUG_YAML)],
+            "without scontrol; set MASTER_ADDR",
+        ),
+    ],
+)
 def test_launch_errors_are_one_clear_line(tmp_path, env, args, message):
     exe, log = fake_torchrun(tmp_path)
     proc = run_launch(args, {"TORCHRUN": str(exe), **env})
@@ -72,8 +102,11 @@ def test_launch_nproc2_end_to_end(tmp_path_factory, tmp_path):
     data = prepared_dataset(tmp_path_factory)
     run_dir = tmp_path / "run"
     env = {"OMP_NUM_THREADS": "1", "TORCHRUN": str(Path(sys.executable).parent / "torchrun")}
-    proc = run_launch(["--nproc", "2", str(DEBUG_YAML),
-                       *tiny_overrides(data, run_dir, "train.max_steps=2", "checkpoint.every=2")], env, timeout=300)
+    proc = run_launch(
+        ["--nproc", "2", str(DEBUG_YAML), *tiny_overrides(data, run_dir, "train.max_steps=2", "checkpoint.every=2")],
+        env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "parallel.strategy=ddp" in proc.stderr
     assert sorted(train_losses(run_dir)) == [1, 2]

@@ -72,8 +72,7 @@ def test_kv_cache_left_padding(family):
 
 @pytest.mark.parametrize(
     "preset,count",
-    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080),
-     ("gpt2-xl", 1_557_611_200)],
+    [("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200)],
 )
 def test_preset_parameter_counts(preset, count):
     with torch.device("meta"):  # gpt2-xl in fp32 is 6 GB

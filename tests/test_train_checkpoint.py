@@ -64,16 +64,35 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     identical train losses at every step and identical val losses, with dropout on, evaluation and
     sampling interleaved (neither may move the training RNG) and the LR schedule mid-warmup/decay."""
     n = 4
-    common = [f"train.max_steps={2 * n}", "model.dropout=0.1", "train.eval_every=3", "logging.sample_every=3",
-              "logging.sample_tokens=8", f"checkpoint.every={n}", "schedule.warmup_steps=3"]
+    common = [
+        f"train.max_steps={2 * n}",
+        "model.dropout=0.1",
+        "train.eval_every=3",
+        "logging.sample_every=3",
+        "logging.sample_tokens=8",
+        f"checkpoint.every={n}",
+        "schedule.warmup_steps=3",
+    ]
     ref = tmp_path / "ref"
     run(tiny_config(data_dir, ref, *common), **QUIET)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_AFTER_SAVE, str(n), "--config", str(DEBUG_YAML),
-         *tiny_overrides(data_dir, killed, *common)],
-        cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            KILL_AFTER_SAVE,
+            str(n),
+            "--config",
+            str(DEBUG_YAML),
+            *tiny_overrides(data_dir, killed, *common),
+        ],
+        cwd=REPO,
+        env=python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:
             if "CHECKPOINT-WRITTEN" in line:
@@ -132,9 +151,20 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_dir, tmp_
 def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
     run_dir = tmp_path / "pre"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "train", "--config", str(DEBUG_YAML),
-         *tiny_overrides(data_dir, run_dir, "train.max_steps=100000")],
-        cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "--config",
+            str(DEBUG_YAML),
+            *tiny_overrides(data_dir, run_dir, "train.max_steps=100000"),
+        ],
+        cwd=REPO,
+        env=python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while len(train_losses(run_dir)) < 3:  # a few steps in
@@ -155,9 +185,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
 
 def test_keeps_the_last_k_and_the_best(data_dir, tmp_path):
     run_dir = tmp_path / "keep"
-    run(tiny_config(data_dir, run_dir, "train.max_steps=8", "checkpoint.every=1", "checkpoint.keep_last=2",
-                    "checkpoint.keep_best=true", "train.eval_every=1", "optim.lr=0.05",
-                    "schedule.warmup_steps=0"), **QUIET)
+    run(
+        tiny_config(
+            data_dir,
+            run_dir,
+            "train.max_steps=8",
+            "checkpoint.every=1",
+            "checkpoint.keep_last=2",
+            "checkpoint.keep_best=true",
+            "train.eval_every=1",
+            "optim.lr=0.05",
+            "schedule.warmup_steps=0",
+        ),
+        **QUIET,
+    )
     ckpts = run_dir / "checkpoints"
     names = sorted(p.name for p in ckpts.iterdir() if p.is_dir() and not p.is_symlink())
     vals = {s: v for s, v in val_losses(run_dir).items() if s > 0}

@@ -36,8 +36,17 @@ def data_dir(tmp_path_factory):
 def test_debug_config_trains_from_the_command_line(data_dir, tmp_path):
     """configs/debug.yaml as written (model, optimizer, sampler), for 2 steps, through `python -m train`."""
     run_dir = tmp_path / "debug"
-    proc = run_cli(["--config", str(DEBUG_YAML), f"data.dir={data_dir}", f"train.run_dir={run_dir}",
-                    "train.max_steps=2", "train.eval_batches=1", "logging.sample_tokens=16"])
+    proc = run_cli(
+        [
+            "--config",
+            str(DEBUG_YAML),
+            f"data.dir={data_dir}",
+            f"train.run_dir={run_dir}",
+            "train.max_steps=2",
+            "train.eval_batches=1",
+            "logging.sample_tokens=16",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert "sample at step 2" in proc.stdout
     assert (run_dir / "config.yaml").is_file()
@@ -70,8 +79,12 @@ def test_init_from_artifact_starts_from_its_weights_with_a_fresh_schedule(data_d
     dst = tmp_path / "dst"
     artifact = src / "checkpoints" / "step_000006" / "model"
     # lr 0: the weights stay those of the artifact, so the first eval must reproduce its val loss
-    out = run(tiny_config(data_dir, dst, f"train.init_from={artifact}", "train.max_steps=2",
-                          "train.eval_every=1", "optim.lr=0"), log=lambda m: None)
+    out = run(
+        tiny_config(
+            data_dir, dst, f"train.init_from={artifact}", "train.max_steps=2", "train.eval_every=1", "optim.lr=0"
+        ),
+        log=lambda m: None,
+    )
     assert out["step"] == 2  # a fresh step count: not resumed at 6
     assert val_losses(dst)[0] == pytest.approx(src_val, abs=1e-6)
     _, src_sd, _ = load_state(artifact)
@@ -125,8 +138,10 @@ def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
 
 def test_bfloat16_autocast_path_runs(data_dir, tmp_path):
     run_dir = tmp_path / "bf16"
-    out = run(tiny_config(data_dir, run_dir, "train.dtype=bfloat16", "train.max_steps=3", "train.eval_every=3"),
-              log=lambda m: None)
+    out = run(
+        tiny_config(data_dir, run_dir, "train.dtype=bfloat16", "train.max_steps=3", "train.eval_every=3"),
+        log=lambda m: None,
+    )
     losses = train_losses(run_dir)
     assert all(math.isfinite(v) for v in losses.values()) and math.isfinite(out["val_loss"])
     _, sd, _ = load_state(run_dir)
@@ -158,8 +173,10 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
 
 def test_profiler_trace_and_tensorboard(data_dir, tmp_path):
     run_dir = tmp_path / "prof"
-    run(tiny_config(data_dir, run_dir, "train.max_steps=5", "logging.profile_steps=2", "logging.tensorboard=true"),
-        log=lambda m: None)
+    run(
+        tiny_config(data_dir, run_dir, "train.max_steps=5", "logging.profile_steps=2", "logging.tensorboard=true"),
+        log=lambda m: None,
+    )
     trace = run_dir / "profile" / "trace_rank0.json"
     assert trace.is_file() and '"traceEvents"' in trace.read_text()[:10_000]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -168,8 +185,24 @@ def test_profiler_trace_and_tensorboard(data_dir, tmp_path):
 def test_bench_prints_the_comparison(capsys):
     from train.bench import main as bench
 
-    assert bench(["--steps", "1", "--warmup", "1", "--settings", "baseline,fused", "model.n_layer=1",
-                  "model.n_embd=32", "model.block_size=32", "train.tokens_per_step=128", "train.micro_batch=4"]) == 0
+    assert (
+        bench(
+            [
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--settings",
+                "baseline,fused",
+                "model.n_layer=1",
+                "model.n_embd=32",
+                "model.block_size=32",
+                "train.tokens_per_step=128",
+                "train.micro_batch=4",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "fp32 eager, for-loop AdamW (baseline)" in out and "1.00x" in out and "fastest:" in out
 
@@ -181,11 +214,17 @@ def test_unigram_baseline(data_dir):
     assert 2.5 < entropy < math.log(257) and entropy - 0.1 < cross < entropy + 0.3
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.dtype=float16", "float16 needs CUDA"),
-    pytest.param("train.device=cuda", "CUDA is not available",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.dtype=float16", "float16 needs CUDA"),
+        pytest.param(
+            "train.device=cuda",
+            "CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
 def test_device_and_dtype_errors(data_dir, tmp_path, override, message):
     with pytest.raises(TrainError, match=message):
         run(tiny_config(data_dir, tmp_path / "e", override), log=lambda m: None)

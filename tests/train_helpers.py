@@ -16,13 +16,29 @@ REPO = Path(__file__).resolve().parents[1]
 DEBUG_YAML = REPO / "configs" / "debug.yaml"
 
 TINY = [
-    "model.family=gpt2", "model.bias=true", "model.tie_embeddings=true",  # debug.yaml's is modern
-    "model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.block_size=32", "model.dropout=0.0",
-    "train.tokens_per_step=256", "train.micro_batch=4", "train.eval_every=0", "train.eval_batches=2",
-    "train.device=cpu", "train.dtype=float32", "train.compile=false",
-    "schedule.warmup_steps=2", "optim.lr=3e-3",
-    "checkpoint.every=0", "checkpoint.keep_last=0", "checkpoint.keep_best=false",
-    "logging.log_every=1", "logging.sample_every=0", "logging.progress_bar=false",
+    "model.family=gpt2",
+    "model.bias=true",
+    "model.tie_embeddings=true",  # debug.yaml's is modern
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.n_embd=64",
+    "model.block_size=32",
+    "model.dropout=0.0",
+    "train.tokens_per_step=256",
+    "train.micro_batch=4",
+    "train.eval_every=0",
+    "train.eval_batches=2",
+    "train.device=cpu",
+    "train.dtype=float32",
+    "train.compile=false",
+    "schedule.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.every=0",
+    "checkpoint.keep_last=0",
+    "checkpoint.keep_best=false",
+    "logging.log_every=1",
+    "logging.sample_every=0",
+    "logging.progress_bar=false",
 ]
 
 
@@ -78,5 +94,11 @@ def python_env() -> dict:
 
 def run_cli(args: list[str], cwd: Path = REPO, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m train ARGS` in a real subprocess."""
-    return subprocess.run([sys.executable, "-m", "train", *args], cwd=cwd, env=python_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        cwd=cwd,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -24,12 +24,19 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train", description="Train a GPT.", epilog=EPILOG,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a GPT.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", required=True, help="a YAML run file, e.g. configs/debug.yaml")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values")
-    ap.add_argument("--profile", action="store_true",
-                    help="write a torch.profiler trace of 5 steps to RUN_DIR/profile (logging.profile_steps)")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="write a torch.profiler trace of 5 steps to RUN_DIR/profile (logging.profile_steps)",
+    )
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = ap.parse_args(argv)
     is_main = int(os.environ.get("RANK", 0)) == 0

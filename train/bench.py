@@ -30,8 +30,16 @@ from train.optim import build_optimizer
 from train.strategy import SingleProcess
 
 # The reference setting of the README's table.
-REFERENCE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=256",
-             "model.vocab_size=257", "model.dropout=0.0", "train.micro_batch=8", "train.tokens_per_step=2048"]
+REFERENCE = [
+    "model.n_layer=4",
+    "model.n_head=4",
+    "model.n_embd=256",
+    "model.block_size=256",
+    "model.vocab_size=257",
+    "model.dropout=0.0",
+    "train.micro_batch=8",
+    "train.tokens_per_step=2048",
+]
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,13 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     if setting.compile:
         model = torch.compile(model)
     g = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g).to(device),
-                torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g).to(device)) for _ in range(accum)]
+    batches = [
+        (
+            torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g).to(device),
+            torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g).to(device),
+        )
+        for _ in range(accum)
+    ]
     amp = autocast_ctx(device, setting.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
@@ -85,8 +98,14 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     tokens = cfg.train.tokens_per_step / sec
     peak, src = device_peak_flops(device, setting.dtype)
     flops = model_for_flops(mcfg).flops_per_token(seq)
-    return {"ms": 1000 * sec, "tokens_per_s": tokens, "mfu": flops * tokens / peak, "peak": peak,
-            "peak_source": src, "warmup_s": warm_s if warmup else 0.0}
+    return {
+        "ms": 1000 * sec,
+        "tokens_per_s": tokens,
+        "mfu": flops * tokens / peak,
+        "peak": peak,
+        "peak_source": src,
+        "warmup_s": warm_s if warmup else 0.0,
+    }
 
 
 def vocab_size(cfg: Config) -> int:
@@ -107,22 +126,28 @@ def model_for_flops(mcfg: ModelConfig) -> GPT:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m train.bench",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", help="a run file; default: the README's reference model on the bytes vocabulary")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per setting (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation; default 3)")
-    ap.add_argument("--settings", default=",".join(SETTINGS),
-                    help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)")
+    ap.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)"
+    )
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown or not names or args.steps < 1 or args.warmup < 0:
-        print(f"error: --settings takes {', '.join(SETTINGS)} (got {unknown or names}); --steps >= 1, "
-              "--warmup >= 0", file=sys.stderr)
+        print(
+            f"error: --settings takes {', '.join(SETTINGS)} (got {unknown or names}); --steps >= 1, --warmup >= 0",
+            file=sys.stderr,
+        )
         return 2
     try:
         cfg = load_config(args.config, (REFERENCE if args.config is None else []) + args.overrides)
@@ -135,10 +160,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         names = [n for n in names if SETTINGS[n].dtype != "float16"]
     m = cfg.model
-    print(f"model: {m.family}, {m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads, context {cfg.seq_len}, "
-          f"vocab {vocab_size(cfg)} | batch {cfg.train.micro_batch} x {cfg.seq_len} "
-          f"({cfg.train.tokens_per_step:,} tokens/step) | device {device} "
-          f"({torch.get_num_threads()} threads) | torch {torch.__version__}")
+    print(
+        f"model: {m.family}, {m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads, context {cfg.seq_len}, "
+        f"vocab {vocab_size(cfg)} | batch {cfg.train.micro_batch} x {cfg.seq_len} "
+        f"({cfg.train.tokens_per_step:,} tokens/step) | device {device} "
+        f"({torch.get_num_threads()} threads) | torch {torch.__version__}"
+    )
     print(f"{args.warmup} warm-up + {args.steps} measured steps per setting; median step time\n")
     header = f"{'setting':<40} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7} {'vs baseline':>12}"
     print(header)
@@ -149,8 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = r
         base = results.get("baseline")
         speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        print(f"{SETTINGS[name].name:<40} {r['ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {100 * r['mfu']:>6.1f}% "
-              f"{speed:>12}", flush=True)
+        print(
+            f"{SETTINGS[name].name:<40} {r['ms']:>9.1f} {r['tokens_per_s']:>10,.0f} {100 * r['mfu']:>6.1f}% "
+            f"{speed:>12}",
+            flush=True,
+        )
     print()
     for name, r in results.items():
         print(f"  {name}: peak {r['peak'] / 1e12:.3g} TFLOP/s ({r['peak_source']}); warm-up {r['warmup_s']:.1f} s")

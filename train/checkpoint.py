@@ -37,6 +37,7 @@ def checkpoint_name(step: int) -> str:
 
 # ----------------------------------------------------------------------------- RNG
 
+
 def rng_state() -> dict:
     """Every RNG a training step may draw from, as plain python / tensors (weights_only-safe)."""
     np_state = np.random.get_state(legacy=True)  # ('MT19937', uint32[624], pos, has_gauss, cached)
@@ -67,6 +68,7 @@ def _tuples(x):
 
 # ----------------------------------------------------------------------------- paths
 
+
 def step_of(path: Path) -> int | None:
     m = _STEP_RE.match(path.name)
     return int(m.group(1)) if m else None
@@ -81,8 +83,9 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
         try:
             return latest_checkpoint(run_dir)
         except ArtifactError as e:
-            raise TrainError(f"{e}; resume from an explicit checkpoint with train.resume=PATH "
-                             "or start over with train.resume=never") from None
+            raise TrainError(
+                f"{e}; resume from an explicit checkpoint with train.resume=PATH or start over with train.resume=never"
+            ) from None
     path = Path(resume)
     if (path / "checkpoints").is_dir():
         ck = latest_checkpoint(path)
@@ -90,11 +93,15 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
             raise TrainError(f"train.resume={resume}: that run directory has no complete checkpoint")
         return ck
     if not path.is_dir():
-        raise TrainError(f"train.resume={resume}: no such checkpoint directory "
-                         "(use auto, never, a run directory or RUN/checkpoints/step_N)")
+        raise TrainError(
+            f"train.resume={resume}: no such checkpoint directory "
+            "(use auto, never, a run directory or RUN/checkpoints/step_N)"
+        )
     if not any((path / n).exists() for n in (TRAIN_STATE, "dcp", "deepspeed")):
-        raise TrainError(f"train.resume={resume}: {path} is not a training checkpoint (no {TRAIN_STATE}); "
-                         "to start from a model artifact's weights use train.init_from")
+        raise TrainError(
+            f"train.resume={resume}: {path} is not a training checkpoint (no {TRAIN_STATE}); "
+            "to start from a model artifact's weights use train.init_from"
+        )
     return path
 
 
@@ -107,6 +114,7 @@ def load_rank_rng(ckpt: Path, rank: int, extra: dict) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 class CheckpointManager:
     """Atomic saves, `latest`, `best`, and pruning to keep_last (+ best). Every rank calls save()."""
@@ -154,9 +162,11 @@ class CheckpointManager:
         """Keep the newest keep_last checkpoints, the one `latest` names and the one `best` points to."""
         if self.keep_last <= 0:
             return
-        ckpts = sorted((p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink()
-                        and step_of(p) is not None), key=step_of)
-        keep = {p.name for p in ckpts[-self.keep_last:]}
+        ckpts = sorted(
+            (p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink() and step_of(p) is not None),
+            key=step_of,
+        )
+        keep = {p.name for p in ckpts[-self.keep_last :]}
         latest = self.root / "latest"
         if latest.is_file():
             keep.add(latest.read_text().strip())

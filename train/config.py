@@ -173,6 +173,7 @@ class Config:
 
 # ----------------------------------------------------------------------------- loading
 
+
 def _sections() -> dict[str, type]:
     hints = get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
@@ -200,14 +201,22 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "a mapping",
-            type(None): "null"}.get(tp, str(tp))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        str: "a string",
+        dict: "a mapping",
+        type(None): "null",
+    }.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str, raw: str | None = None) -> Any:
     """value checked/converted to tp (YAML-parsed); raw is the command-line text, if any."""
-    bad = ConfigError(f"config key {key!r} expects {_type_name(tp)}, got {value!r}"
-                      + (f" ({type(value).__name__})" if value is not None else ""))
+    bad = ConfigError(
+        f"config key {key!r} expects {_type_name(tp)}, got {value!r}"
+        + (f" ({type(value).__name__})" if value is not None else "")
+    )
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -351,6 +360,7 @@ def config_from_dict(d: dict) -> Config:
 
 # ----------------------------------------------------------------------------- checks
 
+
 def _choice(key: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -375,32 +385,53 @@ def validate(cfg: Config) -> None:
     for k in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
         if getattr(cfg.parallel, k) is not None:
             _choice(f"parallel.{k}", getattr(cfg.parallel, k), DTYPES)
-    _check(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
-           f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}")
-    for key, v in (("train.max_steps", t.max_steps), ("train.tokens_per_step", t.tokens_per_step),
-                   ("train.micro_batch", t.micro_batch), ("train.eval_batches", t.eval_batches),
-                   ("logging.log_every", cfg.logging.log_every), ("model.block_size", m.block_size),
-                   ("model.n_layer", m.n_layer), ("model.n_head", m.n_head), ("model.n_embd", m.n_embd)):
+    _check(
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
+        f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}",
+    )
+    for key, v in (
+        ("train.max_steps", t.max_steps),
+        ("train.tokens_per_step", t.tokens_per_step),
+        ("train.micro_batch", t.micro_batch),
+        ("train.eval_batches", t.eval_batches),
+        ("logging.log_every", cfg.logging.log_every),
+        ("model.block_size", m.block_size),
+        ("model.n_layer", m.n_layer),
+        ("model.n_head", m.n_head),
+        ("model.n_embd", m.n_embd),
+    ):
         _check(v > 0, f"{key} must be > 0; got {v}")
-    for key, v in (("train.eval_every", t.eval_every), ("checkpoint.every", cfg.checkpoint.every),
-                   ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("schedule.warmup_steps", s.warmup_steps),
-                   ("logging.sample_every", cfg.logging.sample_every), ("optim.lr", o.lr),
-                   ("optim.weight_decay", o.weight_decay), ("optim.grad_clip", o.grad_clip),
-                   ("logging.profile_steps", cfg.logging.profile_steps),
-                   ("logging.sample_tokens", cfg.logging.sample_tokens)):
+    for key, v in (
+        ("train.eval_every", t.eval_every),
+        ("checkpoint.every", cfg.checkpoint.every),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+        ("schedule.warmup_steps", s.warmup_steps),
+        ("logging.sample_every", cfg.logging.sample_every),
+        ("optim.lr", o.lr),
+        ("optim.weight_decay", o.weight_decay),
+        ("optim.grad_clip", o.grad_clip),
+        ("logging.profile_steps", cfg.logging.profile_steps),
+        ("logging.sample_tokens", cfg.logging.sample_tokens),
+    ):
         _check(v >= 0, f"{key} must be >= 0; got {v}")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-           f"optim.betas must be two numbers in [0, 1); got {o.betas}")
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1); got {o.betas}",
+    )
     _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1]; got {s.min_lr_ratio}")
     _check(0 <= s.decay_frac <= 1, f"schedule.decay_frac must be in [0, 1]; got {s.decay_frac}")
     _check(s.total_steps is None or s.total_steps > 0, "schedule.total_steps must be > 0 or null")
     _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1); got {m.dropout}")
-    _check(cfg.seq_len <= m.block_size,
-           f"data.seq_len ({cfg.seq_len}) exceeds model.block_size ({m.block_size}); lower it or raise block_size")
-    _check(t.tokens_per_step % (cfg.seq_len * t.micro_batch) == 0,
-           f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of seq_len * micro_batch "
-           f"({cfg.seq_len} * {t.micro_batch} = {cfg.seq_len * t.micro_batch}); e.g. "
-           f"{max(1, round(t.tokens_per_step / (cfg.seq_len * t.micro_batch))) * cfg.seq_len * t.micro_batch}")
+    _check(
+        cfg.seq_len <= m.block_size,
+        f"data.seq_len ({cfg.seq_len}) exceeds model.block_size ({m.block_size}); lower it or raise block_size",
+    )
+    _check(
+        t.tokens_per_step % (cfg.seq_len * t.micro_batch) == 0,
+        f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of seq_len * micro_batch "
+        f"({cfg.seq_len} * {t.micro_batch} = {cfg.seq_len * t.micro_batch}); e.g. "
+        f"{max(1, round(t.tokens_per_step / (cfg.seq_len * t.micro_batch))) * cfg.seq_len * t.micro_batch}",
+    )
     _check(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
     try:  # the model's own checks (head divisibility, GQA needs family modern, ...)
         from model.config import ModelConfig

@@ -45,6 +45,7 @@ PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # Strate
 
 # ----------------------------------------------------------------------------- set-up helpers
 
+
 def pick_device(spec: str, local_rank: int = 0) -> torch.device:
     """`auto`: this rank's GPU when CUDA is present, else the CPU."""
     if spec == "auto":
@@ -91,8 +92,10 @@ def read_dataset_meta(data_dir: str) -> dict:
 
     path = Path(data_dir)
     if not path.is_dir():
-        raise TrainError(f"data.dir={data_dir} does not exist: prepare it first, e.g. "
-                         f"`python -m data.prepare --source pydoc --tokenizer bytes --out {data_dir}`")
+        raise TrainError(
+            f"data.dir={data_dir} does not exist: prepare it first, e.g. "
+            f"`python -m data.prepare --source pydoc --tokenizer bytes --out {data_dir}`"
+        )
     return read_meta(path)
 
 
@@ -106,21 +109,27 @@ def build_model_config(cfg: Config, meta: dict) -> tuple[ModelConfig, dict | Non
             raise TrainError(f"train.init_from: {e}") from None
         tok = imeta.get("tokenizer")
         if tok is not None and tok != meta["tokenizer"]:
-            raise TrainError(f"train.init_from={cfg.train.init_from} was trained with tokenizer {tok!r} but "
-                             f"data.dir={cfg.data.dir} holds {meta['tokenizer']!r} tokens; prepare the data "
-                             f"with --tokenizer {tok}")
+            raise TrainError(
+                f"train.init_from={cfg.train.init_from} was trained with tokenizer {tok!r} but "
+                f"data.dir={cfg.data.dir} holds {meta['tokenizer']!r} tokens; prepare the data "
+                f"with --tokenizer {tok}"
+            )
         if icfg.vocab_size < meta["vocab_size"]:
             raise TrainError(f"train.init_from has vocab_size {icfg.vocab_size} < the dataset's {meta['vocab_size']}")
         mcfg = dataclasses.replace(icfg, dropout=cfg.model.dropout)
         if cfg.seq_len > mcfg.block_size:
-            raise TrainError(f"data.seq_len {cfg.seq_len} exceeds init_from's block_size {mcfg.block_size}; "
-                             f"set data.seq_len <= {mcfg.block_size}")
+            raise TrainError(
+                f"data.seq_len {cfg.seq_len} exceeds init_from's block_size {mcfg.block_size}; "
+                f"set data.seq_len <= {mcfg.block_size}"
+            )
         return mcfg, state
     fields = dataclasses.asdict(cfg.model)
     vocab = fields["vocab_size"] or meta["vocab_size"]
     if vocab < meta["vocab_size"]:
-        raise TrainError(f"model.vocab_size {vocab} is smaller than the dataset's vocab_size {meta['vocab_size']} "
-                         f"(tokenizer {meta['tokenizer']!r}); set model.vocab_size=null to take the dataset's")
+        raise TrainError(
+            f"model.vocab_size {vocab} is smaller than the dataset's vocab_size {meta['vocab_size']} "
+            f"(tokenizer {meta['tokenizer']!r}); set model.vocab_size=null to take the dataset's"
+        )
     return ModelConfig(**{**fields, "vocab_size": vocab}), None
 
 
@@ -133,9 +142,11 @@ def check_resume_compatible(ckpt: Path, mcfg: ModelConfig) -> None:
     a, b = saved.to_dict(), mcfg.to_dict()
     diff = {k: (a[k], b[k]) for k in a if k != "dropout" and a.get(k) != b.get(k)}
     if diff:
-        raise TrainError(f"cannot resume from {ckpt}: its model differs from the config "
-                         f"({', '.join(f'{k}: {x} -> {y}' for k, (x, y) in diff.items())}); "
-                         "use another train.run_dir, or train.resume=never to start over")
+        raise TrainError(
+            f"cannot resume from {ckpt}: its model differs from the config "
+            f"({', '.join(f'{k}: {x} -> {y}' for k, (x, y) in diff.items())}); "
+            "use another train.run_dir, or train.resume=never to start over"
+        )
 
 
 class StopFlag:
@@ -150,8 +161,12 @@ class StopFlag:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then "
-              "exiting (Ctrl-C again to abort now)", file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then "
+            "exiting (Ctrl-C again to abort now)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self) -> StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -166,8 +181,13 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
-def train_step(model: nn.Module, strategy: Strategy, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-               amp: contextlib.AbstractContextManager, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(
+    model: nn.Module,
+    strategy: Strategy,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    amp: contextlib.AbstractContextManager,
+    grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches (each x, y: (micro_batch, seq_len) int64).
     Returns (mean loss over the micro-batches, pre-clip grad norm) as device scalars: no host sync."""
     n = len(micro_batches)
@@ -185,21 +205,23 @@ def train_step(model: nn.Module, strategy: Strategy, micro_batches: list[tuple[t
 
 # ----------------------------------------------------------------------------- the run
 
+
 def run(cfg: Config, *, log=print) -> dict:
     """Train as configured. Returns {"step", "val_loss", "best_val", "stopped": done|signal name}.
     Raises TrainError (or data's DataError) for anything the user can fix or must know."""
     rank, local_rank, world_size = env_world()
     if world_size > 1 and cfg.parallel.strategy == "none":
-        raise TrainError(f"WORLD_SIZE={world_size} (torchrun) but parallel.strategy=none: set "
-                         "parallel.strategy=ddp (or fsdp / deepspeed), or start a single process")
+        raise TrainError(
+            f"WORLD_SIZE={world_size} (torchrun) but parallel.strategy=none: set "
+            "parallel.strategy=ddp (or fsdp / deepspeed), or start a single process"
+        )
     device = pick_device(cfg.train.device, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # default-device allocations and the CUDA RNG are this GPU's
     if cfg.train.dtype == "auto":  # resolved once, here: the printed and saved config says what ran
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, dtype=resolve_dtype(device)))
     if cfg.train.dtype == "float16" and device.type != "cuda":
-        raise TrainError("train.dtype=float16 needs CUDA (loss scaling); use bfloat16 or float32 on "
-                         f"{device.type}")
+        raise TrainError(f"train.dtype=float16 needs CUDA (loss scaling); use bfloat16 or float32 on {device.type}")
     if cfg.train.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TrainError("this GPU has no bfloat16 support; use train.dtype=float16")
     try:
@@ -252,14 +274,23 @@ class _Run:
             missing, unexpected = model.load_state_dict(init_state, strict=False)
             missing = [k for k in missing if not (self.mcfg.tie_embeddings and k == "lm_head.weight")]
             if missing or unexpected:
-                raise TrainError(f"train.init_from weights do not fit its own config (missing {missing}, "
-                                 f"unexpected {unexpected})")
+                raise TrainError(
+                    f"train.init_from weights do not fit its own config (missing {missing}, unexpected {unexpected})"
+                )
         self.flops_per_token = model.flops_per_token(self.seq_len)
         self.n_params = model.num_params()
 
-        self.loader = BatchLoader(cfg.data.dir, seq_len=self.seq_len, tokens_per_step=cfg.train.tokens_per_step,
-                                  micro_batch=cfg.train.micro_batch, rank=s.rank, world_size=s.world_size,
-                                  seed=cfg.train.seed, device=self.device, vocab_size=self.mcfg.vocab_size)
+        self.loader = BatchLoader(
+            cfg.data.dir,
+            seq_len=self.seq_len,
+            tokens_per_step=cfg.train.tokens_per_step,
+            micro_batch=cfg.train.micro_batch,
+            rank=s.rank,
+            world_size=s.world_size,
+            seed=cfg.train.seed,
+            device=self.device,
+            vocab_size=self.mcfg.vocab_size,
+        )
         s.grad_accum_steps = self.loader.grad_accum_steps
         s.grad_clip = cfg.optim.grad_clip
         s.precision = PRECISION[cfg.train.dtype]
@@ -298,24 +329,39 @@ class _Run:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.peak_flops, self.peak_source = device_peak_flops(self.device, cfg.train.dtype)
-        self.metrics = MetricsWriter(self.run_dir, self.main, cfg.logging.tensorboard, cfg.logging.wandb,
-                                     cfg.logging.wandb_project, cfg.logging.wandb_run_name, cfg.to_dict())
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            self.main,
+            cfg.logging.tensorboard,
+            cfg.logging.wandb,
+            cfg.logging.wandb_project,
+            cfg.logging.wandb_run_name,
+            cfg.to_dict(),
+        )
 
     def describe(self) -> None:
         cfg, s = self.cfg, self.s
         self.log("resolved config:\n" + "\n".join("  " + line for line in cfg.to_yaml().splitlines()))
-        self.log(f"run dir {self.run_dir} | device {self.device} x {s.world_size} | strategy {cfg.parallel.strategy} "
-                 f"| dtype {cfg.train.dtype} | compile {cfg.train.compile}")
-        self.log(f"model {self.n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
-                 f"{self.mcfg.n_embd} wide) | data {cfg.data.dir} (tokenizer {self.meta['tokenizer']}, "
-                 f"vocab {self.meta['vocab_size']}, {self.meta['train_tokens']:,} train tokens)")
-        self.log(f"batch {cfg.train.tokens_per_step:,} tokens/step = {s.world_size} rank(s) x "
-                 f"{self.loader.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {self.seq_len} | "
-                 f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | peak {self.peak_flops / 1e12:.3g} TFLOP/s "
-                 f"({self.peak_source})")
+        self.log(
+            f"run dir {self.run_dir} | device {self.device} x {s.world_size} | strategy {cfg.parallel.strategy} "
+            f"| dtype {cfg.train.dtype} | compile {cfg.train.compile}"
+        )
+        self.log(
+            f"model {self.n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
+            f"{self.mcfg.n_embd} wide) | data {cfg.data.dir} (tokenizer {self.meta['tokenizer']}, "
+            f"vocab {self.meta['vocab_size']}, {self.meta['train_tokens']:,} train tokens)"
+        )
+        self.log(
+            f"batch {cfg.train.tokens_per_step:,} tokens/step = {s.world_size} rank(s) x "
+            f"{self.loader.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {self.seq_len} | "
+            f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | peak {self.peak_flops / 1e12:.3g} TFLOP/s "
+            f"({self.peak_source})"
+        )
         if self.device.type == "cpu" and cfg.train.dtype == "bfloat16" and not cpu_has_fast_bf16():
-            self.log("note: this CPU has no bf16 matrix instructions (AVX512-BF16 / AMX): bf16 matmuls are "
-                     "emulated and several times slower than float32 here; consider train.dtype=float32")
+            self.log(
+                "note: this CPU has no bf16 matrix instructions (AVX512-BF16 / AMX): bf16 matmuls are "
+                "emulated and several times slower than float32 here; consider train.dtype=float32"
+            )
         if self.resumed_from is not None:
             self.log(f"resumed from {self.resumed_from} at step {self.step}")
         elif cfg.train.init_from:
@@ -327,9 +373,16 @@ class _Run:
         from data.loader import val_batches
 
         cfg = self.cfg
-        batches = val_batches(cfg.data.dir, seq_len=self.seq_len, batch_size=cfg.train.micro_batch,
-                              max_batches=cfg.train.eval_batches, rank=self.s.rank, world_size=self.s.world_size,
-                              device=self.device, vocab_size=self.mcfg.vocab_size)
+        batches = val_batches(
+            cfg.data.dir,
+            seq_len=self.seq_len,
+            batch_size=cfg.train.micro_batch,
+            max_batches=cfg.train.eval_batches,
+            rank=self.s.rank,
+            world_size=self.s.world_size,
+            device=self.device,
+            vocab_size=self.mcfg.vocab_size,
+        )
         amp_dtype = None if cfg.train.dtype == "float32" else getattr(torch, cfg.train.dtype)
         with self.fork_rng():
             total, count = loss_totals(self.model, batches, autocast_dtype=amp_dtype)
@@ -340,8 +393,15 @@ class _Run:
         lc = self.cfg.logging
         prompt = self.tokenizer.encode(lc.sample_prompt, allowed_special="all")
         with self.fork_rng():
-            ids = generate(self.bare, prompt, lc.sample_tokens, temperature=lc.sample_temperature,
-                           top_k=lc.sample_top_k, seed=self.cfg.train.seed, device=self.device)
+            ids = generate(
+                self.bare,
+                prompt,
+                lc.sample_tokens,
+                temperature=lc.sample_temperature,
+                top_k=lc.sample_top_k,
+                seed=self.cfg.train.seed,
+                device=self.device,
+            )
         return lc.sample_prompt + decode(self.tokenizer, ids, self.meta.get("eot_id"))
 
     def fork_rng(self) -> contextlib.AbstractContextManager:
@@ -367,7 +427,8 @@ class _Run:
                 f"non-finite loss or gradient {where}: stopping without saving that state. "
                 + (f"The last good checkpoint is {self.ckpts.root / last}; " if last else "")
                 + "lower optim.lr, raise schedule.warmup_steps, keep optim.grad_clip > 0, or use bfloat16 "
-                "instead of float16")
+                "instead of float16"
+            )
 
     def save(self, is_best: bool) -> Path:
         self.stop_if_nonfinite()  # never write a non-finite state
@@ -404,8 +465,10 @@ class _Run:
         self.bar = None
         self.describe()
         if self.step >= max_steps:
-            self.log(f"nothing to do: the run is at step {self.step} >= train.max_steps={max_steps} "
-                     "(raise train.max_steps to continue, or train.resume=never to start over)")
+            self.log(
+                f"nothing to do: the run is at step {self.step} >= train.max_steps={max_steps} "
+                "(raise train.max_steps to continue, or train.resume=never to start over)"
+            )
             self.metrics.close()
             return {"step": self.step, "val_loss": self.last_val, "best_val": self.best_val, "stopped": "done"}
 
@@ -414,8 +477,13 @@ class _Run:
             self.metrics.write({"step": 0, "val_loss": self.last_val})
             self.log(f"step 0 | val loss {self.last_val:.4f}")
 
-        self.bar = tqdm(total=max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                        disable=not (self.main and lc.progress_bar and sys.stderr.isatty()))
+        self.bar = tqdm(
+            total=max_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (self.main and lc.progress_bar and sys.stderr.isatty()),
+        )
         # device-side bookkeeping: no .item() between log steps
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         step_t = torch.full((), self.step, dtype=torch.long, device=self.device)
@@ -449,10 +517,17 @@ class _Run:
                     mean_loss = s.all_reduce_sum(loss_acc / steps_acc) / s.world_size
                     elapsed = max(time.perf_counter() - t_last - t_excluded, 1e-9)
                     tps = cfg.train.tokens_per_step * steps_acc / elapsed
-                    record = {"step": self.step, "loss": mean_loss.item(), "lr": lr, "grad_norm": norm.item(),
-                              "tokens": self.step * cfg.train.tokens_per_step, "tokens_per_s": tps,
-                              "mfu": self.flops_per_token * tps / (self.peak_flops * s.world_size),
-                              "ms_per_step": 1000 * elapsed / steps_acc, "peak_mem_gb": peak_memory_gb(self.device)}
+                    record = {
+                        "step": self.step,
+                        "loss": mean_loss.item(),
+                        "lr": lr,
+                        "grad_norm": norm.item(),
+                        "tokens": self.step * cfg.train.tokens_per_step,
+                        "tokens_per_s": tps,
+                        "mfu": self.flops_per_token * tps / (self.peak_flops * s.world_size),
+                        "ms_per_step": 1000 * elapsed / steps_acc,
+                        "peak_mem_gb": peak_memory_gb(self.device),
+                    }
                     self.metrics.write(record)
                     self.log(format_line(record, max_steps))
                     self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
@@ -468,8 +543,10 @@ class _Run:
                     if improved:
                         self.best_val, self.best_step = self.last_val, self.step
                     self.metrics.write({"step": self.step, "val_loss": self.last_val})
-                    self.log(f"step {self.step} | val loss {self.last_val:.4f}"
-                             + (" (best)" if improved else f" (best {self.best_val:.4f} at {self.best_step})"))
+                    self.log(
+                        f"step {self.step} | val loss {self.last_val:.4f}"
+                        + (" (best)" if improved else f" (best {self.best_val:.4f} at {self.best_step})")
+                    )
                 if lc.sample_every > 0 and (self.step % lc.sample_every == 0 or last):
                     text = self.sample()
                     self.metrics.write({"step": self.step, "sample": text})
@@ -481,14 +558,20 @@ class _Run:
                 check_stop = s.world_size == 1 or self.step % lc.log_every == 0 or last
                 stopping = check_stop and s.any_flag(stop.signum is not None)
                 ck = cfg.checkpoint
-                if (stopping or (ck.every > 0 and self.step % ck.every == 0) or (last and ck.save_final)
-                        or (improved and ck.keep_best)):
+                if (
+                    stopping
+                    or (ck.every > 0 and self.step % ck.every == 0)
+                    or (last and ck.save_final)
+                    or (improved and ck.keep_best)
+                ):
                     self.save(is_best=improved and ck.keep_best)
                 t_excluded += time.perf_counter() - t0
                 if stopping:
                     stop_reason = signal.Signals(stop.signum).name if stop.signum else "signal on another rank"
-                    self.log(f"stopped by {stop_reason} at step {self.step}; checkpoint "
-                             f"{checkpoint_name(self.step)} saved. Run the same command to resume.")
+                    self.log(
+                        f"stopped by {stop_reason} at step {self.step}; checkpoint "
+                        f"{checkpoint_name(self.step)} saved. Run the same command to resume."
+                    )
                     break
         self.bar.close()
         self.metrics.close()
@@ -512,9 +595,15 @@ class _Run:
 
         def on_ready(prof) -> None:
             prof.export_chrome_trace(str(path))
-            self.log(f"profiler trace written to {path}\n"
-                     + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+            self.log(
+                f"profiler trace written to {path}\n"
+                + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+            )
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
-        return profile(activities=activities, schedule=schedule(wait=1, warmup=2, active=n, repeat=1),
-                       on_trace_ready=on_ready, record_shapes=True)
+        return profile(
+            activities=activities,
+            schedule=schedule(wait=1, warmup=2, active=n, repeat=1),
+            on_trace_ready=on_ready,
+            record_shapes=True,
+        )

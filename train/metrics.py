@@ -110,16 +110,26 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def format_line(r: dict, max_steps: int) -> str:
     width = len(str(max_steps))
-    return (f"step {r['step']:>{width}}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-            f"norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | mfu {100 * r['mfu']:.1f}% | "
-            f"{r['ms_per_step']:.0f} ms/step | mem {r['peak_mem_gb']:.2f} GB")
+    return (
+        f"step {r['step']:>{width}}/{max_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
+        f"norm {r['grad_norm']:.3f} | {r['tokens_per_s']:,.0f} tok/s | mfu {100 * r['mfu']:.1f}% | "
+        f"{r['ms_per_step']:.0f} ms/step | mem {r['peak_mem_gb']:.2f} GB"
+    )
 
 
 class MetricsWriter:
     """metrics.jsonl (always), TensorBoard and W&B (when enabled and installed). Main rank only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "gptrain", wandb_run_name: str | None = None, config: dict | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "gptrain",
+        wandb_run_name: str | None = None,
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
@@ -132,17 +142,21 @@ class MetricsWriter:
 
                 self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
             except ImportError:
-                print("logging.tensorboard: the tensorboard package is not installed; skipping "
-                      "(pip install tensorboard)", file=sys.stderr)
+                print(
+                    "logging.tensorboard: the tensorboard package is not installed; skipping (pip install tensorboard)",
+                    file=sys.stderr,
+                )
         if wandb:
             try:
                 import wandb as wb
 
-                self.wandb = wb.init(project=wandb_project, name=wandb_run_name, config=config,
-                                     dir=str(run_dir), resume="allow")
+                self.wandb = wb.init(
+                    project=wandb_project, name=wandb_run_name, config=config, dir=str(run_dir), resume="allow"
+                )
             except ImportError:
-                print("logging.wandb: the wandb package is not installed; skipping (pip install wandb)",
-                      file=sys.stderr)
+                print(
+                    "logging.wandb: the wandb package is not installed; skipping (pip install wandb)", file=sys.stderr
+                )
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -151,9 +165,14 @@ class MetricsWriter:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         step = record.get("step", 0)
-        scalars = {k: v for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "time")
-                   and math.isfinite(v)}
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and k not in ("step", "time")
+            and math.isfinite(v)
+        }
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)

@@ -26,8 +26,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool =
         seen.add(id(p))
         is_embedding = id(p) in embedding_ids
         (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
 
 
 def fused_supported(model: nn.Module) -> bool:
@@ -39,7 +41,10 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
     fused = fused_supported(model) if cfg.fused is None else cfg.fused
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay, cfg.decay_embeddings),
-        lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=fused or None,
     )
 
 

@@ -14,12 +14,20 @@ from model import KVCache
 
 
 @torch.no_grad()
-def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.8,
-             top_k: int | None = 50, seed: int = 0, device: torch.device | str = "cpu") -> list[int]:
+def generate(
+    model: nn.Module,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[int]:
     """Prompt token ids -> the prompt's continuation (new ids only). model is the bare GPT.
     A fixed number of tokens is drawn (no early stop), so that every rank runs the same forwards."""
     cfg = model.config
-    prompt = prompt[-(cfg.block_size - 1):] or [0]  # keep room for at least one new token
+    prompt = prompt[-(cfg.block_size - 1) :] or [0]  # keep room for at least one new token
     max_new_tokens = min(max_new_tokens, cfg.block_size - len(prompt))
     if max_new_tokens <= 0:
         return []
@@ -80,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ArtifactError, DataError, KeyError) as e:
         print(f"error: cannot sample from {args.ckpt}: {e}", file=sys.stderr)
         return 1
-    ids = generate(model, tok.encode(args.prompt, allowed_special="all"), args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    ids = generate(
+        model,
+        tok.encode(args.prompt, allowed_special="all"),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     print(args.prompt + decode(tok, ids, meta.get("eot_id")))
     return 0
 

@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"unigram model of {args.data_dir}: val cross entropy {cross:.4f} nats/token "
-          f"(train unigram entropy {entropy:.4f})")
+    print(
+        f"unigram model of {args.data_dir}: val cross entropy {cross:.4f} nats/token "
+        f"(train unigram entropy {entropy:.4f})"
+    )
     if args.run is not None:
         best = best_val(args.run)
         if best is None:

@@ -27,8 +27,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 def _set(section: dict, key: str, value, ours: str, theirs: str) -> None:
     if key in section and section[key] != value:
-        raise StrategyError(f"{ours}={value!r} but the DeepSpeed config sets {theirs}={section[key]!r}; "
-                            f"make them agree or remove {theirs} from the DeepSpeed config")
+        raise StrategyError(
+            f"{ours}={value!r} but the DeepSpeed config sets {theirs}={section[key]!r}; "
+            f"make them agree or remove {theirs} from the DeepSpeed config"
+        )
     section[key] = value
 
 
@@ -37,8 +39,9 @@ def load_json(path: str | Path) -> dict:
     try:
         doc = json.loads(p.read_text())
     except FileNotFoundError:
-        raise StrategyError(f"parallel.deepspeed_config: {p} not found; give the path of a DeepSpeed "
-                            "JSON config, or null") from None
+        raise StrategyError(
+            f"parallel.deepspeed_config: {p} not found; give the path of a DeepSpeed JSON config, or null"
+        ) from None
     except json.JSONDecodeError as e:
         raise StrategyError(f"parallel.deepspeed_config: {p} is not valid JSON ({e})") from None
     if not isinstance(doc, dict):
@@ -46,20 +49,33 @@ def load_json(path: str | Path) -> dict:
     return doc
 
 
-def build_ds_config(*, path: str | Path | None, overrides: dict, zero_stage: int | None, offload_optimizer: bool,
-                    grad_accum_steps: int, grad_clip: float, precision: str, world_size: int,
-                    cuda: bool) -> dict:
+def build_ds_config(
+    *,
+    path: str | Path | None,
+    overrides: dict,
+    zero_stage: int | None,
+    offload_optimizer: bool,
+    grad_accum_steps: int,
+    grad_clip: float,
+    precision: str,
+    world_size: int,
+    cuda: bool,
+) -> dict:
     cfg = _merge(load_json(path) if path else {}, overrides or {})
     for key in ("optimizer", "scheduler"):
         if key in cfg:
-            raise StrategyError(f"the DeepSpeed config defines {key!r}; the optimizer and learning-rate schedule "
-                                f"come from the training config (optim section): remove {key!r}")
+            raise StrategyError(
+                f"the DeepSpeed config defines {key!r}; the optimizer and learning-rate schedule "
+                f"come from the training config (optim section): remove {key!r}"
+            )
 
     zero = cfg.setdefault("zero_optimization", {})
     stage = zero_stage if zero_stage is not None else zero.get("stage", 2)
     if stage not in (1, 2, 3):
-        raise StrategyError(f"parallel.zero_stage={stage!r}: DeepSpeed runs here with ZeRO stage 1, 2 or 3 "
-                            "(stage 0 is plain data parallelism: use parallel.strategy=ddp)")
+        raise StrategyError(
+            f"parallel.zero_stage={stage!r}: DeepSpeed runs here with ZeRO stage 1, 2 or 3 "
+            "(stage 0 is plain data parallelism: use parallel.strategy=ddp)"
+        )
     _set(zero, "stage", stage, "parallel.zero_stage", "zero_optimization.stage")
     if offload_optimizer:
         off = zero.setdefault("offload_optimizer", {})
@@ -79,14 +95,24 @@ def build_ds_config(*, path: str | Path | None, overrides: dict, zero_stage: int
         raise StrategyError("the DeepSpeed config enables both bf16 and fp16; enable one")
 
     # The loop owns accumulation and clipping; DeepSpeed needs them at initialisation.
-    _set(cfg, "gradient_accumulation_steps", int(grad_accum_steps), "the loop's gradient accumulation",
-         "gradient_accumulation_steps")
+    _set(
+        cfg,
+        "gradient_accumulation_steps",
+        int(grad_accum_steps),
+        "the loop's gradient accumulation",
+        "gradient_accumulation_steps",
+    )
     _set(cfg, "gradient_clipping", float(grad_clip), "the loop's grad_clip", "gradient_clipping")
     # Batch sizes are bookkeeping for DeepSpeed here (our loader feeds the engine), but it checks
     # train_batch_size == micro * accumulation * world size.
     micro = cfg.setdefault("train_micro_batch_size_per_gpu", 1)
-    _set(cfg, "train_batch_size", micro * int(grad_accum_steps) * world_size,
-         "train_micro_batch_size_per_gpu x gradient accumulation x world size", "train_batch_size")
+    _set(
+        cfg,
+        "train_batch_size",
+        micro * int(grad_accum_steps) * world_size,
+        "train_micro_batch_size_per_gpu x gradient accumulation x world size",
+        "train_batch_size",
+    )
     cfg.setdefault("steps_per_print", QUIET_STEPS)
     cfg.setdefault("wall_clock_breakdown", False)
     return cfg

@@ -66,8 +66,10 @@ class DDPStrategy(DistributedStrategy, SingleProcess):
         ckpt_dir = Path(ckpt_dir)
         for sub, other in (("dcp", "fsdp"), ("deepspeed", "deepspeed")):
             if (ckpt_dir / sub).is_dir():
-                raise StrategyError(f"{ckpt_dir} was written by parallel.strategy={other} (it has {sub}/); "
-                                    f"resume it with parallel.strategy={other}")
+                raise StrategyError(
+                    f"{ckpt_dir} was written by parallel.strategy={other} (it has {sub}/); "
+                    f"resume it with parallel.strategy={other}"
+                )
         if not (ckpt_dir / "model").is_dir() or not (ckpt_dir / TRAIN_STATE).is_file():
             raise StrategyError(f"{ckpt_dir} is not a checkpoint: expected model/ and {TRAIN_STATE} in it")
         # Every rank reads the same files (a filesystem shared by all nodes), so all ranks resume
@@ -85,4 +87,3 @@ def build(device: torch.device | str, **options) -> DDPStrategy:
         activation_checkpointing=bool(options.get("activation_checkpointing") or False),
         compile=bool(options.get("compile") or False),
     )
-

@@ -50,8 +50,9 @@ def _import_deepspeed(device: torch.device):
     want = "cpu" if device.type == "cpu" else "cuda"
     have = os.environ.setdefault("DS_ACCELERATOR", want)
     if have != want:
-        raise DistributedSetupError(f"DS_ACCELERATOR={have} but the device is {device.type}; unset DS_ACCELERATOR "
-                                    f"or set it to {want}")
+        raise DistributedSetupError(
+            f"DS_ACCELERATOR={have} but the device is {device.type}; unset DS_ACCELERATOR or set it to {want}"
+        )
     try:
         import deepspeed
     except ImportError as e:
@@ -62,17 +63,26 @@ def _import_deepspeed(device: torch.device):
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() != want:
-        raise DistributedSetupError(f"deepspeed was already set up for {get_accelerator().device_name()}, but "
-                                    f"the device is {device.type}; set DS_ACCELERATOR={want} before starting")
+        raise DistributedSetupError(
+            f"deepspeed was already set up for {get_accelerator().device_name()}, but "
+            f"the device is {device.type}; set DS_ACCELERATOR={want} before starting"
+        )
     return deepspeed
 
 
 class DeepSpeedStrategy(DistributedStrategy):
     name = "deepspeed"
 
-    def __init__(self, device: torch.device | str, zero_stage: int | None = None, deepspeed_config: str | None = None,
-                 offload_optimizer: bool = False, deepspeed: dict | None = None,
-                 activation_checkpointing: bool = False, compile: bool = False):
+    def __init__(
+        self,
+        device: torch.device | str,
+        zero_stage: int | None = None,
+        deepspeed_config: str | None = None,
+        offload_optimizer: bool = False,
+        deepspeed: dict | None = None,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+    ):
         self.ds = _import_deepspeed(torch.device(device))  # first: a missing package needs no launcher
         super().__init__(device)
         # DeepSpeed wraps the torch process group we created (it does not make its own).
@@ -90,17 +100,23 @@ class DeepSpeedStrategy(DistributedStrategy):
         bare = unwrap(model)
         apply_block_transforms(bare, self.activation_checkpointing, compile_blocks=False)
         self.ds_config = build_ds_config(
-            path=self.config_path, overrides=self.overrides, zero_stage=self.zero_stage,
-            offload_optimizer=self.offload_optimizer, grad_accum_steps=self.grad_accum_steps,
-            grad_clip=self.grad_clip, precision=self.precision, world_size=self.world_size,
+            path=self.config_path,
+            overrides=self.overrides,
+            zero_stage=self.zero_stage,
+            offload_optimizer=self.offload_optimizer,
+            grad_accum_steps=self.grad_accum_steps,
+            grad_clip=self.grad_clip,
+            precision=self.precision,
+            world_size=self.world_size,
             cuda=self.device.type == "cuda",
         )
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]
         self.optimizer = build_optimizer(bare)
         # dist_init_required=False: the process group exists (ours); DeepSpeed moves the module to
         # its device, casts it for bf16/fp16 and partitions as the stage says.
-        self.engine, _, _, _ = self.ds.initialize(model=bare, optimizer=self.optimizer, config=self.ds_config,
-                                                  dist_init_required=False)
+        self.engine, _, _, _ = self.ds.initialize(
+            model=bare, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
+        )
         self._accum_at_wrap = self.grad_accum_steps
         if self.compile:
             self.engine.compile()  # DeepSpeed's own entry point (it knows ZeRO-3's hooks)
@@ -166,8 +182,15 @@ class DeepSpeedStrategy(DistributedStrategy):
         sd = self.model_state_dict()  # collective
         if self.is_main:
             save_artifact(ckpt_dir / "model", sd, unwrap(self.engine).config, metadata)
-            torch.save({"extra": extra_state, "strategy": self.name, "world_size": self.world_size,
-                        "zero_stage": self.zero_stage}, ckpt_dir / TRAIN_STATE)
+            torch.save(
+                {
+                    "extra": extra_state,
+                    "strategy": self.name,
+                    "world_size": self.world_size,
+                    "zero_stage": self.zero_stage,
+                },
+                ckpt_dir / TRAIN_STATE,
+            )
         self.barrier()  # the caller renames the directory after save(): every file must be written
 
     def load(self, ckpt_dir: Path) -> dict:
@@ -182,8 +205,9 @@ class DeepSpeedStrategy(DistributedStrategy):
                 f"with {saved_world} ranks and parallel.zero_stage={saved_stage}, or start a new run from its "
                 f"weights with train.init_from={ckpt_dir / 'model'} (a fresh optimizer state)"
             )
-        path, _ = self.engine.load_checkpoint(str(ckpt_dir / DS_DIR), tag=TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        path, _ = self.engine.load_checkpoint(
+            str(ckpt_dir / DS_DIR), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
         if path is None:
             raise StrategyError(f"DeepSpeed found no checkpoint under {ckpt_dir / DS_DIR}/{TAG}")
         return state["extra"]

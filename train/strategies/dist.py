@@ -23,15 +23,27 @@ from train.strategy import Strategy
 
 # Every field of the config's `parallel` section; each strategy reads the ones it uses and
 # ignores the others (they carry defaults), so one config file works with every strategy.
-KNOWN_OPTIONS = frozenset({
-    "strategy", "fsdp_param_dtype", "fsdp_reduce_dtype", "zero_stage", "deepspeed_config",
-    "offload_optimizer", "deepspeed", "activation_checkpointing", "compile",
-})
+KNOWN_OPTIONS = frozenset(
+    {
+        "strategy",
+        "fsdp_param_dtype",
+        "fsdp_reduce_dtype",
+        "zero_stage",
+        "deepspeed_config",
+        "offload_optimizer",
+        "deepspeed",
+        "activation_checkpointing",
+        "compile",
+    }
+)
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
 }
 
 
@@ -51,10 +63,13 @@ def require_layout(ckpt_dir, subdir: str, strategy: str) -> None:
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / subdir).is_dir():
         return
-    other = "fsdp" if (ckpt_dir / "dcp").is_dir() else "deepspeed" if (ckpt_dir / "deepspeed").is_dir() \
-        else "none or ddp"
-    raise StrategyError(f"{ckpt_dir} has no {subdir}/ (parallel.strategy={strategy} writes one): it was written "
-                        f"by parallel.strategy={other}; resume it with that strategy")
+    other = (
+        "fsdp" if (ckpt_dir / "dcp").is_dir() else "deepspeed" if (ckpt_dir / "deepspeed").is_dir() else "none or ddp"
+    )
+    raise StrategyError(
+        f"{ckpt_dir} has no {subdir}/ (parallel.strategy={strategy} writes one): it was written "
+        f"by parallel.strategy={other}; resume it with that strategy"
+    )
 
 
 def check_options(strategy: str, options: dict) -> None:
@@ -109,8 +124,11 @@ def init_distributed(device: torch.device | str, strategy: str, timeout_s: float
             f"`torchrun --nproc_per_node=N -m train ...` (or launch.sh), or use parallel.strategy=none "
             "for one process"
         )
-    rank, local_rank, world_size = (_env_int("RANK"), _env_int("LOCAL_RANK"), _env_int("WORLD_SIZE")) \
-        if not missing else (dist.get_rank(), dist.get_rank(), dist.get_world_size())
+    rank, local_rank, world_size = (
+        (_env_int("RANK"), _env_int("LOCAL_RANK"), _env_int("WORLD_SIZE"))
+        if not missing
+        else (dist.get_rank(), dist.get_rank(), dist.get_world_size())
+    )
     if not 0 <= rank < world_size:
         raise DistributedSetupError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher's settings")
 

@@ -46,9 +46,14 @@ DCP_DIR = "dcp"
 class FSDPStrategy(DistributedStrategy):
     name = "fsdp"
 
-    def __init__(self, device: torch.device | str, param_dtype: torch.dtype | None = None,
-                 reduce_dtype: torch.dtype | None = torch.float32, activation_checkpointing: bool = False,
-                 compile: bool = False):
+    def __init__(
+        self,
+        device: torch.device | str,
+        param_dtype: torch.dtype | None = None,
+        reduce_dtype: torch.dtype | None = torch.float32,
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+    ):
         super().__init__(device)
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.activation_checkpointing, self.compile = activation_checkpointing, compile
@@ -91,9 +96,11 @@ class FSDPStrategy(DistributedStrategy):
             param_dtype = None  # no cast at all
         if param_dtype == torch.float16 or self.precision == "fp16":
             # float16 needs loss scaling, which this strategy does not do (torchtitan neither).
-            raise StrategyError("parallel.strategy=fsdp runs in bfloat16 or float32: set train.dtype=bfloat16 "
-                                "(and parallel.fsdp_param_dtype to bfloat16 or null), or use parallel.strategy=ddp "
-                                "for float16 with loss scaling")
+            raise StrategyError(
+                "parallel.strategy=fsdp runs in bfloat16 or float32: set train.dtype=bfloat16 "
+                "(and parallel.fsdp_param_dtype to bfloat16 or null), or use parallel.strategy=ddp "
+                "for float16 with loss scaling"
+            )
         return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=self.reduce_dtype)
 
     def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
@@ -128,8 +135,9 @@ class FSDPStrategy(DistributedStrategy):
         if self.is_main:
             doc = {"format": FORMAT, "config": unwrap(self.model).config.to_dict(), "metadata": metadata or {}}
             (ckpt_dir / CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
-            torch.save({"extra": extra_state, "strategy": self.name, "world_size": self.world_size},
-                       ckpt_dir / TRAIN_STATE)
+            torch.save(
+                {"extra": extra_state, "strategy": self.name, "world_size": self.world_size}, ckpt_dir / TRAIN_STATE
+            )
         self.barrier()  # the caller renames the directory after save(): every file must be written
 
     def load(self, ckpt_dir: Path) -> dict:
@@ -156,4 +164,3 @@ def build(device: torch.device | str, **options) -> FSDPStrategy:
         activation_checkpointing=bool(options.get("activation_checkpointing") or False),
         compile=bool(options.get("compile") or False),
     )
-
