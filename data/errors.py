@@ -4,6 +4,8 @@ It subclasses ValueError so that callers who only know the builtin types still c
 turn it into a one-line message and a non-zero exit instead of a traceback.
 """
 
+from model.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A user-fixable problem; the message says what is wrong and what to do."""

@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from model.errors import UserError
 
-class UsageError(ValueError):
+
+class UsageError(UserError, ValueError):
     """A mistake the user can fix (bad flag value, missing file, prompt too long); the message says how."""
 
 
 # Errors a user can cause anywhere below a CLI: ours, model.io's ArtifactError (a FileNotFoundError),
 # data's DataError (a ValueError), ModelConfig's ValueError, a missing / unreadable / existing path.
-USER_ERRORS = (UsageError, ValueError, OSError)
+USER_ERRORS = (UserError, ValueError, OSError)
 
 
 def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
+from model.errors import UserError
 from model.gpt import GPT
 
 WEIGHTS = "model.safetensors"
@@ -29,7 +30,7 @@ FORMAT = 1
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 
 
-class ArtifactError(FileNotFoundError):
+class ArtifactError(UserError):
     """A path that holds no model we can read; the message says what was expected."""
 
 

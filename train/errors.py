@@ -4,8 +4,10 @@
 and a non-zero exit, never a traceback. Kept free of torch so that config errors are reported fast.
 """
 
+from model.errors import UserError
 
-class TrainError(RuntimeError):
+
+class TrainError(UserError, RuntimeError):
     """A user-fixable problem or a deliberate stop (bad config, missing data, non-finite loss);
     the message says what happened and what to do."""
 
