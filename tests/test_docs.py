@@ -197,7 +197,9 @@ class Workspace:
             text=True,
         )
         if p.returncode != 0:
-            out = (p.stdout + p.stderr)[-6000:]
+            out = p.stdout + p.stderr
+            if len(out) > 8000:  # the first error and the last words; torchrun's summary alone hides the cause
+                out = out[:3000] + "\n[...]\n" + out[-5000:]
             pytest.fail(f"{why}{cmd.id} exited {p.returncode}:\n$ {shown}\n{out}", pytrace=False)
 
 
