@@ -217,6 +217,23 @@ def test_docs_show_commands_and_the_layout_rule_holds():
         assert (REPO / link).exists() or link == "docs/offline.md", f"README.md links to a missing {link}"
 
 
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_the_docs_resolve():
+    for doc in DOCS:
+        for target, anchor in re.findall(r"\]\(((?:docs/)?[\w.-]+\.md)(?:#([\w-]+))?\)", doc.read_text()):
+            path = (doc.parent / target).resolve()
+            if path.name == "offline.md" and not path.exists():
+                continue  # written by another change of the same release
+            assert path.exists(), f"{doc.name} links to a missing {target}"
+            if anchor:
+                anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)}
+                assert anchor in anchors, f"{doc.name} links to {target}#{anchor}, which has no such heading"
+
+
 def test_readme_shows_the_ci_test_command():
     cmd = ci_test_command()
     shown = [c.text for c in commands(REPO / "README.md")]
