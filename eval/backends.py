@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from eval.cli import UsageError
-from model import GPT, KVCache
+from model import GPT, KVCache, dtypes
 from model.onnx_export import DECODER, FULL, past_names, session
 
 BACKENDS = ("torch", "int8", "onnx")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {dtypes.short(n): dtypes.torch_dtype(n) for n in ("float32", "bfloat16")}  # the torch backend's
 
 
 class Backend:

@@ -5,11 +5,20 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
+from model.dtypes import short
 from model.errors import UserError
 
 
 class UsageError(UserError, ValueError):
     """A mistake the user can fix (bad flag value, missing file, prompt too long); the message says how."""
+
+
+def dtype_flag(name: str, flag: str = "--dtype") -> str:
+    """A --dtype value (bf16, bfloat16, ...) as its short name, the one model.dtypes table deciding."""
+    try:
+        return short(name)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 # Errors a user can cause anywhere below a CLI: ours, model.io's ArtifactError (a FileNotFoundError),

@@ -15,6 +15,7 @@ tokens: throughput does not depend on their values, and no dataset is needed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import GPT, ModelConfig
+from model import GPT, ModelConfig, dtypes
 from train.config import Config, ConfigError, OptimSection, load_config
 from train.loop import autocast_ctx, pick_device, train_step
 from train.metrics import device_peak_flops
@@ -62,12 +63,12 @@ SETTINGS = {
 def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torch.device) -> dict:
     """Median seconds per optimizer step of `setting` on cfg's model and batch."""
     torch.manual_seed(0)
-    mcfg = ModelConfig(**{**cfg.model.__dict__, "vocab_size": vocab_size(cfg)})
+    mcfg = dataclasses.replace(cfg.model, vocab_size=vocab_size(cfg))
     model = GPT(mcfg)
     seq, mb = cfg.seq_len, cfg.train.micro_batch
     accum = cfg.train.tokens_per_step // (seq * mb)
     strategy = SingleProcess(device)
-    strategy.grad_accum_steps, strategy.precision = accum, {"float32": "fp32", "bfloat16": "bf16"}[setting.dtype]
+    strategy.grad_accum_steps, strategy.precision = accum, dtypes.short(setting.dtype)
     optim_cfg = OptimSection(**{**cfg.optim.__dict__, "fused": setting.fused})
     model, _ = strategy.wrap(model, lambda m: build_optimizer(m, optim_cfg))
     if setting.compile:
