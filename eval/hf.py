@@ -18,7 +18,6 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from eval.cli import UsageError, run
 from model import GPT
+from model.files import atomic_dir
 from model.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
 from model.io import load_state, save_artifact
 
@@ -173,10 +173,7 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to replace it, or choose another output")
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, overwrite=force) as tmp:  # a crash leaves the old directory or the new one
         save_file(
             {k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
         )
@@ -184,12 +181,6 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
         why = write_hf_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size, cfg.block_size, tmp)
         if why:
             print(f"note: no tokenizer files written: {why}", file=sys.stderr)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
