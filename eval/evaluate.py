@@ -84,8 +84,8 @@ def evaluate(backend: Backend, batches: Batches, byte_table: torch.Tensor) -> di
                 logits.flatten(0, 1).double(), y.flatten(), ignore_index=-100, reduction="sum"
             ).item()
             count += int((y != -100).sum())
-        if count == 0:
-            raise UsageError("no batches to evaluate: the split is empty or shorter than one window")
+    if count == 0:
+        raise UsageError("no batches to evaluate: the split is empty or shorter than one window")
     loss = total / count
     n_bytes = counted["bytes"]
     return {

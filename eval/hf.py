@@ -48,7 +48,10 @@ def read_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     if (d / "model.safetensors").is_file():
         files = [d / "model.safetensors"]
     elif index.is_file():  # sharded: model-00001-of-0000N.safetensors
-        files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise UsageError(f"{index} is not a safetensors index (no weight_map: {e!r})") from None
     else:
         bins = [p.name for p in d.glob("*.bin")]
         hint = (
@@ -68,8 +71,13 @@ def read_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
 
 def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str = "gpt2", force: bool = False) -> Path:
     """A Hugging Face GPT-2 directory -> our model artifact (weights checked against the config)."""
+    if Path(out).exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it, or choose another output")
     hf_cfg, hf_sd = read_hf_dir(hf_dir)
-    cfg = config_from_hf(hf_cfg)
+    try:
+        cfg = config_from_hf(hf_cfg)
+    except (ValueError, KeyError, TypeError) as e:  # ModelConfig's checks too; KeyError: a key it needs
+        raise UsageError(f"{hf_dir}/config.json does not convert: {e}") from None
     sd = from_hf_state_dict(hf_sd, cfg)
     with torch.device("meta"):
         model = GPT(cfg)

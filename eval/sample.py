@@ -60,10 +60,15 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
                 return [f.read()]
         except OSError as e:
             raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
     if args.prompt:
         return args.prompt
     if not sys.stdin.isatty():
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise UsageError("the prompt on standard input is not UTF-8 text") from None
         return [text] if text else None
     return None
 
