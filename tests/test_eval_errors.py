@@ -76,6 +76,13 @@ def test_export_to_a_file_or_over_an_existing_export(capsys, tmp_path):
     assert (tmp_path / "e" / "model.pt2").read_text() == "an earlier export"
 
 
+def test_a_rejected_export_leaves_no_file_and_no_staging_directory(capsys, tmp_path, monkeypatch):
+    art = tiny_random(tmp_path / "m")
+    monkeypatch.setattr(export, "PT2_ATOL", -1.0)  # no program can pass: the check must reject it
+    fails_with(capsys, export.main, ["--ckpt", art, "--format", "pt2", "--out", tmp_path / "x"], "export rejected")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # neither x/model.pt2 nor .x.tmp-*
+
+
 def hf_dir(tmp_path, config: dict):
     d = tmp_path / "hf"
     d.mkdir()
