@@ -194,3 +194,19 @@ def test_decode_layout_keeps_values_shapes_and_tying():
     torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
     # The embedding still looks up rows of the re-strided table.
     torch.testing.assert_close(model.transformer.wte(x), before["transformer.wte.weight"][x])
+
+
+def test_train_sample_cli(tmp_path, capsys):
+    """python -m train.sample: the trainer's fallback sampler prints prompt + continuation; a missing
+    checkpoint is one line and exit 2."""
+    from _eval_fixtures import tiny_random
+
+    art = tiny_random(tmp_path / "m")
+    assert (
+        train_sample.main(["--ckpt", str(art), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("def ") and len(out) > len("def \n")
+    assert train_sample.main(["--ckpt", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot sample from") and len(err.strip().splitlines()) == 1

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from data.errors import DataError
     from data.tokenizer import get_tokenizer
-    from model.io import ArtifactError, load_model
+    from model.errors import UserError
+    from model.io import load_model
 
     ap = argparse.ArgumentParser(prog="python -m train.sample", description=main.__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="run directory, checkpoint or model artifact")
@@ -86,10 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--top-k must be >= 0 (0 = all tokens), got {args.top_k}")
     try:
         model, meta = load_model(args.ckpt)
+        if not meta.get("tokenizer"):  # an artifact written without one (e.g. by hand)
+            raise UserError("its metadata names no tokenizer; use eval.sample --tokenizer SPEC")
         tok = get_tokenizer(meta["tokenizer"], sha256=meta.get("tokenizer_sha256"))
-    except (ArtifactError, DataError, KeyError) as e:
+    except UserError as e:
         print(f"error: cannot sample from {args.ckpt}: {e}", file=sys.stderr)
-        return 1
+        return 2
     ids = generate(
         model,
         tok.encode(args.prompt, allowed_special="all"),
