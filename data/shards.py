@@ -217,8 +217,11 @@ class TokenStream:
 
 def _existing_dir(data_dir: str | Path) -> Path:
     data_dir = Path(data_dir)
-    if not data_dir.exists():
-        recover(data_dir)  # a `data.prepare --force` killed between its two renames left it aside
+    # A `data.prepare --force` killed between its two renames left the dataset aside as .NAME.old-*: put
+    # it back. Only then: recover() also deletes .NAME.tmp-*, which a prepare running on another machine
+    # of a shared filesystem may be writing (it spares only live processes of this host).
+    if not data_dir.exists() and any(data_dir.parent.glob(f".{data_dir.name}.old-*")):
+        recover(data_dir)
     if not data_dir.is_dir():
         raise DataError(
             f"dataset directory {data_dir} does not exist; make it with python -m data.prepare --out {data_dir}"

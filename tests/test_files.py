@@ -154,3 +154,29 @@ def test_sha256_file_matches_hashlib(tmp_path):
     assert sha256_file(path, block=1000) == hashlib.sha256(data).hexdigest()
     path.write_bytes(b"")
     assert sha256_file(path) == hashlib.sha256(b"").hexdigest()
+
+
+def test_recover_leaves_a_running_writers_directories_alone(tmp_path):
+    """A second writer of the same name (two data.prepare runs, say) must not delete the first one's
+    directory while it is being built; a dead writer's leftovers go."""
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        running = tmp_path / f".art.tmp-{host}-{live.pid}"
+        crashed = tmp_path / f".art.tmp-{host}-{int(dead.stdout)}"
+        running.mkdir(), crashed.mkdir()
+        recover(tmp_path / "art")
+        assert running.is_dir() and not crashed.exists()
+        with atomic_dir(tmp_path / "art") as tmp:
+            (tmp / "a.txt").write_text("x")
+        assert running.is_dir() and contents(tmp_path / "art") == {"a.txt": "x"}
+    finally:
+        live.kill()
+        live.wait()
+    recover(tmp_path / "art")
+    assert not running.exists()
