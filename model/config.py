@@ -16,10 +16,10 @@ class ModelConfig:
     # `model.vocab_size: null` means "the dataset's", filled in from meta.json before the model is built.
     vocab_size: int | None = 50257
     block_size: int = 1024  # context length
-    n_layer: int = 12
-    n_head: int = 12
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention (query) heads; n_embd must divide into them
     n_kv_head: int | None = None  # grouped-query attention (Ainslie et al. 2023); None = n_head
-    n_embd: int = 768
+    n_embd: int = 768  # residual stream width
     # "gpt2": learned positions, LayerNorm, GELU MLP (Radford et al. 2019).
     # "modern": RoPE (Su et al. 2021), RMSNorm (Zhang & Sennrich 2019),
     #           SwiGLU (Shazeer 2020), GQA -- the LLaMA recipe.
@@ -27,12 +27,12 @@ class ModelConfig:
     ffn_hidden: int | None = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd rounded to 64 (modern)
     bias: bool = True  # biases in Linear layers and LayerNorm (GPT-2 has them)
     tie_embeddings: bool = True  # lm_head shares the token embedding (GPT-2 does)
-    dropout: float = 0.0  # on attention weights and residual branches; 0 builds no dropout modules
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches, in training only
     # Pad the embedding / lm_head rows to a multiple of this (64 turns GPT-2's 50257 into nanoGPT's
     # 50304, which GPU matmuls tile evenly). The padded rows are never returned, sampled or in the loss.
     pad_vocab_multiple: int = 1
     rope_theta: float = 10000.0  # RoPE base frequency (modern family)
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
     extra: dict = field(default_factory=dict)  # reserved; keeps model.json forward compatible
 
     def __post_init__(self) -> None:
