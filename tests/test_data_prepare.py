@@ -20,8 +20,6 @@ from data.shards import HEADER_BYTES, file_sha256, open_split, read_meta
 from data.tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-GPT2_FILE = Path(os.environ.get("TOKENIZER_DIR", "")) / "gpt2.tiktoken"
-needs_gpt2 = pytest.mark.skipif(not GPT2_FILE.is_file(), reason="TOKENIZER_DIR/gpt2.tiktoken is absent")
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -47,7 +45,7 @@ def decode_documents(data_dir) -> list[str]:
     return [enc.decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, [*starts[1:], len(tokens)], strict=True)]
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", pytest.param("gpt2", marks=needs_gpt2)])
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_round_trip_and_meta(tmp_path, tokenizer):
     out = tmp_path / "ds"
     meta = prepare(out, source=DOCS, tokenizer=tokenizer, shard_tokens=500, val_tokens=250, progress=False)
@@ -234,7 +232,7 @@ prepare({str(tmp_path / "ds")!r}, source=docs(), tokenizer="bytes", shard_tokens
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", pytest.param("gpt2", marks=needs_gpt2)])
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_embedded_corpus_prepares_offline(tmp_path, tokenizer):
     from pydoc_data.topics import topics
 
