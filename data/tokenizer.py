@@ -16,13 +16,13 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import types
 from pathlib import Path
 
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
-from tiktoken.load import load_tiktoken_bpe
 
 from data.errors import DataError
 from model.files import sha256_file
@@ -149,7 +149,7 @@ def _published_encoding(name: str, path: Path, *, fix: str) -> tiktoken.Encoding
         raise DataError(
             f"{path} is not tiktoken's {name} file (sha256 {actual[:12]}..., expected {expected[:12]}...): {fix}"
         )
-    return tiktoken.Encoding(**params, mergeable_ranks=_load_ranks(path, actual))
+    return tiktoken.Encoding(**params, mergeable_ranks=_load_ranks(path))
 
 
 def _file_encoding(path: Path, sha256: str | None) -> tiktoken.Encoding:
@@ -159,7 +159,7 @@ def _file_encoding(path: Path, sha256: str | None) -> tiktoken.Encoding:
             f"tokenizer file {path} has sha256 {actual[:12]}..., but the dataset was made with a file "
             f"of the same name and sha256 {sha256[:12]}...; find the original file (put it in TOKENIZER_DIR)."
         )
-    ranks = _load_ranks(path, actual)
+    ranks = _load_ranks(path)
     name = path.name.removesuffix(".tiktoken")
     if name in openai_public.ENCODING_CONSTRUCTORS:
         params = _constructor_params(name)
@@ -171,12 +171,18 @@ def _file_encoding(path: Path, sha256: str | None) -> tiktoken.Encoding:
     )
 
 
-def _load_ranks(path: Path, sha256: str) -> dict[bytes, int]:
-    # tiktoken caches every file it reads, local ones too, under a key made from the path alone; without
-    # the hash it would hand back a stale copy after the file at that path was rewritten.
+def _load_ranks(path: Path) -> dict[bytes, int]:
+    """The ranks of a local .tiktoken file, parsed as tiktoken.load.load_tiktoken_bpe parses them.
+
+    Not load_tiktoken_bpe itself: it copies every file it reads, local ones too, into tiktoken's cache
+    under a key made from the path alone, so a file rewritten in place came back stale, and a
+    TIKTOKEN_CACHE_DIR that cannot be written (a read-only shared cache) made even the packaged file
+    unreadable.
+    """
     try:
-        ranks = load_tiktoken_bpe(str(path), expected_hash=sha256)
-    except Exception as e:  # binascii.Error, ValueError, UnicodeDecodeError: all mean "not this format"
+        lines = path.read_bytes().splitlines()
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    except ValueError as e:  # a line that is not `token rank`, bad base64 (binascii.Error), a non-integer rank
         raise DataError(
             f"{path} is not a .tiktoken file (lines of `base64(token) rank`): {type(e).__name__}: {e}"
         ) from None

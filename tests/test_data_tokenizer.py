@@ -57,6 +57,14 @@ def test_gpt2_works_with_no_network_and_no_tokenizer_dir(tokenizer_dir, offline,
     assert tokenizer_record("gpt2") == ("gpt2", None)
 
 
+def test_gpt2_loads_when_the_tiktoken_cache_cannot_be_written(tmp_path, monkeypatch):
+    """A read-only shared TIKTOKEN_CACHE_DIR is common on clusters; local files must not go through it."""
+    (tmp_path / "a-file").write_text("")
+    # A folder under a regular file can never be created, even by root (who ignores permission bits).
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
+    assert get_tokenizer("gpt2").encode_ordinary(" the") == [262]
+
+
 def test_damaged_packaged_file_is_refused(tmp_path, monkeypatch):
     (tmp_path / "gpt2.tiktoken").write_bytes(GPT2_FILE.read_bytes()[:-20] + b"\n")
     monkeypatch.setattr(data.tokenizer, "PACKAGED_DIR", tmp_path)
