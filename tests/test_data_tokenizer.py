@@ -2,7 +2,12 @@
 clear errors."""
 
 import base64
+import hashlib
 import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import tiktoken.load
@@ -11,7 +16,9 @@ import data.tokenizer
 from data.errors import DataError
 from data.tokenizer import PACKAGED_DIR, get_tokenizer, tokenizer_record
 
+REPO = Path(__file__).resolve().parents[1]
 GPT2_FILE = PACKAGED_DIR / "gpt2.tiktoken"
+R50K_BASE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"  # tiktoken_ext/openai_public.py
 TEXT = "Tokenizers don't lose text: naïve café, 東京, 🙂\n\ttabs"
 
 
@@ -172,3 +179,23 @@ def test_offline_without_file_says_how_to_provide_it(offline, tmp_path, monkeypa
     shutil.copy(GPT2_FILE, tmp_path / "gpt2.tiktoken")  # another name's file does not help
     with pytest.raises(DataError, match="p50k_base.tiktoken.*TOKENIZER_DIR.*bytes"):
         get_tokenizer("p50k_base")
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_gpt2_file(tmp_path):
+    """A non-editable install gets the tokenizer (and every subpackage) only if the wheel has them."""
+    pytest.importorskip("setuptools", minversion="77", reason="building the wheel offline needs setuptools>=77")
+    src = tmp_path / "src"  # a copy, so that the build's egg-info and build/ stay out of the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for package in ("model", "data", "train", "eval"):
+        shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    proc = subprocess.run([*cmd, "-w", str(tmp_path / "wheels"), str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = (tmp_path / "wheels").glob("*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        assert hashlib.sha256(z.read("data/tokenizers/gpt2.tiktoken")).hexdigest() == R50K_BASE_SHA256
+    assert {"data/tokenizers/LICENSE-gpt2", "train/strategies/__init__.py"} <= names
