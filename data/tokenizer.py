@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import types
 from pathlib import Path
@@ -149,7 +150,7 @@ def _published_encoding(name: str, path: Path, *, fix: str) -> tiktoken.Encoding
         raise DataError(
             f"{path} is not tiktoken's {name} file (sha256 {actual[:12]}..., expected {expected[:12]}...): {fix}"
         )
-    return tiktoken.Encoding(**params, mergeable_ranks=_load_ranks(path))
+    return _encoding_from_file(path, actual, name)
 
 
 def _file_encoding(path: Path, sha256: str | None) -> tiktoken.Encoding:
@@ -159,8 +160,18 @@ def _file_encoding(path: Path, sha256: str | None) -> tiktoken.Encoding:
             f"tokenizer file {path} has sha256 {actual[:12]}..., but the dataset was made with a file "
             f"of the same name and sha256 {sha256[:12]}...; find the original file (put it in TOKENIZER_DIR)."
         )
+    return _encoding_from_file(path, actual, path.name.removesuffix(".tiktoken"))
+
+
+@functools.lru_cache(maxsize=8)
+def _encoding_from_file(path: Path, sha256: str, name: str) -> tiktoken.Encoding:
+    """The Encoding of a .tiktoken file whose sha256 the caller has checked; a tiktoken name gets that
+    encoding's pattern and special tokens, any other name GPT-2's pattern and `<|endoftext|>` last.
+
+    Parsing the ranks and building the BPE is the slow part of loading a tokenizer, and a process asks for
+    the same one several times; `sha256` in the key makes a file rewritten in place a new entry.
+    """
     ranks = _load_ranks(path)
-    name = path.name.removesuffix(".tiktoken")
     if name in openai_public.ENCODING_CONSTRUCTORS:
         params = _constructor_params(name)
         params.pop("expected_hash")

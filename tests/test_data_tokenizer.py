@@ -45,6 +45,7 @@ def test_gpt2_known_answer():
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert (enc.n_vocab, enc.eot_token) == (50257, 50256)
     assert enc.decode(enc.encode_ordinary(TEXT)) == TEXT
+    assert get_tokenizer("gpt2") is enc  # built once per process: the same file gives the same Encoding
 
 
 @pytest.mark.parametrize("tokenizer_dir", ["unset", "unrelated", "holding a wrong gpt2.tiktoken"])
