@@ -21,8 +21,6 @@ from data.tokenizer import get_tokenizer
 from model.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-GPT2_FILE = Path(os.environ.get("TOKENIZER_DIR", "")) / "gpt2.tiktoken"
-needs_gpt2 = pytest.mark.skipif(not GPT2_FILE.is_file(), reason="TOKENIZER_DIR/gpt2.tiktoken is absent")
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -48,7 +46,7 @@ def decode_documents(data_dir) -> list[str]:
     return [enc.decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, [*starts[1:], len(tokens)], strict=True)]
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", pytest.param("gpt2", marks=needs_gpt2)])
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_round_trip_and_meta(tmp_path, tokenizer):
     out = tmp_path / "ds"
     meta = prepare(out, source=DOCS, tokenizer=tokenizer, shard_tokens=500, val_tokens=250, progress=False)
@@ -308,7 +306,7 @@ def test_force_killed_leaves_the_old_or_the_new_dataset(tmp_path, point, then):
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", pytest.param("gpt2", marks=needs_gpt2)])
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_embedded_corpus_prepares_offline(tmp_path, tokenizer):
     from pydoc_data.topics import topics
 
