@@ -91,7 +91,7 @@ def test_init_from_artifact_starts_from_its_weights_with_a_fresh_schedule(data_d
     _, dst_sd, _ = load_state(dst)
     assert all(torch.equal(src_sd[k], dst_sd[k]) for k in src_sd)
     state = torch.load(dst / "checkpoints" / "step_000002" / "train_state.pt", weights_only=True)
-    steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    steps = {int(s["step"]) for s in state["strategy_state"]["optimizer"]["state"].values()}
     assert steps == {2}  # a new AdamW, not the source's
 
 
