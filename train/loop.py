@@ -320,7 +320,8 @@ class Data:
 
 
 class Trainer:
-    """One run: set-up in __init__, the loop in train(), one short method per thing a step may do."""
+    """One run: set-up in __init__ (which describes the run), the loop in train(), one short method per
+    thing a step may do. The state that a checkpoint saves is self.state (a TrainState), nothing else."""
 
     def __init__(self, cfg: Config, strategy: Strategy, data: Data, loader, model: GPT, log) -> None:
         self.cfg, self.strategy, self.data, self.loader = cfg, strategy, data, loader
@@ -328,15 +329,15 @@ class Trainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.mcfg = model.config
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
-        self.n_params = model.num_params()
+        n_params = model.num_params()
         if strategy.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (nanoGPT does too)
             torch.backends.cudnn.allow_tf32 = True
         self.model, self.optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
         self.amp = autocast_ctx(strategy.device, cfg.train.dtype)
         self.ckpts = CheckpointManager(self.run_dir, strategy, self.mcfg, cfg.checkpoint.keep_last)
-        self.state, self.resumed_from = self.resume_or_start()
-        self.peak_flops, self.peak_source = device_peak_flops(strategy.device, cfg.train.dtype)
+        self.state, resumed_from = self.resume_or_start()
+        self.peak_flops, peak_source = device_peak_flops(strategy.device, cfg.train.dtype)
         logging = cfg.logging
         self.metrics = MetricsWriter(
             self.run_dir,
@@ -347,6 +348,7 @@ class Trainer:
             logging.wandb_run_name,
             cfg.to_dict(),
         )
+        self.describe(n_params, peak_source, resumed_from)
 
     def log(self, msg: str) -> None:
         if self.strategy.is_main:
@@ -376,7 +378,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         return state, resume_from
 
-    def describe(self) -> None:
+    def describe(self, n_params: int, peak_source: str, resumed_from: Path | None) -> None:
         cfg, s, meta, device = self.cfg, self.strategy, self.data.meta, self.strategy.device
         self.log("resolved config:\n" + "\n".join("  " + line for line in cfg.to_yaml().splitlines()))
         self.log(
@@ -384,7 +386,7 @@ class Trainer:
             f"| dtype {cfg.train.dtype} | compile {cfg.train.compile}"
         )
         self.log(
-            f"model {self.n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
+            f"model {n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
             f"{self.mcfg.n_embd} wide) | data {cfg.data.dir} (tokenizer {meta['tokenizer']}, "
             f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
@@ -392,15 +394,15 @@ class Trainer:
             f"batch {cfg.train.tokens_per_step:,} tokens/step = {s.world_size} rank(s) x "
             f"{s.spec.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {cfg.seq_len} | "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | peak {self.peak_flops / 1e12:.3g} TFLOP/s "
-            f"({self.peak_source})"
+            f"({peak_source})"
         )
         if device.type == "cpu" and cfg.train.dtype == "bfloat16" and not cpu_has_fast_bf16():
             self.log(
                 "note: this CPU has no bf16 matrix instructions (AVX512-BF16 / AMX): bf16 matmuls are "
                 "emulated and several times slower than float32 here; consider train.dtype=float32"
             )
-        if self.resumed_from is not None:
-            self.log(f"resumed from {self.resumed_from} at step {self.state.step}")
+        if resumed_from is not None:
+            self.log(f"resumed from {resumed_from} at step {self.state.step}")
         elif cfg.train.init_from:
             self.log(f"initialised from {cfg.train.init_from} (fresh optimizer and schedule)")
 
@@ -410,7 +412,6 @@ class Trainer:
 
         cfg, state = self.cfg, self.state
         max_steps = cfg.train.max_steps
-        self.describe()
         if state.step >= max_steps:
             self.log(
                 f"nothing to do: the run is at step {state.step} >= train.max_steps={max_steps} "
