@@ -213,24 +213,24 @@ class CheckpointManager:
         """Write checkpoint step_{state.step}; state.artifact_metadata goes into the model artifact
         (tokenizer spec, step, ...). with_model=False skips the artifact where the strategy's state
         holds the weights (train.consolidate writes it later)."""
-        s, step = self.strategy, state.step
+        strategy, step = self.strategy, state.step
         name = checkpoint_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
-        if s.is_main:
+        if strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / STATE_DIR).mkdir(parents=True)
-        s.barrier()
-        strategy_state = s.save_state(tmp / STATE_DIR)
-        if with_model or not s.weights_in_state:
-            weights = s.model_state_dict()  # collective: gathered to rank 0
-            if s.is_main:
+        strategy.barrier()
+        strategy_state = strategy.save_state(tmp / STATE_DIR)
+        if with_model or not strategy.weights_in_state:
+            weights = strategy.model_state_dict()  # collective: gathered to rank 0
+            if strategy.is_main:
                 save_artifact(tmp / MODEL_DIR, weights, self.model_config, state.artifact_metadata)
             del weights
         # each rank's dropout stream differs; keep them all for an exact resume
-        torch.save(rng_state(), tmp / rng_file(s.rank))
+        torch.save(rng_state(), tmp / rng_file(strategy.rank))
         _fault("state", step)
-        s.barrier()
-        if s.is_main:
+        strategy.barrier()
+        if strategy.is_main:
             saved = dataclasses.replace(state, strategy_state=strategy_state)
             torch.save(saved.to_dict(), tmp / TRAIN_STATE)
             _fault("publish", step)
@@ -241,7 +241,7 @@ class CheckpointManager:
                 symlink_atomic(self.root / "best", name)
             _fault("prune", step)
             self.prune()
-        s.barrier()
+        strategy.barrier()
         return final
 
     def load(self, ckpt: Path) -> TrainState:

@@ -356,21 +356,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def resume_or_start(self) -> tuple[TrainState, Path | None]:
-        cfg, s = self.cfg, self.strategy
+        cfg, strategy = self.cfg, self.strategy
         resume_from = find_resume(self.run_dir, cfg.train.resume)
-        if s.is_main:
+        if strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if cfg.train.resume == "never" and self.ckpts.root.exists():
                 self.log(f"train.resume=never: removing the previous checkpoints in {self.run_dir}")
                 self.ckpts.remove_all()
             self.ckpts.clean_stale()
-        s.barrier()
+        strategy.barrier()
         if resume_from is None:
-            state = TrainState(world_size=s.world_size, strategy=s.name, model_config=self.mcfg.to_dict())
+            state = TrainState(world_size=strategy.world_size, strategy=strategy.name, model_config=self.mcfg.to_dict())
         else:
             state = self.ckpts.load(resume_from)  # model, optimizer, this rank's RNG
             self.loader.load_state_dict(state.loader)
-        if s.is_main:
+        if strategy.is_main:
             if resume_from is not None:
                 truncate_metrics(self.run_dir, state.step)
             else:
@@ -379,10 +379,10 @@ class Trainer:
         return state, resume_from
 
     def describe(self, n_params: int, peak_source: str, resumed_from: Path | None) -> None:
-        cfg, s, meta, device = self.cfg, self.strategy, self.data.meta, self.strategy.device
+        cfg, strategy, meta, device = self.cfg, self.strategy, self.data.meta, self.strategy.device
         self.log("resolved config:\n" + "\n".join("  " + line for line in cfg.to_yaml().splitlines()))
         self.log(
-            f"run dir {self.run_dir} | device {device} x {s.world_size} | strategy {cfg.parallel.strategy} "
+            f"run dir {self.run_dir} | device {device} x {strategy.world_size} | strategy {cfg.parallel.strategy} "
             f"| dtype {cfg.train.dtype} | compile {cfg.train.compile}"
         )
         self.log(
@@ -391,8 +391,8 @@ class Trainer:
             f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
         self.log(
-            f"batch {cfg.train.tokens_per_step:,} tokens/step = {s.world_size} rank(s) x "
-            f"{s.spec.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {cfg.seq_len} | "
+            f"batch {cfg.train.tokens_per_step:,} tokens/step = {strategy.world_size} rank(s) x "
+            f"{strategy.spec.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {cfg.seq_len} | "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | peak {self.peak_flops / 1e12:.3g} TFLOP/s "
             f"({peak_source})"
         )
@@ -465,7 +465,7 @@ class Trainer:
         return lr
 
     def maybe_log(self, lr: float, norm: torch.Tensor, last: bool) -> None:
-        cfg, s, step = self.cfg, self.strategy, self.state.step
+        cfg, strategy, step = self.cfg, self.strategy, self.state.step
         if not (step % cfg.logging.log_every == 0 or last):
             return
         self.stop_if_nonfinite()
@@ -473,14 +473,14 @@ class Trainer:
         tokens_per_s = cfg.train.tokens_per_step * steps / seconds
         record = {
             "step": step,
-            "loss": (s.all_reduce_sum(mean_loss) / s.world_size).item(),
+            "loss": (strategy.all_reduce_sum(mean_loss) / strategy.world_size).item(),
             "lr": lr,
             "grad_norm": norm.item(),
             "tokens": self.state.tokens,
             "tokens_per_s": tokens_per_s,
-            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * s.world_size),
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * strategy.world_size),
             "ms_per_step": 1000 * seconds / steps,
-            "peak_mem_gb": peak_memory_gb(s.device),
+            "peak_mem_gb": peak_memory_gb(strategy.device),
         }
         self.metrics.write(record)
         self.log(format_line(record, cfg.train.max_steps))
@@ -523,10 +523,10 @@ class Trainer:
         """True on every rank when any rank got SIGTERM / SIGINT. One flag check per step alone (no
         sync); across ranks at log steps only, since the all-reduce is a host sync (a cluster's grace
         period is far longer than log_every steps)."""
-        s = self.strategy
-        if s.world_size > 1 and not (self.state.step % self.cfg.logging.log_every == 0 or last):
+        strategy = self.strategy
+        if strategy.world_size > 1 and not (self.state.step % self.cfg.logging.log_every == 0 or last):
             return False
-        return s.any_flag(stop.signum is not None)
+        return strategy.any_flag(stop.signum is not None)
 
     def maybe_save(self, improved: bool, last: bool, stopping: bool) -> None:
         rules, step = self.cfg.checkpoint, self.state.step
