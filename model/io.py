@@ -69,7 +69,7 @@ def save_artifact(
 
 
 def read_config(artifact_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, metadata) from an artifact's (or a sharded checkpoint's) model.json."""
+    """(ModelConfig, metadata) from an artifact's model.json."""
     path = Path(artifact_dir) / CONFIG
     try:
         doc = json.loads(path.read_text())

@@ -259,6 +259,8 @@ class CheckpointManager:
             )
         self.check_same_model(ckpt, state)
         weights = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else None
+        if weights is None and not self.strategy.weights_in_state:
+            raise TrainError(f"{ckpt} has no {MODEL_DIR}/ (its weights): the checkpoint is incomplete; resume another")
         self.strategy.load_state(ckpt / STATE_DIR, state.strategy_state, weights)
         own = ckpt / rng_file(self.strategy.rank)
         if own.is_file():  # a rank the saving run did not have keeps its fresh seed

@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from model.dtypes import SHORT
 from model.io import clean_state_dict
+from train.config import STRATEGIES
 
 BuildOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -208,11 +209,13 @@ class LocalStep:
 
     def load_state_dict(self, saved: dict, weights: Path | None) -> None:
         from model.io import load_state
+        from train.errors import TrainError
 
-        if weights is None:
-            raise ValueError("a replicated strategy resumes from the checkpoint's model artifact; none was given")
-        _, sd, _ = load_state(weights)
-        unwrap(self.model).load_weights(sd)
+        _, sd, _ = load_state(weights)  # the checkpoint's model artifact: the weights are not in state/
+        try:
+            unwrap(self.model).load_weights(sd)
+        except ValueError as e:
+            raise TrainError(f"cannot resume from {weights}: {e}") from None
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scaler is not None and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])
@@ -260,9 +263,6 @@ class SingleProcess(Strategy):
 def env_world() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when run alone."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-
-STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 
 
 def make_strategy(name: str, device: torch.device, spec: StrategySpec | None = None, **parallel_options) -> Strategy:
