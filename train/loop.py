@@ -231,6 +231,8 @@ def run(cfg: Config, *, log=print) -> dict:
             "parallel.strategy=ddp (or fsdp / deepspeed), or start a single process"
         )
     device = pick_device(cfg.train.device, local_rank)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)  # one GPU per rank, as the strategy's process group has it
     if device.type == "cuda":
         torch.cuda.set_device(device)  # default-device allocations and the CUDA RNG are this GPU's
     if cfg.train.dtype == "auto":  # resolved once, here: the printed and saved config says what ran
