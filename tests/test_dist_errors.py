@@ -51,6 +51,11 @@ def test_bad_fsdp_dtype(no_launcher):
         make_strategy("fsdp", torch.device("cpu"), fsdp_param_dtype="bf17")
 
 
+def test_fsdp_refuses_float16_before_any_process_group(no_launcher):
+    with pytest.raises(StrategyError, match="fsdp runs in bfloat16 or float32"):
+        make_strategy("fsdp", torch.device("cpu"), StrategySpec(precision="fp16"))
+
+
 def test_rank_outside_world_size(monkeypatch):
     for k, v in dict(RANK="3", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="localhost", MASTER_PORT="1").items():
         monkeypatch.setenv(k, v)

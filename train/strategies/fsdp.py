@@ -43,9 +43,9 @@ class FSDPStrategy(DistributedStrategy):
         param_dtype: torch.dtype | None = None,
         reduce_dtype: torch.dtype | None = torch.float32,
     ):
+        self.spec, self.param_dtype, self.reduce_dtype = spec, param_dtype, reduce_dtype
+        self.mp_policy = self.mixed_precision()  # first: a precision error needs no process group
         super().__init__(device, spec)
-        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.mp_policy = self.mixed_precision()  # a user error here comes before any wrapping
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
