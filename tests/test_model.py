@@ -193,29 +193,43 @@ def test_resolve_run_directory_and_errors(tmp_path):
         load_model(tmp_path / "run")
 
 
-def test_dcp_checkpoint_reads_in_one_process(tmp_path):
-    """A sharded (torch.distributed.checkpoint) checkpoint's model part loads without a process group."""
-    import torch.distributed.checkpoint as dcp
+def test_checkpoint_without_an_artifact_names_consolidate(tmp_path):
+    """model/ reads artifacts only: a sharded checkpoint without model/ says how to write one."""
+    ck = tmp_path / "run" / "checkpoints" / "step_000005"
+    (ck / "state").mkdir(parents=True)
+    (ck / "train_state.pt").write_bytes(b"")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000005\n")
+    with pytest.raises(ArtifactError, match=f"python -m train.consolidate {ck}"):
+        load_model(tmp_path / "run")
 
-    from model.io import CONFIG, FORMAT
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_load_weights_is_strict_and_knows_the_tied_head(family):
     torch.manual_seed(0)
-    cfg = tiny("modern")
-    model = GPT(cfg).eval()
-    opt = torch.optim.AdamW(model.parameters())
-    ck = tmp_path / "step_000005"
-    dcp.save({"model": model.state_dict(), "optim": opt.state_dict()}, checkpoint_id=str(ck / "dcp"))
-    import json
-
-    (ck / CONFIG).write_text(json.dumps({"format": FORMAT, "config": cfg.to_dict(), "metadata": {"step": 5}}))
-    loaded, meta = load_model(ck)
-    idx = torch.randint(0, 97, (1, 9))
-    torch.testing.assert_close(loaded(idx), model(idx), atol=0, rtol=0)
-    assert meta["step"] == 5
+    cfg = tiny(family)
+    src, dst = GPT(cfg), GPT(cfg)
+    sd = src.state_dict()
+    dst.load_weights(sd)  # with lm_head.weight (a full state dict)
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in sd.items())
+    if cfg.tie_embeddings:
+        dst.load_weights({k: v for k, v in sd.items() if k != "lm_head.weight"})  # stored once
+        assert dst.lm_head.weight is dst.transformer.wte.weight
+        bad = {**sd, "lm_head.weight": sd["lm_head.weight"] + 1}
+        with pytest.raises(ValueError, match="lm_head.weight differs"):
+            dst.load_weights(bad)
+    else:
+        with pytest.raises(ValueError, match="missing lm_head.weight"):
+            dst.load_weights({k: v for k, v in sd.items() if k != "lm_head.weight"})
+    with pytest.raises(ValueError, match=r"missing transformer\.ln_f\.weight.*unexpected extra\.w"):
+        dst.load_weights(
+            {
+                **{k: v for k, v in sd.items() if k != "transformer.ln_f.weight"},
+                "extra.w": sd["transformer.ln_f.weight"],
+            }
+        )
 
 
 def test_mean_loss_weights_by_scored_tokens():
-    torch.manual_seed(0)
     model = GPT(tiny("gpt2"))
     x = torch.randint(0, 97, (2, 8))
     y1, y2 = x.clone(), x.clone()

@@ -13,6 +13,7 @@ from model.quantize import (
     Int8Embedding,
     Int8Linear,
     linear_weight_bytes,
+    load_quantized,
     pick_kernel,
     quantize_model,
     quantize_weight,
@@ -72,7 +73,7 @@ def test_sizes_and_loss_on_a_trained_model(trained, tmp_path):
     out = save_quantized(tmp_path / "int8", q, meta)
     size = lambda d: sum(f.stat().st_size for f in d.iterdir())  # noqa: E731
     assert size(art) / size(out) >= 3.0
-    loaded, lmeta = load_model(out)
+    loaded, lmeta = load_quantized(out)
     assert lmeta["quantization"] == "int8" and lmeta["tokenizer"] == "bytes"
     assert loaded.lm_head.weight.dtype == torch.int8
     assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()  # stored once
@@ -85,7 +86,7 @@ def test_artifact_round_trip_untied_and_tied(tmp_path, family):
     art = tiny_random(tmp_path / "f", family=family)
     model, meta = load_model(art)
     q = quantize_model(copy.deepcopy(model), kernel="dequant")
-    loaded, _ = load_model(save_quantized(tmp_path / "q", q, meta))
+    loaded, _ = load_quantized(save_quantized(tmp_path / "q", q, meta))
     for m in loaded.modules():
         if isinstance(m, Int8Linear):
             m.kernel = "dequant"
@@ -99,7 +100,7 @@ def test_head_left_float_when_asked(tmp_path):
     cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)
     q = quantize_model(GPT(cfg), head=False)
     assert isinstance(q.lm_head, torch.nn.Linear) and isinstance(q.transformer.wte, torch.nn.Embedding)
-    loaded, meta = load_model(save_quantized(tmp_path / "q", q, {}))
+    loaded, meta = load_quantized(save_quantized(tmp_path / "q", q, {}))
     assert meta["quantized_head"] is False
     x = torch.randint(0, 50, (1, 8))
     torch.testing.assert_close(loaded(x), q(x), atol=0, rtol=0)
@@ -112,11 +113,12 @@ def test_kernel_choice_is_known():
         Int8Linear(4, 4, kernel="fast")
 
 
-def test_int8_artifact_refuses_another_dtype(tmp_path):
+def test_float_loader_refuses_an_int8_artifact(tmp_path):
+    """model.io loads float artifacts only; the int8 loader is chosen where backends are (eval/)."""
     from model.io import ArtifactError
 
     art = tiny_random(tmp_path / "f")
     model, meta = load_model(art)
     out = save_quantized(tmp_path / "q", quantize_model(model), meta)
-    with pytest.raises(ArtifactError, match="int8"):
-        load_model(out, dtype=torch.bfloat16)
+    with pytest.raises(ArtifactError, match="int8 artifact; load it through eval"):
+        load_model(out)

@@ -91,7 +91,7 @@ def test_init_from_artifact_starts_from_its_weights_with_a_fresh_schedule(data_d
     _, dst_sd, _ = load_state(dst)
     assert all(torch.equal(src_sd[k], dst_sd[k]) for k in src_sd)
     state = torch.load(dst / "checkpoints" / "step_000002" / "train_state.pt", weights_only=True)
-    steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    steps = {int(s["step"]) for s in state["strategy_state"]["optimizer"]["state"].values()}
     assert steps == {2}  # a new AdamW, not the source's
 
 
@@ -229,3 +229,19 @@ def test_device_and_dtype_errors(data_dir, tmp_path, override, message):
     with pytest.raises(TrainError, match=message):
         run(tiny_config(data_dir, tmp_path / "e", override), log=lambda m: None)
     assert not (tmp_path / "e").exists()
+
+
+def test_parallelize_checkpoints_then_compiles_every_block_in_place():
+    """The one place where AC and compile are applied (torchtitan's order), names unchanged."""
+    from model import GPT, ModelConfig
+    from train.strategy import StrategySpec, parallelize
+
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16))
+    names = list(model.state_dict())
+    parallelize(model, StrategySpec())
+    assert all(b._compiled_call_impl is None and "forward" not in vars(b) for b in model.transformer.h)
+    parallelize(model, StrategySpec(activation_checkpointing=True, compile=True))
+    for block in model.transformer.h:
+        assert "forward" in vars(block)  # train/ac.py's checkpointed forward, on the instance
+        assert block._compiled_call_impl is not None  # nn.Module.compile(): in place, no wrapper
+    assert list(model.state_dict()) == names

@@ -157,12 +157,10 @@ class Config:
         return self.data.seq_len or self.model.block_size
 
     def parallel_options(self) -> dict:
-        """What make_strategy(name, device, **options) receives: the parallel section (less the name)
-        plus the two model transforms a strategy applies inside wrap() (torchtitan's order: activation
-        checkpointing, compile, then sharding). The loop compiles only if the strategy did not."""
+        """What make_strategy(name, device, spec, **options) receives: the parallel section less the name
+        (compile and activation checkpointing travel in the StrategySpec, from the train section)."""
         opts = dataclasses.asdict(self.parallel)
         opts.pop("strategy")
-        opts.update(activation_checkpointing=self.train.activation_checkpointing, compile=self.train.compile)
         return opts
 
 
