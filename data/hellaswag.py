@@ -1,7 +1,7 @@
 """HellaSwag (Zellers et al. 2019): read and check the rowanz JSONL schema, render examples, score them.
 
-The data: the official files of github.com/rowanz/hellaswag (hellaswag_val.jsonl: 10,042 examples), one
-JSON object per line with at least
+The data: the official rowanz/hellaswag files (hellaswag_val.jsonl: 10,042 examples), one JSON object
+per line with at least
     ctx_a, ctx_b, ctx (= ctx_a + " " + ctx_b when ctx_b is not empty), activity_label,
     endings (4 strings), label (the index of the right ending, 0-3)
 or the Hugging Face dataset Rowan/hellaswag (the same fields; its label is a string).
@@ -33,11 +33,13 @@ from data.errors import DataError
 STYLES = ("llmc", "harness")
 HF_PREFIX = "hf:"
 HF_NAME = "Rowan/hellaswag"
-VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label")
+# The original files were on GitHub (rowanz/hellaswag), which has been disabled since September 2026;
+# the Hugging Face copy holds the same 10,042 validation examples.
 HOW_TO_GET = (
-    f"download {VAL_URL} (10,042 examples) on a machine with network and pass the file with --data PATH, "
-    f"or run once online with --data {HF_PREFIX}{HF_NAME} to fill the Hugging Face cache"
+    f"on a machine with network run once with --data {HF_PREFIX}{HF_NAME} (the datasets cache keeps it), or save "
+    f"it as a file: python -c \"import datasets; datasets.load_dataset('{HF_NAME}', split='validation')"
+    ".to_json('hellaswag_val.jsonl')\" and pass that file with --data PATH"
 )
 
 
@@ -181,6 +183,8 @@ def hellaswag_eval(
     device="cpu",
     block_size: int | None = None,
     autocast_dtype=None,
+    static_shape: bool = False,
+    progress: bool = False,
     records: list[dict] | None = None,
 ) -> Counts:
     """This rank's counts over its share of `examples` (every world_size-th one, starting at `rank`).
@@ -189,6 +193,8 @@ def hellaswag_eval(
     tiktoken Encoding; `batch_size`: examples per forward pass (4 rows each). Every rank runs the same
     number of forward passes (a rank with fewer examples scores a one-token dummy row), because a
     sharded model's forward is a collective. `block_size` defaults to model.config.block_size.
+    `static_shape` pads every batch to (4 * batch_size, block_size) rows x tokens, so that a compiled
+    model sees one input shape (one graph) instead of one per batch length. `progress`: a tqdm bar.
     `records`, when given, receives one dict per scored example (its index, label, predictions, losses).
     """
     from model.scoring import score_batch  # torch is imported only by callers that score
@@ -206,12 +212,17 @@ def hellaswag_eval(
     mine = list(shard(len(examples), rank, world_size))
     per_rank = -(-len(examples) // world_size)  # the most any rank holds
     n_batches = -(-per_rank // batch_size)
+    from tqdm import tqdm
+
+    shape = dict(length=block_size, rows=4 * batch_size) if static_shape else {}
     counts = Counts()
-    for b in range(n_batches):
+    for b in tqdm(range(n_batches), desc="hellaswag", unit="batch", disable=not progress):
         batch = mine[b * batch_size : (b + 1) * batch_size]
         rendered = [render(examples[i], encode, style) for i in batch]
         requests = [(r.context, e) for r in rendered for e in r.endings]
-        scores = score_batch(model, requests or [([0], [0])], block_size, device=device, autocast_dtype=autocast_dtype)
+        scores = score_batch(
+            model, requests or [([0], [0])], block_size, device=device, autocast_dtype=autocast_dtype, **shape
+        )
         for k, (i, r) in enumerate(zip(batch, rendered, strict=True)):
             s = scores[4 * k : 4 * k + 4]
             loss = [x.loss for x in s]

@@ -104,6 +104,7 @@ def evaluate(args: argparse.Namespace, rank: int, world: int, device: str) -> No
         world_size=world,
         device=backend.device,
         block_size=backend.block_size,
+        progress=rank == 0 and sys.stderr.isatty(),
         records=records,
     )
     if world > 1:

@@ -200,6 +200,24 @@ def test_every_rank_runs_the_same_number_of_forward_passes(tmp_path):
     assert calls == {0: (2, 3), 1: (2, 2)}
 
 
+def test_static_shape_gives_one_input_shape_and_the_same_scores(tmp_path):
+    """For a compiled model in training: every forward sees (4 * batch_size, block_size)."""
+    model, _ = load_model(tiny_random(tmp_path / "art", block_size=256))
+    examples = read_jsonl(FIXTURE, limit=5)
+    shapes, plain, static = set(), [], []
+
+    def recording(idx):
+        shapes.add(tuple(idx.shape))
+        return model(idx)
+
+    hellaswag_eval(model, get_tokenizer("bytes"), examples, batch_size=2, records=plain)
+    hellaswag_eval(recording, get_tokenizer("bytes"), examples, batch_size=2, block_size=256, static_shape=True,
+                   records=static)  # fmt: skip
+    assert shapes == {(8, 256)}
+    for a, b in zip(plain, static, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and a["pred_norm"] == b["pred_norm"]
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_sum_to_one_process(tmp_path):
     art = tiny_random(tmp_path / "art", block_size=256)
