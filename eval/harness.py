@@ -132,6 +132,13 @@ class GPTrainLM(TemplateLM):
         """requests: ((context, continuation), context tokens, continuation tokens) as TemplateLM encodes them."""
         pairs = [(ctx, cont) for _, ctx, cont in requests]
         scores = score(self.backend_.model, pairs, self.max_length, batch_size=self.batch_size, device=self.device)
+        cut = sum(s.truncated for s in scores)
+        if cut:
+            print(
+                f"note: {cut} of {len(scores)} requests were longer than the model's context of {self.max_length} "
+                "tokens and lost tokens from the left",
+                file=sys.stderr,
+            )
         return [(-s.loss, s.greedy) for s in scores]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -273,20 +280,28 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError("--tasks is empty; name at least one lm-eval task")
     tm = task_manager(args.include_path, not args.no_builtin_tasks)
     check_tasks(tm, names)
+    if args.output and not Path(args.output).parent.is_dir():
+        raise UsageError(f"--output {args.output}: the folder {Path(args.output).parent} does not exist")
     lm = GPTrainLM(ckpt=args.ckpt, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=names,
-        num_fewshot=args.num_fewshot,
-        limit=limit,
-        task_manager=tm,
-        log_samples=False,
-        random_seed=args.seed,
-        numpy_random_seed=args.seed,
-        torch_random_seed=args.seed,
-        fewshot_random_seed=args.seed,
-    )
+    try:
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=names,
+            num_fewshot=args.num_fewshot,
+            limit=limit,
+            task_manager=tm,
+            log_samples=False,
+            random_seed=args.seed,
+            numpy_random_seed=args.seed,
+            torch_random_seed=args.seed,
+            fewshot_random_seed=args.seed,
+        )
+    except ConnectionError as e:  # datasets: offline, and a task's dataset is not in the cache
+        raise UsageError(
+            f"a task's dataset cannot be downloaded ({str(e)[:200]}); run once online to fill the Hugging Face "
+            "cache, or define the task over local files (dataset_path: json) with --include-path"
+        ) from None
     print(lm_eval.utils.make_table(results))
     if args.output:
         from model.files import write_text_atomic

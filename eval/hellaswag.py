@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     if args.out and Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a directory; pass a file path for the predictions (JSONL)")
+    if args.out and not Path(args.out).parent.is_dir():
+        raise UsageError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist")
     rank, world, device = init_distributed(args.device)
     try:
         evaluate(args, rank, world, device)

@@ -155,8 +155,9 @@ def test_cli_prints_the_table_and_writes_json(setup, tmp_path, capsys):
     out = tmp_path / "results.json"
     argv = ["--ckpt", art, "--tasks", "tiny_mc", "--include-path", tasks, "--no-builtin-tasks", "--output", out]
     assert run(harness.main, [str(a) for a in argv]) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert "tiny_mc" in printed and "acc_norm" in printed
+    assert f"note: 3 of 15 requests were longer than the model's context of {BLOCK} tokens" in err  # MC[4]
     doc = json.loads(out.read_text())
     assert 0 <= doc["results"]["tiny_mc"]["acc,none"] <= 1 and doc["model"]["tokenizer"] == "bytes"
 
@@ -183,3 +184,18 @@ def test_unloadable_tokenizer_is_one_line(tmp_path, capsys):
     assert run(harness.main, [str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "missing.tiktoken" in err, err
+
+
+def test_task_whose_dataset_is_not_cached_offline_is_one_line(setup, tmp_path, capsys, monkeypatch):
+    art, _, _ = setup
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "remote.yaml").write_text(
+        "task: remote\ndataset_path: no-such-user/no-such-dataset\ntest_split: test\n"
+        'output_type: multiple_choice\ndoc_to_text: "{{q}}"\ndoc_to_choice: "{{c}}"\ndoc_to_target: 0\n'
+    )
+    argv = ["--ckpt", art, "--tasks", "remote", "--include-path", tmp_path / "tasks", "--no-builtin-tasks"]
+    assert run(harness.main, [str(a) for a in argv]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "cannot be downloaded" in lines[-1] and "dataset_path: json" in lines[-1], lines[-3:]
+    assert not any("Traceback" in line for line in lines)
