@@ -107,18 +107,26 @@ def test_harness_style_equals_lm_evals_hellaswag_task(tmp_path, capsys):
         'doc_to_text: "{{query}}"\ndoc_to_target: "{{label}}"\ndoc_to_choice: "choices"\n'
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
-    ref = lm_eval.simple_evaluate(
+    res = lm_eval.simple_evaluate(
         model="gptrain",
         model_args=f"ckpt={art}",
         tasks=["hs_local"],
         task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
         bootstrap_iters=0,
-    )["results"]["hs_local"]
-    rc, out, _ = cli(capsys, "--ckpt", art, "--data", FIXTURE, "--style", "harness", "--json")
+        log_samples=True,
+    )
+    ref = res["results"]["hs_local"]
+    rc, out, _ = cli(capsys, "--ckpt", art, "--data", FIXTURE, "--style", "harness", "--json", "--out", tmp_path / "p")
     ours = json.loads(out)
     assert rc == 0 and ours["examples"] == 12
     assert ours["acc"] == pytest.approx(ref["acc,none"], abs=1e-9)
     assert ours["acc_norm"] == pytest.approx(ref["acc_norm,none"], abs=1e-9)
+    # the same requests: each ending's log-likelihood is minus our summed loss
+    samples = sorted(res["samples"]["hs_local"], key=lambda s: s["doc_id"])
+    records = [json.loads(line) for line in (tmp_path / "p").read_text().splitlines()]
+    for sample, rec in zip(samples, records, strict=True):
+        lls = [float(r[0][0]) for r in sample["resps"]]
+        assert lls == pytest.approx([-x for x in rec["loss"]], abs=1e-4)
     llmc = json.loads(cli(capsys, "--ckpt", art, "--data", FIXTURE, "--json")[1])
     assert (llmc["acc"], llmc["acc_norm"]) != (ours["acc"], ours["acc_norm"])  # the styles do differ here
 
