@@ -197,6 +197,8 @@ def hellaswag_eval(
     model sees one input shape (one graph) instead of one per batch length. `progress`: a tqdm bar.
     `records`, when given, receives one dict per scored example (its index, label, predictions, losses).
     """
+    from tqdm import tqdm
+
     from model.scoring import score_batch  # torch is imported only by callers that score
 
     if style not in STYLES:
@@ -212,8 +214,6 @@ def hellaswag_eval(
     mine = list(shard(len(examples), rank, world_size))
     per_rank = -(-len(examples) // world_size)  # the most any rank holds
     n_batches = -(-per_rank // batch_size)
-    from tqdm import tqdm
-
     shape = dict(length=block_size, rows=4 * batch_size) if static_shape else {}
     counts = Counts()
     for b in tqdm(range(n_batches), desc="hellaswag", unit="batch", disable=not progress):
