@@ -3,9 +3,11 @@
     python -m eval.harness --ckpt runs/gpt2 --tasks hellaswag,arc_easy --limit 200
     python -m eval.harness --ckpt runs/gpt2 --tasks my_task --include-path my_tasks/ --no-builtin-tasks
     python -m eval.harness --ckpt runs/gpt2 --tasks lambada_openai --output results.json
+    torchrun --nproc_per_node=8 -m eval.harness --ckpt runs/gpt2 --tasks hellaswag --device cuda
 
-Prints lm-eval's results table; --output writes its results as JSON. The model class is also usable from
-lm-eval's own Python API (importing this module registers it as "gptrain"):
+Prints lm-eval's results table; --output writes its results as JSON. Under torchrun lm-eval gives every
+rank its share of the requests and gathers the results on rank 0, which prints them. The model class
+is also usable from lm-eval's own Python API (importing this module registers it as "gptrain"):
 
     import lm_eval, eval.harness
     lm_eval.simple_evaluate(model="gptrain", model_args="ckpt=runs/gpt2,batch_size=32", tasks=["hellaswag"])
@@ -20,6 +22,9 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
 
 from eval.backends import DTYPES, TorchBackend, load_backend
 from eval.cli import UsageError, run
@@ -92,6 +97,8 @@ class GPTrainLM(TemplateLM):
             raise UsageError(f"batch_size must be >= 1, got {self._batch_size}")
         self._max_gen_toks = int(max_gen_toks)
         self._device = backend.device
+        if dist.is_available() and dist.is_initialized():  # under torchrun: lm-eval splits the requests by rank
+            self._rank, self._world_size = dist.get_rank(), dist.get_world_size()
 
     # ---------------------------------------------------------------- what lm-eval reads
     @property
@@ -117,6 +124,21 @@ class GPTrainLM(TemplateLM):
     @property
     def tokenizer_name(self) -> str:
         return self.backend_.tokenizer
+
+    # lm-eval's evaluator calls these only when world_size > 1 (one process group, set up by the caller)
+    def all_gather(self, tensor):
+        t = tensor.reshape(1) if tensor.dim() == 0 else tensor
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def gather_object(self, obj, dst=0):
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self):
+        dist.barrier()
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         # Special-token text (<|endoftext|>) becomes the special token, as Hugging Face tokenizers do.
@@ -282,7 +304,18 @@ def main(argv: list[str] | None = None) -> None:
     check_tasks(tm, names)
     if args.output and not Path(args.output).parent.is_dir():
         raise UsageError(f"--output {args.output}: the folder {Path(args.output).parent} does not exist")
-    lm = GPTrainLM(ckpt=args.ckpt, batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    from eval.hellaswag import init_distributed
+
+    rank, world, device = init_distributed(args.device)
+    try:
+        evaluate(args, names, tm, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def evaluate(args: argparse.Namespace, names: list[str], tm, device: str) -> None:
+    lm = GPTrainLM(ckpt=args.ckpt, batch_size=args.batch_size, device=device, dtype=args.dtype)
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     try:
         results = lm_eval.simple_evaluate(
@@ -302,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
             f"a task's dataset cannot be downloaded ({str(e)[:200]}); run once online to fill the Hugging Face "
             "cache, or define the task over local files (dataset_path: json) with --include-path"
         ) from None
+    if results is None:  # ranks other than 0: their results went to rank 0
+        return
     print(lm_eval.utils.make_table(results))
     if args.output:
         from model.files import write_text_atomic

@@ -199,3 +199,35 @@ def test_task_whose_dataset_is_not_cached_offline_is_one_line(setup, tmp_path, c
     lines = capsys.readouterr().err.strip().splitlines()
     assert "cannot be downloaded" in lines[-1] and "dataset_path: json" in lines[-1], lines[-3:]
     assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(setup, both, tmp_path):
+    """Under torchrun lm-eval splits the requests between the ranks; rank 0 gathers the same metrics."""
+    import os
+    import subprocess
+    import sys
+
+    from _eval_fixtures import REPO
+
+    art, _, tasks = setup
+    out = tmp_path / "results.json"
+    argv = ["--ckpt", art, "--tasks", "tiny_mc,tiny_gen", "--include-path", tasks, "--no-builtin-tasks",
+            "--batch-size", 3, "--output", out]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "eval.harness",
+         *map(str, argv)],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("|tiny_mc") == 1  # one table, from rank 0
+    # the rank holding the long question scored only part of the 15 multiple-choice requests
+    assert "note: 3 of " in proc.stderr and "of 15 requests" not in proc.stderr
+    got = json.loads(out.read_text())["results"]
+    ours, _ = both
+    for task in ("tiny_mc", "tiny_gen"):
+        ref = ours["results"][task]
+        for k in (k for k in ref if k.endswith(",none") and "stderr" not in k):
+            assert got[task][k] == pytest.approx(ref[k], abs=1e-6), (task, k)
+        assert got[task]["sample_len"] == ref["sample_len"]
