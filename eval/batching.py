@@ -38,6 +38,10 @@ class QueueFull(Exception):
     """More sequences are waiting than the engine's max_queue; the server answers 429."""
 
 
+class EngineDown(Exception):
+    """The engine thread has stopped (a bug, logged with its traceback); the server answers 503."""
+
+
 class Seq:
     """One sequence to generate (one choice of a request). The callbacks run on the engine thread."""
 
@@ -94,10 +98,10 @@ class Engine:
         # Several waiting prompts are prefilled per step when rows are free, but not all: a burst of
         # new requests delays the running ones by a bounded amount.
         self.prefills_per_step = prefills_per_step
-        p = next(model.parameters())
-        self.device = p.device
+        p = next(iter(model.parameters()), None)
+        self.device = p.device if p is not None else torch.device("cpu")
         # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
-        dtype = p.dtype if p.is_floating_point() else torch.float32
+        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         shape = (max_batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layer)]
@@ -135,6 +139,8 @@ class Engine:
     def submit(self, seqs: Sequence[Seq]) -> None:
         """Queue all of `seqs` or none (QueueFull): at most max_queue sequences wait beyond the free rows."""
         with self.cond:
+            if self.stopping or not self.alive:
+                raise EngineDown(f"the generation engine is not running ({self.error!r})")
             free = self.max_batch - len(self.rows)
             if len(self.waiting) + len(seqs) > self.max_queue + free:
                 raise QueueFull(

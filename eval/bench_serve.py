@@ -99,11 +99,13 @@ async def drive(url: str, clients: int, requests: int, body: dict) -> tuple[floa
 
 def bench(name: str, args) -> None:
     from data.tokenizer import get_tokenizer
+    from eval.backends import decode_layout
     from eval.batching import Engine
     from eval.openai_protocol import Server
     from eval.serve_app import create_app
 
     model, spec = build_model(name, args.ckpt)
+    decode_layout(model)  # as eval.serve's torch backend stores its weights
     cfg = model.config
     if args.prompt_len + args.max_tokens > cfg.block_size:
         raise UsageError(f"--prompt-len + --max-tokens exceeds {name}'s context of {cfg.block_size}")

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 
-from eval.batching import Engine, LogProb, QueueFull, Seq
+from eval.batching import Engine, EngineDown, LogProb, QueueFull, Seq
 from eval.generate import TextStream
 from eval.sample import StopWriter, stop_rules
 
@@ -196,6 +196,8 @@ class Server:
             self.engine.submit([c.seq for c in choices])
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({e}); retry later", type_="rate_limit_error") from None
+        except EngineDown as e:
+            raise ApiError(503, f"{e}; see the server log and restart it", type_="server_error") from None
         return choices, events
 
 
@@ -252,6 +254,9 @@ class Choice:
         return hit
 
     def on_finish(self, seq: Seq, reason: str) -> None:
+        if reason == "abort":  # the engine thread died (its traceback is in the server log)
+            self._send(("error", self.index, "the generation engine failed; see the server log"))
+            return
         if not self.hit:  # a stop string already cut the text; otherwise the held-back text is due
             self.writer.feed(self.stream.flush())
             self.writer.close()

@@ -126,6 +126,8 @@ def create_app(server: Server):
                 elif ev[0] == "text":
                     texts[ev[1]] += ev[2]
                     lps[ev[1]].extend(ev[3])
+                elif ev[0] == "error":
+                    return fail(500, ev[2], type_="server_error")
                 else:
                     _, i, text, reason, n_tokens = ev
                     texts[i] += text
@@ -180,6 +182,9 @@ async def stream_events(
                 yield chunk(ev[1], "", lps=ev[2])
             elif ev[0] == "text":
                 yield chunk(ev[1], ev[2], lps=ev[3])
+            elif ev[0] == "error":  # the status line is long gone: the error goes in the stream, as vLLM does
+                yield f"data: {json.dumps(error_body(ev[2], 'server_error'))}\n\n"
+                break
             else:
                 _, i, text, reason, n_tokens = ev
                 yield chunk(i, text, reason)

@@ -353,3 +353,25 @@ def test_cli_user_errors(tmp_path):
     r = subprocess.run([sys.executable, "-m", "eval.serve", "--ckpt", str(tmp_path / "missing")], **env_run)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_engine_failure_is_reported(model, monkeypatch):
+    """A bug in the engine thread: the request in flight gets a 500 body, /health 503, new requests 503."""
+    from fastapi.testclient import TestClient
+
+    server = Server(Engine(model, max_batch=2).start(), ENC, "tiny")
+
+    def broken():
+        raise RuntimeError("injected engine bug")
+
+    monkeypatch.setattr(server.engine, "_decode", broken)
+    monkeypatch.setattr("threading.excepthook", lambda args: None)  # the traceback the server log would show
+    try:
+        with TestClient(create_app(server)) as c:
+            r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5, "ignore_eos": True})
+            assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+            assert c.get("/health").status_code == 503
+            r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 5})
+            assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
+    finally:
+        server.engine.stop()
