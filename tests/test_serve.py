@@ -375,3 +375,31 @@ def test_engine_failure_is_reported(model, monkeypatch):
             assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
     finally:
         server.engine.stop()
+
+
+def test_cli_serves_and_stops(tmp_path):
+    """python -m eval.serve end to end: binds 127.0.0.1 (port 0: a free one), answers, stops on SIGTERM."""
+    import re
+    import signal
+
+    art = tiny_random(tmp_path / "m", family="modern", block_size=BLOCK)
+    cmd = [sys.executable, "-m", "eval.serve", "--ckpt", str(art), "--port", "0", "--backend", "int8"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        for line in proc.stderr:  # uvicorn logs the bound address once it listens
+            m = re.search(r"running on (http://127\.0\.0\.1:\d+)", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "the server did not start"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", timeout=60, max_retries=0)
+        assert c.models.list().data[0].id == "m"
+        r = c.completions.create(model="m", prompt="ab", max_tokens=3, temperature=0, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status says what stopped it
+    assert proc.returncode in (0, -signal.SIGTERM)
+    assert "Finished server process" in proc.stderr.read()
