@@ -103,8 +103,9 @@ def test_export_loads_as_llama(tmp_path, tied):
     assert tok.encode("héllo") == list("héllo".encode())
 
 
-def test_round_trip_is_exact(tmp_path):
-    hf = hf_llama()
+@pytest.mark.parametrize("tied", [False, True])
+def test_round_trip_is_exact(tmp_path, tied):
+    hf = hf_llama(tie_word_embeddings=tied)
     hf.save_pretrained(tmp_path / "a")
     art = import_hf(tmp_path / "a", tmp_path / "ours", tokenizer="bytes")
     export_hf(art, tmp_path / "b")
