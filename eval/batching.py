@@ -89,15 +89,9 @@ class Engine:
     """The scheduler and its thread. submit() from any thread; results arrive through each Seq's callbacks."""
 
     def __init__(self, model: GPT, max_batch: int = 16, max_queue: int = 256, prefills_per_step: int = 4):
-        if max_batch < 1 or max_queue < 0:
-            raise UsageError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch}, {max_queue})")
-        self.model = model.eval()
         cfg = model.config
-        self.block_size, self.vocab_size = cfg.block_size, cfg.vocab_size
-        self.max_batch, self.max_queue = max_batch, max_queue
-        # Several waiting prompts are prefilled per step when rows are free, but not all: a burst of
-        # new requests delays the running ones by a bounded amount.
-        self.prefills_per_step = prefills_per_step
+        self._setup(cfg.block_size, cfg.vocab_size, max_batch, max_queue, prefills_per_step)
+        self.model = model.eval()
         p = next(iter(model.parameters()), None)
         self.device = p.device if p is not None else torch.device("cpu")
         # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
@@ -105,6 +99,16 @@ class Engine:
         shape = (max_batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
         self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layer)]
+
+    def _setup(self, block_size: int, vocab_size: int, max_batch: int, max_queue: int, prefills_per_step: int):
+        """What every engine has, whatever runs the model."""
+        if max_batch < 1 or max_queue < 0:
+            raise UsageError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch}, {max_queue})")
+        self.block_size, self.vocab_size = block_size, vocab_size
+        self.max_batch, self.max_queue = max_batch, max_queue
+        # Several waiting prompts are prefilled per step when rows are free, but not all: a burst of
+        # new requests delays the running ones by a bounded amount.
+        self.prefills_per_step = prefills_per_step
         self.rows: list[Seq] = []  # rows[i] owns cache row i
         self.waiting: deque[Seq] = deque()
         self.cond = threading.Condition()
@@ -198,37 +202,56 @@ class Engine:
             self._decode()
 
     def _prefill(self, seq: Seq) -> None:
-        row, T = len(self.rows), len(seq.prompt)
+        T = len(seq.prompt)
         if T == 0 or T + seq.max_tokens > self.block_size:  # the server checks first; this is a bug guard
             raise ValueError(f"sequence of {T} + {seq.max_tokens} tokens does not fit {self.block_size}")
+        logits = self._forward_prefill(seq.prompt, seq.prompt_logprobs)  # (T or 1, V): t predicts t + 1
+        self.sequences_total += 1
+        self.prompt_tokens_total += T
+        if seq.prompt_logprobs:
+            lps: list[LogProb] = [None]
+            lps += [log_prob(logits[t], seq.prompt[t + 1], seq.logprobs or 0) for t in range(T - 1)]
+            if seq.on_prompt_logprobs is not None:
+                seq.on_prompt_logprobs(seq, lps)
+        seq.pos = T
+        if seq.max_tokens == 0:
+            self._finish(seq, "length")
+            return
+        self._admit(seq)
+        if self._emit(seq, logits[-1]):
+            self._leave(len(self.rows) - 1, seq.finish_reason)
+
+    def _decode(self) -> None:
+        n = len(self.rows)
+        logits = self._forward_decode()  # (n, V)
+        self.steps_total += 1
+        self.occupancy_sum += n
+        for s in self.rows:
+            s.pos += 1
+        done = [i for i, s in enumerate(self.rows) if self._emit(s, logits[i])]
+        for i in reversed(done):
+            self._leave(i, self.rows[i].finish_reason)
+
+    # ------------------------------------------- the model's side (torch here; eval/batching_onnx.py)
+    def _forward_prefill(self, prompt: list[int], all_positions: bool) -> torch.Tensor:
+        """Run one prompt alone into the next free row's cache -> float logits (T, V) or (1, V)."""
+        row, T = len(self.rows), len(prompt)
 
         def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # (1, Hkv, T, D)
             self.k[layer][row : row + 1, :, :T] = k
             self.v[layer][row : row + 1, :, :T] = v
             return k, v
 
-        idx = torch.tensor([seq.prompt], device=self.device)  # (1, T)
+        idx = torch.tensor([prompt], device=self.device)  # (1, T)
         h = self.model.trunk(idx, torch.arange(T, device=self.device), update)  # (1, T, C), causal
-        self.sequences_total += 1
-        self.prompt_tokens_total += T
-        if seq.prompt_logprobs:
-            all_logits = self.model.head(h)[0].float()  # (T, V): position t predicts token t + 1
-            lps: list[LogProb] = [None]
-            lps += [log_prob(all_logits[t], seq.prompt[t + 1], seq.logprobs or 0) for t in range(T - 1)]
-            if seq.on_prompt_logprobs is not None:
-                seq.on_prompt_logprobs(seq, lps)
-            logits = all_logits[-1:]
-        else:
-            logits = self.model.head(h[:, -1:])[:, -1].float()  # (1, V)
-        seq.pos = T
-        if seq.max_tokens == 0:
-            self._finish(seq, "length")
-            return
-        self.rows.append(seq)
-        if self._emit(seq, logits[0]):
-            self._leave(len(self.rows) - 1, seq.finish_reason)
+        return self.model.head(h if all_positions else h[:, -1:])[0].float()
 
-    def _decode(self) -> None:
+    def _admit(self, seq: Seq) -> None:
+        """seq takes the row its prefill wrote."""
+        self.rows.append(seq)
+
+    def _forward_decode(self) -> torch.Tensor:
+        """One token for every running row, each at its own position -> float logits (n, V)."""
         n = len(self.rows)
         tokens = torch.tensor([[s.next_token] for s in self.rows], device=self.device)  # (n, 1)
         pos = torch.tensor([s.pos for s in self.rows], device=self.device)  # (n,)
@@ -243,14 +266,17 @@ class Engine:
             return self.k[layer][:n, :, :S], self.v[layer][:n, :, :S]
 
         h = self.model.trunk(tokens, pos[:, None], update, attn_mask=mask, is_causal=False)  # (n, 1, C)
-        logits = self.model.head(h)[:, -1].float()  # (n, V)
-        self.steps_total += 1
-        self.occupancy_sum += n
-        for s in self.rows:
-            s.pos += 1
-        done = [i for i, s in enumerate(self.rows) if self._emit(s, logits[i])]
-        for i in reversed(done):
-            self._leave(i, self.rows[i].finish_reason)
+        return self.model.head(h)[:, -1].float()  # (n, V)
+
+    def _drop_row(self, i: int) -> None:
+        """Row i leaves; the last row moves into it (its cache up to its length), keeping rows packed."""
+        last = len(self.rows) - 1
+        if i != last:
+            moved = self.rows[last]
+            for cache in (*self.k, *self.v):
+                cache[i, :, : moved.pos] = cache[last, :, : moved.pos]
+            self.rows[i] = moved
+        self.rows.pop()
 
     def _emit(self, seq: Seq, logits: torch.Tensor) -> bool:
         """Choose seq's next token from logits (V,), report it; True when seq is finished."""
@@ -278,14 +304,8 @@ class Engine:
         return False
 
     def _leave(self, i: int, reason: str | None) -> None:
-        """Row i leaves; the last row moves into it (its cache up to its length), keeping rows packed."""
-        seq, last = self.rows[i], len(self.rows) - 1
-        if i != last:
-            moved = self.rows[last]
-            for cache in (*self.k, *self.v):
-                cache[i, :, : moved.pos] = cache[last, :, : moved.pos]
-            self.rows[i] = moved
-        self.rows.pop()
+        seq = self.rows[i]
+        self._drop_row(i)
         self._finish(seq, reason or "stop")
 
     def _finish(self, seq: Seq, reason: str) -> None:

@@ -2,6 +2,7 @@
 
     python -m eval.serve --ckpt runs/debug                       # http://127.0.0.1:8000/v1
     python -m eval.serve --ckpt runs/debug --backend int8 --max-batch 32
+    python -m eval.serve --backend onnx --onnx export/        # the decoder graph of python -m eval.export
     python -m eval.serve --ckpt runs/debug --host 0.0.0.0 --api-key "$KEY"
 
 Endpoints: POST /v1/completions (OpenAI's legacy completions schema, streamed as server-sent
@@ -30,16 +31,21 @@ def build(args: argparse.Namespace) -> Server:
     from eval.sample import get_encoding
 
     if args.backend == "onnx":
-        raise UsageError(
-            "the server batches on the torch model (each request its own KV-cache row); serve the checkpoint "
-            "with --backend torch or --backend int8"
-        )
-    backend = load_backend(args.backend, args.ckpt, None, args.dtype, False, args.device)
-    enc = get_encoding(args.tokenizer or backend.tokenizer, args.ckpt)
+        from eval.batching_onnx import OnnxEngine
+
+        backend = load_backend("onnx", None, args.onnx, args.dtype, False, args.device)
+        where = args.onnx
+    else:
+        backend = load_backend(args.backend, args.ckpt, None, args.dtype, False, args.device)
+        where = args.ckpt
+    enc = get_encoding(args.tokenizer or backend.tokenizer, where)
     if enc.n_vocab > backend.vocab_size:
         raise UsageError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {backend.vocab_size}")
-    engine = Engine(backend.model, max_batch=args.max_batch, max_queue=args.max_queue).start()
-    name = args.model_name or Path(args.ckpt).resolve().name
+    if args.backend == "onnx":
+        engine = OnnxEngine(backend, max_batch=args.max_batch, max_queue=args.max_queue).start()
+    else:
+        engine = Engine(backend.model, max_batch=args.max_batch, max_queue=args.max_queue).start()
+    name = args.model_name or Path(where).resolve().name
     return Server(engine, enc, name, api_key=args.api_key)
 
 
@@ -50,8 +56,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
-    p.add_argument("--ckpt", required=True, help="run directory, checkpoint or model artifact")
-    p.add_argument("--backend", default="torch", help="torch or int8 (default torch)")
+    p.add_argument("--ckpt", help="run directory, checkpoint or model artifact (torch and int8 backends)")
+    p.add_argument("--backend", default="torch", help="torch, int8 or onnx (default torch)")
+    p.add_argument("--onnx", help="decoder .onnx file, or the directory eval.export wrote (onnx backend)")
     p.add_argument("--dtype", default="fp32", help="torch backend precision: fp32 or bf16")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     p.add_argument("--tokenizer", help="override the tokenizer spec of the checkpoint's metadata")

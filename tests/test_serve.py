@@ -403,3 +403,35 @@ def test_cli_serves_and_stops(tmp_path):
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status says what stopped it
     assert proc.returncode in (0, -signal.SIGTERM)
     assert "Finished server process" in proc.stderr.read()
+
+
+@pytest.mark.slow  # the ONNX export takes most of its time
+def test_onnx_engine_joins_and_leaves(model, tmp_path):
+    """The ONNX decoder under continuous batching: 6 greedy sequences of different lengths through 3 rows
+    (so rows join a running batch, longer and shorter, and leave it) give the no-cache reference tokens."""
+    pytest.importorskip("onnxruntime")
+    from eval.backends import OnnxBackend
+    from eval.batching_onnx import OnnxEngine
+    from model.onnx_export import export_decoder
+
+    path = export_decoder(model, tmp_path / "decoder.onnx", {"tokenizer": "bytes"})
+    eng = OnnxEngine(OnnxBackend(path), max_batch=3).start()
+    try:
+        rng = random.Random(2)
+        prompts = [[rng.randrange(256) for _ in range(n)] for n in (3, 17, 1, 9, 30, 5)]
+        lengths = [5, 20, 12, 30, 8, 16]
+        results, all_done = {}, threading.Event()
+
+        def on_finish(s, reason):
+            results[s.id] = list(s.tokens)
+            if len(results) == len(prompts):
+                all_done.set()
+
+        seqs = [Seq(p, n, temperature=0, on_finish=on_finish) for p, n in zip(prompts, lengths, strict=True)]
+        eng.submit(seqs)
+        assert all_done.wait(120)
+    finally:
+        eng.stop()
+    for s, p, n in zip(seqs, prompts, lengths, strict=True):
+        assert results[s.id] == generate_no_cache(lambda x: model(x), p, n, BLOCK)
+    assert eng.occupancy_sum > eng.steps_total  # rows did share steps
