@@ -11,6 +11,9 @@ The decode step always takes the same path whatever the batch holds (a per-row m
 written part of the cache), and a prefill always runs one sequence alone, so what a greedy request
 gets does not depend on its neighbours (tests/test_serve.py checks 16 concurrent == each alone).
 Sampling is per sequence: its own temperature / top-k / top-p and its own seeded generator.
+
+Engine is the scheduler plus four model operations on the torch GPT (_forward_prefill, _admit,
+_forward_decode, _drop_row); eval/batching_onnx.py implements the same four on the ONNX decoder.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ export also writes generation_config.json. Llama features the modern family lack
 attention / MLP biases, sliding windows, a head_dim other than hidden_size / heads) are refused by name.
 
 The imported artifact is what eval.sample / evaluate / export read and what training starts from
-(train.init_from). The exported directory loads with transformers.GPT2LMHeadModel.from_pretrained
-and gives the same logits. The conversion itself is model/hf.py (Conv1D transposes, vocabulary padding).
+(train.init_from). The exported directory loads with transformers' GPT2LMHeadModel / LlamaForCausalLM
+from_pretrained and gives the same logits. The conversion itself is model/hf.py (Conv1D transposes, vocabulary padding).
 When the checkpoint's tokenizer is a byte-level BPE with GPT-2's split pattern (gpt2, bytes), export
 also writes it in GPT-2's Hugging Face files, so AutoTokenizer.from_pretrained(OUT) encodes as we do.
 Neither direction imports transformers; no network is used.
