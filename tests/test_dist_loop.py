@@ -164,6 +164,11 @@ def test_fsdp_sigterm_on_one_rank_then_resume_on_one_rank(data, reference, tmp_p
     # every rank took part in the save of the same step: it is complete and it is the latest
     ckpts = run_dir / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == f"step_{stopped:06d}"
+    # each rank wrote its own RNG state into that same checkpoint
+    assert sorted(p.name for p in (ckpts / f"step_{stopped:06d}").glob("rng_rank*")) == [
+        "rng_rank00000.pt",
+        "rng_rank00001.pt",
+    ]
     assert not list(ckpts.glob(".tmp*"))
     assert_same_curve(recs, reference, stopped)
 
