@@ -1,5 +1,6 @@
 """launch.sh: the argument handling and the multi-node / SLURM mapping, with a stand-in torchrun
-that records its arguments (the real one is exercised by `--nproc 2` in test_launch_nproc2_end_to_end)."""
+that records its arguments; then the real torchrun: `--nproc 2` on one node, and two "nodes" on this
+machine (two launch.sh invocations, NNODES=2) that must train exactly like it."""
 
 from __future__ import annotations
 
