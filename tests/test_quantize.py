@@ -1,10 +1,12 @@
 """Weight-only int8: sizes, accuracy on a trained model, the artifact round trip, every kernel."""
 
 import copy
+import platform
 
 import pytest
 import torch
 from _eval_fixtures import shared_trained, tiny_random
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import GPT, ModelConfig
 from model.io import load_model
@@ -106,9 +108,55 @@ def test_head_left_float_when_asked(tmp_path):
     torch.testing.assert_close(loaded(x), q(x), atol=0, rtol=0)
 
 
-def test_kernel_choice_is_known():
-    assert pick_kernel("cpu") in ("int8pack", "fbgemm", "dequant")
-    assert pick_kernel("meta") == "dequant"
+class OpNames(TorchDispatchMode):
+    """The ATen / quantized ops that run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# the matmul each kernel stands for; the other two must not run
+KERNEL_OP = {
+    "int8pack": "aten._weight_int8pack_mm.default",
+    "fbgemm": "quantized.linear_dynamic.default",
+    "dequant": "aten.addmm.default",
+}
+
+
+@pytest.mark.parametrize("kernel", ["auto", "int8pack", "fbgemm", "dequant"])
+def test_each_kernel_runs_its_own_matmul(kernel):
+    """A kernel that silently fell back to the dequantized reference would still match it in value:
+    check the op that runs. "auto" must run the kernel pick_kernel chose for this machine."""
+    if kernel == "fbgemm" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no FBGEMM")
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(torch.nn.Linear(64, 48), kernel)
+    resolved = pick_kernel("cpu") if kernel == "auto" else kernel
+    assert q.kernel == resolved
+    x = torch.randn(3, 64)
+    with OpNames() as mode:
+        q(x)
+    ran = {op for op in KERNEL_OP.values() if op in mode.ops}
+    assert ran == {KERNEL_OP[resolved]}, mode.ops
+
+
+def test_kernel_choice_follows_the_machine():
+    """auto takes int8pack only where ATen vectorizes it (AVX-512, ARM): on an AVX2-only x86 CPU its
+    scalar fallback is slower than fp32, so FBGEMM (vectorized on AVX2) must be chosen there."""
+    arm = platform.machine().lower() in ("arm64", "aarch64")
+    vectorized_int8pack = arm or torch.backends.cpu.get_cpu_capability() == "AVX512"
+    fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
+    choice = pick_kernel("cpu")
+    if not vectorized_int8pack:
+        assert choice == ("fbgemm" if fbgemm else "dequant")
+    else:
+        assert choice == "int8pack"
+    assert pick_kernel("meta") == "dequant"  # not a CPU: the reference path (GPUs take it too)
     with pytest.raises(ValueError, match="unknown int8 kernel"):
         Int8Linear(4, 4, kernel="fast")
 

@@ -119,45 +119,6 @@ def test_nonfinite_loss_stops_naming_the_step_and_never_saves_it(data_dir, tmp_p
     assert (ckpts / "latest").read_text().strip() == "step_000002"
 
 
-def test_gradient_accumulation_matches_one_big_batch(data_dir, tmp_path):
-    """4 micro-batches of 2 and 1 micro-batch of 8 see the same 8 sequences per step (the loader's
-    contract) and must give the same losses and weights in fp32."""
-    common = ["train.max_steps=4", "train.tokens_per_step=256", "optim.grad_clip=0.5"]
-    accum, big = tmp_path / "accum", tmp_path / "big"
-    run(tiny_config(data_dir, accum, *common, "train.micro_batch=2"), log=lambda m: None)
-    run(tiny_config(data_dir, big, *common, "train.micro_batch=8"), log=lambda m: None)
-    la, lb = train_losses(accum), train_losses(big)
-    assert sorted(la) == [1, 2, 3, 4]
-    for s in la:
-        assert la[s] == pytest.approx(lb[s], abs=1e-5, rel=0)
-    _, sa, _ = load_state(accum)
-    _, sb, _ = load_state(big)
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], atol=1e-5, rtol=0)
-
-
-def test_bfloat16_autocast_path_runs(data_dir, tmp_path):
-    run_dir = tmp_path / "bf16"
-    out = run(
-        tiny_config(data_dir, run_dir, "train.dtype=bfloat16", "train.max_steps=3", "train.eval_every=3"),
-        log=lambda m: None,
-    )
-    losses = train_losses(run_dir)
-    assert all(math.isfinite(v) for v in losses.values()) and math.isfinite(out["val_loss"])
-    _, sd, _ = load_state(run_dir)
-    assert all(v.dtype == torch.float32 for v in sd.values())  # autocast: the weights stay fp32
-
-
-def test_activation_checkpointing_gives_the_same_losses_with_dropout(data_dir, tmp_path):
-    """Recomputation replays the dropout masks (preserve_rng_state), so the run is unchanged."""
-    common = ["train.max_steps=3", "model.dropout=0.1"]
-    run(tiny_config(data_dir, tmp_path / "plain", *common), log=lambda m: None)
-    run(tiny_config(data_dir, tmp_path / "ac", *common, "train.activation_checkpointing=true"), log=lambda m: None)
-    assert train_losses(tmp_path / "plain") == train_losses(tmp_path / "ac")
-    _, sd, _ = load_state(tmp_path / "ac")
-    assert not any("checkpoint" in k for k in sd)  # parameter names unchanged
-
-
 def test_world_size_without_a_strategy_is_refused(data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TrainError, match="parallel.strategy=none"):
