@@ -7,6 +7,7 @@
     shards.py       the shard format: headers, memmaps, meta.json, validation
     permutation.py  a seeded permutation of the windows that needs no memory
     loader.py       BatchLoader (train, resumable across world sizes) and val_batches
+    hellaswag.py    HellaSwag: the rowanz JSONL reader and checks, llmc / harness rendering, hellaswag_eval
     errors.py       DataError: every error a user can cause, with what to do about it
     bench.py        `python -m data.bench`: throughput, memory and loader figures
 

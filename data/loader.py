@@ -55,7 +55,7 @@ class BatchLoader:
     ):
         _check_layout(rank, world_size, seq_len=seq_len, micro_batch=micro_batch)
         if tokens_per_step < 1 or tokens_per_step % seq_len:
-            raise ValueError(
+            raise DataError(
                 f"tokens_per_step={tokens_per_step} must be a positive multiple of seq_len={seq_len} "
                 f"(one step is a whole number of windows of seq_len tokens)"
             )
@@ -63,7 +63,7 @@ class BatchLoader:
         per_pass = micro_batch * world_size
         if windows_per_step % per_pass:
             lower = max(per_pass, windows_per_step // per_pass * per_pass) * seq_len
-            raise ValueError(
+            raise DataError(
                 f"tokens_per_step={tokens_per_step} is {windows_per_step} windows of seq_len={seq_len}, which does "
                 f"not divide into micro_batch={micro_batch} x world_size={world_size} = {per_pass} windows per "
                 f"micro-step: set tokens_per_step to a multiple of seq_len*micro_batch*world_size = "
@@ -196,6 +196,6 @@ def _to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torc
 def _check_layout(rank: int, world_size: int, **sizes: int) -> None:
     for name, value in {**sizes, "world_size": world_size}.items():
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+            raise DataError(f"{name} must be a positive integer, not {value!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank!r} must be in [0, world_size={world_size})")
+        raise DataError(f"rank={rank!r} must be in [0, world_size={world_size})")

@@ -9,9 +9,10 @@ each one prefixed by <|endoftext|> as llm.c does, and streamed to disk: at most 
 documents are in flight, so memory does not grow with the corpus. The first --val-tokens tokens become
 the val shards (default: min(10,485,760, 10% of the corpus)), the rest the train shards.
 
-Everything is written into a hidden temporary directory beside --out and renamed into place at the end,
-meta.json last: an interrupted run leaves no dataset behind, and an existing dataset is replaced only
-with --force, and only once the new one is complete.
+Everything is written into a hidden temporary directory beside --out, meta.json last, and published
+by model.files.atomic_dir: an interrupted run leaves no dataset behind, and an existing dataset is
+replaced only with --force, in one atomic exchange of names once the new one is complete (where the
+filesystem cannot exchange, a crash between its two renames is undone by the next prepare or read).
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ import itertools
 import json
 import os
 import shlex
-import shutil
-import socket
 import sys
 import time
 from collections import deque
@@ -39,6 +38,7 @@ from data.shards import MAX_SHARD_TOKENS, META_NAME, SHARD_RE, dtype_name, token
 from data.sources import HF_PREFIX, PYDOC, TXT_MODES, open_source, source_slug
 from data.tokenizer import get_tokenizer, tokenizer_record
 from data.writer import ShardWriter, SplitRouter
+from model.files import atomic_dir, recover
 
 DEFAULT_SHARD_TOKENS = 100_000_000
 _BATCH_CHARS = 1 << 17  # characters per tokenization task: large enough to amortize the hand-off
@@ -76,6 +76,7 @@ def prepare(
     if val_tokens is not None and val_tokens < 0:
         raise DataError(f"val_tokens must be >= 0, not {val_tokens}")
     out = Path(out)
+    recover(out)  # a dataset that a killed --force had moved aside goes back before it is looked at
     _check_out(out, force)
     enc = get_tokenizer(tokenizer)
     spec, spec_sha = tokenizer_record(tokenizer)
@@ -86,9 +87,8 @@ def prepare(
     if max_documents is not None:
         docs = itertools.islice(docs, max_documents)
 
-    tmp = _temp_dir(out)
     started = time.perf_counter()
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:  # _check_out allowed replacing what is there
         shards, n_docs = _write_shards(docs, enc, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress)
         train = sum(s["tokens"] for s in shards if s["split"] == "train")
         val = sum(s["tokens"] for s in shards if s["split"] == "val")
@@ -115,10 +115,6 @@ def prepare(
             "command": command or _call_repr(out, source, tokenizer, shard_tokens, val_tokens, max_documents),
         }
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if progress:
         seconds = time.perf_counter() - started
         n_train = sum(s["split"] == "train" for s in shards)
@@ -228,41 +224,6 @@ def _check_out(out: Path, force: bool) -> None:
             f"{out} holds files that are not a dataset ({', '.join(sorted(p.name for p in entries)[:5])}...); "
             f"--force only replaces datasets made by data.prepare: choose another --out"
         )
-
-
-def _temp_dir(out: Path) -> Path:
-    """A fresh hidden directory beside `out`, after removing those of earlier runs that were killed here."""
-    host = socket.gethostname()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.tmp-{host}-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.tmp-{host}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished dataset into place; an old one (allowed by _check_out) is removed only after."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = out.parent / f".{out.name}.old-{socket.gethostname()}-{os.getpid()}"
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _cpu_count() -> int:

@@ -17,7 +17,6 @@ naming the file. nanoGPT's headerless uint16 `train.bin` / `val.bin` are read wh
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from data.errors import DataError
+from model.files import recover, sha256_file
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -180,16 +180,8 @@ def verify_dataset(data_dir: str | Path) -> None:
     for shard in read_meta(data_dir)["shards"]:
         path = data_dir / shard["name"]
         read_header(path)
-        if shard.get("sha256") and file_sha256(path) != shard["sha256"]:
+        if shard.get("sha256") and sha256_file(path) != shard["sha256"]:
             raise DataError(f"{path}: sha256 differs from meta.json: the shard is corrupt; prepare it again")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class TokenStream:
@@ -225,6 +217,11 @@ class TokenStream:
 
 def _existing_dir(data_dir: str | Path) -> Path:
     data_dir = Path(data_dir)
+    # A `data.prepare --force` killed between its two renames left the dataset aside as .NAME.old-*: put
+    # it back. Only then: recover() also deletes .NAME.tmp-*, which a prepare running on another machine
+    # of a shared filesystem may be writing (it spares only live processes of this host).
+    if not data_dir.exists() and any(data_dir.parent.glob(f".{data_dir.name}.old-*")):
+        recover(data_dir)
     if not data_dir.is_dir():
         raise DataError(
             f"dataset directory {data_dir} does not exist; make it with python -m data.prepare --out {data_dir}"

@@ -2,27 +2,31 @@
 
 `spec` is one of
 - `bytes`: 256 byte tokens plus `<|endoftext|>` = 256 (n_vocab 257); needs no file and no network.
-- a tiktoken name (`gpt2`, `r50k_base`, `p50k_base`, `cl100k_base`, `o200k_base`, ...): read from
+- `gpt2`: read from the file that ships inside this package (`data/tokenizers/gpt2.tiktoken`, tiktoken's
+  r50k_base ranks), checked against tiktoken's published sha256; never TOKENIZER_DIR, never the network.
+- another tiktoken name (`r50k_base`, `p50k_base`, `cl100k_base`, `o200k_base`, ...): read from
   `$TOKENIZER_DIR/<name>.tiktoken` when that file exists (offline use; checked against tiktoken's
   published sha256), otherwise from tiktoken, which downloads and caches it once.
 - a path to a `.tiktoken` file (lines `base64(token) rank`). Datasets record it by file name and
-  sha256 (see `tokenizer_record`), so a bare file name is also looked up in `$TOKENIZER_DIR`.
-  A file named after a tiktoken encoding (`gpt2.tiktoken`) gets that encoding's split pattern and
-  special tokens; any other file gets GPT-2's pattern and `<|endoftext|>` after its last rank.
+  sha256 (see `tokenizer_record`), so a bare file name is also looked up in `$TOKENIZER_DIR`, then among
+  the packaged files. A file named after a tiktoken encoding (`gpt2.tiktoken`) gets that encoding's
+  split pattern and special tokens; any other file gets GPT-2's pattern and `<|endoftext|>` after its
+  last rank.
 """
 
 from __future__ import annotations
 
-import hashlib
+import base64
+import functools
 import os
 import types
 from pathlib import Path
 
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
-from tiktoken.load import load_tiktoken_bpe
 
 from data.errors import DataError
+from model.files import sha256_file
 
 ENDOFTEXT = "<|endoftext|>"
 BYTES_SPEC = "bytes"
@@ -30,6 +34,12 @@ BYTES_SPEC = "bytes"
 # gpt2 is built by tiktoken from GPT-2's original vocab.bpe/encoder.json, so it has no .tiktoken hash of
 # its own; its ranks are exactly r50k_base's, whose published file is what `gpt2.tiktoken` must hold.
 _SAME_RANKS_AS = {"gpt2": "r50k_base"}
+
+# pip installs packages unpacked, so the package data is a plain file beside this module.
+PACKAGED_DIR = Path(__file__).with_name("tokenizers")
+# Encodings whose ranks ship with the package (name -> file in PACKAGED_DIR): `gpt2`, the one every
+# config uses, so that it works on a machine with no network and no TOKENIZER_DIR.
+_PACKAGED = {"gpt2": "gpt2.tiktoken"}
 
 _HOW_TO_PROVIDE = (
     "To work offline, put the file `{name}.tiktoken` in a folder and set TOKENIZER_DIR to that folder "
@@ -72,17 +82,21 @@ def tokenizer_record(spec: str) -> tuple[str, str | None]:
     if path is None:
         get_tokenizer(spec)  # raises the clear error
         raise AssertionError("unreachable")
-    return path.name, _sha256(path)
+    return path.name, sha256_file(path)
 
 
 def resolve_tokenizer_file(spec: str) -> Path | None:
-    """The .tiktoken file a spec names: the path itself, else the file name inside $TOKENIZER_DIR."""
+    """The .tiktoken file a spec names: the path itself, else its file name inside $TOKENIZER_DIR, else
+    among the packaged files (a dataset made from a copy of `gpt2.tiktoken` still finds it anywhere)."""
     path = Path(spec).expanduser()
     if path.is_file():
         return path
+    if not spec.endswith(".tiktoken"):
+        return None
     tok_dir = os.environ.get("TOKENIZER_DIR")
-    if tok_dir and spec.endswith(".tiktoken") and (Path(tok_dir) / path.name).is_file():
-        return Path(tok_dir) / path.name
+    for folder in ([Path(tok_dir)] if tok_dir else []) + [PACKAGED_DIR]:
+        if (folder / path.name).is_file():
+            return folder / path.name
     return None
 
 
@@ -99,18 +113,24 @@ def _bytes_encoding() -> tiktoken.Encoding:
 
 
 def _named_encoding(name: str) -> tiktoken.Encoding:
+    if name in _PACKAGED:
+        # A missing packaged file is a broken install; falling back to TOKENIZER_DIR or the network would
+        # hide that until the one machine without either.
+        packaged = PACKAGED_DIR / _PACKAGED[name]
+        if not packaged.is_file():
+            raise DataError(
+                f"{packaged} is missing; it ships with the package: reinstall the package, or in a clone "
+                f"restore it with `git checkout -- data/tokenizers`."
+            )
+        return _published_encoding(name, packaged, fix="the installation is damaged: reinstall the package.")
     tok_dir = os.environ.get("TOKENIZER_DIR")
     local = Path(tok_dir) / f"{name}.tiktoken" if tok_dir else None
     if local is not None and local.is_file() and name in openai_public.ENCODING_CONSTRUCTORS:
-        params = _constructor_params(name)
-        expected = params.pop("expected_hash")
-        actual = _sha256(local)
-        if expected is not None and actual != expected:
-            raise DataError(
-                f"{local} is not tiktoken's {name} file (sha256 {actual[:12]}..., expected {expected[:12]}...). "
-                f"Replace it with the published file, or pass its path as the tokenizer to use it as a custom one."
-            )
-        return tiktoken.Encoding(**params, mergeable_ranks=_load_ranks(local))
+        return _published_encoding(
+            name,
+            local,
+            fix="replace it with the published file, or pass its path as the tokenizer to use it as a custom one.",
+        )
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # network errors come in many types (requests, urllib3, OSError)
@@ -121,14 +141,37 @@ def _named_encoding(name: str) -> tiktoken.Encoding:
         ) from None
 
 
-def _file_encoding(path: Path, sha256: str | None) -> tiktoken.Encoding:
-    if sha256 is not None and _sha256(path) != sha256:
+def _published_encoding(name: str, path: Path, *, fix: str) -> tiktoken.Encoding:
+    """Encoding `name` with its ranks read from `path`, which must be the file tiktoken publishes for it."""
+    params = _constructor_params(name)
+    expected = params.pop("expected_hash")
+    actual = sha256_file(path)
+    if expected is not None and actual != expected:
         raise DataError(
-            f"tokenizer file {path} has sha256 {_sha256(path)[:12]}..., but the dataset was made with a file "
+            f"{path} is not tiktoken's {name} file (sha256 {actual[:12]}..., expected {expected[:12]}...): {fix}"
+        )
+    return _encoding_from_file(path, actual, name)
+
+
+def _file_encoding(path: Path, sha256: str | None) -> tiktoken.Encoding:
+    actual = sha256_file(path)
+    if sha256 is not None and actual != sha256:
+        raise DataError(
+            f"tokenizer file {path} has sha256 {actual[:12]}..., but the dataset was made with a file "
             f"of the same name and sha256 {sha256[:12]}...; find the original file (put it in TOKENIZER_DIR)."
         )
+    return _encoding_from_file(path, actual, path.name.removesuffix(".tiktoken"))
+
+
+@functools.lru_cache(maxsize=8)
+def _encoding_from_file(path: Path, sha256: str, name: str) -> tiktoken.Encoding:
+    """The Encoding of a .tiktoken file whose sha256 the caller has checked; a tiktoken name gets that
+    encoding's pattern and special tokens, any other name GPT-2's pattern and `<|endoftext|>` last.
+
+    Parsing the ranks and building the BPE is the slow part of loading a tokenizer, and a process asks for
+    the same one several times; `sha256` in the key makes a file rewritten in place a new entry.
+    """
     ranks = _load_ranks(path)
-    name = path.name.removesuffix(".tiktoken")
     if name in openai_public.ENCODING_CONSTRUCTORS:
         params = _constructor_params(name)
         params.pop("expected_hash")
@@ -140,9 +183,17 @@ def _file_encoding(path: Path, sha256: str | None) -> tiktoken.Encoding:
 
 
 def _load_ranks(path: Path) -> dict[bytes, int]:
+    """The ranks of a local .tiktoken file, parsed as tiktoken.load.load_tiktoken_bpe parses them.
+
+    Not load_tiktoken_bpe itself: it copies every file it reads, local ones too, into tiktoken's cache
+    under a key made from the path alone, so a file rewritten in place came back stale, and a
+    TIKTOKEN_CACHE_DIR that cannot be written (a read-only shared cache) made even the packaged file
+    unreadable.
+    """
     try:
-        ranks = load_tiktoken_bpe(str(path))
-    except Exception as e:  # binascii.Error, ValueError, UnicodeDecodeError: all mean "not this format"
+        lines = path.read_bytes().splitlines()
+        ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in lines if line)}
+    except ValueError as e:  # a line that is not `token rank`, bad base64 (binascii.Error), a non-integer rank
         raise DataError(
             f"{path} is not a .tiktoken file (lines of `base64(token) rank`): {type(e).__name__}: {e}"
         ) from None
@@ -173,11 +224,3 @@ def _constructor_params(name: str) -> dict:
     if name in _SAME_RANKS_AS:
         params["expected_hash"] = _constructor_params(_SAME_RANKS_AS[name])["expected_hash"]
     return params
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data.shards import file_sha256, make_header
+from data.shards import make_header
+from model.files import sha256_file
 
 DEFAULT_VAL_CAP = 10_485_760  # llm.c's fineweb val size: enough for a stable loss, small next to train
 VAL_FRACTION_DIVISOR = 10  # by default val is at most 10% of the corpus, so a small corpus still trains
@@ -70,7 +71,7 @@ class ShardWriter:
         self._file.close()
         path = Path(self._file.name)
         self.shards.append(
-            {"name": path.name, "split": self._split, "tokens": self._count, "sha256": file_sha256(path)}
+            {"name": path.name, "split": self._split, "tokens": self._count, "sha256": sha256_file(path)}
         )
         self._file = None
 

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from eval.cli import UsageError
-from model import GPT, KVCache
+from model import GPT, KVCache, dtypes
 from model.onnx_export import DECODER, FULL, past_names, session
 
 BACKENDS = ("torch", "int8", "onnx")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {dtypes.short(n): dtypes.torch_dtype(n) for n in ("float32", "bfloat16")}  # the torch backend's
 
 
 class Backend:
@@ -262,21 +262,35 @@ def load_backend(
         raise UsageError(f"unknown --device {device!r}; use cpu or cuda (cuda:N)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
-    from model.io import load_model
-
+    model, meta = load_checkpoint_model(ckpt, device)
     if backend == "int8":
         if dtype != "fp32":
             raise UsageError("the int8 backend computes in float32 activations; drop --dtype")
-        model, meta = load_model(ckpt, device=device)
         if meta.get("quantization") != "int8":
             from model.quantize import quantize_model
 
             model = quantize_model(model)  # a float checkpoint, quantized on load
         return TorchBackend(model, meta, name="int8", compile=compile)
-    model, meta = load_model(ckpt, device=device)
     if meta.get("quantization") == "int8":
         if dtype != "fp32":
             raise UsageError(f"{ckpt} is an int8 artifact; it runs with float32 activations only")
         return TorchBackend(model, meta, name="int8", compile=compile)
     model = model.to(DTYPES[dtype])
     return TorchBackend(model, meta, name="torch" if dtype == "fp32" else f"torch-{dtype}", compile=compile)
+
+
+def load_checkpoint_model(ckpt: str, device: str = "cpu"):
+    """(model in eval mode, metadata) from any path model.io.resolve accepts: the loader is chosen
+    by the artifact's quantization (here, where backends are chosen; model.io loads float only)."""
+    from model.io import ArtifactError, load_model, read_config, resolve
+
+    artifact = resolve(ckpt)
+    _, meta = read_config(artifact)
+    quantization = meta.get("quantization")
+    if quantization == "int8":
+        from model.quantize import load_quantized
+
+        return load_quantized(artifact, device=device)
+    if quantization:
+        raise ArtifactError(f"{ckpt}: unknown quantization {quantization!r} (known: int8)")
+    return load_model(artifact, device=device)

@@ -1,10 +1,18 @@
-"""What every eval CLI shares: user errors become one line on stderr and a non-zero exit."""
+"""What every eval CLI shares: a user error becomes one line on stderr and exit 2; a bug keeps its traceback.
+
+A user error is a model.errors.UserError: ours (UsageError), model.io's ArtifactError, data's
+DataError. Every mistake a user can make in eval/ (a missing file or path, a bad flag value, an existing
+output without --force, a prompt too long for the context, a bad dtype name) is raised as one of them
+where it is detected, with a message that says what to do. Anything else (a ValueError, OSError or
+KeyError from deep inside) is a bug or an environment failure, and its traceback is what a bug report needs.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 
+from model.dtypes import short
 from model.errors import UserError
 
 
@@ -12,20 +20,20 @@ class UsageError(UserError, ValueError):
     """A mistake the user can fix (bad flag value, missing file, prompt too long); the message says how."""
 
 
-# Errors a user can cause anywhere below a CLI: ours, model.io's ArtifactError (a FileNotFoundError),
-# data's DataError (a ValueError), ModelConfig's ValueError, a missing / unreadable / existing path.
-USER_ERRORS = (UserError, ValueError, OSError)
+def dtype_flag(name: str, flag: str = "--dtype") -> str:
+    """A --dtype value (bf16, bfloat16, ...) as its short name, the one model.dtypes table deciding."""
+    try:
+        return short(name)
+    except ValueError as e:
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
     """Run a CLI entry point; a user error prints `error: <message>` and returns 2, no traceback."""
     try:
         main(argv)
-    except USER_ERRORS as e:
-        msg = str(e) or type(e).__name__
-        if isinstance(e, FileNotFoundError) and e.filename and not msg.startswith(str(e.filename)):
-            msg = f"{e.filename}: {e.strerror or msg}"
-        print(f"error: {msg}", file=sys.stderr)
+    except UserError as e:
+        print(f"error: {str(e) or type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

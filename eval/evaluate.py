@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.backends import BACKENDS, DTYPES, Backend, TorchBackend, load_backend
-from eval.cli import UsageError, run
+from eval.cli import UsageError, dtype_flag, run
 from model.loss import loss_totals
 
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -84,8 +84,8 @@ def evaluate(backend: Backend, batches: Batches, byte_table: torch.Tensor) -> di
                 logits.flatten(0, 1).double(), y.flatten(), ignore_index=-100, reduction="sum"
             ).item()
             count += int((y != -100).sum())
-        if count == 0:
-            raise UsageError("no batches to evaluate: the split is empty or shorter than one window")
+    if count == 0:
+        raise UsageError("no batches to evaluate: the split is empty or shorter than one window")
     loss = total / count
     n_bytes = counted["bytes"]
     return {
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="val", help="val (default) or train")
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(BACKENDS)}")
     p.add_argument("--onnx", help="an .onnx file written by eval.export (onnx backend)")
-    p.add_argument("--dtype", default="fp32", help=f"torch backend precision: {', '.join(DTYPES)}")
+    p.add_argument("--dtype", default="fp32", help=f"torch backend precision: {' or '.join(DTYPES)}")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-    backend = load_backend(args.backend, args.ckpt, args.onnx, args.dtype, device=args.device)
+    backend = load_backend(args.backend, args.ckpt, args.onnx, dtype_flag(args.dtype), device=args.device)
     meta = read_meta(args.data)
     if backend.tokenizer and meta["tokenizer"] != backend.tokenizer:
         raise UsageError(

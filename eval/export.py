@@ -6,7 +6,8 @@
     python -m eval.export --ckpt runs/debug --format int8 --data datasets/pydoc-bytes --out runs/debug-int8
 
 Every file is checked against the torch model before it is reported as written; a failed check
-deletes it and exits non-zero. Files are written under a temporary name and renamed.
+deletes it and exits non-zero. Files are written in a temporary directory beside OUT, flushed to
+disk and renamed into OUT once checked.
   onnx   OUT/model.onnx (full sequence) and OUT/decoder.onnx (KV cache): onnxruntime logits within
          1e-3 of torch on random prompts. --int8 adds OUT/model.int8.onnx and OUT/decoder.int8.onnx
          (onnxruntime dynamic quantization), checked on --data's val split: the same argmax on >= 99%
@@ -20,16 +21,20 @@ deletes it and exits non-zero. Files are written under a temporary name and rena
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from eval.cli import UsageError, run
 from model import GPT
+from model.files import fsync_tree, recover
 
 FORMATS = ("onnx", "pt2", "int8")
 FP32_ATOL = 1e-3
@@ -42,28 +47,27 @@ class CheckFailed(UsageError):
     """An export that does not reproduce the model; its files have been deleted."""
 
 
-def _tmp_dir(out: Path) -> Path:
-    tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _install(tmp: Path, out: Path, names: list[str]) -> list[Path]:
-    """Move checked files from tmp into out (each an atomic rename on the same filesystem)."""
-    out.mkdir(parents=True, exist_ok=True)
-    placed = []
-    for n in names:
-        os.replace(tmp / n, out / n)
-        placed.append(out / n)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return placed
-
-
-def _refuse_existing(out: Path, names: list[str], force: bool) -> None:
+@contextlib.contextmanager
+def _staged(out: Path, names: list[str], force: bool) -> Iterator[Path]:
+    """A temporary directory beside out for the files being written and checked. When the block ends
+    without an error they are flushed to disk and moved into out, one rename each; otherwise they are
+    deleted. The files move, not the directory: out may hold other exports (onnx and pt2 share one)."""
     existing = [n for n in names if (out / n).exists()]
     if existing and not force:
         raise UsageError(f"{out} already holds {', '.join(existing)}; pass --force to replace, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)  # the staging directories that killed exports left beside out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # the name recover() cleans
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        out.mkdir(exist_ok=True)
+        for n in names:
+            os.replace(tmp / n, out / n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -102,9 +106,7 @@ def export_onnx(
     from model.onnx_export import check_parity, export_decoder, export_full, quantize_onnx
 
     names = ["model.onnx", "decoder.onnx"] + (["model.int8.onnx", "decoder.int8.onnx"] if int8 else [])
-    _refuse_existing(out, names, force)
-    tmp = _tmp_dir(out)
-    try:
+    with _staged(out, names, force) as tmp:
         export_full(model, tmp / "model.onnx", meta)
         export_decoder(model, tmp / "decoder.onnx", meta)
         diff = check_parity(model, tmp / "model.onnx", tmp / "decoder.onnx")
@@ -124,18 +126,13 @@ def export_onnx(
                 if agree < INT8_ARGMAX or rel > INT8_LOSS_REL:
                     raise CheckFailed(msg.replace(" check:", " check FAILED:") + "; export rejected")
                 log(msg)
-        return _install(tmp, out, names)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return [out / n for n in names]
 
 
 def export_pt2(model: GPT, meta: dict, out: Path, force: bool, log=print) -> list[Path]:
     from model.onnx_export import FullSequence
 
-    _refuse_existing(out, ["model.pt2"], force)
-    tmp = _tmp_dir(out)
-    try:
+    with _staged(out, ["model.pt2"], force) as tmp:
         B = torch.export.Dim("batch", min=1, max=1024)
         T = torch.export.Dim("seq", min=1, max=model.config.block_size)
         x = torch.randint(0, model.config.vocab_size, (2, 5))
@@ -147,10 +144,7 @@ def export_pt2(model: GPT, meta: dict, out: Path, force: bool, log=print) -> lis
         if not diff <= PT2_ATOL:
             raise CheckFailed(f"the re-loaded ExportedProgram differs from torch by {diff:.2e}: export rejected")
         log(f"pt2 check: re-loaded program, max |diff| = {diff:.2e} (<= {PT2_ATOL})")
-        return _install(tmp, out, ["model.pt2"])
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return [out / "model.pt2"]
 
 
 @torch.no_grad()

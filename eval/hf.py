@@ -1,12 +1,16 @@
-"""python -m eval.hf: GPT-2 weights between Hugging Face directories and our model artifacts.
+"""python -m eval.hf: weights between Hugging Face directories and our model artifacts.
 
-    python -m eval.hf import HF_DIR OUT     config.json + model.safetensors -> artifact (tokenizer gpt2)
-    python -m eval.hf export CKPT OUT       a GPT-2-family checkpoint -> config.json + model.safetensors
+    python -m eval.hf import HF_DIR OUT     config.json + model.safetensors (or shards + index) -> artifact
+    python -m eval.hf export CKPT OUT       a checkpoint -> config.json + model.safetensors
                                             (+ vocab.json, merges.txt, tokenizer_config.json)
 
+GPT-2 family <-> GPT2LMHeadModel; modern family (RoPE, RMSNorm, SwiGLU, GQA) <-> LlamaForCausalLM, whose
+export also writes generation_config.json. Llama features the modern family lacks (RoPE scaling,
+attention / MLP biases, sliding windows, a head_dim other than hidden_size / heads) are refused by name.
+
 The imported artifact is what eval.sample / evaluate / export read and what training starts from
-(train.init_from). The exported directory loads with transformers.GPT2LMHeadModel.from_pretrained
-and gives the same logits. The conversion itself is model/hf.py (Conv1D transposes, vocabulary padding).
+(train.init_from). The exported directory loads with transformers' GPT2LMHeadModel / LlamaForCausalLM
+from_pretrained and gives the same logits. The conversion itself is model/hf.py (Conv1D transposes, vocabulary padding).
 When the checkpoint's tokenizer is a byte-level BPE with GPT-2's split pattern (gpt2, bytes), export
 also writes it in GPT-2's Hugging Face files, so AutoTokenizer.from_pretrained(OUT) encodes as we do.
 Neither direction imports transformers; no network is used.
@@ -18,7 +22,6 @@ import argparse
 import itertools
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +30,17 @@ from safetensors.torch import load_file, save_file
 
 from eval.cli import UsageError, run
 from model import GPT
-from model.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
+from model.files import atomic_dir
+from model.hf import (
+    config_from_hf,
+    config_to_hf,
+    from_hf_state_dict,
+    llama_config_from_hf,
+    llama_config_to_hf,
+    llama_from_hf_state_dict,
+    llama_to_hf_state_dict,
+    to_hf_state_dict,
+)
 from model.io import load_state, save_artifact
 
 
@@ -48,7 +61,10 @@ def read_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     if (d / "model.safetensors").is_file():
         files = [d / "model.safetensors"]
     elif index.is_file():  # sharded: model-00001-of-0000N.safetensors
-        files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            files = sorted({d / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+            raise UsageError(f"{index} is not a safetensors index (no weight_map: {e!r})") from None
     else:
         bins = [p.name for p in d.glob("*.bin")]
         hint = (
@@ -66,11 +82,26 @@ def read_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor
     return hf_cfg, sd
 
 
-def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str = "gpt2", force: bool = False) -> Path:
-    """A Hugging Face GPT-2 directory -> our model artifact (weights checked against the config)."""
+def import_hf(
+    hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str | None = None, force: bool = False
+) -> Path:
+    """A Hugging Face GPT-2 or Llama directory -> our model artifact (weights checked against the config).
+    tokenizer: the spec recorded in the artifact (a GPT-2 directory defaults to gpt2)."""
+    if Path(out).exists() and not force:
+        raise UsageError(f"{out} already exists; pass --force to replace it, or choose another output")
     hf_cfg, hf_sd = read_hf_dir(hf_dir)
-    cfg = config_from_hf(hf_cfg)
-    sd = from_hf_state_dict(hf_sd, cfg)
+    llama = hf_cfg.get("model_type") == "llama"
+    try:
+        if llama:
+            cfg = llama_config_from_hf(hf_cfg)
+        else:
+            cfg = config_from_hf(hf_cfg)
+            tokenizer = tokenizer or "gpt2"
+    except (ValueError, KeyError, TypeError) as e:  # ModelConfig's checks too; KeyError: a key it needs
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(f"{hf_dir}/config.json does not convert: {e}") from None
+    sd = llama_from_hf_state_dict(hf_sd, cfg) if llama else from_hf_state_dict(hf_sd, cfg)
     with torch.device("meta"):
         model = GPT(cfg)
     expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
@@ -85,7 +116,12 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, tokenizer: str 
                 f"{hf_dir}: {k} has shape {tuple(sd[k].shape)}, the config implies {tuple(model.state_dict()[k].shape)}"
             )
     sd = {k: v.float() for k, v in sd.items()}
-    return save_artifact(out, sd, cfg, {"tokenizer": tokenizer, "source": f"hf:{Path(hf_dir).name}"}, overwrite=force)
+    meta = {"source": f"hf:{Path(hf_dir).name}"}
+    if tokenizer:
+        meta["tokenizer"] = tokenizer
+    else:  # a Llama's SentencePiece / tokenizer.json has no tiktoken spec we can derive
+        print("note: no tokenizer recorded; pass --tokenizer SPEC at import, or to eval.sample", file=sys.stderr)
+    return save_artifact(out, sd, cfg, meta, overwrite=force)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -156,40 +192,54 @@ def write_hf_tokenizer(spec: str, vocab_size: int, block_size: int, out: Path) -
     return None
 
 
+def tokenizer_eot(spec: str | None) -> int | None:
+    """The <|endoftext|> id of the tokenizer `spec` (the end-of-text token of an exported config), or None."""
+    from data.errors import DataError
+    from data.tokenizer import get_tokenizer
+
+    if not spec:
+        return None
+    try:
+        return get_tokenizer(spec).eot_token
+    except DataError:
+        return None
+
+
 def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
-    """Our GPT-2-family checkpoint -> a directory GPT2LMHeadModel.from_pretrained loads."""
+    """Our checkpoint -> a directory transformers loads: GPT2LMHeadModel (GPT-2 family) or LlamaForCausalLM
+    (modern family, with generation_config.json)."""
     cfg, sd, meta = load_state(ckpt)
     if meta.get("quantization"):
         raise UsageError(f"{ckpt} is a {meta['quantization']} artifact; export the float checkpoint")
-    try:
-        hf_cfg = config_to_hf(cfg)
-    except ValueError as e:
-        raise UsageError(f"{ckpt}: {e}") from None
     from model.io import clean_state_dict
 
-    hf_sd = to_hf_state_dict(clean_state_dict(sd), cfg)
+    generation = None
+    try:
+        if cfg.family == "modern":
+            eot = tokenizer_eot(meta.get("tokenizer"))
+            hf_cfg = llama_config_to_hf(cfg, eot)
+            hf_sd = llama_to_hf_state_dict(clean_state_dict(sd), cfg)
+            generation = {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size}
+        else:
+            hf_cfg = config_to_hf(cfg)
+            hf_sd = to_hf_state_dict(clean_state_dict(sd), cfg)
+    except ValueError as e:
+        raise UsageError(f"{ckpt}: {e}") from None
     if cfg.tie_embeddings:  # safetensors stores no aliased tensors; from_pretrained re-ties the head
         hf_sd.pop("lm_head.weight", None)
     out = Path(out)
     if out.exists() and not force:
         raise UsageError(f"{out} already exists; pass --force to replace it, or choose another output")
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out, overwrite=force) as tmp:  # a crash leaves the old directory or the new one
         save_file(
             {k: v.contiguous() for k, v in hf_sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
         )
         (tmp / "config.json").write_text(json.dumps({**hf_cfg, "torch_dtype": "float32"}, indent=2) + "\n")
+        if generation is not None:
+            (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         why = write_hf_tokenizer(meta.get("tokenizer", ""), cfg.vocab_size, cfg.block_size, tmp)
         if why:
             print(f"note: no tokenizer files written: {why}", file=sys.stderr)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -201,12 +251,14 @@ def main(argv: list[str] | None = None) -> None:
         epilog=__doc__.split("\n\n", 1)[1],
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    imp = sub.add_parser("import", help="Hugging Face GPT-2 directory -> model artifact")
+    imp = sub.add_parser("import", help="Hugging Face GPT-2 or Llama directory -> model artifact")
     imp.add_argument("hf_dir")
     imp.add_argument("out")
-    imp.add_argument("--tokenizer", default="gpt2", help="tokenizer spec recorded in the artifact (default gpt2)")
+    imp.add_argument(
+        "--tokenizer", help="tokenizer spec recorded in the artifact (default gpt2 for GPT-2, none for Llama)"
+    )
     imp.add_argument("--force", action="store_true")
-    exp = sub.add_parser("export", help="GPT-2-family checkpoint -> Hugging Face directory")
+    exp = sub.add_parser("export", help="checkpoint -> Hugging Face directory (GPT2LMHeadModel or LlamaForCausalLM)")
     exp.add_argument("ckpt")
     exp.add_argument("out")
     exp.add_argument("--force", action="store_true")

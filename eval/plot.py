@@ -14,8 +14,10 @@ import math
 import sys
 from pathlib import Path
 
+from eval.cli import UsageError, run
 
-class PlotError(ValueError):
+
+class PlotError(UsageError):
     """A run directory without metrics; the message says what is missing."""
 
 
@@ -87,21 +89,17 @@ def plot(run_dirs: list[Path], out: Path, log_y: bool = False) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m eval.plot", description=__doc__.splitlines()[0])
     ap.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     ap.add_argument("--out", type=Path, help="PNG path (default RUN_DIR/loss.png, or ./loss.png for several runs)")
     ap.add_argument("--log-y", action="store_true", help="logarithmic loss axis")
     args = ap.parse_args(argv)
     out = args.out or (args.run_dirs[0] / "loss.png" if len(args.run_dirs) == 1 else Path("loss.png"))
-    try:
-        path = plot(args.run_dirs, out, args.log_y)
-    except PlotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {path}")
-    return 0
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a directory; pass a .png path")
+    print(f"wrote {plot(args.run_dirs, out, args.log_y)}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from eval.backends import BACKENDS, DTYPES, Backend, load_backend
-from eval.cli import UsageError, run
+from eval.cli import UsageError, dtype_flag, run
 from eval.generate import TextStream, check_sampling, generate
 
 EOT = "<|endoftext|>"
@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ckpt", help="run directory, checkpoint or model artifact (torch and int8 backends)")
     p.add_argument("--backend", default="torch", help=f"one of {', '.join(BACKENDS)} (default torch)")
     p.add_argument("--onnx", help="decoder .onnx file, or the directory eval.export wrote (onnx backend)")
-    p.add_argument("--dtype", default="fp32", help=f"torch backend precision: {', '.join(DTYPES)}")
+    p.add_argument("--dtype", default="fp32", help=f"torch backend precision: {' or '.join(DTYPES)}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (torch and int8 backends)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--tokenizer", help="override the tokenizer spec of the checkpoint's metadata")
@@ -60,10 +60,15 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
                 return [f.read()]
         except OSError as e:
             raise UsageError(f"cannot read --prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
     if args.prompt:
         return args.prompt
     if not sys.stdin.isatty():
-        text = sys.stdin.read()
+        try:
+            text = sys.stdin.read()
+        except UnicodeDecodeError:
+            raise UsageError("the prompt on standard input is not UTF-8 text") from None
         return [text] if text else None
     return None
 
@@ -136,7 +141,9 @@ def main(argv: list[str] | None = None) -> None:
     check_sampling(args.temperature, top_k, args.top_p, args.max_new_tokens)
     if args.num_samples < 1:
         raise UsageError(f"--num-samples must be >= 1, got {args.num_samples}")
-    backend: Backend = load_backend(args.backend, args.ckpt, args.onnx, args.dtype, args.compile, args.device)
+    backend: Backend = load_backend(
+        args.backend, args.ckpt, args.onnx, dtype_flag(args.dtype), args.compile, args.device
+    )
     enc = get_encoding(args.tokenizer or backend.tokenizer, args.ckpt or args.onnx)
     if enc.n_vocab > backend.vocab_size:
         raise UsageError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {backend.vocab_size}")

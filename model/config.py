@@ -10,12 +10,16 @@ FAMILIES = ("gpt2", "modern")
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 50257  # the real vocabulary; logits never extend past it
+    """Every field is also a training config key (`model.<field>` in YAML or on the command line)."""
+
+    # The real vocabulary; logits never extend past it. None: not known yet -- a training config's
+    # `model.vocab_size: null` means "the dataset's", filled in from meta.json before the model is built.
+    vocab_size: int | None = 50257
     block_size: int = 1024  # context length
-    n_layer: int = 12
-    n_head: int = 12
+    n_layer: int = 12  # transformer blocks
+    n_head: int = 12  # attention (query) heads; n_embd must divide into them
     n_kv_head: int | None = None  # grouped-query attention (Ainslie et al. 2023); None = n_head
-    n_embd: int = 768
+    n_embd: int = 768  # residual stream width
     # "gpt2": learned positions, LayerNorm, GELU MLP (Radford et al. 2019).
     # "modern": RoPE (Su et al. 2021), RMSNorm (Zhang & Sennrich 2019),
     #           SwiGLU (Shazeer 2020), GQA -- the LLaMA recipe.
@@ -23,17 +27,25 @@ class ModelConfig:
     ffn_hidden: int | None = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd rounded to 64 (modern)
     bias: bool = True  # biases in Linear layers and LayerNorm (GPT-2 has them)
     tie_embeddings: bool = True  # lm_head shares the token embedding (GPT-2 does)
-    dropout: float = 0.0
-    # Pad the embedding / lm_head rows to a multiple of this (nanoGPT's 50304 = 64*786
-    # is ~25% faster on GPU). The padded rows are never returned, sampled or in the loss.
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches, in training only
+    # Pad the embedding / lm_head rows to a multiple of this (64 turns GPT-2's 50257 into nanoGPT's
+    # 50304, which GPU matmuls tile evenly). The padded rows are never returned, sampled or in the loss.
     pad_vocab_multiple: int = 1
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0  # RoPE base frequency (modern family)
+    norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
     extra: dict = field(default_factory=dict)  # reserved; keeps model.json forward compatible
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+            raise ValueError(f"model.family must be one of {', '.join(FAMILIES)}; got {self.family!r}")
+        for name in ("block_size", "n_layer", "n_head", "n_embd", "pad_vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1; got {getattr(self, name)}")
+        for name in ("vocab_size", "n_kv_head", "ffn_hidden"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1 (or null); got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.n_embd % self.n_head:
@@ -44,8 +56,6 @@ class ModelConfig:
             raise ValueError("grouped-query attention (n_kv_head < n_head) needs model.family: modern")
         if self.family == "modern" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {self.head_dim}")
-        if self.pad_vocab_multiple < 1:
-            raise ValueError("model.pad_vocab_multiple must be >= 1")
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +63,8 @@ class ModelConfig:
 
     @property
     def padded_vocab_size(self) -> int:
+        if self.vocab_size is None:  # a bug in the caller: the training loop fills it in before building
+            raise ValueError("ModelConfig.vocab_size is None; set it (the dataset's) before building the model")
         m = self.pad_vocab_multiple
         return (self.vocab_size + m - 1) // m * m
 

@@ -85,16 +85,32 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
+def _in_use(p: Path) -> bool:
+    """Whether p (named ...-HOST-PID by _tag) belongs to another process still running on this host: a
+    directory being built or published right now, not the leftover of a crash."""
+    pid = p.name.rpartition("-")[2]
+    if not pid.isdigit() or int(pid) == os.getpid() or not p.name.endswith(f"-{socket.gethostname()}-{pid}"):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
 def recover(final: str | os.PathLike) -> None:
     """Undo what a crash inside `publish_dir` left beside `final`: the old directory back in place if the
-    crash fell between the two renames of the fallback path, and no leftover temporary directories."""
+    crash fell between the two renames of the fallback path, and no leftover temporary directories.
+    Those of another process still running on this host (a concurrent writer) are left alone."""
     final = Path(final)
     if not final.parent.is_dir():
         return
-    olds = sorted(final.parent.glob(f".{final.name}.old-*"))
+    olds = sorted(p for p in final.parent.glob(f".{final.name}.old-*") if not _in_use(p))
     if not final.exists() and olds:
         os.replace(olds.pop(), final)
-    for p in [*olds, *final.parent.glob(f".{final.name}.tmp-*")]:
+    for p in [*olds, *(p for p in final.parent.glob(f".{final.name}.tmp-*") if not _in_use(p))]:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 

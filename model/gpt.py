@@ -200,6 +200,30 @@ class GPT(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy a full, bare state dict into this model, strictly: every loader (artifacts, init_from,
+        resume, consolidation) goes through here. The one alias is the tied head: with tie_embeddings,
+        lm_head.weight may be absent (artifacts store the table once) or equal to the token table.
+        Raises ValueError naming every missing or unexpected key."""
+        sd = dict(state_dict)
+        tied = self.config.tie_embeddings
+        if tied and "lm_head.weight" in sd:
+            head, wte = sd.pop("lm_head.weight"), sd.get("transformer.wte.weight")
+            if wte is not None and not torch.equal(head.to(wte.device), wte):
+                raise ValueError("lm_head.weight differs from transformer.wte.weight, but the config ties them")
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(
+                "the weights do not fit the model config: "
+                + "; ".join(
+                    f"{what} {', '.join(sorted(keys))}"
+                    for what, keys in (("missing", missing), ("unexpected", unexpected))
+                    if keys
+                )
+            )
+
     # ----------------------------------------------------------------- sizes
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters. non_embedding drops the position table, and the token table unless it

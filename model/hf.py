@@ -103,3 +103,168 @@ def to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["transformer.wte.weight"]
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Hugging Face Llama <-> our modern family (RoPE, RMSNorm, SwiGLU, GQA).
+#
+# Both sides rotate halves in RoPE (x = [x1 | x2] -> [x1 cos - x2 sin | x2 cos + x1 sin], HF's
+# rotate_half) with the same frequencies theta^(-2i/d), so q/k weights map without the permutation
+# Meta's original checkpoints need; tests/test_hf_llama.py checks logits against transformers.
+# Our fused c_attn is [q | k | v] rows and c_fc is [gate | up] rows; HF keeps them as separate Linears.
+
+# Llama features the modern family does not implement: importing them would change the function
+# silently, so each is refused by name.
+_LLAMA_REFUSED = {
+    "attention_bias": "biases in q/k/v/o projections",
+    "mlp_bias": "biases in the MLP projections",
+}
+
+
+def _rope_theta(hf: dict) -> float:
+    """rope_theta from a config dict, refusing any RoPE scaling (transformers <5: rope_scaling; 5: rope_parameters)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rp = hf.get(key)
+        if rp:
+            kind = rp.get("rope_type", rp.get("type", "default"))
+            if kind != "default":
+                raise ValueError(
+                    f"{key} of type {kind!r} (RoPE scaling) is not implemented in the modern family; "
+                    "this checkpoint does not convert"
+                )
+    rp = hf.get("rope_parameters") or {}
+    return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def llama_config_from_hf(hf: dict) -> ModelConfig:
+    """ModelConfig (family modern) from a LlamaConfig dict; refuses what the modern family lacks, one line each."""
+    if hf.get("model_type") != "llama":
+        raise ValueError(f"expected a Llama config (model_type llama), got model_type={hf.get('model_type')!r}")
+    for key, what in _LLAMA_REFUSED.items():
+        if hf.get(key):
+            raise ValueError(f"{key} is set ({what}); the modern family has none, so this checkpoint does not convert")
+    if hf.get("sliding_window") or hf.get("use_sliding_window"):
+        raise ValueError(
+            "sliding_window attention is not implemented in the modern family; this checkpoint does not convert"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {hf['hidden_act']!r} is not SwiGLU's silu; this checkpoint does not convert")
+    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and head_dim * n_head != n_embd:
+        raise ValueError(
+            f"head_dim {head_dim} is not hidden_size / num_attention_heads ({n_embd} / {n_head}); "
+            "the modern family derives it, so this checkpoint does not convert"
+        )
+    return ModelConfig(
+        family="modern",
+        vocab_size=hf["vocab_size"],
+        block_size=hf["max_position_embeddings"],
+        n_layer=hf["num_hidden_layers"],
+        n_head=n_head,
+        n_kv_head=hf.get("num_key_value_heads") or n_head,
+        n_embd=n_embd,
+        ffn_hidden=hf["intermediate_size"],
+        bias=False,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_theta=_rope_theta(hf),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+    )
+
+
+def llama_config_to_hf(cfg: ModelConfig, eos_token_id: int | None = None) -> dict:
+    """LlamaConfig kwargs (config.json) for one of our modern-family configs."""
+    if cfg.family != "modern" or cfg.bias:
+        raise ValueError(
+            "only the modern family without biases (model.family: modern, model.bias: false) "
+            "has a Hugging Face LlamaForCausalLM equivalent"
+        )
+    return dict(
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=cfg.block_size,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,  # read by transformers < 5, vLLM and llama.cpp's converter
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},  # transformers >= 5
+        rope_scaling=None,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def _llama_names(i: int) -> list[tuple[str, str]]:
+    """(ours, HF's) for the one-to-one weights of layer i."""
+    o, h = f"transformer.h.{i}.", f"model.layers.{i}."
+    return [
+        (o + "ln_1.weight", h + "input_layernorm.weight"),
+        (o + "attn.c_proj.weight", h + "self_attn.o_proj.weight"),
+        (o + "ln_2.weight", h + "post_attention_layernorm.weight"),
+        (o + "mlp.c_proj.weight", h + "mlp.down_proj.weight"),
+    ]
+
+
+def llama_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our modern-family state dict -> LlamaForCausalLM's (fused projections split, vocabulary padding dropped)."""
+    llama_config_to_hf(cfg)
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    V = cfg.vocab_size
+    out = {
+        "model.embed_tokens.weight": sd["transformer.wte.weight"][:V],
+        "model.norm.weight": sd["transformer.ln_f.weight"],
+    }
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"][:V]
+    for i in range(cfg.n_layer):
+        o, h = f"transformer.h.{i}.", f"model.layers.{i}."
+        out.update({hk: sd[ok] for ok, hk in _llama_names(i)})
+        wq, wk, wv = sd[o + "attn.c_attn.weight"].split([q, kv, kv])
+        out.update(
+            {h + "self_attn.q_proj.weight": wq, h + "self_attn.k_proj.weight": wk, h + "self_attn.v_proj.weight": wv}
+        )
+        gate, up = sd[o + "mlp.c_fc.weight"].chunk(2)
+        out.update({h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def llama_from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's state dict -> ours. Missing or unexpected HF names raise, naming them."""
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer in old files
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf_sd:
+            raise ValueError(f"the Llama weights have no {name}; the files do not match config.json")
+        used.add(name)
+        return hf_sd[name]
+
+    V = cfg.padded_vocab_size
+    out = {
+        "transformer.wte.weight": _pad_rows(take("model.embed_tokens.weight"), V),
+        "transformer.ln_f.weight": take("model.norm.weight"),
+    }
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = _pad_rows(take("lm_head.weight"), V)
+    elif "lm_head.weight" in hf_sd:
+        used.add("lm_head.weight")  # a tied head saved anyway: the embedding is the weight
+    for i in range(cfg.n_layer):
+        o, h = f"transformer.h.{i}.", f"model.layers.{i}."
+        out.update({ok: take(hk) for ok, hk in _llama_names(i)})
+        attn = [take(h + f"self_attn.{p}_proj.weight") for p in "qkv"]
+        out[o + "attn.c_attn.weight"] = torch.cat(attn)
+        out[o + "mlp.c_fc.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
+    extra = sorted(set(hf_sd) - used)
+    if extra:
+        raise ValueError(f"the Llama weights hold tensors the modern family has no place for: {extra[:5]}")
+    return {k: v.contiguous() for k, v in out.items()}

@@ -5,16 +5,17 @@ An artifact is a directory holding
     model.json          {"format": 1, "config": ModelConfig, "metadata": {...}}
 metadata is opaque here: tokenizer spec, quantization, step, ... (written by train/ and eval/).
 
-This module also opens whatever a user points eval/ at: an artifact, a checkpoint
-(`step_N/model/` or a sharded `step_N/dcp/`), or a run directory (its latest checkpoint);
-the run-directory layout is in ../shared/DESIGN.md.
+`resolve` opens whatever a user points train/ or eval/ at: an artifact, a checkpoint (its `model/`),
+or a run directory (the checkpoint its `checkpoints/latest` names). That much of the run-directory
+layout is the artifact's contract and lives here; train/checkpoint.py owns the rest of it
+(../shared/DESIGN.md). A checkpoint without `model/` (an FSDP checkpoint between best and final) is
+turned into one with `python -m train.consolidate`; model/ reads artifacts only.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,10 +23,12 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.files import atomic_dir
 from model.gpt import GPT
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model.json"
+MODEL_DIR = "model"  # a checkpoint's artifact: RUN/checkpoints/step_N/model
 FORMAT = 1
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers
 
@@ -52,29 +55,21 @@ def save_artifact(
     metadata: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write an artifact atomically: into a temporary sibling directory, then renamed."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists; choose another output path or remove it")
+    """Write an artifact atomically (model.files.atomic_dir: built beside, published by one rename)."""
     sd = state.state_dict() if isinstance(state, torch.nn.Module) else state
     sd = clean_state_dict(sd)
     if config.tie_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS))
     doc = {"format": FORMAT, "config": config.to_dict(), "metadata": metadata or {}}
-    (tmp / CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
+    return Path(out_dir)
 
 
 def read_config(artifact_dir: str | os.PathLike) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, metadata) from an artifact's (or a sharded checkpoint's) model.json."""
+    """(ModelConfig, metadata) from an artifact's model.json."""
     path = Path(artifact_dir) / CONFIG
     try:
         doc = json.loads(path.read_text())
@@ -101,46 +96,35 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """An artifact dir, or a sharded checkpoint dir (with dcp/), from any path a user may give:
-    the artifact itself, a checkpoint directory, or a run directory (its latest checkpoint)."""
+    """The artifact directory behind any path a user may give: the artifact itself, a checkpoint
+    directory (its model/), or a run directory (its latest checkpoint's model/)."""
     p = Path(path)
     if not p.exists():
         raise ArtifactError(f"{p} does not exist; pass a run directory, a checkpoint or a model artifact")
     if (p / WEIGHTS).is_file() and (p / CONFIG).is_file():
         return p
-    if (p / "model" / CONFIG).is_file():
-        return p / "model"
-    if (p / "dcp").is_dir() and (p / CONFIG).is_file():
-        return p
+    if (p / MODEL_DIR / CONFIG).is_file():
+        return p / MODEL_DIR
     if (p / "checkpoints").is_dir():
         ck = latest_checkpoint(p)
         if ck is None:
             raise ArtifactError(f"run directory {p} has no complete checkpoint yet (no checkpoints/latest)")
         return resolve(ck)
+    if (p / "state").is_dir() or (p / "train_state.pt").is_file():
+        raise ArtifactError(
+            f"checkpoint {p} holds no model artifact (FSDP writes one at the best and final checkpoints only); "
+            f"write it with `python -m train.consolidate {p}`"
+        )
     raise ArtifactError(
-        f"{p} holds no model: expected {WEIGHTS} + {CONFIG} (an artifact), model/ or dcp/ "
-        "(a checkpoint) or checkpoints/latest (a run directory)"
+        f"{p} holds no model: expected {WEIGHTS} + {CONFIG} (an artifact), {MODEL_DIR}/ (a checkpoint) "
+        "or checkpoints/latest (a run directory)"
     )
 
 
-def load_dcp_state(ckpt_dir: str | os.PathLike, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model part of a torch.distributed.checkpoint written by train/ (keys "model.<name>"),
-    read in one process without a process group; the optimizer state is not loaded."""
-    import torch.distributed.checkpoint as dcp
-
-    with torch.device("meta"):
-        model = GPT(config)
-    sd = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
-    dcp.load({"model": sd}, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
-    return sd
-
-
 def load_state(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """(config, state_dict, metadata) from any path resolve() accepts."""
+    """(config, state_dict, metadata) from any path resolve() accepts, as stored (float or quantized)."""
     p = resolve(path)
     config, metadata = read_config(p)
-    if (p / "dcp").is_dir():
-        return config, load_dcp_state(p, config), metadata
     try:
         sd = load_file(str(p / WEIGHTS))
     except Exception as e:  # safetensors raises its own error types for truncated files
@@ -151,28 +135,24 @@ def load_state(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Te
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[GPT, dict]:
-    """(model in eval mode, metadata). An int8 artifact loads through model.quantize (dtype must be None)."""
+    """(float model in eval mode, metadata). A quantized artifact is refused: eval/ chooses its
+    loader (eval.backends; model.quantize.load_quantized for int8)."""
     config, sd, metadata = load_state(path)
-    if metadata.get("quantization") == "int8":
-        if dtype is not None:
-            raise ArtifactError(f"{path} is an int8 artifact; it runs in float32 activations, not {dtype}")
-        from model.quantize import from_quantized_state  # model.quantize imports this module
-
-        return from_quantized_state(config, sd, metadata, device=device, where=str(path))
     if metadata.get("quantization"):
-        raise ArtifactError(f"{path}: unknown quantization {metadata['quantization']!r} (known: int8)")
+        raise ArtifactError(
+            f"{path} is a {metadata['quantization']} artifact; load it through eval (--backend int8, "
+            "eval.backends.load_checkpoint_model) or model.quantize.load_quantized"
+        )
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
-    model.init_weights()  # recomputes non-persistent buffers (RoPE tables)
-    if config.tie_embeddings:
-        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ArtifactError(f"{path}: weights do not match the config (missing {missing}, unexpected {unexpected})")
-    if config.tie_embeddings:
+    if config.tie_embeddings:  # to_empty gives each module its own tensor: tie again
         model.lm_head.weight = model.transformer.wte.weight
+    model.init_weights()  # recomputes non-persistent buffers (RoPE tables)
+    try:
+        model.load_weights(sd)
+    except ValueError as e:
+        raise ArtifactError(f"{path}: {e}") from None
     if dtype is not None:
         model.to(dtype=dtype)
     return model.eval(), metadata

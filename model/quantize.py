@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.gpt import GPT
+from model.io import ArtifactError, load_state, save_artifact
 
 KERNELS = ("auto", "int8pack", "fbgemm", "dequant")
 QUANTIZATION = "int8"
@@ -169,8 +170,6 @@ def save_quantized(
     out_dir: str | os.PathLike, model: GPT, metadata: dict | None = None, overwrite: bool = False
 ) -> Path:
     """Write a quantized model as an artifact whose metadata says int8 (atomic, like every artifact)."""
-    from model.io import save_artifact
-
     meta = {**(metadata or {}), "quantization": QUANTIZATION, "quantized_head": bool(model.quantized_head)}
     cfg = model.config
     # save_artifact drops lm_head.weight for tied configs; quantized_state_dict already did.
@@ -182,7 +181,7 @@ def empty_quantized(config: ModelConfig, head: bool, kernel: str = "auto", devic
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
-    if config.tie_embeddings:  # to_empty gives each module its own tensor: tie again (as load_model does)
+    if config.tie_embeddings:  # to_empty gives each module its own tensor: tie again (as model.io.load_model does)
         model.lm_head.weight = model.transformer.wte.weight
     model.init_weights()  # real values for the non-persistent RoPE tables; the rest is overwritten
     return quantize_model(model, head=head, kernel=kernel)
@@ -190,8 +189,6 @@ def empty_quantized(config: ModelConfig, head: bool, kernel: str = "auto", devic
 
 def load_quantized(path: str | os.PathLike, device="cpu", kernel: str = "auto") -> tuple[GPT, dict]:
     """(quantized GPT in eval mode, metadata) from an int8 artifact (any path model.io.resolve accepts)."""
-    from model.io import load_state
-
     config, sd, metadata = load_state(path)
     return from_quantized_state(config, sd, metadata, device=device, kernel=kernel, where=str(path))
 
@@ -205,8 +202,6 @@ def from_quantized_state(
     where: str = "the artifact",
 ) -> tuple[GPT, dict]:
     """(quantized GPT in eval mode, metadata) from an int8 artifact's loaded contents."""
-    from model.io import ArtifactError
-
     if metadata.get("quantization") != QUANTIZATION:
         raise ArtifactError(f"{where} is not an int8 artifact (quantization={metadata.get('quantization')!r})")
     model = empty_quantized(config, head=bool(metadata.get("quantized_head", True)), kernel=kernel, device=device)

@@ -1,23 +1,17 @@
 """Test environment: offline, CPU, small.
 
-Every test runs without the network: Hugging Face is forced offline and the
-GPT-2 BPE is read from TOKENIZER_DIR (../shared/tokenizers beside the checkout,
-unless the caller set it).
+Every test runs without the network: Hugging Face is forced offline, and the
+GPT-2 BPE ships inside the package (data/tokenizers), so nothing beside the
+checkout is needed.
 """
 
 import os
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-_shared_tok = REPO.parent / "shared" / "tokenizers"
-if "TOKENIZER_DIR" not in os.environ and _shared_tok.is_dir():
-    os.environ["TOKENIZER_DIR"] = str(_shared_tok)
 
 
 @pytest.fixture(autouse=True)

@@ -1,13 +1,16 @@
 """Drives the Strategy interface through the loop's exact call sequence (train/strategy.py's
-docstring) on a tiny GPT and fixed synthetic batches; used by tests/test_dist_*.py.
+docstring) on a tiny GPT and fixed synthetic batches, saving and loading through the real
+CheckpointManager; used by tests/test_dist_*.py.
 
     python -m torch.distributed.run --nproc_per_node=2 --standalone tests/dist_driver.py SPEC.json
 
 SPEC.json: {"out": DIR, "driver_group": bool, "scenarios": [{...}, ...]}. Each scenario names a
-strategy, its options, the gradient-accumulation steps, the steps to run, where to save and what
-to resume from; rank 0 writes DIR/<name>.json (per-step global losses and grad norms) and
-DIR/<name>.final.pt (the final full state dict). With driver_group the driver creates the process
-group (so several scenarios share it) and the strategies reuse it; otherwise each strategy owns it.
+strategy, its options (activation_checkpointing and compile go into the StrategySpec, the rest to
+make_strategy), the gradient-accumulation steps, the steps to run, where to save (save_model:
+whether the checkpoint gets its model/ artifact, default true) and what to resume from; rank 0
+writes DIR/<name>.json (per-step global losses and grad norms) and DIR/<name>.final.pt (the final
+full state dict). With driver_group the driver creates the process group (so several scenarios
+share it) and the strategies reuse it; otherwise each strategy owns it.
 run_scenario() also runs in the pytest process for strategy "none", the one-process reference.
 """
 
@@ -26,7 +29,8 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from train.strategy import make_strategy, unwrap
+from train.checkpoint import CheckpointManager, TrainState
+from train.strategy import StrategySpec, make_strategy, unwrap
 
 GLOBAL_BATCH = 8  # rows per optimizer step, whatever the world size and accumulation
 SEQ = 16
@@ -74,14 +78,22 @@ def param_digest(model: torch.nn.Module) -> str:
 
 def run_scenario(sc: dict, out: Path) -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
-    s = make_strategy(sc["strategy"], torch.device(sc.get("device", "cpu")), **sc.get("options", {}))
+    options = dict(sc.get("options", {}))
     accum, clip = sc.get("accum", 1), sc.get("clip", 1.0)
-    s.grad_accum_steps, s.grad_clip, s.precision = accum, clip, sc.get("precision", "fp32")
+    spec = StrategySpec(
+        precision=sc.get("precision", "fp32"),
+        grad_accum_steps=accum,
+        grad_clip=clip,
+        activation_checkpointing=options.pop("activation_checkpointing", False),
+        compile=options.pop("compile", False),
+    )
+    s = make_strategy(sc["strategy"], torch.device(sc.get("device", "cpu")), spec, **options)
     world = s.world_size
+    mcfg = model_config(sc.get("family", "gpt2"))
     # Each rank initialises differently (the loop seeds rank r with seed + r for its dropout
     # stream): wrap() must start every rank from rank 0's weights, the reference's.
     torch.manual_seed(sc.get("seed", 0) + rank)
-    model = GPT(model_config(sc.get("family", "gpt2")))
+    model = GPT(mcfg)
     model, _ = s.wrap(model, build_optimizer)
     bare = unwrap(model)
     res: dict = {
@@ -94,7 +106,7 @@ def run_scenario(sc: dict, out: Path) -> dict:
     start = 0
     if sc.get("expect_error"):  # a user error: every rank must raise it, before any collective
         try:
-            s.load(Path(sc["load"]))
+            manager(s, mcfg, sc["load"]).load(Path(sc["load"]))
             res["error"] = None
         except Exception as e:  # the message is what the test checks
             res["error"] = f"{type(e).__name__}: {e}"
@@ -104,11 +116,12 @@ def run_scenario(sc: dict, out: Path) -> dict:
         s.teardown()
         return res
     if sc.get("load"):
-        extra = s.load(Path(sc["load"]))
-        start = extra["step"]
+        state = manager(s, mcfg, sc["load"]).load(Path(sc["load"]))
+        start = state.step
         res["loaded_step"] = start
         res["extra_roundtrip"] = bool(
-            torch.equal(extra["probe"], torch.arange(5) * start) and extra["nested"] == {"a": [1, 2.5, "x"]}
+            torch.equal(state.loader["probe"], torch.arange(5) * start)
+            and state.loader["nested"] == {"a": [1, 2.5, "x"]}
         )
 
     rows = GLOBAL_BATCH // world
@@ -124,13 +137,13 @@ def run_scenario(sc: dict, out: Path) -> dict:
                 loss = model(xm, ym)
                 s.backward(loss)
             total += loss.detach().float().cpu()
-        norm = s.clip_and_step(clip)
+        norm = s.clip_and_step()
         s.zero_grad()
         mean = s.all_reduce_sum(total / accum) / world  # equal micro-batches: the global mean
         res["losses"][step] = float(mean)
         res["norms"][step] = float(norm)
         if step == sc.get("save_at"):
-            save(s, Path(sc["save_dir"]), step)
+            save(s, mcfg, Path(sc["save_dir"]), step, with_model=sc.get("save_model", True))
             sd = s.model_state_dict()
             if rank == 0:
                 torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, out / f"{sc['name']}.saved_sd.pt")
@@ -148,19 +161,22 @@ def run_scenario(sc: dict, out: Path) -> dict:
     return res
 
 
-def save(s, run_dir: Path, step: int) -> None:
-    """The loop's checkpoint protocol: every rank writes into a temporary directory, rank 0
-    renames it and points `latest` at it."""
-    ckpts = run_dir / "checkpoints"
-    name = f"step_{step:06d}"
-    tmp = ckpts / f".tmp-{name}"
-    tmp.mkdir(parents=True, exist_ok=True)
-    extra = {"step": step, "probe": torch.arange(5) * step, "nested": {"a": [1, 2.5, "x"]}}
-    s.save(tmp, extra, {"step": step, "tokenizer": "bytes"})
-    if s.is_main:
-        os.replace(tmp, ckpts / name)
-        (ckpts / "latest").write_text(name + "\n")
-    s.barrier()
+def manager(s, mcfg: ModelConfig, ckpt: str) -> CheckpointManager:
+    return CheckpointManager(Path(ckpt).parents[1], s, mcfg, keep_last=0)
+
+
+def save(s, mcfg: ModelConfig, run_dir: Path, step: int, with_model: bool) -> None:
+    """The loop's checkpoint: every rank calls CheckpointManager.save. The loader slot carries a
+    tensor and nested python, to check they come back as saved."""
+    state = TrainState(
+        step=step,
+        loader={"probe": torch.arange(5) * step, "nested": {"a": [1, 2.5, "x"]}},
+        world_size=s.world_size,
+        strategy=s.name,
+        model_config=mcfg.to_dict(),
+        artifact_metadata={"step": step, "tokenizer": "bytes"},
+    )
+    CheckpointManager(run_dir, s, mcfg, keep_last=0).save(state, with_model=with_model)
 
 
 def launch(spec: dict, nproc: int, spec_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -11,18 +11,73 @@ import pytest
 import torch
 
 from model import GPT, ModelConfig
-from train.config import Config, ConfigError, ModelSection, config_from_dict, load_config, parse_override
+from train.config import Config, ConfigError, config_from_dict, load_config, parse_override
 from train.optim import lr_at, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
-def test_model_section_mirrors_model_config():
-    """Every ModelConfig field can be set from a config file (and nothing else can)."""
-    ours = {f.name for f in dataclasses.fields(ModelSection)}
-    theirs = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
-    assert ours == theirs
+# A value for every ModelConfig field, none of them its default, consistent with each other.
+MODEL_VALUES = dict(
+    vocab_size=300,
+    block_size=64,
+    n_layer=3,
+    n_head=6,
+    n_kv_head=2,
+    n_embd=96,
+    family="modern",
+    ffn_hidden=200,
+    bias=False,
+    tie_embeddings=False,
+    dropout=0.25,
+    pad_vocab_multiple=64,
+    rope_theta=500000.0,
+    norm_eps=1e-6,
+    extra={"note": "x"},
+)
+
+
+def test_model_values_cover_every_model_config_field():
+    """MODEL_VALUES must name each field, so that the two tests below cover a field added later."""
+    fields = dataclasses.fields(ModelConfig)
+    assert set(MODEL_VALUES) == {f.name for f in fields}
+    defaults = ModelConfig()
+    assert all(MODEL_VALUES[f.name] != getattr(defaults, f.name) for f in fields)
+
+
+def test_the_model_section_is_model_config():
+    """One declaration: the config's model section is ModelConfig itself, sized to the dataset's
+    vocabulary unless model.vocab_size says otherwise."""
+    cfg = load_config(None)
+    assert type(cfg.model) is ModelConfig and cfg.model.vocab_size is None
+
+
+def test_every_model_config_field_is_settable_from_yaml(tmp_path):
+    path = tmp_path / "m.yaml"
+    lines = [f"  {k}: {v!r}" if isinstance(v, str) else f"  {k}: {v}" for k, v in MODEL_VALUES.items()]
+    path.write_text("model:\n" + "\n".join(lines) + "\ndata:\n  seq_len: 64\ntrain:\n  tokens_per_step: 512\n")
+    cfg = load_config(path, ["train.micro_batch=8"])
+    assert dataclasses.asdict(cfg.model) == MODEL_VALUES
+    assert ModelConfig(**dataclasses.asdict(cfg.model)) == cfg.model  # what the loop builds from it
+
+
+def test_every_model_config_field_is_settable_from_overrides():
+    overrides = [f"model.{k}={v}" for k, v in MODEL_VALUES.items() if k != "extra"]
+    overrides += ["model.extra.note=x", "data.seq_len=64", "train.tokens_per_step=512", "train.micro_batch=8"]
+    cfg = load_config(None, overrides)
+    assert dataclasses.asdict(cfg.model) == MODEL_VALUES
+
+
+def test_model_checks_see_the_final_values_whatever_the_order(tmp_path):
+    """The file sets grouped-query heads, the command line goes back to plain attention: ModelConfig's
+    checks and its n_kv_head default apply to the result, not to a half-updated section."""
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  family: modern\n  n_head: 8\n  n_kv_head: 2\n  n_embd: 64\n")
+    cfg = load_config(path, ["model.family=gpt2", "model.n_kv_head=null", "model.n_head=4"])
+    assert (cfg.model.n_head, cfg.model.n_kv_head) == (4, 4)
+    with pytest.raises(ConfigError, match="needs model.family: modern"):
+        load_config(path, ["model.family=gpt2"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -64,7 +119,7 @@ def test_yaml_then_overrides_with_types(tmp_path):
     assert cfg.optim.lr == 6e-4 and isinstance(cfg.optim.lr, float)  # PyYAML reads 6e-4 as a string
     assert cfg.optim.betas == [0.9, 0.99] and cfg.train.max_steps == 20
     assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
-    assert cfg.model.n_kv_head is None and cfg.logging.sample_prompt == "def f(x):"
+    assert cfg.model.n_kv_head == cfg.model.n_head and cfg.logging.sample_prompt == "def f(x):"
     assert cfg.parallel.deepspeed == {"zero_optimization": {"stage": 3}}
     assert cfg.train.init_from == "runs/x"
     assert cfg.train.run_dir == "runs/c"  # defaults to runs/<config name>
@@ -92,6 +147,12 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
         ("train.dtype=bf16", "did you mean 'bfloat16'?"),
         ("train.tokens_per_step=1000", "must be a multiple of seq_len * micro_batch"),
         ("model.n_head=5", "divisible by model.n_head"),
+        ("model.n_layer=0", "model.n_layer must be >= 1; got 0"),
+        ("model.n_head=0", "model.n_head must be >= 1; got 0"),
+        ("model.dropout=1.5", "model.dropout must be in [0, 1)"),
+        ("model.family=llama", "model.family must be one of gpt2, modern"),
+        ("model.n_headz=4", "did you mean 'model.n_head'?"),
+        ("model.bias=maybe", "config key 'model.bias' expects true/false"),
         ("data.seq_len=4096", "exceeds model.block_size"),
         ("train.max_steps", "write section.key=value"),
     ],

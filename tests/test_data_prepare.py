@@ -16,12 +16,11 @@ import pytest
 import data.writer
 from data.errors import DataError
 from data.prepare import main, prepare
-from data.shards import HEADER_BYTES, file_sha256, open_split, read_meta
+from data.shards import HEADER_BYTES, open_split, read_meta
 from data.tokenizer import get_tokenizer
+from model.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
-GPT2_FILE = Path(os.environ.get("TOKENIZER_DIR", "")) / "gpt2.tiktoken"
-needs_gpt2 = pytest.mark.skipif(not GPT2_FILE.is_file(), reason="TOKENIZER_DIR/gpt2.tiktoken is absent")
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -47,7 +46,7 @@ def decode_documents(data_dir) -> list[str]:
     return [enc.decode(tokens[a + 1 : b].tolist()) for a, b in zip(starts, [*starts[1:], len(tokens)], strict=True)]
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", pytest.param("gpt2", marks=needs_gpt2)])
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_round_trip_and_meta(tmp_path, tokenizer):
     out = tmp_path / "ds"
     meta = prepare(out, source=DOCS, tokenizer=tokenizer, shard_tokens=500, val_tokens=250, progress=False)
@@ -61,7 +60,7 @@ def test_round_trip_and_meta(tmp_path, tokenizer):
     assert [s["split"] for s in meta["shards"]] == ["val"] + ["train"] * (len(meta["shards"]) - 1)
     assert all(s["tokens"] == 500 for s in meta["shards"][1:-1])  # only the last of a split is short
     for shard in meta["shards"]:
-        assert file_sha256(out / shard["name"]) == shard["sha256"]
+        assert sha256_file(out / shard["name"]) == shard["sha256"]
     assert sorted(p.name for p in out.iterdir()) == sorted(["meta.json"] + [s["name"] for s in meta["shards"]])
     assert not list(tmp_path.glob(".ds.*")), "no temporary directory is left behind"
 
@@ -234,7 +233,80 @@ prepare({str(tmp_path / "ds")!r}, source=docs(), tokenizer="bytes", shard_tokens
     assert [p.name for p in tmp_path.iterdir()] == ["ds"]
 
 
-@pytest.mark.parametrize("tokenizer", ["bytes", pytest.param("gpt2", marks=needs_gpt2)])
+# A child that replaces tmp/ds with --force and SIGKILLs itself at one point of the publish: while the
+# shards are written, right after the exchange of the two names, or between the two renames of the
+# fallback (model.files moves the old dataset aside, then the new one in).
+KILL_DURING_FORCE = """
+import os, signal, sys
+from pathlib import Path
+from model import files
+from data.prepare import prepare
+
+point, out = sys.argv[1], Path(sys.argv[2])
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+def docs():
+    for i in range(3000):
+        if point == "writing" and i == 2000:
+            kill()
+        yield f"new document {i} " * 5
+
+if point == "after exchange":
+    exchange = files._exchange
+    files._exchange = lambda a, b: exchange(a, b) and kill()
+if point == "between renames":
+    files._exchange = lambda a, b: False
+    replace = os.replace
+    def os_replace(src, dst):
+        if Path(dst) == out and ".tmp-" in Path(src).name:  # the second rename: the new one into place
+            kill()
+        return replace(src, dst)
+    os.replace = os_replace
+prepare(out, source=docs(), tokenizer="bytes", shard_tokens=20_000, val_tokens=1000, workers=1, force=True,
+        progress=False)
+"""
+
+
+@pytest.mark.parametrize("then", ["read", "prepare"])
+@pytest.mark.parametrize("point", ["writing", "after exchange", "between renames"])
+def test_force_killed_leaves_the_old_or_the_new_dataset(tmp_path, point, then):
+    """SIGKILL of `prepare --force` at any point: the dataset is the old one or the new one, complete.
+    The next read or prepare puts back a dataset the kill left aside (so a prepare without --force still
+    refuses to replace it), and the next prepare leaves no leftovers."""
+    from model import files
+
+    probe = [tmp_path / "p1", tmp_path / "p2"]
+    for p in probe:
+        p.mkdir()
+    if point == "after exchange" and not files._exchange(*probe):
+        pytest.skip("this filesystem or OS cannot exchange two names atomically")
+    for p in probe:
+        p.rmdir()
+    out = tmp_path / "ds"
+    old, new = ["old document"] * 50, [f"new document {i} " * 5 for i in range(3000)]
+    prepare(out, source=old, tokenizer="bytes", progress=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_FORCE, point, str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -9, proc.stderr
+    names = sorted(p.name for p in tmp_path.iterdir())
+    if point == "between renames":  # the moment the fallback is exposed: no dataset under its name
+        assert not out.exists() and any(n.startswith(".ds.old-") for n in names), names
+    if then == "prepare":
+        with pytest.raises(DataError, match="already holds a dataset; pass --force"):
+            prepare(out, source=["fresh"] * 10, tokenizer="bytes", progress=False)
+    assert decode_documents(out) == (new if point == "after exchange" else old)
+    assert not [n for n in tmp_path.iterdir() if ".old-" in n.name]
+    prepare(out, source=["fresh"] * 10, tokenizer="bytes", force=True, progress=False)
+    assert decode_documents(out) == ["fresh"] * 10
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
 def test_embedded_corpus_prepares_offline(tmp_path, tokenizer):
     from pydoc_data.topics import topics
 

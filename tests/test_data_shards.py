@@ -164,3 +164,14 @@ def test_missing_dataset_says_how_to_make_it(tmp_path):
         read_meta(tmp_path / "nope")
     with pytest.raises(DataError, match="no meta.json and no"):
         open_split(tmp_path, "train")
+
+
+def test_reading_a_dataset_being_prepared_leaves_the_preparation_alone(tmp_path):
+    """A read of a dataset that does not exist yet (training started while data.prepare still runs)
+    must not touch data.prepare's hidden directory."""
+    building = tmp_path / ".ds.tmp-host-123"
+    building.mkdir()
+    (building / "x_train_000000.bin").write_bytes(b"\0" * 8)
+    with pytest.raises(DataError, match="does not exist"):
+        read_meta(tmp_path / "ds")
+    assert (building / "x_train_000000.bin").is_file()

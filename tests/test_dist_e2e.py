@@ -57,3 +57,18 @@ def test_ddp_run_under_torchrun_resumes_in_one_process(tmp_path_factory, tmp_pat
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:
         assert abs(got[step] - want[step]) < LOSS_TOL, (step, got[step], want[step])
+
+
+def test_a_user_error_under_torchrun_is_one_line_from_rank_0(tmp_path_factory, tmp_path):
+    """Every rank raises the same DataError (the step does not split over 2 ranks): rank 0 alone prints it,
+    the launch fails, and no rank prints a traceback (torchrun's own failure summary aside)."""
+    data = prepared_dataset(tmp_path_factory)
+    args = tiny_overrides(data, tmp_path / "r", "train.tokens_per_step=128", "parallel.strategy=ddp")
+    proc = torchrun(2, ["--config", str(DEBUG_YAML), *args])
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if "does not divide into micro_batch" in line]
+    assert len(lines) == 1 and lines[0].startswith("error: tokens_per_step=128"), proc.stderr[-3000:]
+    assert "rank 1" not in lines[0]
+    assert "exitcode  : 1" in proc.stderr  # a rank exited with our code (torchrun may stop the other first)
+    assert "/train/" not in proc.stderr and "/data/" not in proc.stderr  # no frame of ours: no rank traceback
+    assert not (tmp_path / "r" / "checkpoints").exists()

@@ -12,7 +12,7 @@ import torch
 from train.errors import TrainError
 from train.strategies.config_builder import build_ds_config
 from train.strategies.dist import DistributedSetupError, StrategyError
-from train.strategy import make_strategy
+from train.strategy import StrategySpec, make_strategy
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -30,15 +30,30 @@ def test_unknown_option_names_the_closest_valid_one(name, no_launcher):
         make_strategy(name, torch.device("cpu"), zero_stag=2)
 
 
+def test_strategy_spec_is_frozen_and_checked():
+    spec = StrategySpec(precision="bf16", grad_accum_steps=2)
+    with pytest.raises(AttributeError):
+        spec.grad_accum_steps = 4  # frozen: fixed before wrap()
+    with pytest.raises(ValueError, match="precision='bfloat16'"):
+        StrategySpec(precision="bfloat16")
+    with pytest.raises(ValueError, match="grad_accum_steps=0"):
+        StrategySpec(grad_accum_steps=0)
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
 def test_without_torchrun_says_how_to_launch(name, no_launcher):
     with pytest.raises(DistributedSetupError, match="torchrun --nproc_per_node=N"):
-        make_strategy(name, torch.device("cpu"), strategy=name, activation_checkpointing=False)
+        make_strategy(name, torch.device("cpu"), StrategySpec(activation_checkpointing=True), strategy=name)
 
 
 def test_bad_fsdp_dtype(no_launcher):
     with pytest.raises(ValueError, match="fsdp_param_dtype='bf17'.*bf16, fp16, fp32"):
         make_strategy("fsdp", torch.device("cpu"), fsdp_param_dtype="bf17")
+
+
+def test_fsdp_refuses_float16_before_any_process_group(no_launcher):
+    with pytest.raises(StrategyError, match="fsdp runs in bfloat16 or float32"):
+        make_strategy("fsdp", torch.device("cpu"), StrategySpec(precision="fp16"))
 
 
 def test_rank_outside_world_size(monkeypatch):

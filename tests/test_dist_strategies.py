@@ -19,7 +19,7 @@ import dist_driver as drv
 import pytest
 import torch
 
-from model.io import ArtifactError, load_model, load_state
+from model.io import ArtifactError, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +115,7 @@ def two_ranks(work, ref, one_rank_first) -> Path:
                     "steps": STEPS,
                     "save_at": SAVE_AT,
                     "save_dir": str(work / "run_f2"),
+                    "save_model": False,  # a periodic FSDP checkpoint: shards only
                 },
                 {
                     "name": "fsdp_acc_ac",
@@ -242,18 +243,24 @@ def test_loading_another_strategys_checkpoint_says_which(two_ranks):
     assert err is not None and "parallel.strategy=fsdp" in err
 
 
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP read in one process, as intended
-def test_fsdp_checkpoint_layout_and_one_process_read(work, two_ranks):
+def test_fsdp_checkpoint_layout(work, one_rank_first, two_ranks):
+    """state/ holds the DCP shards (one file per rank); model/ is the gathered artifact when asked for
+    (best / final), and a checkpoint without it names train.consolidate."""
     ck = Path(ckpt(work, "run_f2"))
-    assert (ck / "dcp" / ".metadata").is_file() and (ck / "model.json").is_file()
-    assert len(list((ck / "dcp").glob("*.distcp"))) == 2  # one shard file per rank
+    assert sorted(p.name for p in ck.iterdir()) == ["rng_rank00000.pt", "rng_rank00001.pt", "state", "train_state.pt"]
+    assert (ck / "state" / ".metadata").is_file()
+    assert len(list((ck / "state").glob("*.distcp"))) == 2
     state = torch.load(ck / "train_state.pt", weights_only=True)  # no pickle code execution
-    assert state["extra"]["step"] == SAVE_AT
-    config, sd, metadata = load_state(work / "run_f2")  # model/io.py, one process, no process group
-    saved = torch.load(work / "out" / "fsdp.saved_sd.pt")
-    assert metadata == {"step": SAVE_AT, "tokenizer": "bytes"} and config.n_layer == 2
+    assert state["step"] == SAVE_AT and state["strategy"] == "fsdp" and state["world_size"] == 2
+    with pytest.raises(ArtifactError, match=f"python -m train.consolidate {ck}"):
+        load_model(work / "run_f2")
+    # the 1-rank FSDP run saved with its artifact: rank 0's gathered full state dict
+    model, metadata = load_model(work / "run_f1")
+    saved = torch.load(work / "out" / "fsdp_w1.saved_sd.pt")
+    assert metadata == {"step": SAVE_AT, "tokenizer": "bytes"}
+    got = model.state_dict()
     for k, v in saved.items():
-        assert torch.equal(sd[k], v), k
+        assert torch.equal(got[k], v), k
 
 
 def test_consolidate_writes_the_trained_weights(work, two_ranks):
@@ -264,22 +271,21 @@ def test_consolidate_writes_the_trained_weights(work, two_ranks):
     assert main([str(run)]) == 0
     art = Path(ckpt(work, "run_f2_copy")) / "model"
     assert (art / "model.safetensors").is_file()
-    model, metadata = load_model(art)
+    model, metadata = load_model(run)  # the run now resolves to that artifact
     saved = torch.load(work / "out" / "fsdp.saved_sd.pt")
     got = model.state_dict()
     for k, v in saved.items():
         assert torch.equal(got[k], v), k
-    assert metadata["step"] == SAVE_AT
+    assert metadata == {"step": SAVE_AT, "tokenizer": "bytes"}
     assert model.lm_head.weight is model.transformer.wte.weight
-    # Consolidated once, the run now resolves to that artifact.
     with pytest.raises(ArtifactError, match="nothing to consolidate"):
-        consolidate(run)
+        consolidate(run)  # consolidated once
     other = work / "elsewhere"
     other.mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
         consolidate(ckpt(work, "run_f2"), out=other)
     assert main([ckpt(work, "run_f2"), "--out", str(other), "--overwrite"]) == 0
     assert load_model(other)[1]["step"] == SAVE_AT
-    # A DDP run already holds a plain artifact.
+    # A DDP run already holds its artifact.
     with pytest.raises(ArtifactError, match="nothing to consolidate"):
         consolidate(work / "run_d2")

@@ -51,23 +51,17 @@ def test_sample_is_deterministic_per_seed(trained, capsys):
 
 
 def test_sample_text_stop_and_no_echo(trained, capsys):
+    """--no-echo drops the prompt and --stop cuts the text before the stop string: the output is exactly
+    the unstopped continuation (same seed, same tokens) up to its first "e", and not empty."""
     art, _ = trained
-    rc, out, _ = cli(
-        capsys,
-        sample.main,
-        "--ckpt",
-        art,
-        "--prompt",
-        "The ",
-        "--no-echo",
-        "--max-new-tokens",
-        60,
-        "--stop",
-        "e",
-        "--seed",
-        0,
-    )
-    assert rc == 0 and "e" not in out and not out.startswith("The ")
+    args = ["--ckpt", art, "--prompt", "The ", "--max-new-tokens", 60, "--seed", 0]
+    rc, full, _ = cli(capsys, sample.main, *args, "--stop", "")
+    assert rc == 0 and full.startswith("The ")
+    continuation = full[len("The ") :]
+    cut = continuation.find("e")
+    assert cut > 0, f"seed 0 must give some text before an 'e' for this test to mean anything: {full!r}"
+    rc, out, _ = cli(capsys, sample.main, *args, "--no-echo", "--stop", "e")
+    assert rc == 0 and out == continuation[:cut] + "\n"
 
 
 def test_sample_reads_stdin_and_batches_prompts(trained, capsys, monkeypatch):

@@ -62,13 +62,14 @@ def test_clear_errors(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_modern_family_cannot_export(tmp_path, capsys):
+def test_biased_modern_family_cannot_export(tmp_path, capsys):
+    """The modern family exports as LlamaForCausalLM (tests/test_hf_llama.py), but not with biases."""
     from _eval_fixtures import tiny_random
 
-    art = tiny_random(tmp_path / "m", family="modern")
+    art = tiny_random(tmp_path / "m", family="modern", bias=True)
     assert run(main, ["export", str(art), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "GPT-2 family" in err and len(err.strip().splitlines()) == 1
+    assert "model.bias: false" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 
 

@@ -1,4 +1,5 @@
-"""The generation engine: sampling semantics, determinism, stop tokens, KV cache == no cache."""
+"""Sampling (model.sampling) and the generation engines that use it (eval.generate, train.sample):
+sampling semantics, determinism, stop tokens, KV cache == no cache."""
 
 import math
 
@@ -6,9 +7,11 @@ import pytest
 import torch
 
 from eval.backends import TorchBackend, decode_layout
-from eval.generate import TextStream, filter_logits, generate, generate_no_cache, sample_next
+from eval.generate import TextStream, generate, generate_no_cache
 from eval.sample import StopWriter
 from model import GPT, ModelConfig
+from model.sampling import filter_logits, sample_next
+from train import sample as train_sample
 
 
 def backend(family: str = "gpt2", seed: int = 0, **kw) -> TorchBackend:
@@ -29,7 +32,34 @@ def test_temperature_sharpens_and_flattens():
     hot, cold = filter_logits(LOGITS, 2.0), filter_logits(LOGITS, 0.5)
     torch.testing.assert_close(hot, P.sqrt() / P.sqrt().sum())  # p^(1/T), renormalized
     torch.testing.assert_close(cold, P**2 / (P**2).sum())
-    assert sample_next(LOGITS, temperature=0).item() == 0  # greedy
+
+
+def test_temperature_zero_is_greedy_whatever_top_k_and_top_p():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9], [3.0, 0.0, 0.0, 2.9]])
+    g = torch.Generator().manual_seed(0)
+    for top_k, top_p in ((None, None), (2, None), (None, 0.5), (1, 0.1)):
+        assert sample_next(logits, 0, top_k, top_p, generator=g).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="greedy"):
+        filter_logits(logits, 0)
+
+
+def test_same_generator_seed_same_draws():
+    logits = torch.randn(3, 40)
+    draw = [sample_next(logits, 1.3, 20, 0.95, torch.Generator().manual_seed(s)) for s in (5, 5)]
+    torch.testing.assert_close(draw[0], draw[1])
+    others = {tuple(sample_next(logits, 1.3, 20, 0.95, torch.Generator().manual_seed(s)).tolist()) for s in range(8)}
+    assert len(others) > 1  # the seed matters
+
+
+def test_training_log_samples_equal_eval_samples():
+    """train.sample (the training log's sampler) and eval.generate draw with the same rule: the same
+    model, prompt, seed and settings give the same tokens."""
+    be = backend(seed=3)
+    for temperature, top_k, top_p in ((1.0, None, None), (0.7, 5, None), (1.2, None, 0.8), (0, None, None)):
+        kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, seed=11)
+        ours = train_sample.generate(be.model, [1, 2, 3], 16, **kw)
+        theirs = generate(be, [[1, 2, 3]], 16, **kw)[0]
+        assert ours == theirs, (temperature, top_k, top_p)
 
 
 def test_top_k_keeps_the_k_most_likely():
@@ -164,3 +194,19 @@ def test_decode_layout_keeps_values_shapes_and_tying():
     torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
     # The embedding still looks up rows of the re-strided table.
     torch.testing.assert_close(model.transformer.wte(x), before["transformer.wte.weight"][x])
+
+
+def test_train_sample_cli(tmp_path, capsys):
+    """python -m train.sample: the trainer's fallback sampler prints prompt + continuation; a missing
+    checkpoint is one line and exit 2."""
+    from _eval_fixtures import tiny_random
+
+    art = tiny_random(tmp_path / "m")
+    assert (
+        train_sample.main(["--ckpt", str(art), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("def ") and len(out) > len("def \n")
+    assert train_sample.main(["--ckpt", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot sample from") and len(err.strip().splitlines()) == 1

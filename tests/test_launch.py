@@ -1,8 +1,10 @@
 """launch.sh: the argument handling and the multi-node / SLURM mapping, with a stand-in torchrun
-that records its arguments (the real one is exercised by `--nproc 2` in test_launch_nproc2_end_to_end)."""
+that records its arguments; then the real torchrun: `--nproc 2` on one node, and two "nodes" on this
+machine (two launch.sh invocations, NNODES=2) that must train exactly like it."""
 
 from __future__ import annotations
 
+import socket
 import stat
 import subprocess
 import sys
@@ -96,18 +98,80 @@ def test_launch_errors_are_one_clear_line(tmp_path, env, args, message):
     assert not log.exists(), "nothing may be launched after a launch error"
 
 
-@pytest.mark.slow
-def test_launch_nproc2_end_to_end(tmp_path_factory, tmp_path):
-    """`bash launch.sh --nproc 2` on the CPU: two gloo ranks of DDP train and checkpoint, exit 0."""
+def launch_env() -> dict:
+    return {"OMP_NUM_THREADS": "1", "TORCHRUN": str(Path(sys.executable).parent / "torchrun")}
+
+
+@pytest.fixture(scope="module")
+def nproc2_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """`bash launch.sh --nproc 2` on the CPU: two gloo ranks of DDP on one node (also the multi-node
+    test's reference)."""
     data = prepared_dataset(tmp_path_factory)
-    run_dir = tmp_path / "run"
-    env = {"OMP_NUM_THREADS": "1", "TORCHRUN": str(Path(sys.executable).parent / "torchrun")}
+    run_dir = tmp_path_factory.mktemp("launch") / "nproc2"
     proc = run_launch(
-        ["--nproc", "2", str(DEBUG_YAML), *tiny_overrides(data, run_dir, "train.max_steps=2", "checkpoint.every=2")],
-        env,
+        ["--nproc", "2", str(DEBUG_YAML), *tiny_overrides(data, run_dir, "train.max_steps=3", "checkpoint.every=2")],
+        launch_env(),
         timeout=300,
     )
+    return proc, run_dir, data
+
+
+@pytest.mark.slow
+def test_launch_nproc2_end_to_end(nproc2_run):
+    """Two gloo ranks of DDP train and checkpoint, exit 0."""
+    proc, run_dir, _ = nproc2_run
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "parallel.strategy=ddp" in proc.stderr
-    assert sorted(train_losses(run_dir)) == [1, 2]
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert sorted(train_losses(run_dir)) == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_train_like_one_node_with_two_processes(nproc2_run, tmp_path):
+    """Multi-node for real: two `bash launch.sh` invocations, NNODES=2 and NODE_RANK 0 / 1 with one
+    process each, rendezvous at MASTER_ADDR=127.0.0.1 and train DDP to the losses of `--nproc 2`."""
+    ref_proc, ref_dir, data = nproc2_run
+    assert ref_proc.returncode == 0, ref_proc.stderr[-4000:]
+    run_dir = tmp_path / "two-nodes"
+    args = ["--nproc", "1", str(DEBUG_YAML), *tiny_overrides(data, run_dir, "train.max_steps=3", "checkpoint.every=2")]
+    base = {k: v for k, v in python_env().items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_"))}
+    node_env = {**base, "PYTHON": sys.executable, **launch_env(), "NNODES": "2", "MASTER_ADDR": "127.0.0.1"}
+    node_env["MASTER_PORT"] = str(free_port())
+    logs = []
+    nodes = []
+    for rank in (0, 1):
+        out = open(tmp_path / f"node{rank}.log", "w")  # noqa: SIM115 -- closed below
+        logs.append(out)
+        nodes.append(
+            subprocess.Popen(
+                ["bash", "launch.sh", *args],
+                cwd=REPO,
+                env={**node_env, "NODE_RANK": str(rank)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    try:
+        codes = [p.wait(timeout=300) for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                p.kill()
+        for out in logs:
+            out.close()
+    text = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [0, 0], [t[-3000:] for t in text]
+    assert "--nnodes=2 --node_rank=0" in text[0] and "--nnodes=2 --node_rank=1" in text[1]
+    assert "device cpu x 2 | strategy ddp" in text[0]  # one world of 2 ranks, not two worlds of 1
+    got, want = train_losses(run_dir), train_losses(ref_dir)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step in want:
+        # the same 2 ranks and gloo reductions; only the rendezvous differs
+        assert abs(got[step] - want[step]) < 1e-6, (step, got[step], want[step])
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"

@@ -31,23 +31,6 @@ from train.strategy import SingleProcess
 
 QUIET = dict(log=lambda m: None)
 
-# Runs `python -m train` with CheckpointManager.save patched to announce step N's checkpoint once it is
-# complete, then to hang until the test SIGKILLs the process: a crash right after a checkpoint.
-KILL_AFTER_SAVE = """
-import sys, time
-import train.checkpoint as ck
-real, stop_at = ck.CheckpointManager.save, int(sys.argv[1])
-def save(self, step, *args, **kwargs):
-    path = real(self, step, *args, **kwargs)
-    if step == stop_at:
-        print("CHECKPOINT-WRITTEN", flush=True)
-        time.sleep(600)
-    return path
-ck.CheckpointManager.save = save
-from train.__main__ import main
-sys.exit(main(sys.argv[2:]))
-"""
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
@@ -77,34 +60,18 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
     run(tiny_config(data_dir, ref, *common), **QUIET)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            KILL_AFTER_SAVE,
-            str(n),
-            "--config",
-            str(DEBUG_YAML),
-            *tiny_overrides(data_dir, killed, *common),
-        ],
+    # SIGKILL right after the step-n checkpoint is complete (train/checkpoint.py's fault hook)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--config", str(DEBUG_YAML), *tiny_overrides(data_dir, killed, *common)],
         cwd=REPO,
-        env=python_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        env={**python_env(), "GPTRAIN_FAULT": f"prune@{n}"},
+        capture_output=True,
         text=True,
+        timeout=300,
     )
-    try:
-        for line in proc.stdout:
-            if "CHECKPOINT-WRITTEN" in line:
-                break
-        else:
-            pytest.fail(f"the run ended before its checkpoint: {proc.stderr.read()}")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert (killed / "checkpoints" / "latest").read_text().strip() == f"step_{n:06d}"
+    assert max(train_losses(killed)) == n
 
     proc = run_cli(["--config", str(DEBUG_YAML), *tiny_overrides(data_dir, killed, *common)])  # resume: auto
     assert proc.returncode == 0, proc.stderr
@@ -120,16 +87,14 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
 
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    real_save = SingleProcess.save
+    real_save_state = SingleProcess.save_state
 
-    def crashing_save(self, ckpt_dir, extra_state, metadata):
-        if extra_state["step"] == 4:  # the model artifact is written, then the "disk fills up"
-            real_save(self, ckpt_dir, extra_state, metadata)
-            (ckpt_dir / "train_state.pt").write_bytes(b"half a file")
-            raise OSError(28, "No space left on device")
-        real_save(self, ckpt_dir, extra_state, metadata)
+    def crashing_save_state(self, state_dir):
+        if state_dir.parent.name == ".tmp-step_000004":
+            raise OSError(28, "No space left on device")  # the disk fills up while step 4 is written
+        return real_save_state(self, state_dir)
 
-    monkeypatch.setattr(SingleProcess, "save", crashing_save)
+    monkeypatch.setattr(SingleProcess, "save_state", crashing_save_state)
     cfg = tiny_config(data_dir, run_dir, "train.max_steps=6", "checkpoint.every=2")
     with pytest.raises(OSError, match="No space"):
         run(cfg, **QUIET)
@@ -139,13 +104,55 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_dir, tmp_
     model, meta = load_model(run_dir)  # the run dir still resolves to a complete model
     assert meta["step"] == 2
     state = torch.load(ckpts / "step_000002" / "train_state.pt", weights_only=True)  # no pickled code
-    assert state["extra"]["step"] == 2 and state["extra"]["loader"]["windows_consumed"] > 0
+    assert state["step"] == 2 and state["loader"]["windows_consumed"] > 0
+    assert sorted(p.name for p in (ckpts / "step_000002").iterdir()) == [
+        "model",
+        "rng_rank00000.pt",
+        "state",
+        "train_state.pt",
+    ]
 
-    monkeypatch.setattr(SingleProcess, "save", real_save)
+    monkeypatch.setattr(SingleProcess, "save_state", real_save_state)
     out = run(cfg, **QUIET)  # resume: auto, from step 2
     assert out["step"] == 6
     assert not list(ckpts.glob(".tmp-*"))
     assert (ckpts / "latest").read_text().strip() == "step_000006"
+
+
+@pytest.mark.parametrize("point", ["state", "publish", "latest", "prune"])
+def test_sigkill_inside_a_save_resumes_from_a_complete_checkpoint(data_dir, tmp_path, point):
+    """The fault hook kills the process at each point of the step-2 save: `latest` names a complete
+    checkpoint (step 2 once it is renamed, else step 1), and the resumed run finishes."""
+    run_dir = tmp_path / point
+    args = ["--config", str(DEBUG_YAML), *tiny_overrides(data_dir, run_dir, "train.max_steps=3", "checkpoint.every=1")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        cwd=REPO,
+        env={**python_env(), "GPTRAIN_FAULT": f"{point}@2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ckpts = run_dir / "checkpoints"
+    latest = (ckpts / "latest").read_text().strip()
+    assert latest == ("step_000002" if point == "prune" else "step_000001")
+    assert (ckpts / latest / "train_state.pt").is_file()
+    assert (ckpts / "step_000002").is_dir() == (point in ("latest", "prune"))
+    proc = run_cli(args)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resumed from {ckpts / latest}" in proc.stdout
+    assert (ckpts / "latest").read_text().strip() == "step_000003"
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_old_layout_checkpoint_is_refused_with_one_message(data_dir, tmp_path):
+    run_dir = tmp_path / "old"
+    run(tiny_config(data_dir, run_dir, "train.max_steps=1", "checkpoint.every=1"), **QUIET)
+    ckpt = run_dir / "checkpoints" / "step_000001"
+    torch.save({"extra": {"step": 1}, "strategy": "fsdp", "world_size": 2}, ckpt / "train_state.pt")
+    with pytest.raises(TrainError, match="another layout .*cannot be resumed.*train.init_from="):
+        run(tiny_config(data_dir, run_dir, "train.max_steps=2"), **QUIET)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
@@ -180,7 +187,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data_dir, tmp_path):
     step = int(latest.split("_")[1])
     assert step >= 3 and step == max(train_losses(run_dir))
     state = torch.load(run_dir / "checkpoints" / latest / "train_state.pt", weights_only=True)
-    assert state["extra"]["step"] == step
+    assert state["step"] == step
 
 
 def test_keeps_the_last_k_and_the_best(data_dir, tmp_path):

@@ -15,6 +15,7 @@ tokens: throughput does not depend on their values, and no dataset is needed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -23,11 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from model import GPT, ModelConfig
+from model.dtypes import short
 from train.config import Config, ConfigError, OptimSection, load_config
 from train.loop import autocast_ctx, pick_device, train_step
 from train.metrics import device_peak_flops
 from train.optim import build_optimizer
-from train.strategy import SingleProcess
+from train.strategy import SingleProcess, StrategySpec
 
 # The reference setting of the README's table.
 REFERENCE = [
@@ -62,16 +64,16 @@ SETTINGS = {
 def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torch.device) -> dict:
     """Median seconds per optimizer step of `setting` on cfg's model and batch."""
     torch.manual_seed(0)
-    mcfg = ModelConfig(**{**cfg.model.__dict__, "vocab_size": vocab_size(cfg)})
+    mcfg = dataclasses.replace(cfg.model, vocab_size=vocab_size(cfg))
     model = GPT(mcfg)
     seq, mb = cfg.seq_len, cfg.train.micro_batch
     accum = cfg.train.tokens_per_step // (seq * mb)
-    strategy = SingleProcess(device)
-    strategy.grad_accum_steps, strategy.precision = accum, {"float32": "fp32", "bfloat16": "bf16"}[setting.dtype]
+    spec = StrategySpec(
+        precision=short(setting.dtype), grad_accum_steps=accum, grad_clip=cfg.optim.grad_clip, compile=setting.compile
+    )
+    strategy = SingleProcess(device, spec)
     optim_cfg = OptimSection(**{**cfg.optim.__dict__, "fused": setting.fused})
-    model, _ = strategy.wrap(model, lambda m: build_optimizer(m, optim_cfg))
-    if setting.compile:
-        model = torch.compile(model)
+    model, _ = strategy.wrap(model, lambda m: build_optimizer(m, optim_cfg))  # compiles as training does
     g = torch.Generator().manual_seed(0)
     batches = [
         (
@@ -86,7 +88,7 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     t_start = time.perf_counter()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, _ = train_step(model, strategy, batches, amp, cfg.optim.grad_clip)
+        loss, _ = train_step(model, strategy, batches, amp)
         loss.item()  # the sync a real loop makes at a log step
         sync()
         if i >= warmup:

@@ -1,33 +1,54 @@
-"""Checkpoints in the run directory (layout in ../shared/DESIGN.md):
+"""Checkpoints in the run directory: this module alone owns their layout (../shared/DESIGN.md).
 
     RUN/checkpoints/
         step_000500/          written as .tmp-step_000500/, then renamed: never half a checkpoint
-            model/            the model artifact (strategy.save; dcp/ or deepspeed/ when sharded)
-            train_state.pt    optimizer + extra state (step, loader, RNG, config), weights_only-loadable
-            rng_rank00001.pt  each other rank's RNG states, when world_size > 1
+            model/            a complete model artifact (model/io.py): what eval/ opens. Always written
+                              for none / ddp / deepspeed; for fsdp at the best and final checkpoints
+                              (`python -m train.consolidate` writes it for the others)
+            state/            what the strategy needs to resume and nothing else reads: empty (none,
+                              ddp), DCP shards (fsdp), a DeepSpeed engine directory (deepspeed)
+            train_state.pt    the TrainState below, weights_only-loadable
+            rng_rank00000.pt  each rank's RNG states (one file per rank)
         latest                the name of the newest complete checkpoint (replaced atomically)
         best -> step_...      the best by val loss (a relative symlink, replaced atomically)
 
-A crash at any point of a save leaves `latest` naming the previous, complete checkpoint; the next run
-removes the stale `.tmp-*` directory. Every file we write is read back with torch.load(weights_only=True)
-or safetensors, so loading a checkpoint never executes pickled code.
+A strategy saves into and loads from the state/ directory it is handed and never names a file of this
+layout. A crash at any point of a save leaves `latest` naming the previous, complete checkpoint; the
+next run removes the stale `.tmp-*` directory. Every file we write is read back with
+torch.load(weights_only=True) or safetensors (DeepSpeed's own engine files excepted), so loading a
+checkpoint never executes pickled code.
+
+Fault injection, for the crash tests only: with GPTRAIN_FAULT=POINT@STEP in the environment, save()
+SIGKILLs its own process at that point of the step-STEP save. The points, in order:
+    state    state/, model/ and the RNG files are in the temporary directory; train_state.pt is not
+    publish  the temporary directory is complete; not yet renamed to step_N
+    latest   renamed to step_N; `latest` still names the previous checkpoint
+    prune    `latest` (and `best`) updated; older checkpoints not yet pruned
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
 import shutil
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from model.io import ArtifactError, latest_checkpoint
+from model.config import ModelConfig
+from model.files import publish_dir, recover, symlink_atomic, write_text_atomic
+from model.io import MODEL_DIR, ArtifactError, latest_checkpoint, save_artifact
 from train.errors import TrainError
-from train.strategy import TRAIN_STATE, Strategy
+from train.strategy import Strategy
 
+TRAIN_STATE = "train_state.pt"
+STATE_DIR = "state"
+FAULT_ENV = "GPTRAIN_FAULT"
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -35,7 +56,51 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
-# ----------------------------------------------------------------------------- RNG
+def step_of(path: Path) -> int | None:
+    m = _STEP_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def rng_file(rank: int) -> str:
+    return f"rng_rank{rank:05d}.pt"
+
+
+# ----------------------------------------------------------------------------- the saved state
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue a run, exactly what train_state.pt holds (plain python
+    and tensors: weights_only-loadable). The RNG states are per rank, in rng_rank*.pt beside it."""
+
+    step: int = 0
+    loader: dict = field(default_factory=dict)  # data.loader.BatchLoader.state_dict()
+    tokens: int = 0  # tokens trained on so far (all ranks)
+    best_val: float | None = None
+    best_step: int | None = None
+    val_loss: float | None = None  # the last evaluation's
+    world_size: int = 1
+    strategy: str = "none"  # parallel.strategy that wrote it
+    model_config: dict = field(default_factory=dict)  # ModelConfig.to_dict()
+    config: dict = field(default_factory=dict)  # the run's resolved config
+    artifact_metadata: dict = field(default_factory=dict)  # model/'s metadata, for train.consolidate
+    strategy_state: dict = field(default_factory=dict)  # what Strategy.save_state returned on rank 0
+
+    def to_dict(self) -> dict:
+        # not dataclasses.asdict: it would deep-copy the optimizer state
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: Path) -> TrainState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(d, dict) or set(d) != names:
+            raise TrainError(
+                f"{where} holds a training state of another layout (an older version of this project wrote "
+                "it: DCP or DeepSpeed files at the step level, model.json beside them); it cannot be resumed. "
+                f"Start a new run from its weights with train.init_from={where.parent / MODEL_DIR} (if it has "
+                "one), or start over with train.resume=never"
+            )
+        return cls(**d)
 
 
 def rng_state() -> dict:
@@ -66,12 +131,7 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-# ----------------------------------------------------------------------------- paths
-
-
-def step_of(path: Path) -> int | None:
-    m = _STEP_RE.match(path.name)
-    return int(m.group(1)) if m else None
+# ----------------------------------------------------------------------------- finding one
 
 
 def find_resume(run_dir: Path, resume: str) -> Path | None:
@@ -88,16 +148,16 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
             ) from None
     path = Path(resume)
     if (path / "checkpoints").is_dir():
-        ck = latest_checkpoint(path)
-        if ck is None:
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
             raise TrainError(f"train.resume={resume}: that run directory has no complete checkpoint")
-        return ck
+        return ckpt
     if not path.is_dir():
         raise TrainError(
             f"train.resume={resume}: no such checkpoint directory "
             "(use auto, never, a run directory or RUN/checkpoints/step_N)"
         )
-    if not any((path / n).exists() for n in (TRAIN_STATE, "dcp", "deepspeed")):
+    if not (path / TRAIN_STATE).is_file():
         raise TrainError(
             f"train.resume={resume}: {path} is not a training checkpoint (no {TRAIN_STATE}); "
             "to start from a model artifact's weights use train.init_from"
@@ -105,58 +165,118 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def load_rank_rng(ckpt: Path, rank: int, extra: dict) -> dict | None:
-    """This rank's RNG state: its own file when the run had several ranks, else the shared one."""
-    own = ckpt / f"rng_rank{rank:05d}.pt"
-    if own.is_file():
-        return torch.load(own, map_location="cpu", weights_only=True)
-    return extra.get("rng")
+def _family(strategy: str) -> str:
+    # none and ddp write the same checkpoint (rank 0's artifact + optimizer), so each resumes the other
+    return "none or ddp" if strategy in ("none", "ddp") else strategy
 
 
-# ----------------------------------------------------------------------------- writing
+def _fault(point: str, step: int) -> None:
+    """The crash tests' hook (module docstring): die here, as a power cut would, when asked to."""
+    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- the manager
 
 
 class CheckpointManager:
-    """Atomic saves, `latest`, `best`, and pruning to keep_last (+ best). Every rank calls save()."""
+    """Saves (atomic), loads (checked), `latest`, `best`, and pruning to keep_last (+ best).
+    Every rank calls save() and load(); rank 0 alone writes the shared files."""
 
-    def __init__(self, run_dir: str | os.PathLike, strategy: Strategy, keep_last: int = 3):
+    def __init__(self, run_dir: str | os.PathLike, strategy: Strategy, model_config: ModelConfig, keep_last: int = 3):
         self.root = Path(run_dir) / "checkpoints"
         self.strategy = strategy
+        self.model_config = model_config
         self.keep_last = keep_last
 
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        try:
+            return latest_checkpoint(self.root.parent)
+        except ArtifactError:
+            return None
+
     def clean_stale(self) -> None:
-        """Remove .tmp-* directories that a crash during a save left behind (main rank, at start-up)."""
-        if self.strategy.is_main and self.root.is_dir():
-            for p in self.root.glob(".tmp-*"):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        """Remove what a crash during a save left behind (main rank, at start-up)."""
+        if not (self.strategy.is_main and self.root.is_dir()):
+            return
+        for p in self.root.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        for p in self.root.glob(".step_*.old-*"):  # model.files.publish_dir's fallback, if it was cut short
+            recover(self.root / p.name[1:].split(".old-")[0])
 
     def remove_all(self) -> None:
         if self.strategy.is_main and self.root.exists():
             shutil.rmtree(self.root)
 
-    def save(self, step: int, extra: dict, metadata: dict, is_best: bool = False) -> Path:
-        s = self.strategy
+    def save(self, state: TrainState, *, is_best: bool = False, with_model: bool = True) -> Path:
+        """Write checkpoint step_{state.step}; state.artifact_metadata goes into the model artifact
+        (tokenizer spec, step, ...). with_model=False skips the artifact where the strategy's state
+        holds the weights (train.consolidate writes it later)."""
+        strategy, step = self.strategy, state.step
         name = checkpoint_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
-        if s.is_main:
+        if strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        s.barrier()
-        s.save(tmp, extra, metadata)
-        if s.world_size > 1:  # each rank's dropout stream differs; keep them all for an exact resume
-            torch.save(extra["rng"], tmp / f"rng_rank{s.rank:05d}.pt")
-        s.barrier()
-        if s.is_main:
-            _fsync_tree(tmp)
-            if final.exists():  # a checkpoint of a lost future (latest names an older one): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.root / "latest", name + "\n")
+            (tmp / STATE_DIR).mkdir(parents=True)
+        strategy.barrier()
+        strategy_state = strategy.save_state(tmp / STATE_DIR)
+        if with_model or not strategy.weights_in_state:
+            weights = strategy.model_state_dict()  # collective: gathered to rank 0
+            if strategy.is_main:
+                save_artifact(tmp / MODEL_DIR, weights, self.model_config, state.artifact_metadata)
+            del weights
+        # each rank's dropout stream differs; keep them all for an exact resume
+        torch.save(rng_state(), tmp / rng_file(strategy.rank))
+        _fault("state", step)
+        strategy.barrier()
+        if strategy.is_main:
+            saved = dataclasses.replace(state, strategy_state=strategy_state)
+            torch.save(saved.to_dict(), tmp / TRAIN_STATE)
+            _fault("publish", step)
+            publish_dir(tmp, final)  # fsync, then one rename (replacing a checkpoint of a lost future)
+            _fault("latest", step)
+            write_text_atomic(self.root / "latest", name + "\n")
             if is_best:
-                _symlink_atomic(self.root / "best", name)
+                symlink_atomic(self.root / "best", name)
+            _fault("prune", step)
             self.prune()
-        s.barrier()
+        strategy.barrier()
         return final
+
+    def load(self, ckpt: Path) -> TrainState:
+        """Restore model, optimizer and this rank's RNG from ckpt (every rank); returns the TrainState.
+        The RNG is restored last: the caller must not draw from it before the first training step."""
+        ckpt = Path(ckpt)
+        raw = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)
+        state = TrainState.from_dict(raw, ckpt / TRAIN_STATE)
+        if _family(state.strategy) != _family(self.strategy.name):
+            raise TrainError(
+                f"{ckpt} was written by parallel.strategy={state.strategy}; resume it with "
+                f"parallel.strategy={state.strategy}, or start a new run from its weights with "
+                f"train.init_from={ckpt / MODEL_DIR}"
+                + ("" if (ckpt / MODEL_DIR).is_dir() else " (after train.consolidate)")
+            )
+        self.check_same_model(ckpt, state)
+        weights = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else None
+        if weights is None and not self.strategy.weights_in_state:
+            raise TrainError(f"{ckpt} has no {MODEL_DIR}/ (its weights): the checkpoint is incomplete; resume another")
+        self.strategy.load_state(ckpt / STATE_DIR, state.strategy_state, weights)
+        own = ckpt / rng_file(self.strategy.rank)
+        if own.is_file():  # a rank the saving run did not have keeps its fresh seed
+            set_rng_state(torch.load(own, map_location="cpu", weights_only=True))
+        return state
+
+    def check_same_model(self, ckpt: Path, state: TrainState) -> None:
+        """A clear message, instead of a size-mismatch traceback, when the run dir holds another model."""
+        saved, want = state.model_config, self.model_config.to_dict()
+        diff = {k: (saved.get(k), want.get(k)) for k in want if k != "dropout" and saved.get(k) != want.get(k)}
+        if diff:
+            raise TrainError(
+                f"cannot resume from {ckpt}: its model differs from the config "
+                f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
+                "use another train.run_dir, or train.resume=never to start over"
+            )
 
     def prune(self) -> None:
         """Keep the newest keep_last checkpoints, the one `latest` names and the one `best` points to."""
@@ -167,40 +287,12 @@ class CheckpointManager:
             key=step_of,
         )
         keep = {p.name for p in ckpts[-self.keep_last :]}
-        latest = self.root / "latest"
-        if latest.is_file():
-            keep.add(latest.read_text().strip())
+        latest = self.latest()
+        if latest is not None:
+            keep.add(latest.name)
         best = self.root / "best"
         if best.is_symlink():
             keep.add(os.readlink(best))
         for p in ckpts:
             if p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _symlink_atomic(link: Path, target: str) -> None:
-    tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file of a checkpoint before the rename makes it visible (a power loss after the
-    rename must not expose empty files)."""
-    for p in root.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

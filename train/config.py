@@ -7,11 +7,17 @@ checked against the field's type. An unknown key or a wrong type raises one Conf
 and the closest valid one (difflib), before any work starts. `parallel.deepspeed` is a free-form dict:
 `parallel.deepspeed.zero_optimization.stage=3` sets a nested key inside it.
 
-This module imports neither torch nor the model so that a bad key is reported in a fraction of a second.
+The model section is model.ModelConfig (its fields and their comments live there, once). A section is
+built from its keys in one call once every key is read, so that a section's own checks (ModelConfig's
+head divisibility, n_kv_head defaulting to n_head) see the final values, whatever order they came in.
+
+This module imports neither torch nor the network (model.config is plain Python), so that a bad key is
+reported in a fraction of a second.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -22,34 +28,23 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from model.config import ModelConfig
+from model.dtypes import CANONICAL
 from train.errors import ConfigError
 
-DTYPES = ("float32", "bfloat16", "float16")
-TRAIN_DTYPES = ("auto", *DTYPES)
+TRAIN_DTYPES = ("auto", *CANONICAL)
 SCHEDULES = ("cosine", "wsd", "constant")
 WSD_SHAPES = ("linear", "1-sqrt")
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
-FAMILIES = ("gpt2", "modern")
 
 
-@dataclass
-class ModelSection:
-    """model.ModelConfig's fields (a test keeps them in step); vocab_size null = the dataset's."""
+# Where a training config's default differs from the section class's own: the model is sized to the
+# dataset's vocabulary (meta.json) unless model.vocab_size says otherwise.
+_CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {"model": {"vocab_size": None}}
 
-    family: str = "gpt2"  # gpt2 | modern (RoPE, RMSNorm, SwiGLU, GQA)
-    vocab_size: int | None = None  # null: meta.json's vocab_size
-    block_size: int = 1024
-    n_layer: int = 12
-    n_head: int = 12
-    n_kv_head: int | None = None  # null: n_head (no grouped-query attention)
-    n_embd: int = 768
-    ffn_hidden: int | None = None  # null: 4*n_embd (gpt2) or ~8/3*n_embd (modern)
-    bias: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    pad_vocab_multiple: int = 1  # 64 turns GPT-2's 50257 into nanoGPT's faster 50304
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+
+def _model_section() -> ModelConfig:
+    return ModelConfig(**_CONFIG_DEFAULTS["model"])
 
 
 @dataclass
@@ -118,7 +113,7 @@ class LoggingSection:
     sample_every: int = 0  # steps between text samples in the log; 0 = never
     sample_prompt: str = "\n"
     sample_tokens: int = 64
-    sample_temperature: float = 0.8
+    sample_temperature: float = 0.8  # 0 = greedy
     sample_top_k: int | None = 50
     tensorboard: bool = False  # RUN_DIR/tensorboard, when the tensorboard package is installed
     wandb: bool = False  # Weights & Biases, when wandb is installed
@@ -142,7 +137,7 @@ class ParallelSection:
 
 @dataclass
 class Config:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=_model_section)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -162,12 +157,10 @@ class Config:
         return self.data.seq_len or self.model.block_size
 
     def parallel_options(self) -> dict:
-        """What make_strategy(name, device, **options) receives: the parallel section (less the name)
-        plus the two model transforms a strategy applies inside wrap() (torchtitan's order: activation
-        checkpointing, compile, then sharding). The loop compiles only if the strategy did not."""
+        """What make_strategy(name, device, spec, **options) receives: the parallel section less the name
+        (compile and activation checkpointing travel in the StrategySpec, from the train section)."""
         opts = dataclasses.asdict(self.parallel)
         opts.pop("strategy")
-        opts.update(activation_checkpointing=self.train.activation_checkpointing, compile=self.train.compile)
         return opts
 
 
@@ -267,29 +260,56 @@ def _coerce(value: Any, tp: Any, key: str, raw: str | None = None) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} for {key}")  # a bug in this file, not user error
 
 
-def _set(cfg: Config, key: str, value: Any, raw: str | None = None) -> None:
+def _field_types(section: str) -> dict[str, Any]:
+    cls = _sections()[section]
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _set(kw: dict[str, dict], key: str, value: Any, raw: str | None = None) -> None:
+    """Record `section.field = value` (type-checked) in kw, the keyword arguments of each section."""
     parts = key.split(".")
     sections = _sections()
     if len(parts) < 2 or parts[0] not in sections:
         what = "section" if len(parts) >= 2 else "key (expected section.field)"
         raise ConfigError(f"unknown config {what} in {key!r}{suggest(key)}; sections: {', '.join(sections)}")
-    section = getattr(cfg, parts[0])
-    hints = get_type_hints(type(section))
+    types_ = _field_types(parts[0])
     name = parts[1]
-    if name not in hints:
+    if name not in types_:
         raise ConfigError(f"unknown config key {'.'.join(parts[:2])!r}{suggest(key)}")
-    tp = hints[name]
+    tp = types_[name]
+    section = kw.setdefault(parts[0], {})
     if len(parts) > 2:  # a nested key inside a free-form dict field (parallel.deepspeed.a.b=1)
         if tp is not dict:
             raise ConfigError(f"config key {'.'.join(parts[:2])!r} has no sub-keys (got {key!r})")
-        node = getattr(section, name)
+        if name not in section:
+            section[name] = copy.deepcopy(getattr(getattr(Config(), parts[0]), name))
+        node = section[name]
         for p in parts[2:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"config key {key!r}: {p!r} is not a mapping")
         node[parts[-1]] = value
         return
-    setattr(section, name, _coerce(value, tp, key, raw))
+    section[name] = _coerce(value, tp, key, raw)
+
+
+def _model(kwargs: dict[str, Any]) -> ModelConfig:
+    """ModelConfig(**kwargs), its own checks (head divisibility, GQA needs family modern, ...) reported
+    as a ConfigError."""
+    try:
+        return ModelConfig(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _build(kw: dict[str, dict]) -> Config:
+    """Each section made once from its defaults and the keys given, so that its checks see final values."""
+    sections = {}
+    for name, cls in _sections().items():
+        args = {**_CONFIG_DEFAULTS.get(name, {}), **kw.get(name, {})}
+        sections[name] = _model(args) if cls is ModelConfig else cls(**args)
+    return Config(**sections)
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -324,7 +344,7 @@ def parse_override(text: str) -> tuple[str, Any, str]:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults <- YAML file <- command-line overrides, then validated."""
-    cfg = Config()
+    kw: dict[str, dict] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -337,12 +357,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path} must be a mapping of sections (model:, data:, optim:, ...)")
         for key, value in _flatten(doc):
             try:
-                _set(cfg, key, value)
+                _set(kw, key, value)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
     for text in overrides:
         key, value, raw = parse_override(text)
-        _set(cfg, key, value, raw)
+        _set(kw, key, value, raw)
+    cfg = _build(kw)
     if cfg.train.run_dir is None:
         cfg.train.run_dir = str(Path("runs") / (Path(path).stem if path is not None else "default"))
     validate(cfg)
@@ -351,9 +372,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def config_from_dict(d: dict) -> Config:
     """A Config from to_dict()'s output (a checkpoint's copy), with the same checks as a YAML file."""
-    cfg = Config()
+    kw: dict[str, dict] = {}
     for key, value in _flatten(d):
-        _set(cfg, key, value)
+        _set(kw, key, value)
+    cfg = _build(kw)
     validate(cfg)
     return cfg
 
@@ -376,7 +398,6 @@ def _check(cond: bool, msg: str) -> None:
 def validate(cfg: Config) -> None:
     """Value checks that need no data and no device; the rest are made at start-up."""
     m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
-    _choice("model.family", m.family, FAMILIES)
     _choice("train.dtype", t.dtype, TRAIN_DTYPES)
     _choice("schedule.name", s.name, SCHEDULES)
     _choice("schedule.wsd_shape", s.wsd_shape, WSD_SHAPES)
@@ -384,7 +405,7 @@ def validate(cfg: Config) -> None:
     _choice("parallel.zero_stage", cfg.parallel.zero_stage, (0, 1, 2, 3))
     for k in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
         if getattr(cfg.parallel, k) is not None:
-            _choice(f"parallel.{k}", getattr(cfg.parallel, k), DTYPES)
+            _choice(f"parallel.{k}", getattr(cfg.parallel, k), CANONICAL)
     _check(
         re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
         f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}",
@@ -395,10 +416,6 @@ def validate(cfg: Config) -> None:
         ("train.micro_batch", t.micro_batch),
         ("train.eval_batches", t.eval_batches),
         ("logging.log_every", cfg.logging.log_every),
-        ("model.block_size", m.block_size),
-        ("model.n_layer", m.n_layer),
-        ("model.n_head", m.n_head),
-        ("model.n_embd", m.n_embd),
     ):
         _check(v > 0, f"{key} must be > 0; got {v}")
     for key, v in (
@@ -412,16 +429,20 @@ def validate(cfg: Config) -> None:
         ("optim.grad_clip", o.grad_clip),
         ("logging.profile_steps", cfg.logging.profile_steps),
         ("logging.sample_tokens", cfg.logging.sample_tokens),
+        ("logging.sample_temperature", cfg.logging.sample_temperature),
     ):
         _check(v >= 0, f"{key} must be >= 0; got {v}")
     _check(
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
         f"optim.betas must be two numbers in [0, 1); got {o.betas}",
     )
+    _check(
+        cfg.logging.sample_top_k is None or cfg.logging.sample_top_k >= 1,
+        f"logging.sample_top_k must be >= 1 or null (all tokens); got {cfg.logging.sample_top_k}",
+    )
     _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1]; got {s.min_lr_ratio}")
     _check(0 <= s.decay_frac <= 1, f"schedule.decay_frac must be in [0, 1]; got {s.decay_frac}")
     _check(s.total_steps is None or s.total_steps > 0, "schedule.total_steps must be > 0 or null")
-    _check(0 <= m.dropout < 1, f"model.dropout must be in [0, 1); got {m.dropout}")
     _check(
         cfg.seq_len <= m.block_size,
         f"data.seq_len ({cfg.seq_len}) exceeds model.block_size ({m.block_size}); lower it or raise block_size",
@@ -433,9 +454,4 @@ def validate(cfg: Config) -> None:
         f"{max(1, round(t.tokens_per_step / (cfg.seq_len * t.micro_batch))) * cfg.seq_len * t.micro_batch}",
     )
     _check(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
-    try:  # the model's own checks (head divisibility, GQA needs family modern, ...)
-        from model.config import ModelConfig
-
-        ModelConfig(**{**dataclasses.asdict(m), "vocab_size": m.vocab_size or 256})
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    _model(dataclasses.asdict(m))  # the model's own checks, again on the values as they are now

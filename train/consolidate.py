@@ -1,11 +1,12 @@
-"""Write a plain model artifact (model.safetensors + model.json) from a sharded FSDP checkpoint.
+"""Write a checkpoint's model artifact (model/) from its sharded FSDP state.
 
     python -m train.consolidate RUN_DIR            # the run's latest checkpoint
     python -m train.consolidate RUN_DIR/checkpoints/step_000500 [--out DIR] [--overwrite]
 
-One process, no process group: torch.distributed.checkpoint reads every rank's shard of the
-model (not the optimizer) through model/io.py. The default output is <checkpoint>/model, where
-eval/ looks first; DDP and DeepSpeed checkpoints already hold one.
+FSDP writes model/ at the best and final checkpoints only (gathering full weights costs a collective
+and rank 0's memory); this fills it in for any other, so that eval/ can open it. One process, no
+process group: torch.distributed.checkpoint reads every rank's shard of the model (not the
+optimizer) from the checkpoint's state/. The default output is <checkpoint>/model, where eval/ looks.
 """
 
 from __future__ import annotations
@@ -15,33 +16,82 @@ import sys
 import warnings
 from pathlib import Path
 
-from model.io import ArtifactError, load_state, resolve, save_artifact
+import torch
+
+from model.config import ModelConfig
+from model.errors import UserError
+from model.gpt import GPT
+from model.io import MODEL_DIR, ArtifactError, latest_checkpoint, save_artifact
+from train.checkpoint import STATE_DIR, TRAIN_STATE, TrainState
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """The checkpoint a path names: itself, or a run directory's latest."""
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(p)
+        if ckpt is None:
+            raise ArtifactError(f"run directory {p} has no complete checkpoint yet (no checkpoints/latest)")
+        return ckpt
+    if not (p / TRAIN_STATE).is_file():
+        raise ArtifactError(
+            f"{p} is not a training checkpoint (no {TRAIN_STATE}); pass RUN_DIR or RUN/checkpoints/step_N"
+        )
+    return p
 
 
 def consolidate(path: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
-    """The artifact written from the DCP checkpoint that `path` (run dir or checkpoint) names."""
-    ckpt = resolve(path)
-    if not (ckpt / "dcp").is_dir():
-        raise ArtifactError(f"{path} resolves to {ckpt}, already a plain model artifact: nothing to consolidate")
-    out = Path(out) if out is not None else ckpt / "model"
+    """The artifact written from the DCP shards of the checkpoint that `path` (run dir or checkpoint) names."""
+    ckpt = checkpoint_dir(path)
+    default_out = out is None
+    out = ckpt / MODEL_DIR if default_out else Path(out)
+    if default_out and out.exists() and not overwrite:
+        raise ArtifactError(f"{ckpt} already holds its model artifact ({out}): nothing to consolidate")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it, or --out elsewhere")
+    state = TrainState.from_dict(torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True), ckpt)
+    shards = ckpt / STATE_DIR
+    if not (shards / ".metadata").is_file():
+        raise ArtifactError(
+            f"{ckpt} holds no sharded weights (written by parallel.strategy={state.strategy}, whose checkpoints "
+            "always include model/); nothing to consolidate"
+        )
+    config = ModelConfig.from_dict(state.model_config)
+    model = _read_shards(shards, config)
+    return save_artifact(out, model, config, state.artifact_metadata, overwrite=overwrite)
+
+
+def _read_shards(shards: Path, config: ModelConfig) -> GPT:
+    import torch.distributed.checkpoint as dcp
+
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    if config.tie_embeddings:  # to_empty gives each module its own tensor: tie again
+        model.lm_head.weight = model.transformer.wte.weight
+    model.init_weights()  # non-persistent buffers (RoPE tables)
+    sd = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
         # DCP warns that it loads "in a single process": that is the point here.
         warnings.filterwarnings("ignore", message=".*single process.*")
-        config, state_dict, metadata = load_state(ckpt)
-    return save_artifact(out, state_dict, config, metadata, overwrite=overwrite)
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load({"model": sd}, checkpoint_id=str(shards))  # the model part only, not the optimizer
+    try:
+        model.load_weights(sd)
+    except ValueError as e:
+        raise ArtifactError(f"{shards}: {e}") from None
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.consolidate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory holding dcp/")
+    ap.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory (step_N)")
     ap.add_argument("--out", default=None, help="artifact directory (default: <checkpoint>/model)")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
     args = ap.parse_args(argv)
     try:
         out = consolidate(args.path, args.out, args.overwrite)
-    except (ArtifactError, FileExistsError, FileNotFoundError) as e:
+    except (UserError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(out)

@@ -1,14 +1,15 @@
 """The training loop: one file, the same for one CPU core, one GPU and N ranks of DDP / FSDP / DeepSpeed.
 
-The loop knows nothing about parallelism: it calls the Strategy seam (train/strategy.py) only.
-Per step, in order:
+The loop knows nothing about parallelism: it calls the Strategy seam (train/strategy.py) only, and
+hands checkpoints to train/checkpoint.py. Per step, in order (Trainer.train):
     batches = loader.next_step()                      # this rank's grad_accum micro-batches
-    set lr = lr_at(step)                              # a pure function of the step
-    forward/backward each micro-batch (autocast), clip, optimizer step, zero_grad
-    track loss and a device-side "non-finite seen" step marker   (no host sync)
-    at log steps: sync, check the marker, print / write metrics
-    at eval steps: val loss (loss_totals + all_reduce_sum), at sample steps: a text sample
-    at checkpoint steps (every N, best val, last, SIGTERM/SIGINT): an atomic checkpoint
+    train_step: lr_at(step), forward/backward each micro-batch (autocast), clip, optimizer step
+    meter.add: running loss and a device-side "non-finite seen" step marker (no host sync)
+    maybe_log     at log steps: sync, check the marker, print / write metrics
+    maybe_eval    at eval steps: val loss (loss_totals + all_reduce_sum)
+    maybe_sample  at sample steps: a text sample
+    maybe_stop    SIGTERM / SIGINT on any rank
+    maybe_save    every N, best val, last, stop: an atomic checkpoint
 
 Exact resume: every RNG the step draws from is saved and restored, the loader's state is its position
 in the global token stream, the schedule is a function of the step, and evaluation and sampling run
@@ -30,18 +31,16 @@ import torch
 import torch.nn as nn
 
 from model import GPT, ModelConfig
-from model.io import ArtifactError, load_state, read_config, resolve
+from model.dtypes import short, torch_dtype
+from model.io import ArtifactError, load_state
 from model.loss import loss_totals
-from train.checkpoint import CheckpointManager, checkpoint_name, find_resume, load_rank_rng, rng_state, set_rng_state
+from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume
 from train.config import Config
 from train.errors import TrainError
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
 from train.optim import build_optimizer, lr_at
 from train.sample import decode, generate
-from train.strategy import Strategy, env_world, make_strategy, unwrap
-
-PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # Strategy.precision names
-
+from train.strategy import Strategy, StrategySpec, env_world, make_strategy, unwrap
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -84,7 +83,7 @@ def autocast_ctx(device: torch.device, dtype: str) -> contextlib.AbstractContext
     """bf16 / fp16 autocast (weights and optimizer stay fp32), or nothing for fp32."""
     if dtype == "float32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=getattr(torch, dtype))
+    return torch.autocast(device.type, dtype=torch_dtype(dtype))
 
 
 def read_dataset_meta(data_dir: str) -> dict:
@@ -133,22 +132,6 @@ def build_model_config(cfg: Config, meta: dict) -> tuple[ModelConfig, dict | Non
     return ModelConfig(**{**fields, "vocab_size": vocab}), None
 
 
-def check_resume_compatible(ckpt: Path, mcfg: ModelConfig) -> None:
-    """A clear message, instead of a size-mismatch traceback, when the run dir holds another model."""
-    try:
-        saved, _ = read_config(resolve(ckpt))
-    except ArtifactError:
-        return  # a sharded layout this check cannot read; the strategy's load will tell
-    a, b = saved.to_dict(), mcfg.to_dict()
-    diff = {k: (a[k], b[k]) for k in a if k != "dropout" and a.get(k) != b.get(k)}
-    if diff:
-        raise TrainError(
-            f"cannot resume from {ckpt}: its model differs from the config "
-            f"({', '.join(f'{k}: {x} -> {y}' for k, (x, y) in diff.items())}); "
-            "use another train.run_dir, or train.resume=never to start over"
-        )
-
-
 class StopFlag:
     """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint at the end of the
     current step and exit cleanly; a second Ctrl-C interrupts at once."""
@@ -186,7 +169,6 @@ def train_step(
     strategy: Strategy,
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     amp: contextlib.AbstractContextManager,
-    grad_clip: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches (each x, y: (micro_batch, seq_len) int64).
     Returns (mean loss over the micro-batches, pre-clip grad norm) as device scalars: no host sync."""
@@ -198,9 +180,42 @@ def train_step(
                 loss = model(x, y)  # mean cross entropy of this micro-batch
             strategy.backward(loss)  # scales by 1/n: the accumulated gradient is the mean
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    norm = strategy.clip_and_step(grad_clip)
+    norm = strategy.clip_and_step()
     strategy.zero_grad()
     return loss_sum / n, norm
+
+
+class StepMeter:
+    """What the steps between two log lines leave behind, kept on the device so that no step waits for
+    the host: the summed loss, and the first step whose loss (or grad norm) was not finite. Also the
+    wall time of those steps, less what evaluation, sampling and saving took (`paused`)."""
+
+    def __init__(self, device: torch.device, step: int, check_norm: bool):
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.step = torch.full((), step, dtype=torch.long, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        self.check_norm = check_norm  # the fp16 scaler skips overflowed steps by design
+        self.steps, self.start, self.excluded = 0, time.perf_counter(), 0.0
+
+    def add(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        self.step += 1
+        finite = torch.isfinite(loss) & torch.isfinite(norm) if self.check_norm else torch.isfinite(loss)
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, self.step, self.bad_step)
+        self.loss_sum += loss.float()
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield
+        self.excluded += time.perf_counter() - t0
+
+    def take(self) -> tuple[torch.Tensor, int, float]:
+        """(mean loss tensor, steps, seconds) since the last take; starts the next interval."""
+        out = (self.loss_sum / self.steps, self.steps, max(time.perf_counter() - self.start - self.excluded, 1e-9))
+        self.loss_sum = torch.zeros_like(self.loss_sum)
+        self.steps, self.start, self.excluded = 0, time.perf_counter(), 0.0
+        return out
 
 
 # ----------------------------------------------------------------------------- the run
@@ -216,6 +231,8 @@ def run(cfg: Config, *, log=print) -> dict:
             "parallel.strategy=ddp (or fsdp / deepspeed), or start a single process"
         )
     device = pick_device(cfg.train.device, local_rank)
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)  # one GPU per rank, as the strategy's process group has it
     if device.type == "cuda":
         torch.cuda.set_device(device)  # default-device allocations and the CUDA RNG are this GPU's
     if cfg.train.dtype == "auto":  # resolved once, here: the printed and saved config says what ran
@@ -224,362 +241,373 @@ def run(cfg: Config, *, log=print) -> dict:
         raise TrainError(f"train.dtype=float16 needs CUDA (loss scaling); use bfloat16 or float32 on {device.type}")
     if cfg.train.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise TrainError("this GPU has no bfloat16 support; use train.dtype=float16")
+
+    # Data and model first: their user errors are the same on every rank, before any process group.
+    data = Data.open(cfg, rank, world_size, device)
+    set_seeds(cfg.train.seed + rank)  # different dropout masks per rank, reproducible per rank
+    mcfg, init_weights = build_model_config(cfg, data.meta)
+    model = GPT(mcfg)
+    if init_weights is not None:
+        try:
+            model.load_weights(init_weights)
+        except ValueError as e:
+            raise TrainError(f"train.init_from={cfg.train.init_from}: {e}") from None
+    loader = data.train_loader(mcfg.vocab_size)
+    spec = StrategySpec(
+        precision=short(cfg.train.dtype),
+        grad_accum_steps=loader.grad_accum_steps,
+        grad_clip=cfg.optim.grad_clip,
+        compile=cfg.train.compile,
+        activation_checkpointing=cfg.train.activation_checkpointing,
+    )
     try:
-        strategy = make_strategy(cfg.parallel.strategy, device, **cfg.parallel_options())
+        strategy = make_strategy(cfg.parallel.strategy, device, spec, **cfg.parallel_options())
     except (ValueError, ImportError) as e:
+        if isinstance(e, TrainError):
+            raise
         raise TrainError(f"parallel.strategy={cfg.parallel.strategy}: {e}") from None
-    except RuntimeError as e:
-        if type(e).__name__ == "DistributedSetupError":
-            raise TrainError(str(e)) from None
-        raise
     try:
-        return _Run(cfg, strategy, log).train()
+        return Trainer(cfg, strategy, data, loader, model, log).train()
     finally:
         strategy.teardown()
 
 
-class _Run:
-    """The state of one run; train() is the loop. A class only to share set-up with the helpers."""
+@dataclasses.dataclass
+class Data:
+    """The prepared dataset this rank reads: its meta.json, its tokenizer, and where its batches go."""
 
-    def __init__(self, cfg: Config, strategy: Strategy, log) -> None:
-        self.cfg, self.s = cfg, strategy
-        self.main = strategy.is_main
-        self._log = log
-        self.device = strategy.device
-        self.run_dir = Path(cfg.train.run_dir)
-        self.seq_len = cfg.seq_len
+    cfg: Config
+    meta: dict
+    tokenizer: object
+    rank: int
+    world_size: int
+    device: torch.device
 
-    def log(self, msg: str) -> None:
-        if self.main:
-            (self.bar.write if getattr(self, "bar", None) is not None and not self.bar.disable else self._log)(msg)
-
-    # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
-        cfg, s = self.cfg, self.s
-        from data.loader import BatchLoader
+    @classmethod
+    def open(cls, cfg: Config, rank: int, world_size: int, device: torch.device) -> Data:
         from data.tokenizer import get_tokenizer
 
-        self.meta = read_dataset_meta(cfg.data.dir)
-        self.tokenizer = get_tokenizer(self.meta["tokenizer"], sha256=self.meta.get("tokenizer_sha256"))
-        if self.device.type == "cuda":
+        meta = read_dataset_meta(cfg.data.dir)
+        tokenizer = get_tokenizer(meta["tokenizer"], sha256=meta.get("tokenizer_sha256"))
+        return cls(cfg, meta, tokenizer, rank, world_size, device)
+
+    def train_loader(self, vocab_size: int):
+        from data.loader import BatchLoader
+
+        return BatchLoader(
+            self.cfg.data.dir,
+            seq_len=self.cfg.seq_len,
+            tokens_per_step=self.cfg.train.tokens_per_step,
+            micro_batch=self.cfg.train.micro_batch,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self.cfg.train.seed,
+            device=self.device,
+            vocab_size=vocab_size,
+        )
+
+    def val_batches(self, vocab_size: int):
+        from data.loader import val_batches
+
+        return val_batches(
+            self.cfg.data.dir,
+            seq_len=self.cfg.seq_len,
+            batch_size=self.cfg.train.micro_batch,
+            max_batches=self.cfg.train.eval_batches,
+            rank=self.rank,
+            world_size=self.world_size,
+            device=self.device,
+            vocab_size=vocab_size,
+        )
+
+
+class Trainer:
+    """One run: set-up in __init__ (which describes the run), the loop in train(), one short method per
+    thing a step may do. The state that a checkpoint saves is self.state (a TrainState), nothing else."""
+
+    def __init__(self, cfg: Config, strategy: Strategy, data: Data, loader, model: GPT, log) -> None:
+        self.cfg, self.strategy, self.data, self.loader = cfg, strategy, data, loader
+        self._log, self.bar = log, None
+        self.run_dir = Path(cfg.train.run_dir)
+        self.mcfg = model.config
+        self.flops_per_token = model.flops_per_token(cfg.seq_len)
+        n_params = model.num_params()
+        if strategy.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (nanoGPT does too)
             torch.backends.cudnn.allow_tf32 = True
-
-        set_seeds(cfg.train.seed + s.rank)  # different dropout masks per rank, reproducible per rank
-        self.mcfg, init_state = build_model_config(cfg, self.meta)
-        model = GPT(self.mcfg)
-        if init_state is not None:
-            if self.mcfg.tie_embeddings:
-                init_state = {k: v for k, v in init_state.items() if k != "lm_head.weight"}
-            missing, unexpected = model.load_state_dict(init_state, strict=False)
-            missing = [k for k in missing if not (self.mcfg.tie_embeddings and k == "lm_head.weight")]
-            if missing or unexpected:
-                raise TrainError(
-                    f"train.init_from weights do not fit its own config (missing {missing}, unexpected {unexpected})"
-                )
-        self.flops_per_token = model.flops_per_token(self.seq_len)
-        self.n_params = model.num_params()
-
-        self.loader = BatchLoader(
-            cfg.data.dir,
-            seq_len=self.seq_len,
-            tokens_per_step=cfg.train.tokens_per_step,
-            micro_batch=cfg.train.micro_batch,
-            rank=s.rank,
-            world_size=s.world_size,
-            seed=cfg.train.seed,
-            device=self.device,
-            vocab_size=self.mcfg.vocab_size,
+        self.model, self.optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
+        self.amp = autocast_ctx(strategy.device, cfg.train.dtype)
+        self.ckpts = CheckpointManager(self.run_dir, strategy, self.mcfg, cfg.checkpoint.keep_last)
+        self.state, resumed_from = self.resume_or_start()
+        self.peak_flops, peak_source = device_peak_flops(strategy.device, cfg.train.dtype)
+        logging = cfg.logging
+        self.metrics = MetricsWriter(
+            self.run_dir,
+            strategy.is_main,
+            logging.tensorboard,
+            logging.wandb,
+            logging.wandb_project,
+            logging.wandb_run_name,
+            cfg.to_dict(),
         )
-        s.grad_accum_steps = self.loader.grad_accum_steps
-        s.grad_clip = cfg.optim.grad_clip
-        s.precision = PRECISION[cfg.train.dtype]
-        self.model, self.optimizer = s.wrap(model, lambda m: build_optimizer(m, cfg.optim))
-        if cfg.train.compile and not s.compiles_model:
-            self.model = torch.compile(self.model)
-        self.bare = unwrap(self.model)
-        self.amp = autocast_ctx(self.device, cfg.train.dtype)
+        self.describe(n_params, peak_source, resumed_from)
 
-        # ---- resume, or start over
-        self.ckpts = CheckpointManager(self.run_dir, s, cfg.checkpoint.keep_last)
-        self.step, self.best_val, self.best_step, self.last_val = 0, None, None, None
+    def log(self, msg: str) -> None:
+        if self.strategy.is_main:
+            (self.bar.write if self.bar is not None and not self.bar.disable else self._log)(msg)
+
+    # ------------------------------------------------------------------ set-up
+    def resume_or_start(self) -> tuple[TrainState, Path | None]:
+        cfg, strategy = self.cfg, self.strategy
         resume_from = find_resume(self.run_dir, cfg.train.resume)
-        if self.main:
+        if strategy.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if cfg.train.resume == "never" and (self.run_dir / "checkpoints").exists():
+            if cfg.train.resume == "never" and self.ckpts.root.exists():
                 self.log(f"train.resume=never: removing the previous checkpoints in {self.run_dir}")
                 self.ckpts.remove_all()
             self.ckpts.clean_stale()
-        s.barrier()
-        if resume_from is not None:
-            check_resume_compatible(resume_from, self.mcfg)
-            extra = s.load(resume_from)
-            self.step = int(extra["step"])
-            self.best_val, self.best_step = extra.get("best_val"), extra.get("best_step")
-            self.last_val = extra.get("val_loss")
-            self.loader.load_state_dict(extra["loader"])
-            rng = load_rank_rng(resume_from, s.rank, extra)
-            if rng is not None:
-                set_rng_state(rng)  # last: nothing below draws from the training RNG
-        self.resumed_from = resume_from
-        if self.main:
+        strategy.barrier()
+        if resume_from is None:
+            state = TrainState(world_size=strategy.world_size, strategy=strategy.name, model_config=self.mcfg.to_dict())
+        else:
+            state = self.ckpts.load(resume_from)  # model, optimizer, this rank's RNG
+            self.loader.load_state_dict(state.loader)
+        if strategy.is_main:
             if resume_from is not None:
-                truncate_metrics(self.run_dir, self.step)
+                truncate_metrics(self.run_dir, state.step)
             else:
                 (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.peak_flops, self.peak_source = device_peak_flops(self.device, cfg.train.dtype)
-        self.metrics = MetricsWriter(
-            self.run_dir,
-            self.main,
-            cfg.logging.tensorboard,
-            cfg.logging.wandb,
-            cfg.logging.wandb_project,
-            cfg.logging.wandb_run_name,
-            cfg.to_dict(),
-        )
+        return state, resume_from
 
-    def describe(self) -> None:
-        cfg, s = self.cfg, self.s
+    def describe(self, n_params: int, peak_source: str, resumed_from: Path | None) -> None:
+        cfg, strategy, meta, device = self.cfg, self.strategy, self.data.meta, self.strategy.device
         self.log("resolved config:\n" + "\n".join("  " + line for line in cfg.to_yaml().splitlines()))
         self.log(
-            f"run dir {self.run_dir} | device {self.device} x {s.world_size} | strategy {cfg.parallel.strategy} "
+            f"run dir {self.run_dir} | device {device} x {strategy.world_size} | strategy {cfg.parallel.strategy} "
             f"| dtype {cfg.train.dtype} | compile {cfg.train.compile}"
         )
         self.log(
-            f"model {self.n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
-            f"{self.mcfg.n_embd} wide) | data {cfg.data.dir} (tokenizer {self.meta['tokenizer']}, "
-            f"vocab {self.meta['vocab_size']}, {self.meta['train_tokens']:,} train tokens)"
+            f"model {n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
+            f"{self.mcfg.n_embd} wide) | data {cfg.data.dir} (tokenizer {meta['tokenizer']}, "
+            f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
         self.log(
-            f"batch {cfg.train.tokens_per_step:,} tokens/step = {s.world_size} rank(s) x "
-            f"{self.loader.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {self.seq_len} | "
+            f"batch {cfg.train.tokens_per_step:,} tokens/step = {strategy.world_size} rank(s) x "
+            f"{strategy.spec.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {cfg.seq_len} | "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | peak {self.peak_flops / 1e12:.3g} TFLOP/s "
-            f"({self.peak_source})"
+            f"({peak_source})"
         )
-        if self.device.type == "cpu" and cfg.train.dtype == "bfloat16" and not cpu_has_fast_bf16():
+        if device.type == "cpu" and cfg.train.dtype == "bfloat16" and not cpu_has_fast_bf16():
             self.log(
                 "note: this CPU has no bf16 matrix instructions (AVX512-BF16 / AMX): bf16 matmuls are "
                 "emulated and several times slower than float32 here; consider train.dtype=float32"
             )
-        if self.resumed_from is not None:
-            self.log(f"resumed from {self.resumed_from} at step {self.step}")
+        if resumed_from is not None:
+            self.log(f"resumed from {resumed_from} at step {self.state.step}")
         elif cfg.train.init_from:
             self.log(f"initialised from {cfg.train.init_from} (fresh optimizer and schedule)")
-
-    # ------------------------------------------------------------------ pieces
-    def evaluate(self) -> float:
-        """Mean val loss over eval_batches per rank, summed over ranks before dividing."""
-        from data.loader import val_batches
-
-        cfg = self.cfg
-        batches = val_batches(
-            cfg.data.dir,
-            seq_len=self.seq_len,
-            batch_size=cfg.train.micro_batch,
-            max_batches=cfg.train.eval_batches,
-            rank=self.s.rank,
-            world_size=self.s.world_size,
-            device=self.device,
-            vocab_size=self.mcfg.vocab_size,
-        )
-        amp_dtype = None if cfg.train.dtype == "float32" else getattr(torch, cfg.train.dtype)
-        with self.fork_rng():
-            total, count = loss_totals(self.model, batches, autocast_dtype=amp_dtype)
-        total, count = self.s.all_reduce_sum(total), self.s.all_reduce_sum(count)
-        return (total / count).item()
-
-    def sample(self) -> str:
-        lc = self.cfg.logging
-        prompt = self.tokenizer.encode(lc.sample_prompt, allowed_special="all")
-        with self.fork_rng():
-            ids = generate(
-                self.bare,
-                prompt,
-                lc.sample_tokens,
-                temperature=lc.sample_temperature,
-                top_k=lc.sample_top_k,
-                seed=self.cfg.train.seed,
-                device=self.device,
-            )
-        return lc.sample_prompt + decode(self.tokenizer, ids, self.meta.get("eot_id"))
-
-    def fork_rng(self) -> contextlib.AbstractContextManager:
-        """Belt and braces on top of eval mode and sample()'s own generator: whatever runs inside
-        leaves the training RNG (CPU and this GPU) exactly where it was."""
-        cuda = self.device.type == "cuda"
-        return torch.random.fork_rng(devices=[self.device.index or 0] if cuda else [])
-
-    def first_bad_step(self) -> int | None:
-        """The step of the first non-finite loss / grad norm on any rank (one host sync)."""
-        bad = int(self.bad_step.item())
-        if self.s.any_flag(bad >= 0):
-            return bad if bad >= 0 else -1
-        return None
-
-    def stop_if_nonfinite(self) -> None:
-        bad = self.first_bad_step()
-        if bad is not None:
-            where = f"at step {bad}" if bad >= 0 else "on another rank"
-            latest = self.ckpts.root / "latest"
-            last = latest.read_text().strip() if latest.is_file() else None
-            raise TrainError(
-                f"non-finite loss or gradient {where}: stopping without saving that state. "
-                + (f"The last good checkpoint is {self.ckpts.root / last}; " if last else "")
-                + "lower optim.lr, raise schedule.warmup_steps, keep optim.grad_clip > 0, or use bfloat16 "
-                "instead of float16"
-            )
-
-    def save(self, is_best: bool) -> Path:
-        self.stop_if_nonfinite()  # never write a non-finite state
-        extra = {
-            "step": self.step,
-            "loader": self.loader.state_dict(),
-            "rng": rng_state(),
-            "best_val": self.best_val,
-            "best_step": self.best_step,
-            "val_loss": self.last_val,
-            "tokens_seen": self.step * self.cfg.train.tokens_per_step,
-            "world_size": self.s.world_size,
-            "config": self.cfg.to_dict(),
-        }
-        metadata = {
-            "tokenizer": self.meta["tokenizer"],
-            "tokenizer_sha256": self.meta.get("tokenizer_sha256"),
-            "eot_id": self.meta.get("eot_id"),
-            "step": self.step,
-            "val_loss": self.last_val,
-            "dataset": str(self.cfg.data.dir),
-        }
-        path = self.ckpts.save(self.step, extra, metadata, is_best=is_best)
-        self.log(f"saved checkpoint {path}" + (" (best)" if is_best else ""))
-        return path
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         from tqdm import tqdm
 
-        self.setup()
-        cfg, s, lc = self.cfg, self.s, self.cfg.logging
+        cfg, state = self.cfg, self.state
         max_steps = cfg.train.max_steps
-        self.bar = None
-        self.describe()
-        if self.step >= max_steps:
+        if state.step >= max_steps:
             self.log(
-                f"nothing to do: the run is at step {self.step} >= train.max_steps={max_steps} "
+                f"nothing to do: the run is at step {state.step} >= train.max_steps={max_steps} "
                 "(raise train.max_steps to continue, or train.resume=never to start over)"
             )
-            self.metrics.close()
-            return {"step": self.step, "val_loss": self.last_val, "best_val": self.best_val, "stopped": "done"}
-
-        if self.step == 0 and cfg.train.eval_every > 0:  # the untrained baseline (nanoGPT evaluates at 0)
-            self.last_val = self.evaluate()
-            self.metrics.write({"step": 0, "val_loss": self.last_val})
-            self.log(f"step 0 | val loss {self.last_val:.4f}")
-
+            return self.finish("done", quiet=True)
+        if state.step == 0 and cfg.train.eval_every > 0:  # the untrained baseline (nanoGPT evaluates at 0)
+            self.evaluate_and_record()
         self.bar = tqdm(
             total=max_steps,
-            initial=self.step,
+            initial=state.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not (self.main and lc.progress_bar and sys.stderr.isatty()),
+            disable=not (self.strategy.is_main and cfg.logging.progress_bar and sys.stderr.isatty()),
         )
-        # device-side bookkeeping: no .item() between log steps
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
-        step_t = torch.full((), self.step, dtype=torch.long, device=self.device)
-        loss_acc = torch.zeros((), dtype=torch.float32, device=self.device)
-        steps_acc, t_last, t_excluded = 0, time.perf_counter(), 0.0
-        check_norm = cfg.train.dtype != "float16"  # the fp16 scaler skips overflowed steps by design
-        stop_reason = "done"
+        self.meter = StepMeter(self.strategy.device, state.step, check_norm=cfg.train.dtype != "float16")
         profiler = self.make_profiler()
-        profiling = cfg.logging.profile_steps > 0
-
+        stopped = "done"
         with StopFlag() as stop, profiler:
-            while self.step < max_steps:
+            while state.step < max_steps:
                 batches = self.loader.next_step()
-                lr = lr_at(self.step, cfg.optim.lr, cfg.schedule, max_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                loss, norm = train_step(self.model, s, batches, self.amp, cfg.optim.grad_clip)
-                self.step += 1
-                step_t += 1
-                finite = torch.isfinite(loss) & torch.isfinite(norm) if check_norm else torch.isfinite(loss)
-                self.bad_step = torch.where((self.bad_step < 0) & ~finite, step_t, self.bad_step)
-                loss_acc += loss.float()
-                steps_acc += 1
+                lr = self.set_lr(state.step)
+                loss, norm = train_step(self.model, self.strategy, batches, self.amp)
+                state.step += 1
+                state.tokens = state.step * cfg.train.tokens_per_step
+                self.meter.add(loss, norm)
                 self.bar.update(1)
-                if profiling:
+                if cfg.logging.profile_steps > 0:
                     profiler.step()
-
-                last = self.step == max_steps
-                if self.step % lc.log_every == 0 or last:
-                    self.stop_if_nonfinite()
-                    mean_loss = s.all_reduce_sum(loss_acc / steps_acc) / s.world_size
-                    elapsed = max(time.perf_counter() - t_last - t_excluded, 1e-9)
-                    tps = cfg.train.tokens_per_step * steps_acc / elapsed
-                    record = {
-                        "step": self.step,
-                        "loss": mean_loss.item(),
-                        "lr": lr,
-                        "grad_norm": norm.item(),
-                        "tokens": self.step * cfg.train.tokens_per_step,
-                        "tokens_per_s": tps,
-                        "mfu": self.flops_per_token * tps / (self.peak_flops * s.world_size),
-                        "ms_per_step": 1000 * elapsed / steps_acc,
-                        "peak_mem_gb": peak_memory_gb(self.device),
-                    }
-                    self.metrics.write(record)
-                    self.log(format_line(record, max_steps))
-                    self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
-                    loss_acc.zero_()
-                    steps_acc, t_last, t_excluded = 0, time.perf_counter(), 0.0
-
-                t0 = time.perf_counter()
-                improved = False
-                if cfg.train.eval_every > 0 and (self.step % cfg.train.eval_every == 0 or last):
-                    self.stop_if_nonfinite()
-                    self.last_val = self.evaluate()
-                    improved = self.best_val is None or self.last_val < self.best_val
-                    if improved:
-                        self.best_val, self.best_step = self.last_val, self.step
-                    self.metrics.write({"step": self.step, "val_loss": self.last_val})
-                    self.log(
-                        f"step {self.step} | val loss {self.last_val:.4f}"
-                        + (" (best)" if improved else f" (best {self.best_val:.4f} at {self.best_step})")
-                    )
-                if lc.sample_every > 0 and (self.step % lc.sample_every == 0 or last):
-                    text = self.sample()
-                    self.metrics.write({"step": self.step, "sample": text})
-                    self.metrics.text("sample", text, self.step)
-                    self.log(f"---- sample at step {self.step} ----\n{text}\n----")
-
-                # one flag check per step alone (no sync); across ranks at log steps only, since the
-                # all-reduce is a host sync (a cluster's grace period is far longer than log_every steps)
-                check_stop = s.world_size == 1 or self.step % lc.log_every == 0 or last
-                stopping = check_stop and s.any_flag(stop.signum is not None)
-                ck = cfg.checkpoint
-                if (
-                    stopping
-                    or (ck.every > 0 and self.step % ck.every == 0)
-                    or (last and ck.save_final)
-                    or (improved and ck.keep_best)
-                ):
-                    self.save(is_best=improved and ck.keep_best)
-                t_excluded += time.perf_counter() - t0
+                last = state.step == max_steps
+                self.maybe_log(lr, norm, last)
+                with self.meter.paused():
+                    improved = self.maybe_eval(last)
+                    self.maybe_sample(last)
+                    stopping = self.maybe_stop(stop, last)
+                    self.maybe_save(improved, last, stopping)
                 if stopping:
-                    stop_reason = signal.Signals(stop.signum).name if stop.signum else "signal on another rank"
+                    stopped = signal.Signals(stop.signum).name if stop.signum else "signal on another rank"
                     self.log(
-                        f"stopped by {stop_reason} at step {self.step}; checkpoint "
-                        f"{checkpoint_name(self.step)} saved. Run the same command to resume."
+                        f"stopped by {stopped} at step {state.step}; checkpoint "
+                        f"{checkpoint_name(state.step)} saved. Run the same command to resume."
                     )
                     break
         self.bar.close()
+        return self.finish(stopped)
+
+    def set_lr(self, step: int) -> float:
+        lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.cfg.train.max_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def maybe_log(self, lr: float, norm: torch.Tensor, last: bool) -> None:
+        cfg, strategy, step = self.cfg, self.strategy, self.state.step
+        if not (step % cfg.logging.log_every == 0 or last):
+            return
+        self.stop_if_nonfinite()
+        mean_loss, steps, seconds = self.meter.take()
+        tokens_per_s = cfg.train.tokens_per_step * steps / seconds
+        record = {
+            "step": step,
+            "loss": (strategy.all_reduce_sum(mean_loss) / strategy.world_size).item(),
+            "lr": lr,
+            "grad_norm": norm.item(),
+            "tokens": self.state.tokens,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * strategy.world_size),
+            "ms_per_step": 1000 * seconds / steps,
+            "peak_mem_gb": peak_memory_gb(strategy.device),
+        }
+        self.metrics.write(record)
+        self.log(format_line(record, cfg.train.max_steps))
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+
+    def maybe_eval(self, last: bool) -> bool:
+        """Evaluate at eval steps; True when the val loss is the best so far."""
+        every = self.cfg.train.eval_every
+        if not (every > 0 and (self.state.step % every == 0 or last)):
+            return False
+        self.stop_if_nonfinite()
+        return self.evaluate_and_record()
+
+    def evaluate_and_record(self) -> bool:
+        state = self.state
+        state.val_loss = self.evaluate()
+        improved = state.step > 0 and (state.best_val is None or state.val_loss < state.best_val)
+        if improved:
+            state.best_val, state.best_step = state.val_loss, state.step
+        self.metrics.write({"step": state.step, "val_loss": state.val_loss})
+        if state.step == 0:
+            self.log(f"step 0 | val loss {state.val_loss:.4f}")
+        else:
+            self.log(
+                f"step {state.step} | val loss {state.val_loss:.4f}"
+                + (" (best)" if improved else f" (best {state.best_val:.4f} at {state.best_step})")
+            )
+        return improved
+
+    def maybe_sample(self, last: bool) -> None:
+        every = self.cfg.logging.sample_every
+        if not (every > 0 and (self.state.step % every == 0 or last)):
+            return
+        text = self.sample()
+        self.metrics.write({"step": self.state.step, "sample": text})
+        self.metrics.text("sample", text, self.state.step)
+        self.log(f"---- sample at step {self.state.step} ----\n{text}\n----")
+
+    def maybe_stop(self, stop: StopFlag, last: bool) -> bool:
+        """True on every rank when any rank got SIGTERM / SIGINT. One flag check per step alone (no
+        sync); across ranks at log steps only, since the all-reduce is a host sync (a cluster's grace
+        period is far longer than log_every steps)."""
+        strategy = self.strategy
+        if strategy.world_size > 1 and not (self.state.step % self.cfg.logging.log_every == 0 or last):
+            return False
+        return strategy.any_flag(stop.signum is not None)
+
+    def maybe_save(self, improved: bool, last: bool, stopping: bool) -> None:
+        rules, step = self.cfg.checkpoint, self.state.step
+        best = improved and rules.keep_best
+        final = stopping or (last and rules.save_final)
+        if final or best or (rules.every > 0 and step % rules.every == 0):
+            self.save(is_best=best, final=final)
+
+    # ------------------------------------------------------------------ pieces
+    def save(self, is_best: bool, final: bool) -> Path:
+        self.stop_if_nonfinite()  # never write a non-finite state
+        self.state.loader = self.loader.state_dict()
+        self.state.config = self.cfg.to_dict()
+        self.state.artifact_metadata = {
+            "tokenizer": self.data.meta["tokenizer"],
+            "tokenizer_sha256": self.data.meta.get("tokenizer_sha256"),
+            "eot_id": self.data.meta.get("eot_id"),
+            "step": self.state.step,
+            "val_loss": self.state.val_loss,
+            "dataset": str(self.cfg.data.dir),
+        }
+        path = self.ckpts.save(self.state, is_best=is_best, with_model=is_best or final)
+        self.log(f"saved checkpoint {path}" + (" (best)" if is_best else ""))
+        return path
+
+    def evaluate(self) -> float:
+        """Mean val loss over eval_batches per rank, summed over ranks before dividing."""
+        dtype = self.cfg.train.dtype
+        batches = self.data.val_batches(self.mcfg.vocab_size)
+        with self.fork_rng():
+            total, count = loss_totals(
+                self.model, batches, autocast_dtype=None if dtype == "float32" else torch_dtype(dtype)
+            )
+        total, count = self.strategy.all_reduce_sum(total), self.strategy.all_reduce_sum(count)
+        return (total / count).item()
+
+    def sample(self) -> str:
+        opts, tokenizer = self.cfg.logging, self.data.tokenizer
+        prompt = tokenizer.encode(opts.sample_prompt, allowed_special="all")
+        with self.fork_rng():
+            ids = generate(
+                unwrap(self.model),
+                prompt,
+                opts.sample_tokens,
+                temperature=opts.sample_temperature,
+                top_k=opts.sample_top_k,
+                seed=self.cfg.train.seed,
+                device=self.strategy.device,
+            )
+        return opts.sample_prompt + decode(tokenizer, ids, self.data.meta.get("eot_id"))
+
+    def fork_rng(self) -> contextlib.AbstractContextManager:
+        """Belt and braces on top of eval mode and sample()'s own generator: whatever runs inside
+        leaves the training RNG (CPU and this GPU) exactly where it was."""
+        device = self.strategy.device
+        return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+
+    def stop_if_nonfinite(self) -> None:
+        """Raise, naming the step, if any rank saw a non-finite loss or grad norm (one host sync)."""
+        bad = int(self.meter.bad_step.item())
+        if not self.strategy.any_flag(bad >= 0):
+            return
+        where = f"at step {bad}" if bad >= 0 else "on another rank"
+        last_good = self.ckpts.latest()
+        raise TrainError(
+            f"non-finite loss or gradient {where}: stopping without saving that state. "
+            + (f"The last good checkpoint is {last_good}; " if last_good else "")
+            + "lower optim.lr, raise schedule.warmup_steps, keep optim.grad_clip > 0, or use bfloat16 "
+            "instead of float16"
+        )
+
+    def finish(self, stopped: str, quiet: bool = False) -> dict:
         self.metrics.close()
-        if stop_reason == "done":
-            best = f" | best val {self.best_val:.4f} at step {self.best_step}" if self.best_val is not None else ""
-            val = f" | val loss {self.last_val:.4f}" if self.last_val is not None else ""
-            self.log(f"done: {self.step} steps{val}{best} | run dir {self.run_dir}")
-        return {"step": self.step, "val_loss": self.last_val, "best_val": self.best_val, "stopped": stop_reason}
+        state = self.state
+        if stopped == "done" and not quiet:
+            best = f" | best val {state.best_val:.4f} at step {state.best_step}" if state.best_val is not None else ""
+            val = f" | val loss {state.val_loss:.4f}" if state.val_loss is not None else ""
+            self.log(f"done: {state.step} steps{val}{best} | run dir {self.run_dir}")
+        return {"step": state.step, "val_loss": state.val_loss, "best_val": state.best_val, "stopped": stopped}
 
     def make_profiler(self):
         """torch.profiler over logging.profile_steps steps after 1 skipped and 2 warm-up steps; the trace
@@ -591,7 +619,7 @@ class _Run:
 
         out = self.run_dir / "profile"
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"trace_rank{self.s.rank}.json"
+        path = out / f"trace_rank{self.strategy.rank}.json"
 
         def on_ready(prof) -> None:
             prof.export_chrome_trace(str(path))
@@ -600,7 +628,8 @@ class _Run:
                 + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
             )
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        cuda = self.strategy.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         return profile(
             activities=activities,
             schedule=schedule(wait=1, warmup=2, active=n, repeat=1),

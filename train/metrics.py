@@ -12,13 +12,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from model.files import write_text_atomic
 
 # Dense bf16 (fp16 where bf16 is absent) tensor TFLOPs per GPU, from NVIDIA datasheets. Matched on
 # torch.cuda.get_device_name() (lower case), most specific first.
@@ -206,6 +207,4 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a kill mid-write
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

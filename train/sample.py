@@ -1,5 +1,8 @@
 """A small sampler for the text samples in the training log (train/ never imports eval/).
 
+The sampling rule is model.sampling.sample_next, the one eval.sample uses: the same model, prompt, seed
+and settings give the training log and eval.sample the same tokens.
+
 Decodes with model.KVCache, so each new token costs one token of compute, from its own
 torch.Generator, so that sampling never moves the training RNG (exact resume depends on it).
 Every rank runs it (under FSDP / ZeRO-3 the forward is a collective); only rank 0 prints.
@@ -11,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from model import KVCache
+from model.sampling import sample_next
 
 
 @torch.no_grad()
@@ -21,6 +25,7 @@ def generate(
     *,
     temperature: float = 0.8,
     top_k: int | None = 50,
+    top_p: float | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[int]:
@@ -43,14 +48,7 @@ def generate(
         for _ in range(max_new_tokens):
             logits = model(idx, kv_cache=cache, start_pos=pos)[:, -1, :].float()  # (1, V)
             pos += idx.shape[1]
-            if temperature <= 0:
-                idx = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (1, 1)
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                idx = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)  # (1, 1)
+            idx = sample_next(logits, temperature, top_k, top_p, gen)[:, None]  # (1, 1)
             out.append(idx)
     finally:
         model.train(was_training)
@@ -70,30 +68,36 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from data.errors import DataError
     from data.tokenizer import get_tokenizer
-    from model.io import ArtifactError, load_model
+    from model.errors import UserError
+    from model.io import load_model
 
     ap = argparse.ArgumentParser(prog="python -m train.sample", description=main.__doc__.splitlines()[0])
     ap.add_argument("--ckpt", required=True, help="run directory, checkpoint or model artifact")
     ap.add_argument("--prompt", default="\n")
     ap.add_argument("--max-new-tokens", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=50)
+    ap.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args(argv)
+    if args.temperature < 0:
+        ap.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        ap.error(f"--top-k must be >= 0 (0 = all tokens), got {args.top_k}")
     try:
         model, meta = load_model(args.ckpt)
+        if not meta.get("tokenizer"):  # an artifact written without one (e.g. by hand)
+            raise UserError("its metadata names no tokenizer; use eval.sample --tokenizer SPEC")
         tok = get_tokenizer(meta["tokenizer"], sha256=meta.get("tokenizer_sha256"))
-    except (ArtifactError, DataError, KeyError) as e:
+    except UserError as e:
         print(f"error: cannot sample from {args.ckpt}: {e}", file=sys.stderr)
-        return 1
+        return 2
     ids = generate(
         model,
         tok.encode(args.prompt, allowed_special="all"),
         args.max_new_tokens,
         temperature=args.temperature,
-        top_k=args.top_k,
+        top_k=args.top_k or None,
         seed=args.seed,
     )
     print(args.prompt + decode(tok, ids, meta.get("eot_id")))

@@ -6,18 +6,26 @@ process, DDP, FSDP2 or DeepSpeed runs underneath -- the way torchtitan keeps par
 one process on CPU or one GPU. The distributed strategies live in train/strategies/.
 
 Contract, in the order the loop uses it:
-    s = make_strategy(cfg.parallel, device)      # process group is up after this
+    spec = StrategySpec(precision="bf16", grad_accum_steps=4, grad_clip=1.0)   # frozen
+    s = make_strategy(cfg.parallel.strategy, device, spec, **parallel_options) # process group is up
     model, opt = s.wrap(model, build_optimizer)  # build_optimizer(module) -> Optimizer
     for each step:
-        for micro in range(accum):
-            with s.sync_context(is_last=micro == accum - 1):
+        for micro in range(spec.grad_accum_steps):
+            with s.sync_context(is_last=micro == last):
                 loss = model(x, y)
                 s.backward(loss)                 # scales by 1/accum itself
-        norm = s.clip_and_step(max_norm)         # device tensor, no host sync
+        norm = s.clip_and_step()                 # clips to spec.grad_clip; device tensor, no host sync
         s.zero_grad()
-    s.save(ckpt_dir, extra_state, metadata)      # every rank calls; writes its part
-    extra = s.load(ckpt_dir)                     # every rank calls; restores model+optimizer
+    saved = s.save_state(state_dir)              # every rank; whatever the strategy needs to resume
+    s.load_state(state_dir, saved, weights)      # every rank; restores model + optimizer
     s.teardown()
+train/checkpoint.py owns the checkpoint layout and hands the strategy its directory (`state/`).
+
+`wrap` applies the model transforms in one place, `parallelize`, in torchtitan's order: activation
+checkpointing, then torch.compile, then the strategy's sharding / wrapping. compile=True compiles each
+transformer block in place (torchtitan's per-block compile, the same for every strategy): under none,
+the blocks of the one model; under ddp, before DistributedDataParallel wraps it; under fsdp, before
+fully_shard; under deepspeed, before deepspeed.initialize. Embeddings, final norm and head stay eager.
 """
 
 from __future__ import annotations
@@ -27,32 +35,68 @@ import gc
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from model.io import clean_state_dict, save_artifact
+from model.dtypes import SHORT
+from model.io import clean_state_dict
+from train.config import STRATEGIES
 
 BuildOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
-TRAIN_STATE = "train_state.pt"  # optimizer + loop state, loadable with weights_only=True
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """What the loop decides and every strategy must honour; fixed before wrap() (DeepSpeed bakes
+    precision, accumulation and clipping into its engine config)."""
+
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (model.dtypes short names)
+    grad_accum_steps: int = 1
+    grad_clip: float = 0.0  # global-norm clipping; 0 = off
+    compile: bool = False  # torch.compile each transformer block (see the module docstring)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+
+    def __post_init__(self) -> None:
+        if self.precision not in SHORT.values():
+            raise ValueError(f"StrategySpec.precision={self.precision!r}: use one of {', '.join(SHORT.values())}")
+        if not isinstance(self.grad_accum_steps, int) or self.grad_accum_steps < 1:
+            raise ValueError(f"StrategySpec.grad_accum_steps={self.grad_accum_steps!r} must be a positive integer")
+        if self.grad_clip < 0:
+            raise ValueError(f"StrategySpec.grad_clip={self.grad_clip!r} must be >= 0 (0 = no clipping)")
+
+
+def parallelize(model: nn.Module, spec: StrategySpec) -> nn.Module:
+    """The model transforms, in place and in torchtitan's order: activation checkpointing, then
+    torch.compile of each block; the strategy shards or wraps afterwards. Both keep parameter names,
+    so checkpoints do not change: train/ac.py checkpoints inside each block's forward (no wrapper
+    module), and nn.Module.compile() compiles a module in place (no `_orig_mod.` prefix)."""
+    if spec.activation_checkpointing:
+        from train.ac import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if spec.compile:
+        for block in model.transformer.h:
+            block.compile()
+    return model
 
 
 class Strategy(ABC):
-    """One way of running the training step. Subclasses set rank, world_size, device."""
+    """One way of running the training step. Subclasses set rank, world_size, device in __init__."""
 
+    name = "none"
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
     device: torch.device
-    grad_accum_steps: int = 1  # set by the loop before wrap() (DeepSpeed builds its config from it)
-    # The loop's gradient clipping (clip_and_step's max_norm) and autocast precision
-    # ("fp32" | "bf16" | "fp16"), set before wrap(): DeepSpeed bakes both into its config.
-    grad_clip: float = 0.0
-    precision: str = "fp32"
-    # True when wrap() already applied torch.compile (per block, as torchtitan does); the loop
-    # then must not compile the returned model again.
-    compiles_model: bool = False
+    # True when state/ holds the weights (sharded), so a checkpoint's model/ artifact is optional
+    # (the loop writes it at best and final; train.consolidate fills it in for the others).
+    weights_in_state: bool = False
+
+    def __init__(self, device: torch.device, spec: StrategySpec):
+        self.device, self.spec = torch.device(device), spec
 
     @property
     def is_main(self) -> bool:
@@ -61,38 +105,38 @@ class Strategy(ABC):
 
     @abstractmethod
     def wrap(self, model: nn.Module, build_optimizer: BuildOptimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Move / shard / wrap the model, then build the optimizer over the wrapped parameters
-        (FSDP2 and DeepSpeed need the optimizer built after wrapping). Returns what the loop calls."""
+        """parallelize(model, spec), then move / shard / wrap the model and build the optimizer over
+        the wrapped parameters (FSDP2 and DeepSpeed need it built after wrapping)."""
 
     def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward+backward: skips gradient sync unless is_last."""
         return contextlib.nullcontext()
 
+    @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-step's mean loss, scaled so the accumulated gradient is the mean."""
-        (loss / self.grad_accum_steps).backward()
 
     @abstractmethod
-    def clip_and_step(self, max_norm: float) -> torch.Tensor:
-        """Clip gradients to max_norm (0 = no clipping) and step the optimizer; returns the
+    def clip_and_step(self) -> torch.Tensor:
+        """Clip gradients to spec.grad_clip (0 = no clipping) and step the optimizer; returns the
         pre-clip global grad norm as a device tensor (no host sync)."""
 
     @abstractmethod
     def zero_grad(self) -> None: ...
 
     @abstractmethod
-    def save(self, ckpt_dir: Path, extra_state: dict, metadata: dict) -> None:
-        """Write model + optimizer + extra_state (plain python/tensors: step, loader, RNG, config)
-        into ckpt_dir (already created, a temporary name the caller renames). Every rank calls.
-        metadata goes into the model artifact (tokenizer spec, step, ...)."""
-
-    @abstractmethod
-    def load(self, ckpt_dir: Path) -> dict:
-        """Restore model + optimizer from ckpt_dir (every rank calls); returns extra_state."""
-
-    @abstractmethod
     def model_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full, unwrapped model state dict (on rank 0 at least; every rank must call)."""
+        """The full, bare model state dict on rank 0 (CPU tensors; empty elsewhere). Every rank calls."""
+
+    @abstractmethod
+    def save_state(self, state_dir: Path) -> dict:
+        """Write what resuming needs beyond the model artifact into state_dir (created, empty; every
+        rank calls). Returns rank 0's small weights_only-safe part for train_state.pt."""
+
+    @abstractmethod
+    def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:
+        """Restore model + optimizer (every rank): from state_dir and `saved` (what save_state
+        returned), and from the checkpoint's model artifact `weights` when the state holds no weights."""
 
     # ---- collectives the loop needs; trivial in one process --------------------------
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -126,36 +170,26 @@ def _is_deepspeed_engine(model: nn.Module) -> bool:
     return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
 
-class SingleProcess(Strategy):
-    """The debug mode: one process, CPU or one GPU, no process group."""
+class LocalStep:
+    """backward / clip / optimizer step for gradients that are complete on this rank (one process, or
+    DDP after its all-reduce): shared by SingleProcess and DDPStrategy by composition. fp16 autocast
+    needs loss scaling (Micikevicius et al. 2018); fp32 and bf16 do not."""
 
-    scaler: torch.amp.GradScaler | None = None
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, spec: StrategySpec, device: torch.device):
+        self.model, self.optimizer, self.spec = model, optimizer, spec
+        self.scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16" else None
 
-    def __init__(self, device: torch.device, activation_checkpointing: bool = False, **_options):
-        self.device = device  # the other parallel options (fsdp/deepspeed settings) mean nothing here
-        self.activation_checkpointing = activation_checkpointing
-
-    def wrap(self, model, build_optimizer):
-        if self.activation_checkpointing:
-            from train.ac import apply_activation_checkpointing
-
-            apply_activation_checkpointing(model)
-        model = model.to(self.device)
-        self.model, self.optimizer = model, build_optimizer(model)
-        # fp16 autocast needs loss scaling (Micikevicius et al. 2018); fp32 and bf16 do not.
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        return self.model, self.optimizer
-
-    def backward(self, loss):
-        loss = loss / self.grad_accum_steps
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.spec.grad_accum_steps
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def clip_and_step(self, max_norm):
+    def clip_and_step(self) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = [p for p in self.model.parameters() if p.grad is not None]
-        # clip_grad_norm_ with a huge bound still returns the norm, keeping one code path
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+        # clip_grad_norm_ with an infinite bound still returns the norm: one code path
+        max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the step when the gradients overflowed
             self.scaler.update()
@@ -163,36 +197,66 @@ class SingleProcess(Strategy):
             self.optimizer.step()
         return norm
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        """Optimizer (+ scaler) state: small enough for train_state.pt, the same on every rank."""
+        out = {"optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
+        return out
+
+    def load_state_dict(self, saved: dict, weights: Path | None) -> None:
+        from model.io import load_state
+        from train.errors import TrainError
+
+        _, sd, _ = load_state(weights)  # the checkpoint's model artifact: the weights are not in state/
+        try:
+            unwrap(self.model).load_weights(sd)
+        except ValueError as e:
+            raise TrainError(f"cannot resume from {weights}: {e}") from None
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scaler is not None and "scaler" in saved:
+            self.scaler.load_state_dict(saved["scaler"])
+
+
+class SingleProcess(Strategy):
+    """The debug mode: one process, CPU or one GPU, no process group."""
+
+    name = "none"
+
+    def __init__(self, device: torch.device, spec: StrategySpec, **_parallel_options):
+        # the other parallel options (fsdp / deepspeed settings) mean nothing in one process
+        super().__init__(device, spec)
+        self.model = self.optimizer = self.local = None
+
+    def wrap(self, model, build_optimizer):
+        model = parallelize(model, self.spec).to(self.device)
+        self.model, self.optimizer = model, build_optimizer(model)
+        self.local = LocalStep(model, self.optimizer, self.spec, self.device)
+        return self.model, self.optimizer
+
+    def backward(self, loss):
+        self.local.backward(loss)
+
+    def clip_and_step(self):
+        return self.local.clip_and_step()
+
+    def zero_grad(self):
+        self.local.zero_grad()
 
     def model_state_dict(self):
         return clean_state_dict(unwrap(self.model).state_dict())
 
-    def save(self, ckpt_dir, extra_state, metadata):
-        bare = unwrap(self.model)
-        save_artifact(Path(ckpt_dir) / "model", self.model_state_dict(), bare.config, metadata)
-        state = {"optimizer": self.optimizer.state_dict(), "extra": extra_state}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        torch.save(state, Path(ckpt_dir) / TRAIN_STATE)
+    def save_state(self, state_dir):
+        return self.local.state_dict()  # the weights are the checkpoint's model artifact
 
-    def load(self, ckpt_dir):
-        from model.io import load_state
-
-        _, sd, _ = load_state(Path(ckpt_dir))
-        bare = unwrap(self.model)
-        if bare.config.tie_embeddings:
-            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-        bare.load_state_dict(sd, strict=not bare.config.tie_embeddings)
-        state = torch.load(Path(ckpt_dir) / TRAIN_STATE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        return state["extra"]
+    def load_state(self, state_dir, saved, weights):
+        self.local.load_state_dict(saved, weights)
 
     def teardown(self):
-        self.model = self.optimizer = None
+        self.model = self.optimizer = self.local = None
         super().teardown()
 
 
@@ -201,15 +265,16 @@ def env_world() -> tuple[int, int, int]:
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def make_strategy(name: str, device: torch.device, **options) -> Strategy:
-    """The strategy named by `parallel.strategy` (none | ddp | fsdp | deepspeed).
-    Distributed ones are imported lazily from train/strategies/ so that the debug mode needs
-    neither a process group nor the deepspeed package."""
+def make_strategy(name: str, device: torch.device, spec: StrategySpec | None = None, **parallel_options) -> Strategy:
+    """The strategy named by `parallel.strategy` (none | ddp | fsdp | deepspeed), built from the frozen
+    spec and the parallel section's options. Distributed ones are imported lazily from
+    train/strategies/ so that the debug mode needs neither a process group nor the deepspeed package."""
+    spec = spec if spec is not None else StrategySpec()
     if name == "none":
-        return SingleProcess(device, **options)
-    if name in ("ddp", "fsdp", "deepspeed"):
+        return SingleProcess(device, spec, **parallel_options)
+    if name in STRATEGIES:
         import importlib
 
         mod = importlib.import_module(f"train.strategies.{name}")
-        return mod.build(device, **options)
-    raise ValueError(f"parallel.strategy must be one of none, ddp, fsdp, deepspeed; got {name!r}")
+        return mod.build(device, spec, **parallel_options)
+    raise ValueError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")

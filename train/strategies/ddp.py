@@ -1,9 +1,9 @@
 """DistributedDataParallel: every rank holds the whole model; gradients are all-reduced (averaged)
 in buckets during backward (https://pytorch.org/docs/stable/notes/ddp.html).
 
-Checkpoints have the single-process format (rank 0 writes model/ + train_state.pt), because
-after every step all ranks hold identical weights and optimizer state: a DDP checkpoint
-resumes on any number of ranks, and under parallel.strategy=none.
+After every step all ranks hold identical weights and optimizer state, so rank 0's model artifact
+and optimizer state (in train_state.pt; state/ stays empty) are the whole checkpoint: it resumes on
+any number of ranks, and under parallel.strategy=none.
 """
 
 from __future__ import annotations
@@ -14,76 +14,64 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from train.strategies.dist import DistributedStrategy, StrategyError, apply_block_transforms, check_options
-from train.strategy import TRAIN_STATE, BuildOptimizer, SingleProcess
+from model.io import clean_state_dict
+from train.strategies.dist import DistributedStrategy, check_options
+from train.strategy import BuildOptimizer, LocalStep, StrategySpec, parallelize
 
 
-class DDPStrategy(DistributedStrategy, SingleProcess):
-    """SingleProcess's step, clipping and file format; DDP's wrapper and process group."""
+class DDPStrategy(DistributedStrategy):
+    """DDP's wrapper and process group; the step, clipping and fp16 scaling of LocalStep (after the
+    all-reduce every rank holds the same averaged gradients, so the local norm is the global one and
+    every rank's scaler skips the same steps)."""
 
     name = "ddp"
 
-    def __init__(self, device: torch.device | str, activation_checkpointing: bool = False, compile: bool = False):
-        DistributedStrategy.__init__(self, device)
-        self.activation_checkpointing, self.compile = activation_checkpointing, compile
+    def __init__(self, device: torch.device | str, spec: StrategySpec):
+        super().__init__(device, spec)
         self.ddp: nn.parallel.DistributedDataParallel | None = None
-        self.model = self.optimizer = None
+        self.bare: nn.Module | None = None
+        self.local: LocalStep | None = None
 
     def wrap(self, model: nn.Module, build_optimizer: BuildOptimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        apply_block_transforms(model, self.activation_checkpointing, compile_blocks=False)
-        model = model.to(self.device)
+        self.bare = parallelize(model, self.spec).to(self.device)
         # DDP broadcasts rank 0's parameters and buffers at construction, so ranks start equal
         # even if their initialisations differed.
         device_ids = [self.device.index] if self.device.type == "cuda" else None
-        self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        self.model = self.ddp
-        if self.compile:
-            # Compile the DDP-wrapped module (PyTorch's documented order): dynamo's DDPOptimizer
-            # splits the graph at bucket boundaries so that all-reduce still overlaps backward.
-            self.model = torch.compile(self.ddp)
-            self.compiles_model = True
+        self.ddp = nn.parallel.DistributedDataParallel(self.bare, device_ids=device_ids)
         # The bare model: parameter names (weight-decay groups) and order match SingleProcess's.
-        self.optimizer = build_optimizer(model)
-        # float16 needs loss scaling; SingleProcess's backward / clip_and_step / save use the scaler.
-        # Every rank sees the same all-reduced gradients, so they all skip the same steps.
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        return self.model, self.optimizer
+        optimizer = build_optimizer(self.bare)
+        self.local = LocalStep(self.bare, optimizer, self.spec, self.device)
+        return self.ddp, optimizer
 
     def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         # No all-reduce on accumulation micro-steps: gradients accumulate locally and the last
         # micro-step's backward all-reduces the sum (DDP.no_sync).
         return contextlib.nullcontext() if is_last else self.ddp.no_sync()
 
-    # backward, clip_and_step, zero_grad, model_state_dict: SingleProcess's. After the all-reduce
-    # every rank holds the same averaged gradients, so the local norm is the global one.
+    def backward(self, loss: torch.Tensor) -> None:
+        self.local.backward(loss)
 
-    def save(self, ckpt_dir: Path, extra_state: dict, metadata: dict) -> None:
-        if self.is_main:
-            SingleProcess.save(self, ckpt_dir, extra_state, metadata)
-        self.barrier()  # the caller renames the directory after save(): rank 0 must have finished
+    def clip_and_step(self) -> torch.Tensor:
+        return self.local.clip_and_step()
 
-    def load(self, ckpt_dir: Path) -> dict:
-        ckpt_dir = Path(ckpt_dir)
-        for sub, other in (("dcp", "fsdp"), ("deepspeed", "deepspeed")):
-            if (ckpt_dir / sub).is_dir():
-                raise StrategyError(
-                    f"{ckpt_dir} was written by parallel.strategy={other} (it has {sub}/); "
-                    f"resume it with parallel.strategy={other}"
-                )
-        if not (ckpt_dir / "model").is_dir() or not (ckpt_dir / TRAIN_STATE).is_file():
-            raise StrategyError(f"{ckpt_dir} is not a checkpoint: expected model/ and {TRAIN_STATE} in it")
+    def zero_grad(self) -> None:
+        self.local.zero_grad()
+
+    def model_state_dict(self) -> dict[str, torch.Tensor]:
+        return clean_state_dict(self.bare.state_dict()) if self.is_main else {}
+
+    def save_state(self, state_dir: Path) -> dict:
+        return self.local.state_dict() if self.is_main else {}
+
+    def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:
         # Every rank reads the same files (a filesystem shared by all nodes), so all ranks resume
         # with identical weights and optimizer state, whatever world size wrote them.
-        return SingleProcess.load(self, ckpt_dir)
+        self.local.load_state_dict(saved, weights)
 
     def _release(self) -> None:
-        self.model = self.optimizer = self.ddp = None
+        self.ddp = self.bare = self.local = None
 
 
-def build(device: torch.device | str, **options) -> DDPStrategy:
+def build(device: torch.device | str, spec: StrategySpec, **options) -> DDPStrategy:
     check_options("ddp", options)
-    return DDPStrategy(
-        device,
-        activation_checkpointing=bool(options.get("activation_checkpointing") or False),
-        compile=bool(options.get("compile") or False),
-    )
+    return DDPStrategy(device, spec)

@@ -13,9 +13,9 @@ engine.backward() reduces gradients only on the last micro-step and the single e
 in clip_and_step() is the real optimizer step. engine.backward() divides the loss by the
 configured gradient_accumulation_steps itself, so backward() does not divide again.
 
-Checkpoints: engine.save_checkpoint into ckpt_dir/deepspeed (each rank writes its partition),
-plus, from rank 0, the loop's state in ckpt_dir/train_state.pt (weights_only) and a consolidated
-fp32 model artifact in ckpt_dir/model/ so that eval/ opens DeepSpeed runs like any other.
+Checkpoints: engine.save_checkpoint into the state directory it is handed (each rank writes its
+partition); train/checkpoint.py writes the consolidated fp32 model artifact from model_state_dict(), so
+that eval/ opens DeepSpeed runs like any other.
 """
 
 from __future__ import annotations
@@ -28,20 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model.io import clean_state_dict, save_artifact
+from model.io import clean_state_dict
 from train.strategies.config_builder import build_ds_config
-from train.strategies.dist import (
-    DistributedSetupError,
-    DistributedStrategy,
-    StrategyError,
-    apply_block_transforms,
-    check_options,
-    require_layout,
-)
-from train.strategy import TRAIN_STATE, BuildOptimizer, unwrap
+from train.strategies.dist import DistributedSetupError, DistributedStrategy, StrategyError, check_options
+from train.strategy import BuildOptimizer, StrategySpec, parallelize, unwrap
 
-DS_DIR = "deepspeed"
-TAG = "state"  # one engine checkpoint per checkpoint directory
+TAG = "engine"  # one engine checkpoint per checkpoint directory
 
 
 def _import_deepspeed(device: torch.device):
@@ -76,37 +68,35 @@ class DeepSpeedStrategy(DistributedStrategy):
     def __init__(
         self,
         device: torch.device | str,
+        spec: StrategySpec,
         zero_stage: int | None = None,
         deepspeed_config: str | None = None,
         offload_optimizer: bool = False,
         deepspeed: dict | None = None,
-        activation_checkpointing: bool = False,
-        compile: bool = False,
     ):
         self.ds = _import_deepspeed(torch.device(device))  # first: a missing package needs no launcher
-        super().__init__(device)
+        super().__init__(device, spec)
         # DeepSpeed wraps the torch process group we created (it does not make its own).
         self.ds.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo")
         if not self.is_main:
             logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # rank 0 alone logs
         self.zero_stage, self.config_path, self.offload_optimizer = zero_stage, deepspeed_config, offload_optimizer
         self.overrides = deepspeed or {}
-        self.activation_checkpointing, self.compile = activation_checkpointing, compile
         self.engine = self.optimizer = None
         self.ds_config: dict = {}
         self._is_last = True
 
     def wrap(self, model: nn.Module, build_optimizer: BuildOptimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         bare = unwrap(model)
-        apply_block_transforms(bare, self.activation_checkpointing, compile_blocks=False)
+        parallelize(bare, self.spec)
         self.ds_config = build_ds_config(
             path=self.config_path,
             overrides=self.overrides,
             zero_stage=self.zero_stage,
             offload_optimizer=self.offload_optimizer,
-            grad_accum_steps=self.grad_accum_steps,
-            grad_clip=self.grad_clip,
-            precision=self.precision,
+            grad_accum_steps=self.spec.grad_accum_steps,
+            grad_clip=self.spec.grad_clip,
+            precision=self.spec.precision,
             world_size=self.world_size,
             cuda=self.device.type == "cuda",
         )
@@ -117,10 +107,6 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.engine, _, _, _ = self.ds.initialize(
             model=bare, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
         )
-        self._accum_at_wrap = self.grad_accum_steps
-        if self.compile:
-            self.engine.compile()  # DeepSpeed's own entry point (it knows ZeRO-3's hooks)
-            self.compiles_model = True
         return self.engine, self.optimizer
 
     def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
@@ -128,17 +114,13 @@ class DeepSpeedStrategy(DistributedStrategy):
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        if self.grad_accum_steps != self._accum_at_wrap:
-            raise RuntimeError(
-                f"grad_accum_steps changed from {self._accum_at_wrap} to {self.grad_accum_steps} after wrap(); "
-                "DeepSpeed fixes it at initialisation: set strategy.grad_accum_steps before wrap()"
-            )
         self.engine.set_gradient_accumulation_boundary(self._is_last)
         self.engine.backward(loss)  # divides by gradient_accumulation_steps itself
 
-    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+    def clip_and_step(self) -> torch.Tensor:
         # The ZeRO optimizer clips with its clip_grad (from the config, and restored by
-        # load_checkpoint); keep it equal to the loop's max_norm of this step.
+        # load_checkpoint); keep it equal to the spec's.
+        max_norm = self.spec.grad_clip
         if getattr(self.engine.optimizer, "clip_grad", max_norm) != max_norm:
             self.engine.optimizer.clip_grad = max_norm
         self.engine.set_gradient_accumulation_boundary(True)
@@ -175,42 +157,26 @@ class DeepSpeedStrategy(DistributedStrategy):
             out[key] = full[names[key]] if key in names else value.detach().cpu()
         return out
 
-    def save(self, ckpt_dir: Path, extra_state: dict, metadata: dict) -> None:
-        ckpt_dir = Path(ckpt_dir)
+    def save_state(self, state_dir: Path) -> dict:
         # Every rank writes its ZeRO partition; DeepSpeed pickles these files (see README).
-        self.engine.save_checkpoint(str(ckpt_dir / DS_DIR), tag=TAG, save_latest=False)
-        sd = self.model_state_dict()  # collective
-        if self.is_main:
-            save_artifact(ckpt_dir / "model", sd, unwrap(self.engine).config, metadata)
-            torch.save(
-                {
-                    "extra": extra_state,
-                    "strategy": self.name,
-                    "world_size": self.world_size,
-                    "zero_stage": self.zero_stage,
-                },
-                ckpt_dir / TRAIN_STATE,
-            )
-        self.barrier()  # the caller renames the directory after save(): every file must be written
+        self.engine.save_checkpoint(str(state_dir), tag=TAG, save_latest=False)
+        return {"world_size": self.world_size, "zero_stage": self.zero_stage}
 
-    def load(self, ckpt_dir: Path) -> dict:
-        ckpt_dir = Path(ckpt_dir)
-        require_layout(ckpt_dir, DS_DIR, "deepspeed")
-        state = torch.load(ckpt_dir / TRAIN_STATE, map_location="cpu", weights_only=True)
-        saved_world, saved_stage = state.get("world_size"), state.get("zero_stage")
+    def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:
+        saved_world, saved_stage = saved.get("world_size"), saved.get("zero_stage")
         if saved_world != self.world_size or saved_stage != self.zero_stage:
+            where = state_dir.parent
             raise StrategyError(
-                f"{ckpt_dir} was written by {saved_world} ranks with ZeRO stage {saved_stage}; this run has "
+                f"{where} was written by {saved_world} ranks with ZeRO stage {saved_stage}; this run has "
                 f"{self.world_size} ranks and stage {self.zero_stage}: ZeRO partitions do not reshard here. Resume "
                 f"with {saved_world} ranks and parallel.zero_stage={saved_stage}, or start a new run from its "
-                f"weights with train.init_from={ckpt_dir / 'model'} (a fresh optimizer state)"
+                f"weights with train.init_from={where / 'model'} (a fresh optimizer state)"
             )
         path, _ = self.engine.load_checkpoint(
-            str(ckpt_dir / DS_DIR), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            str(state_dir), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
-            raise StrategyError(f"DeepSpeed found no checkpoint under {ckpt_dir / DS_DIR}/{TAG}")
-        return state["extra"]
+            raise StrategyError(f"DeepSpeed found no checkpoint under {state_dir}/{TAG}")
 
     def _release(self) -> None:
         if self.engine is not None:
@@ -218,15 +184,14 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.engine = self.optimizer = None
 
 
-def build(device: torch.device | str, **options) -> DeepSpeedStrategy:
+def build(device: torch.device | str, spec: StrategySpec, **options) -> DeepSpeedStrategy:
     check_options("deepspeed", options)
     stage = options.get("zero_stage")
     return DeepSpeedStrategy(
         device,
+        spec,
         zero_stage=None if stage is None else int(stage),
         deepspeed_config=options.get("deepspeed_config"),
         offload_optimizer=bool(options.get("offload_optimizer") or False),
         deepspeed=dict(options.get("deepspeed") or {}),
-        activation_checkpointing=bool(options.get("activation_checkpointing") or False),
-        compile=bool(options.get("compile") or False),
     )

@@ -1,5 +1,5 @@
 """What the distributed strategies share: process-group init/teardown, the loop's collectives,
-option checking and the transforms applied to each transformer block.
+option checking.
 
 Process groups follow torchrun's environment contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT; https://pytorch.org/docs/stable/elastic/run.html): NCCL with one GPU per process
@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from model.dtypes import torch_dtype
 from train.errors import TrainError
-from train.strategy import Strategy
+from train.strategy import Strategy, StrategySpec
 
 # Every field of the config's `parallel` section; each strategy reads the ones it uses and
 # ignores the others (they carry defaults), so one config file works with every strategy.
@@ -32,44 +33,20 @@ KNOWN_OPTIONS = frozenset(
         "deepspeed_config",
         "offload_optimizer",
         "deepspeed",
-        "activation_checkpointing",
-        "compile",
     }
 )
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-}
-
 
 class DistributedSetupError(TrainError):
-    """A distributed run that cannot start as launched (environment, devices); says what to do."""
+    """A distributed run that cannot start as launched (environment, devices); says what to do.
+    It may concern one rank only, so every rank that raises it reports it (train/__main__.py)."""
+
+    every_rank_reports = True
 
 
 class StrategyError(TrainError, ValueError):
     """A user-fixable problem with the parallel options, the DeepSpeed config or a checkpoint.
     A TrainError, so `python -m train` prints its one line instead of a traceback."""
-
-
-def require_layout(ckpt_dir, subdir: str, strategy: str) -> None:
-    """Refuse, with the strategy to use instead, a checkpoint written by another strategy."""
-    from pathlib import Path
-
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / subdir).is_dir():
-        return
-    other = (
-        "fsdp" if (ckpt_dir / "dcp").is_dir() else "deepspeed" if (ckpt_dir / "deepspeed").is_dir() else "none or ddp"
-    )
-    raise StrategyError(
-        f"{ckpt_dir} has no {subdir}/ (parallel.strategy={strategy} writes one): it was written "
-        f"by parallel.strategy={other}; resume it with that strategy"
-    )
 
 
 def check_options(strategy: str, options: dict) -> None:
@@ -89,8 +66,8 @@ def parse_dtype(value: str | torch.dtype | None, field: str) -> torch.dtype | No
     if value is None or isinstance(value, torch.dtype):
         return value
     try:
-        return _DTYPES[str(value).lower()]
-    except KeyError:
+        return torch_dtype(value)
+    except ValueError:
         raise StrategyError(f"parallel.{field}={value!r}: use one of bf16, fp16, fp32 (or null)") from None
 
 
@@ -169,7 +146,8 @@ class DistributedStrategy(Strategy):
 
     name = "distributed"
 
-    def __init__(self, device: torch.device | str):
+    def __init__(self, device: torch.device | str, spec: StrategySpec):
+        super().__init__(device, spec)
         self.world = init_distributed(device, self.name)
         self.rank, self.local_rank = self.world.rank, self.world.local_rank
         self.world_size, self.device = self.world.world_size, self.world.device
@@ -219,17 +197,3 @@ def broadcast_module_(module: nn.Module, src: int = 0) -> None:
     construction; FSDP2 does not, and the loop seeds each rank differently for dropout)."""
     for t in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(t.data, src=src)
-
-
-def apply_block_transforms(model: nn.Module, activation_checkpointing: bool, compile_blocks: bool) -> None:
-    """Activation checkpointing, then torch.compile of each transformer block, in place: the order of
-    torchtitan's parallelize (AC, compile, then FSDP). Both keep parameter names, so checkpoints
-    do not change: train/ac.py checkpoints inside each block's forward (no wrapper module), and
-    nn.Module.compile() compiles the module in place (no `_orig_mod.` prefix)."""
-    if activation_checkpointing:
-        from train.ac import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    if compile_blocks:
-        for block in model.transformer.h:
-            block.compile()

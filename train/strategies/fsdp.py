@@ -2,17 +2,16 @@
 then the root (https://pytorch.org/docs/stable/distributed.fsdp.fully_shard.html; torchtitan's
 parallelize). Parameters, gradients and optimizer state are DTensors sharded on dim 0.
 
-Checkpoints are sharded: every rank writes its own shard with torch.distributed.checkpoint (DCP)
-into ckpt_dir/dcp, from get_state_dict's fully-qualified names, so DCP reshards on load and a
-checkpoint written by N ranks resumes on M. Rank 0 also writes ckpt_dir/model.json (the
-artifact's config + metadata, so model/io.py can read the weights in one process) and
-ckpt_dir/train_state.pt (the loop's state, weights_only-loadable).
+Checkpoints: every rank writes its shard of model + optimizer with torch.distributed.checkpoint (DCP)
+into the state directory it is handed, from get_state_dict's fully-qualified names, so DCP reshards
+on load and a checkpoint written by N ranks resumes on M. The model artifact (model/) is written by
+train/checkpoint.py from model_state_dict() (a full state dict gathered to rank 0) at the best and
+final checkpoints; `python -m train.consolidate` writes it for any other from the DCP shards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import torch
@@ -28,35 +27,25 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from model.io import CONFIG, FORMAT
-from train.strategies.dist import (
-    DistributedStrategy,
-    StrategyError,
-    apply_block_transforms,
-    broadcast_module_,
-    check_options,
-    parse_dtype,
-    require_layout,
-)
-from train.strategy import TRAIN_STATE, BuildOptimizer, unwrap
-
-DCP_DIR = "dcp"
+from model.dtypes import torch_dtype
+from train.strategies.dist import DistributedStrategy, StrategyError, broadcast_module_, check_options, parse_dtype
+from train.strategy import BuildOptimizer, StrategySpec, parallelize, unwrap
 
 
 class FSDPStrategy(DistributedStrategy):
     name = "fsdp"
+    weights_in_state = True
 
     def __init__(
         self,
         device: torch.device | str,
+        spec: StrategySpec,
         param_dtype: torch.dtype | None = None,
         reduce_dtype: torch.dtype | None = torch.float32,
-        activation_checkpointing: bool = False,
-        compile: bool = False,
     ):
-        super().__init__(device)
-        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.activation_checkpointing, self.compile = activation_checkpointing, compile
+        self.spec, self.param_dtype, self.reduce_dtype = spec, param_dtype, reduce_dtype
+        self.mp_policy = self.mixed_precision()  # first: a precision error needs no process group
+        super().__init__(device, spec)
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -66,10 +55,9 @@ class FSDPStrategy(DistributedStrategy):
             # fully_shard keeps each rank's own values for its shard: start from rank 0's weights.
             bare.to(self.device)
             broadcast_module_(bare)
-        apply_block_transforms(bare, self.activation_checkpointing, self.compile)
-        self.compiles_model = self.compile
+        parallelize(bare, self.spec)
         mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
-        mp_policy = self.mixed_precision()
+        mp_policy = self.mp_policy
         # Bottom-up: one all-gather / reduce-scatter group per block, then the root group holding
         # the embeddings, final norm and head. Shared parameters are managed once, so a tied
         # lm_head stays the same (sharded) tensor as wte.
@@ -89,12 +77,11 @@ class FSDPStrategy(DistributedStrategy):
         """bf16 parameters for compute, fp32 gradient reduction (torchtitan's default policy); the
         sharded parameters and the optimizer state stay fp32. parallel.fsdp_param_dtype unset
         follows the loop's precision (train.dtype)."""
-        param_dtype = self.param_dtype
-        if param_dtype is None:
-            param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        precision = self.spec.precision
+        param_dtype = self.param_dtype if self.param_dtype is not None else torch_dtype(precision)
         if param_dtype == torch.float32:
             param_dtype = None  # no cast at all
-        if param_dtype == torch.float16 or self.precision == "fp16":
+        if param_dtype == torch.float16 or precision == "fp16":
             # float16 needs loss scaling, which this strategy does not do (torchtitan neither).
             raise StrategyError(
                 "parallel.strategy=fsdp runs in bfloat16 or float32: set train.dtype=bfloat16 "
@@ -109,7 +96,11 @@ class FSDPStrategy(DistributedStrategy):
         self.model.set_requires_gradient_sync(is_last)
         return contextlib.nullcontext()
 
-    def clip_and_step(self, max_norm: float) -> torch.Tensor:
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.spec.grad_accum_steps).backward()
+
+    def clip_and_step(self) -> torch.Tensor:
+        max_norm = self.spec.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         # The norm over sharded DTensor gradients is a partial result; full_tensor() all-reduces
         # it into the global norm (torchtitan's dist_utils.clip_grad_norm_).
@@ -128,39 +119,28 @@ class FSDPStrategy(DistributedStrategy):
         # Collective: every rank all-gathers; only rank 0 keeps the full (CPU) tensors.
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def save(self, ckpt_dir: Path, extra_state: dict, metadata: dict) -> None:
-        ckpt_dir = Path(ckpt_dir)
+    def save_state(self, state_dir: Path) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir / DCP_DIR))
-        if self.is_main:
-            doc = {"format": FORMAT, "config": unwrap(self.model).config.to_dict(), "metadata": metadata or {}}
-            (ckpt_dir / CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
-            torch.save(
-                {"extra": extra_state, "strategy": self.name, "world_size": self.world_size}, ckpt_dir / TRAIN_STATE
-            )
-        self.barrier()  # the caller renames the directory after save(): every file must be written
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state_dir))
+        return {}
 
-    def load(self, ckpt_dir: Path) -> dict:
-        ckpt_dir = Path(ckpt_dir)
-        require_layout(ckpt_dir, DCP_DIR, "fsdp")
+    def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:
         # get_state_dict gives the current (sharded) layout; DCP reads into it, resharding from
         # whatever world size wrote the checkpoint (torchtitan's checkpoint.py does the same).
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_DIR))
+        dcp.load(state, checkpoint_id=str(state_dir))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return torch.load(ckpt_dir / TRAIN_STATE, map_location="cpu", weights_only=True)["extra"]
 
     def _release(self) -> None:
         self.model = self.optimizer = None
 
 
-def build(device: torch.device | str, **options) -> FSDPStrategy:
+def build(device: torch.device | str, spec: StrategySpec, **options) -> FSDPStrategy:
     check_options("fsdp", options)
     return FSDPStrategy(
         device,
+        spec,
         param_dtype=parse_dtype(options.get("fsdp_param_dtype"), "fsdp_param_dtype"),
         reduce_dtype=parse_dtype(options.get("fsdp_reduce_dtype", "fp32"), "fsdp_reduce_dtype"),
-        activation_checkpointing=bool(options.get("activation_checkpointing") or False),
-        compile=bool(options.get("compile") or False),
     )

@@ -1,0 +1,325 @@
+"""Continuous batching on the GPT's KV cache: sequences join and leave the running batch between steps.
+
+Every running sequence owns one row ("slot") of a cache preallocated for `max_batch` rows of the
+full context. Each loop of the engine thread first prefills the sequences that are waiting (one at
+a time, into free rows: a new request never waits for the running ones to finish), then runs one
+decode step for all running rows at once, each at its own position. Rows are kept packed in
+[0, n): when a sequence leaves, the last row's cache moves into its place, so a step works on
+slices of the cache, never on a gathered copy.
+
+The decode step always takes the same path whatever the batch holds (a per-row mask over the
+written part of the cache), and a prefill always runs one sequence alone, so what a greedy request
+gets does not depend on its neighbours (tests/test_serve.py checks 16 concurrent == each alone).
+Sampling is per sequence: its own temperature / top-k / top-p and its own seeded generator.
+
+Engine is the scheduler plus four model operations on the torch GPT (_forward_prefill, _admit,
+_forward_decode, _drop_row); eval/batching_onnx.py implements the same four on the ONNX decoder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+import torch
+
+from eval.cli import UsageError
+from eval.generate import sample_next  # the one sampling rule (moves to model/sampling.py)
+from model import GPT
+
+# on_token(seq, token, logprob) -> True when the sequence is finished (a stop string in its text).
+# logprob is None unless the sequence asked for logprobs: (chosen log-prob, [(token, log-prob)] top-k).
+LogProb = tuple[float, list[tuple[int, float]]] | None
+OnToken = Callable[["Seq", int, LogProb], bool | None]
+OnFinish = Callable[["Seq", str], None]
+
+
+class QueueFull(Exception):
+    """More sequences are waiting than the engine's max_queue; the server answers 429."""
+
+
+class EngineDown(Exception):
+    """The engine thread has stopped (a bug, logged with its traceback); the server answers 503."""
+
+
+class Seq:
+    """One sequence to generate (one choice of a request). The callbacks run on the engine thread."""
+
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
+        stop_ids: Sequence[int] = (),
+        on_token: OnToken | None = None,
+        on_finish: OnFinish | None = None,
+        on_prompt_logprobs: Callable[[Seq, list[LogProb]], None] | None = None,
+    ):
+        self.id = next(Seq._ids)
+        self.prompt, self.max_tokens = list(prompt), max_tokens
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
+        self.stop_ids = frozenset(stop_ids)
+        self.on_token, self.on_finish, self.on_prompt_logprobs = on_token, on_finish, on_prompt_logprobs
+        self.generator = None
+        if temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(seed if seed is not None else int(torch.seed()))
+        self.tokens: list[int] = []  # generated so far
+        self.pos = 0  # cache index of the next token to feed
+        self.next_token = -1
+        self.cancelled = False  # set from another thread: the sequence leaves at the next step
+        self.finish_reason: str | None = None
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    """The scheduler and its thread. submit() from any thread; results arrive through each Seq's callbacks."""
+
+    def __init__(self, model: GPT, max_batch: int = 16, max_queue: int = 256, prefills_per_step: int = 4):
+        cfg = model.config
+        self._setup(cfg.block_size, cfg.vocab_size, max_batch, max_queue, prefills_per_step)
+        self.model = model.eval()
+        p = next(iter(model.parameters()), None)
+        self.device = p.device if p is not None else torch.device("cpu")
+        # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
+        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        shape = (max_batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layer)]
+
+    def _setup(self, block_size: int, vocab_size: int, max_batch: int, max_queue: int, prefills_per_step: int):
+        """What every engine has, whatever runs the model."""
+        if max_batch < 1 or max_queue < 0:
+            raise UsageError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch}, {max_queue})")
+        self.block_size, self.vocab_size = block_size, vocab_size
+        self.max_batch, self.max_queue = max_batch, max_queue
+        # Several waiting prompts are prefilled per step when rows are free, but not all: a burst of
+        # new requests delays the running ones by a bounded amount.
+        self.prefills_per_step = prefills_per_step
+        self.rows: list[Seq] = []  # rows[i] owns cache row i
+        self.waiting: deque[Seq] = deque()
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        # metrics (read by /metrics without a lock: plain ints and floats)
+        self.sequences_total = 0
+        self.prompt_tokens_total = 0
+        self.generated_tokens_total = 0
+        self.steps_total = 0
+        self.occupancy_sum = 0  # running rows summed over decode steps
+        self.ttft_sum, self.ttft_count = 0.0, 0
+
+    # ------------------------------------------------------------- threads
+    def start(self) -> Engine:
+        self.thread = threading.Thread(target=self._run, name="gptrain-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive() and self.error is None
+
+    def submit(self, seqs: Sequence[Seq]) -> None:
+        """Queue all of `seqs` or none (QueueFull): at most max_queue sequences wait beyond the free rows."""
+        with self.cond:
+            if self.stopping or not self.alive:
+                raise EngineDown(f"the generation engine is not running ({self.error!r})")
+            free = self.max_batch - len(self.rows)
+            if len(self.waiting) + len(seqs) > self.max_queue + free:
+                raise QueueFull(
+                    f"{len(self.rows)} sequences are running and {len(self.waiting)} waiting "
+                    f"(--max-batch {self.max_batch}, --max-queue {self.max_queue})"
+                )
+            self.waiting.extend(seqs)
+            self.cond.notify_all()
+
+    @property
+    def queue_length(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self.cond:
+                        while not self.stopping and not self.waiting and not self.rows:
+                            self.cond.wait()
+                        if self.stopping:
+                            break
+                    self.step()
+        except BaseException as e:  # a bug: /health reports it, and every waiting request is ended
+            self.error = e
+            raise
+        finally:
+            for s in [*self.rows, *self.waiting]:
+                self._finish(s, "abort")
+            self.rows.clear()
+            self.waiting.clear()
+
+    # ---------------------------------------------------------------- steps
+    def step(self) -> None:
+        """Admit waiting sequences into free rows (prefill), then one decode step for every running row."""
+        for i in reversed(range(len(self.rows))):
+            if self.rows[i].cancelled:
+                self._leave(i, "cancelled")
+        admitted = 0
+        while admitted < self.prefills_per_step and len(self.rows) < self.max_batch:
+            with self.cond:
+                if not self.waiting:
+                    break
+                seq = self.waiting.popleft()
+            if seq.cancelled:
+                self._finish(seq, "cancelled")
+                continue
+            self._prefill(seq)
+            admitted += 1
+        if self.rows:
+            self._decode()
+
+    def _prefill(self, seq: Seq) -> None:
+        T = len(seq.prompt)
+        if T == 0 or T + seq.max_tokens > self.block_size:  # the server checks first; this is a bug guard
+            raise ValueError(f"sequence of {T} + {seq.max_tokens} tokens does not fit {self.block_size}")
+        logits = self._forward_prefill(seq.prompt, seq.prompt_logprobs)  # (T or 1, V): t predicts t + 1
+        self.sequences_total += 1
+        self.prompt_tokens_total += T
+        if seq.prompt_logprobs:
+            lps: list[LogProb] = [None]
+            lps += [log_prob(logits[t], seq.prompt[t + 1], seq.logprobs or 0) for t in range(T - 1)]
+            if seq.on_prompt_logprobs is not None:
+                seq.on_prompt_logprobs(seq, lps)
+        seq.pos = T
+        if seq.max_tokens == 0:
+            self._finish(seq, "length")
+            return
+        self._admit(seq)
+        if self._emit(seq, logits[-1]):
+            self._leave(len(self.rows) - 1, seq.finish_reason)
+
+    def _decode(self) -> None:
+        n = len(self.rows)
+        logits = self._forward_decode()  # (n, V)
+        self.steps_total += 1
+        self.occupancy_sum += n
+        for s in self.rows:
+            s.pos += 1
+        done = [i for i, s in enumerate(self.rows) if self._emit(s, logits[i])]
+        for i in reversed(done):
+            self._leave(i, self.rows[i].finish_reason)
+
+    # ------------------------------------------- the model's side (torch here; eval/batching_onnx.py)
+    def _forward_prefill(self, prompt: list[int], all_positions: bool) -> torch.Tensor:
+        """Run one prompt alone into the next free row's cache -> float logits (T, V) or (1, V)."""
+        row, T = len(self.rows), len(prompt)
+
+        def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # (1, Hkv, T, D)
+            self.k[layer][row : row + 1, :, :T] = k
+            self.v[layer][row : row + 1, :, :T] = v
+            return k, v
+
+        idx = torch.tensor([prompt], device=self.device)  # (1, T)
+        h = self.model.trunk(idx, torch.arange(T, device=self.device), update)  # (1, T, C), causal
+        return self.model.head(h if all_positions else h[:, -1:])[0].float()
+
+    def _admit(self, seq: Seq) -> None:
+        """seq takes the row its prefill wrote."""
+        self.rows.append(seq)
+
+    def _forward_decode(self) -> torch.Tensor:
+        """One token for every running row, each at its own position -> float logits (n, V)."""
+        n = len(self.rows)
+        tokens = torch.tensor([[s.next_token] for s in self.rows], device=self.device)  # (n, 1)
+        pos = torch.tensor([s.pos for s in self.rows], device=self.device)  # (n,)
+        S = max(s.pos for s in self.rows) + 1
+        rows = torch.arange(n, device=self.device)
+        # Row b sees its own written keys [0, pos_b]; the rest of the slice is another row's length.
+        mask = (torch.arange(S, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # (n, 1, 1, S)
+
+        def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # (n, Hkv, 1, D)
+            self.k[layer][rows, :, pos] = k[:, :, 0]
+            self.v[layer][rows, :, pos] = v[:, :, 0]
+            return self.k[layer][:n, :, :S], self.v[layer][:n, :, :S]
+
+        h = self.model.trunk(tokens, pos[:, None], update, attn_mask=mask, is_causal=False)  # (n, 1, C)
+        return self.model.head(h)[:, -1].float()  # (n, V)
+
+    def _drop_row(self, i: int) -> None:
+        """Row i leaves; the last row moves into it (its cache up to its length), keeping rows packed."""
+        last = len(self.rows) - 1
+        if i != last:
+            moved = self.rows[last]
+            for cache in (*self.k, *self.v):
+                cache[i, :, : moved.pos] = cache[last, :, : moved.pos]
+            self.rows[i] = moved
+        self.rows.pop()
+
+    def _emit(self, seq: Seq, logits: torch.Tensor) -> bool:
+        """Choose seq's next token from logits (V,), report it; True when seq is finished."""
+        if seq.temperature == 0:
+            tok = int(logits.argmax())
+        else:
+            tok = int(sample_next(logits[None], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+            self.ttft_sum += seq.first_token_at - seq.submitted
+            self.ttft_count += 1
+        if tok in seq.stop_ids:
+            seq.finish_reason = "stop"
+            return True
+        seq.tokens.append(tok)
+        seq.next_token = tok
+        self.generated_tokens_total += 1
+        lp = log_prob(logits, tok, seq.logprobs) if seq.logprobs is not None else None
+        if seq.on_token is not None and seq.on_token(seq, tok, lp):
+            seq.finish_reason = "stop"
+            return True
+        if len(seq.tokens) >= seq.max_tokens:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _leave(self, i: int, reason: str | None) -> None:
+        seq = self.rows[i]
+        self._drop_row(i)
+        self._finish(seq, reason or "stop")
+
+    def _finish(self, seq: Seq, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq.on_finish is not None:
+            seq.on_finish(seq, reason)
+
+
+def log_prob(logits: torch.Tensor, token: int, top: int) -> LogProb:
+    """(log-prob of token, the `top` most likely tokens with theirs) under the model's distribution."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(lp, top) if top > 0 else None
+    pairs = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return float(lp[token]), pairs
