@@ -6,8 +6,9 @@ The convention for whoever writes the docs:
   on the next one. Blank lines and comment lines are not commands. Console transcripts and file
   layouts go in plain ``` blocks, which are not run.
 - A command that cannot run on a CPU-only machine without a network says so in a trailing comment:
-  `# needs: gpu`, `# needs: network` or `# needs: cluster` (several machines, SLURM), comma-separated
-  when it needs more than one. `<!-- needs: ... -->` on the line before a block marks every command
+  `# needs: gpu`, `# needs: network`, `# needs: cluster` (several machines, SLURM) or `# needs: server`
+  (starts a server that runs until stopped, or talks to one; tests/test_serve.py covers the server),
+  comma-separated when it needs more than one. `<!-- needs: ... -->` on the line before a block marks every command
   of the block. Such a command is reported as skipped with what it needs, never run; any other
   `needs:` word is an error, so a typo cannot hide a command.
 - Each document runs in its own temporary directory prepared like a user's clone (configs/ and
@@ -32,7 +33,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-NEEDS = {"gpu", "network", "cluster"}
+NEEDS = {"gpu", "network", "cluster", "server"}
 MAX_STEPS = 4  # a step count that a document gives is cut to this
 
 # (regex on the command, flags appended, flags appended only when the command does not give them)
