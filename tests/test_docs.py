@@ -46,6 +46,7 @@ OVERRIDES = [
         + ["--nocache-steps", "2", "--repeats", "1", "--loss-batches", "2"],
         {"--models": "demo"},
     ),
+    (r"-m eval\.bench_serve\b", ["--clients", "1,4", "--requests", "1", "--max-tokens", "8"], {"--models": "demo"}),
     (r"-m train\.bench\b", ["--steps", "1", "--warmup", "1"], {"--settings": "baseline"}),
     (r"-m data\.bench\b", ["--mb", "0.05"], {}),
 ]
