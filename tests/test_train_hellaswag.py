@@ -163,18 +163,25 @@ def test_runs_under_compile(data_dir, tmp_path):
     assert got[1]["hellaswag_n"] == 12
 
 
+# 11 examples over 2 ranks: rank 1 holds one fewer and scores a dummy batch (a sharded forward is a collective)
+DIST = [*HS, "eval.hellaswag_limit=11", "train.max_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def one_process(data_dir, tmp_path_factory) -> dict[int, dict]:
+    run_dir = tmp_path_factory.mktemp("hellaswag") / "one"
+    run(tiny_config(data_dir, run_dir, *DIST), **QUIET)
+    return hellaswag(run_dir)
+
+
 @pytest.mark.slow
-def test_torchrun_two_ranks_sum_to_one_process(data_dir, tmp_path):
-    """DDP over 2 gloo ranks, 11 examples (rank 1 has one fewer and scores a dummy batch): the counts of
-    every evaluation equal one process's."""
-    extra = [*HS, "eval.hellaswag_limit=11", "train.max_steps=2"]
-    one = tmp_path / "one"
-    run(tiny_config(data_dir, one, *extra), **QUIET)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_sum_to_one_process(data_dir, one_process, tmp_path, strategy):
+    """2 gloo ranks through `python -m train`: the counts of every evaluation equal one process's."""
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
-    cmd += ["--config", str(DEBUG_YAML), *tiny_overrides(data_dir, two, *extra, "parallel.strategy=ddp")]
+    cmd += ["--config", str(DEBUG_YAML), *tiny_overrides(data_dir, two, *DIST, f"parallel.strategy={strategy}")]
     proc = subprocess.run(cmd, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    want = hellaswag(one)
-    assert sorted(want) == [0, 2] and want[0]["hellaswag_n"] == 11
-    assert hellaswag(two) == want
+    assert sorted(one_process) == [0, 2] and one_process[0]["hellaswag_n"] == 11
+    assert hellaswag(two) == one_process
