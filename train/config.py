@@ -28,6 +28,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from data.hellaswag import HF_NAME, HF_PREFIX
+from data.hellaswag import STYLES as HELLASWAG_STYLES
 from model.config import ModelConfig
 from model.dtypes import CANONICAL
 from train.errors import ConfigError
@@ -123,6 +125,25 @@ class LoggingSection:
 
 
 @dataclass
+class EvalSection:
+    """Downstream evaluation during training (docs/evaluation.md, "During training"): HellaSwag
+    (Zellers et al. 2019) scored by data/hellaswag.py, the same code as `python -m eval.hellaswag`."""
+
+    hellaswag_every: int = 0
+    """Steps between HellaSwag evaluations (also at step 0 of a fresh run and at the last step); 0 = off."""
+    hellaswag_data: str = f"{HF_PREFIX}{HF_NAME}"
+    """A rowanz/hellaswag JSONL file (the validation split, 10,042 examples), or hf:NAME (a Hugging Face
+    copy, downloaded once, then read from the datasets cache). Read and checked once, at start-up."""
+    hellaswag_limit: int | None = None
+    """Evaluate the first N examples only (fewer forward passes per evaluation); null = all."""
+    hellaswag_style: str = "llmc"
+    """llmc (llm.c's and build-nanogpt's method) or harness (lm-evaluation-harness's); see eval.hellaswag."""
+    hellaswag_batch_size: int | None = None
+    """Examples per forward pass (4 rows each); null = train.micro_batch // 4 (at least 1), so that the
+    scoring batch has the training batch's rows (with train.compile, rows are padded to block_size too)."""
+
+
+@dataclass
 class ParallelSection:
     """Read by the strategy (train/strategy.py, train/strategies/); `none` needs none of it."""
 
@@ -144,6 +165,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict:
@@ -402,6 +424,7 @@ def validate(cfg: Config) -> None:
     _choice("schedule.name", s.name, SCHEDULES)
     _choice("schedule.wsd_shape", s.wsd_shape, WSD_SHAPES)
     _choice("parallel.strategy", cfg.parallel.strategy, STRATEGIES)
+    _choice("eval.hellaswag_style", cfg.eval.hellaswag_style, HELLASWAG_STYLES)
     _choice("parallel.zero_stage", cfg.parallel.zero_stage, (0, 1, 2, 3))
     for k in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
         if getattr(cfg.parallel, k) is not None:
@@ -430,6 +453,7 @@ def validate(cfg: Config) -> None:
         ("logging.profile_steps", cfg.logging.profile_steps),
         ("logging.sample_tokens", cfg.logging.sample_tokens),
         ("logging.sample_temperature", cfg.logging.sample_temperature),
+        ("eval.hellaswag_every", cfg.eval.hellaswag_every),
     ):
         _check(v >= 0, f"{key} must be >= 0; got {v}")
     _check(
@@ -439,6 +463,15 @@ def validate(cfg: Config) -> None:
     _check(
         cfg.logging.sample_top_k is None or cfg.logging.sample_top_k >= 1,
         f"logging.sample_top_k must be >= 1 or null (all tokens); got {cfg.logging.sample_top_k}",
+    )
+    for key, v in (
+        ("eval.hellaswag_limit", cfg.eval.hellaswag_limit),
+        ("eval.hellaswag_batch_size", cfg.eval.hellaswag_batch_size),
+    ):
+        _check(v is None or v >= 1, f"{key} must be >= 1 or null; got {v}")
+    _check(
+        bool(cfg.eval.hellaswag_data.strip()),
+        "eval.hellaswag_data is empty: give a rowanz/hellaswag JSONL file or hf:Rowan/hellaswag",
     )
     _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1]; got {s.min_lr_ratio}")
     _check(0 <= s.decay_frac <= 1, f"schedule.decay_frac must be in [0, 1]; got {s.decay_frac}")

@@ -7,6 +7,7 @@ hands checkpoints to train/checkpoint.py. Per step, in order (Trainer.train):
     meter.add: running loss and a device-side "non-finite seen" step marker (no host sync)
     maybe_log     at log steps: sync, check the marker, print / write metrics
     maybe_eval    at eval steps: val loss (loss_totals + all_reduce_sum)
+    maybe_hellaswag  at eval.hellaswag_every steps: HellaSwag acc / acc_norm (train/hellaswag.py)
     maybe_sample  at sample steps: a text sample
     maybe_stop    SIGTERM / SIGINT on any rank
     maybe_save    every N, best val, last, stop: an atomic checkpoint
@@ -34,6 +35,7 @@ from model import GPT, ModelConfig
 from model.dtypes import short, torch_dtype
 from model.io import ArtifactError, load_state
 from model.loss import loss_totals
+from train import hellaswag
 from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume
 from train.config import Config
 from train.errors import TrainError
@@ -282,6 +284,7 @@ class Data:
     rank: int
     world_size: int
     device: torch.device
+    hellaswag_examples: list[dict] = dataclasses.field(default_factory=list)  # eval.hellaswag_data's, when on
 
     @classmethod
     def open(cls, cfg: Config, rank: int, world_size: int, device: torch.device) -> Data:
@@ -289,7 +292,8 @@ class Data:
 
         meta = read_dataset_meta(cfg.data.dir)
         tokenizer = get_tokenizer(meta["tokenizer"], sha256=meta.get("tokenizer_sha256"))
-        return cls(cfg, meta, tokenizer, rank, world_size, device)
+        examples = hellaswag.load(cfg) if cfg.eval.hellaswag_every > 0 else []
+        return cls(cfg, meta, tokenizer, rank, world_size, device, examples)
 
     def train_loader(self, vocab_size: int):
         from data.loader import BatchLoader
@@ -422,6 +426,8 @@ class Trainer:
             return self.finish("done", quiet=True)
         if state.step == 0 and cfg.train.eval_every > 0:  # the untrained baseline (nanoGPT evaluates at 0)
             self.evaluate_and_record()
+        if state.step == 0:
+            self.maybe_hellaswag(last=False)
         self.bar = tqdm(
             total=max_steps,
             initial=state.step,
@@ -447,6 +453,7 @@ class Trainer:
                 self.maybe_log(lr, norm, last)
                 with self.meter.paused():
                     improved = self.maybe_eval(last)
+                    self.maybe_hellaswag(last)
                     self.maybe_sample(last)
                     stopping = self.maybe_stop(stop, last)
                     self.maybe_save(improved, last, stopping)
@@ -512,6 +519,28 @@ class Trainer:
             )
         return improved
 
+    def maybe_hellaswag(self, last: bool) -> None:
+        """HellaSwag at eval.hellaswag_every steps (and step 0, and the last): console, metrics, and the
+        next checkpoint's artifact metadata (kept in the TrainState, so a resumed run still has it)."""
+        every, step = self.cfg.eval.hellaswag_every, self.state.step
+        if not (every > 0 and (step % every == 0 or last)):
+            return
+        if step > 0:  # no step has run at 0 (nor made the meter)
+            self.stop_if_nonfinite()
+        with self.fork_rng():
+            counts = hellaswag.evaluate(
+                self.model,
+                self.data.tokenizer,
+                self.data.hellaswag_examples,
+                self.strategy,
+                self.cfg,
+                self.mcfg.block_size,
+            )
+        result = hellaswag.record(counts)
+        self.metrics.write({"step": step, **result})
+        self.state.artifact_metadata.update(result, hellaswag_step=step)
+        self.log(hellaswag.line(step, counts))
+
     def maybe_sample(self, last: bool) -> None:
         every = self.cfg.logging.sample_every
         if not (every > 0 and (self.state.step % every == 0 or last)):
@@ -548,6 +577,7 @@ class Trainer:
             "eot_id": self.data.meta.get("eot_id"),
             "step": self.state.step,
             "val_loss": self.state.val_loss,
+            **{k: v for k, v in self.state.artifact_metadata.items() if k.startswith("hellaswag_")},
             "dataset": str(self.cfg.data.dir),
         }
         path = self.ckpts.save(self.state, is_best=is_best, with_model=is_best or final)
