@@ -428,6 +428,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pruner-warmup", type=int, default=0, help="median: steps of a trial before it can be pruned")
     ap.add_argument("--seed", type=int, help="study seed (default: the config's train.seed)")
     ap.add_argument("--top", type=int, default=10, help="rows of the best-trials table")
+    ap.add_argument("--no-report", action="store_true", help="skip the table, plots and best.yaml (other machines)")
     ap.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set on the processes of --workers
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="override base config values")
     args = ap.parse_args(argv)
@@ -478,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             sweep.work()
         else:
             sweep.run_workers(argv)
-        sweep.report(sweep.study())
+        if not args.no_report:
+            sweep.report(sweep.study())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
