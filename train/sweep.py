@@ -7,7 +7,7 @@ checkpoints, train.log), so the usual tools open it. The design, in short (docs/
 - Storage: an Optuna RDB storage, SQLite at DIR/STUDY.db unless --storage names another URL. Running
   the same command again continues the study: finished and pruned trials are kept and never re-run.
 - Workers: each worker asks the study for a trial and tells it the result (Optuna's ask-and-tell)
-  until the study holds N finished-or-running trials; --workers K starts K worker processes, and
+  until the study holds N finished-or-running trials; --workers K adds K-1 worker processes, and
   sweep commands on other machines with the same storage URL join the same way.
 - A killed trial is failed, not resumed: each running trial records its worker (host, pid, process
   start time). A new command fails the RUNNING trials whose worker on this host is gone; trials of
@@ -371,14 +371,17 @@ class Sweep:
         return json.loads((run_dir / OUTCOME).read_text())["outcome"]
 
     def run_workers(self, argv: list[str]) -> None:
-        """K worker processes of this same command on the same study (Optuna's shared storage)."""
+        """K workers on the same study (Optuna's shared storage): this process and K-1 copies of it."""
         procs = [
             subprocess.Popen(
                 [sys.executable, "-m", "train.sweep", *argv, "--worker-index", str(i)], preexec_fn=_die_with_parent
             )
-            for i in range(self.args.workers)
+            for i in range(1, self.args.workers)
         ]
-        codes = [p.wait() for p in procs]
+        try:
+            self.work(0)
+        finally:
+            codes = [p.wait() for p in procs]
         if any(codes):
             raise SweepError(f"worker exit codes {codes}: see their messages above")
 
@@ -431,7 +434,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-report", action="store_true", help="skip the table, plots and best.yaml (other machines)")
     ap.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)  # set on the processes of --workers
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="override base config values")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides and options in any order; the last of each wins
     for name in ("trials", "workers", "nproc"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
@@ -475,10 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             f"study {args.study} ({sweep.storage_url}): {done} of {args.trials} trials counted so far | "
             f"objective {args.objective} ({sweep.direction}) | pruner {sweep.options['pruner']} | trials in {sweep.dir}"
         )
-        if args.workers == 1:
-            sweep.work()
-        else:
-            sweep.run_workers(argv)
+        sweep.run_workers(argv)
         if not args.no_report:
             sweep.report(sweep.study())
     except ConfigError as e:

@@ -60,6 +60,8 @@ def importances(sweep, study) -> str:
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=sweep.args.seed)
         imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
+    except ImportError as e:
+        return f"parameter importances: not available ({e}; pip install scikit-learn, or -e '.[sweep]')"
     except (ValueError, RuntimeError) as e:
         return f"parameter importances: not available ({e})"
     return "parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in imp.items())
