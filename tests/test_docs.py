@@ -16,7 +16,7 @@ The convention for whoever writes the docs:
   make the datasets and runs that its later ones use, so every document starts from nothing.
 - To stay cheap, the test appends small overrides to some commands (OVERRIDES below): training stops
   after 2 steps (a step count the document gives is cut to 4), samples are 8 tokens long, evaluations
-  2 batches, benchmarks one short round. Flags appended later win over the document's.
+  2 batches, benchmarks one short round, sweeps 2 trials. Flags appended later win over the document's.
 - The test command that .ci/run runs and README.md shows is not run here: CI runs it, and it would
   run this test again. test_readme_shows_the_ci_test_command checks that the two agree.
 """
@@ -49,6 +49,7 @@ OVERRIDES = [
     (r"-m eval\.bench_serve\b", ["--clients", "1,4", "--requests", "1", "--max-tokens", "8"], {"--models": "demo"}),
     (r"-m train\.bench\b", ["--steps", "1", "--warmup", "1"], {"--settings": "baseline"}),
     (r"-m data\.bench\b", ["--mb", "0.05"], {}),
+    (r"-m train\.sweep\b", ["--trials", "2", "train.max_steps=2", "train.eval_every=1", "train.eval_batches=2"], {}),
 ]
 TRAINS = r"(-m train(\s|$)|launch\.sh)"  # python -m train, torchrun -m train, bash launch.sh
 

@@ -25,6 +25,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from model.dtypes import short, torch_dtype
 from model.io import ArtifactError, load_state
 from model.loss import loss_totals
 from train import hellaswag
+from train.callbacks import EvalCallback, TrainPruned
 from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume
 from train.config import Config
 from train.errors import TrainError
@@ -223,9 +225,10 @@ class StepMeter:
 # ----------------------------------------------------------------------------- the run
 
 
-def run(cfg: Config, *, log=print) -> dict:
+def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> dict:
     """Train as configured. Returns {"step", "val_loss", "best_val", "stopped": done|signal name}.
-    Raises TrainError (or data's DataError) for anything the user can fix or must know."""
+    Raises TrainError (or data's DataError) for anything the user can fix or must know, TrainPruned
+    when a callback stopped the run (train/callbacks.py)."""
     rank, local_rank, world_size = env_world()
     if world_size > 1 and cfg.parallel.strategy == "none":
         raise TrainError(
@@ -269,7 +272,9 @@ def run(cfg: Config, *, log=print) -> dict:
             raise
         raise TrainError(f"parallel.strategy={cfg.parallel.strategy}: {e}") from None
     try:
-        return Trainer(cfg, strategy, data, loader, model, log).train()
+        trainer = Trainer(cfg, strategy, data, loader, model, log)
+        trainer.callbacks = list(callbacks)
+        return trainer.train()
     finally:
         strategy.teardown()
 
@@ -332,6 +337,7 @@ class Trainer:
     def __init__(self, cfg: Config, strategy: Strategy, data: Data, loader, model: GPT, log) -> None:
         self.cfg, self.strategy, self.data, self.loader = cfg, strategy, data, loader
         self._log, self.bar = log, None
+        self.callbacks: list[EvalCallback] = []  # train/callbacks.py: told of each evaluation, may stop the run
         self.run_dir = Path(cfg.train.run_dir)
         self.mcfg = model.config
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
@@ -501,7 +507,12 @@ class Trainer:
         if not (every > 0 and (self.state.step % every == 0 or last)):
             return False
         self.stop_if_nonfinite()
-        return self.evaluate_and_record()
+        improved = self.evaluate_and_record()
+        if self.callbacks:  # every rank agrees (one all-reduce), so that all of them stop together
+            asks = [cb.after_eval(self.state.step, self.state.val_loss) for cb in self.callbacks]
+            if self.strategy.any_flag(any(asks)):
+                raise TrainPruned(self.state.step)
+        return improved
 
     def evaluate_and_record(self) -> bool:
         state = self.state
