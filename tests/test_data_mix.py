@@ -34,8 +34,8 @@ def dirs(tmp_path_factory):
     for i, (off, w) in enumerate(zip(OFFSETS, WINDOWS, strict=True)):
         d = root / f"src{i}"
         d.mkdir()
-        write_llmc(d / f"s_val_000000.bin", 48000 + 1000 * i + np.arange(8 * T + 1))
-        write_llmc(d / f"s_train_000001.bin", off + np.arange(w * T + 1))
+        write_llmc(d / "s_val_000000.bin", 48000 + 1000 * i + np.arange(8 * T + 1))
+        write_llmc(d / "s_train_000001.bin", off + np.arange(w * T + 1))
         out.append(d)
     return out
 
@@ -165,23 +165,24 @@ def test_resume_on_other_world_size_sees_the_same_windows(dirs, before, after):
 def test_epochs_cap_and_schedule(dirs):
     ld = mixture(
         dirs,
-        weights=(0.5, 0.5, 0.0),
+        weights=(0.6, 0.4, 0.0),
         caps=(None, 1, None),
-        g=10,
-        micro_batch=10,
+        g=7,
+        micro_batch=7,
         schedule=[{"step": 30, "weights": [0.0, 0.0, 1.0]}],
     )
-    rows = [r for _ in range(30) for r in step_rows(ld)]
+    rows = [r for _ in range(30) for r in step_rows(ld)]  # 210 windows
     assert sum(s == 1 for s, _ in rows) == WINDOWS[1], "source 1 stops after one epoch; source 0 takes its share"
     assert not any(s == 2 for s, _ in rows), "weight 0 before step 30"
     assert [s for s, _ in rows[-100:]] == [0] * 100
     after = [r for _ in range(5) for r in step_rows(ld)]
     assert {s for s, _ in after} == {2}, "from step 30 the schedule's weights"
     assert ld.state_dict()["sources"]["s1"] == {"windows": WINDOWS[1], "epoch": 1}
-    capped = mixture(dirs, weights=(0, 1, 0), caps=(None, 1, None), g=10, micro_batch=10)
+    capped = mixture(dirs, weights=(0, 1, 0), caps=(None, 1, None), g=7, micro_batch=7)
+    for _ in range(4):
+        capped.next_step()  # 28 of its 30 windows
     with pytest.raises(DataError, match="reached its epochs_cap"):
-        for _ in range(4):
-            capped.next_step()
+        capped.next_step()
 
 
 def test_state_from_another_mix_or_a_single_dataset_is_refused(dirs):
