@@ -23,7 +23,6 @@ another mix. Resuming on another number of ranks or micro_batch sees the same wi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from data.errors import DataError
-from data.loader import _check_layout, _to_device, rank_rows, step_layout, val_batches
+from data.loader import _to_device, rank_rows, step_layout
 from data.permutation import Permutation, _splitmix64
 from data.shards import open_split, read_meta
 
@@ -314,32 +313,3 @@ class MixtureLoader:
                 f"this data.mix gives {now}: the sources, weights, mix_schedule or epochs_cap changed since it was "
                 f"saved. Resume with the same mix (change weights at a step with data.mix_schedule) or start over"
             )
-
-
-def mix_val_batches(
-    sources: list[MixSource],
-    *,
-    seq_len: int,
-    batch_size: int,
-    max_batches: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-    device: str | torch.device = "cpu",
-    vocab_size: int | None = None,
-) -> Iterator[tuple[MixSource, Iterator[tuple[torch.Tensor, torch.Tensor]]]]:
-    """(source, its val batches as data.loader.val_batches gives them) for each source of the mix."""
-    _check_layout(rank, world_size, seq_len=seq_len, batch_size=batch_size)
-    for s in sources:
-        yield (
-            s,
-            val_batches(
-                s.dir,
-                seq_len=seq_len,
-                batch_size=batch_size,
-                max_batches=max_batches,
-                rank=rank,
-                world_size=world_size,
-                device=device,
-                vocab_size=vocab_size,
-            ),
-        )

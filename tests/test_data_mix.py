@@ -227,3 +227,49 @@ def test_mix_errors_say_what_to_fix(dirs, tmp_path):
         parse_mix([{"dir": "a", "weight": 0}])
     with pytest.raises(DataError, match=r"mix_schedule\[0\].step must be"):
         parse_mix([{"dir": "a", "weight": 1}], [{"step": 0, "weights": [1]}])
+
+
+# ----------------------------------------------------------------------------- config and the training loop
+
+
+def test_config_takes_data_dir_or_data_mix(tmp_path):
+    from train.config import ConfigError, load_config
+
+    mix = "data.mix=[{dir: a, weight: 1}]"
+    cfg = load_config(None, [mix])
+    assert cfg.data.dir is None and cfg.data.mix == [{"dir": "a", "weight": 1}]
+    with pytest.raises(ConfigError, match="data.dir=b and data.mix are both set"):
+        load_config(None, [mix, "data.dir=b"])
+    with pytest.raises(ConfigError, match="no training data"):
+        load_config(None, ["data.dir=null"])
+    with pytest.raises(ConfigError, match="mix_schedule changes the weights of data.mix, which is not set"):
+        load_config(None, ["data.mix_schedule=[{step: 5, weights: [1]}]"])
+
+
+def test_training_on_a_mix_logs_each_sources_val_loss_and_resumes(tmp_path_factory, tmp_path):
+    from train_helpers import metrics, prepared_dataset, tiny_config
+
+    from data.prepare import prepare
+    from train.loop import run
+
+    pydoc = prepared_dataset(tmp_path_factory)
+    code = tmp_path / "code"
+    prepare(code, source=[f"def f{i}(x):\n    return x * {i}\n" for i in range(400)], tokenizer="bytes", progress=False)
+    mix = f"data.mix=[{{dir: {pydoc}, weight: 0.75, name: docs}}, {{dir: {code}, weight: 0.25}}]"
+    run_dir = tmp_path / "run"
+
+    def cfg(steps):
+        extra = ["data.dir=null", mix, f"train.max_steps={steps}", "train.eval_every=2", "checkpoint.every=2"]
+        return tiny_config(pydoc, run_dir, *extra)  # data.dir=null: the mix replaces the dir tiny_config names
+
+    torch.set_num_threads(1)
+    run(cfg(2))
+    out = run(cfg(4))  # resumes from step 2: the mixture's state goes through the checkpoint
+    evals = [r for r in metrics(run_dir) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    for r in evals:
+        assert r["val_loss"] == pytest.approx(0.75 * r["val/docs"] + 0.25 * r["val/code"])
+    assert evals[-1]["data/docs/windows"] + evals[-1]["data/code/windows"] == 4 * 256 // 32
+    assert out["val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    state = torch.load(run_dir / "checkpoints" / "step_000004" / "train_state.pt", weights_only=True)
+    assert state["loader"]["windows_consumed"] == 32 and set(state["loader"]["sources"]) == {"docs", "code"}
