@@ -22,7 +22,7 @@ the windows it would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -69,10 +69,12 @@ class BatchLoader:
         self.seed, self.epoch, self.windows_consumed = seed, 0, 0
         self._start_epoch()
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's grad_accum_steps micro-batches of the next step: each (x, y), (micro_batch, seq_len) int64."""
+    def next_step(self, micro_steps: Iterable[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's grad_accum_steps micro-batches of the next step: each (x, y), (micro_batch, seq_len) int64.
+        `micro_steps`: only those micro-batches are read (the step is consumed whole either way)."""
         windows = self._take(self.windows_per_step)  # (G,) window indices of the global step
-        return [self._batch(row) for row in rank_rows(windows, self.rank, self.grad_accum_steps, self.micro_batch)]
+        rows = rank_rows(windows, self.rank, self.grad_accum_steps, self.micro_batch)
+        return [self._batch(rows[m]) for m in (range(len(rows)) if micro_steps is None else micro_steps)]
 
     def state_dict(self) -> dict:
         return {"seed": int(self.seed), "epoch": int(self.epoch), "windows_consumed": int(self.windows_consumed)}

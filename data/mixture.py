@@ -23,6 +23,7 @@ another mix. Resuming on another number of ranks or micro_batch sees the same wi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,16 +243,12 @@ class MixtureLoader:
     def windows_consumed(self) -> int:
         return self.chooser.position
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def next_step(self, micro_steps: Iterable[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """As BatchLoader.next_step: this rank's micro-batches of the next step (only `micro_steps` if given)."""
         src, win = self._take(self.windows_per_step)  # (G,) source and window of each window of the step
-        return [
-            self._batch(s, w)
-            for s, w in zip(
-                rank_rows(src, self.rank, self.grad_accum_steps, self.micro_batch),
-                rank_rows(win, self.rank, self.grad_accum_steps, self.micro_batch),
-                strict=True,
-            )
-        ]
+        srcs = rank_rows(src, self.rank, self.grad_accum_steps, self.micro_batch)
+        wins = rank_rows(win, self.rank, self.grad_accum_steps, self.micro_batch)
+        return [self._batch(srcs[m], wins[m]) for m in (range(len(srcs)) if micro_steps is None else micro_steps)]
 
     def take_windows(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The next `count` (source index, window index) pairs of the global stream (for inspection)."""
