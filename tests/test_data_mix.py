@@ -273,3 +273,25 @@ def test_training_on_a_mix_logs_each_sources_val_loss_and_resumes(tmp_path_facto
     assert out["val_loss"] == pytest.approx(evals[-1]["val_loss"])
     state = torch.load(run_dir / "checkpoints" / "step_000004" / "train_state.pt", weights_only=True)
     assert state["loader"]["windows_consumed"] == 32 and set(state["loader"]["sources"]) == {"docs", "code"}
+
+
+def test_inspect_reports_the_runs_draw_per_source(dirs, tmp_path, capsys):
+    from data.inspect import main
+
+    cfg = tmp_path / "mix.yaml"
+    mix = [{"dir": str(d), "weight": w, "name": f"s{i}"} for i, (d, w) in enumerate(zip(dirs, (0.7, 0.2, 0.1), strict=True))]
+    mix[2]["epochs_cap"] = 1
+    cfg.write_text(json.dumps({"data": {"mix": mix}, "model": {"block_size": T}, "train": {"max_steps": 20}}))
+    main([str(cfg), "--tokens-per-step", str(T * 10), "--windows", "1"])
+    out = capsys.readouterr().out
+    ld = mixture(dirs, caps=(None, None, 1), g=10, micro_batch=10)
+    for _ in range(20):
+        ld.next_step()
+    for name, stats in ld.source_stats().items():
+        w = WINDOWS[int(name[1])]
+        assert f"this run draws {stats['windows']:,} windows = {stats['windows'] / w:.2f} epochs" in out
+    assert "run: 20 steps x 160 tokens = 200 windows of seq_len=16" in out and out.count("  window ") == 3
+    with pytest.raises(SystemExit, match="data.inspect: error: give --seq-len, --tokens-per-step"):
+        main([str(dirs[0])])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main([str(tmp_path / "nope"), "--steps", "1"])
