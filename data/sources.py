@@ -14,7 +14,8 @@
   Files are read in sorted path order, so the same files always give the same token stream.
 - `hf:NAME` with `--hf-config` and `--hf-split`: a Hugging Face hub dataset, streamed
   (`datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`), e.g.
-  `hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT`. Offline it fails at once.
+  `hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT`. Offline it fails at once, unless NAME is a
+  local directory laid out like a hub dataset repository (a downloaded snapshot), read the same way.
 """
 
 from __future__ import annotations
@@ -129,8 +130,14 @@ def local_documents(files: list[Path], *, text_field: str = "text", txt_mode: st
 
 
 def hub_documents(name: str, config: str | None, split: str, text_field: str) -> Iterator[str]:
-    """Open a hub dataset in streaming mode now (so that errors come at once); its documents lazily."""
-    _check_hub_reachable(name)
+    """Open a hub dataset in streaming mode now (so that errors come at once); its documents lazily.
+
+    `name` may also be a local directory laid out like a hub dataset repository (data files, and configs
+    declared in its README.md): `datasets` reads it exactly as it reads the hub, offline, which is how a
+    downloaded snapshot (`huggingface-cli download --repo-type dataset`) is used and how this path is tested.
+    """
+    if not Path(name).expanduser().is_dir():
+        _check_hub_reachable(name)
     import datasets
 
     try:
