@@ -279,7 +279,8 @@ def test_inspect_reports_the_runs_draw_per_source(dirs, tmp_path, capsys):
     from data.inspect import main
 
     cfg = tmp_path / "mix.yaml"
-    mix = [{"dir": str(d), "weight": w, "name": f"s{i}"} for i, (d, w) in enumerate(zip(dirs, (0.7, 0.2, 0.1), strict=True))]
+    weights = (0.7, 0.2, 0.1)
+    mix = [{"dir": str(d), "weight": w, "name": f"s{i}"} for i, (d, w) in enumerate(zip(dirs, weights, strict=True))]
     mix[2]["epochs_cap"] = 1
     cfg.write_text(json.dumps({"data": {"mix": mix}, "model": {"block_size": T}, "train": {"max_steps": 20}}))
     main([str(cfg), "--tokens-per-step", str(T * 10), "--windows", "1"])
