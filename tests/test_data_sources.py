@@ -135,3 +135,33 @@ def test_hf_errors_are_one_line(repo, tmp_path):
         )
     with pytest.raises(SystemExit, match="data.prepare: error: .*HF_HUB_OFFLINE is set"):
         main(["--source", "hf:someone/not-a-local-dir", "--out", str(tmp_path / "c"), "--quiet"])
+
+
+@pytest.mark.slow  # worker processes
+def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tmp_path, monkeypatch):
+    """workers > 1 on a source of several files: one process per file, shards byte-identical to one stream's,
+    --max-documents cutting inside a file included."""
+    import data.prepare
+
+    monkeypatch.setattr(data.prepare, "_PARALLEL_MIN_BYTES", 0)  # these files are tiny: use processes anyway
+    serial = data.prepare._write_shards
+
+    def only_one_worker(*args):
+        assert args[6] == 1, "with workers > 1 the files go to processes, not to the one-stream path"
+        return serial(*args)
+
+    monkeypatch.setattr(data.prepare, "_write_shards", only_one_worker)
+    root, docs, _, jsonl = repo
+    cases = [
+        dict(source=f"hf:{root}", hf_config="web", max_documents=14),  # ends inside the second file
+        dict(source=str(jsonl / "data"), text_field="content", max_documents=7),  # local files
+    ]
+    for i, case in enumerate(cases):
+        metas = [
+            prepare(tmp_path / f"{i}-{w}", tokenizer="bytes", val_tokens=50, workers=w, progress=False, **case)
+            for w in (1, 2)
+        ]
+        assert metas[0]["documents"] == metas[1]["documents"] == case.get("max_documents", 30)
+        assert [s["sha256"] for s in metas[0]["shards"]] == [s["sha256"] for s in metas[1]["shards"]]
+        assert not list((tmp_path / f"{i}-2").glob(".part-*")), "no spool file is left in the dataset"
+    assert documents(tmp_path / "0-2") == docs["train"][:14]

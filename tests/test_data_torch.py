@@ -73,6 +73,7 @@ def test_window_dataset_is_the_split_shifted_by_one(dirs):
         ds[len(ds)]
 
 
+@pytest.mark.slow  # DataLoader worker processes
 @pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 4 workers on a 2-core CI
 @pytest.mark.parametrize("kind", ["plain", "mix"])
 def test_dataloader_workers_yield_the_loaders_batches_in_order(dirs, kind):
@@ -83,6 +84,7 @@ def test_dataloader_workers_yield_the_loaders_batches_in_order(dirs, kind):
         assert len(got) == len(ref) and all(torch.equal(a, b) for a, b in zip(got, ref, strict=True)), k
 
 
+@pytest.mark.slow  # DataLoader worker processes
 @pytest.mark.parametrize("kind", ["plain", "mix"])
 def test_state_resumes_exactly_after_workers_prefetched(dirs, kind):
     make = makers(dirs)[kind]
@@ -111,6 +113,7 @@ def test_state_resumes_exactly_after_workers_prefetched(dirs, kind):
         fresh.load_state_dict({"micro_batches": 1})
 
 
+@pytest.mark.slow  # a subprocess with DataLoader workers
 def test_the_docs_hand_written_loop_runs(tmp_path_factory, tmp_path):
     """docs/data.md's ```python block that trains the GPT through StreamDataLoader, run as written."""
     import re
