@@ -15,8 +15,8 @@ Within a source. The k-th window a source gives is position k mod W of its epoch
 own seeded Permutation (data/permutation.py), exactly as BatchLoader walks one dataset.
 
 State. The position in the global stream (windows consumed) and the seed. The per-source counts (hence
-epochs) are a function of it: load_state_dict recomputes them by replaying the source choice (vectorized,
-about a second per 10^7 windows) and checks them against the saved ones, which catches a resume with
+epochs) are a function of it: load_state_dict recomputes them by replaying the source choice (vectorized)
+and checks them against the saved ones, which catches a resume with
 another mix. Resuming on another number of ranks or micro_batch sees the same windows, as with one dataset.
 """
 
