@@ -22,7 +22,7 @@ the windows it would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,25 +53,10 @@ class BatchLoader:
         vocab_size: int | None = None,
         nanogpt: bool = False,
     ):
-        _check_layout(rank, world_size, seq_len=seq_len, micro_batch=micro_batch)
-        if tokens_per_step < 1 or tokens_per_step % seq_len:
-            raise DataError(
-                f"tokens_per_step={tokens_per_step} must be a positive multiple of seq_len={seq_len} "
-                f"(one step is a whole number of windows of seq_len tokens)"
-            )
-        windows_per_step = tokens_per_step // seq_len
-        per_pass = micro_batch * world_size
-        if windows_per_step % per_pass:
-            lower = max(per_pass, windows_per_step // per_pass * per_pass) * seq_len
-            raise DataError(
-                f"tokens_per_step={tokens_per_step} is {windows_per_step} windows of seq_len={seq_len}, which does "
-                f"not divide into micro_batch={micro_batch} x world_size={world_size} = {per_pass} windows per "
-                f"micro-step: set tokens_per_step to a multiple of seq_len*micro_batch*world_size = "
-                f"{per_pass * seq_len} (e.g. {lower} or {lower + per_pass * seq_len}), or change micro_batch"
-            )
+        windows_per_step, grad_accum_steps = step_layout(seq_len, tokens_per_step, micro_batch, rank, world_size)
         self.seq_len, self.micro_batch, self.rank, self.world_size = seq_len, micro_batch, rank, world_size
         self.windows_per_step = windows_per_step  # G
-        self.grad_accum_steps = windows_per_step // per_pass  # A
+        self.grad_accum_steps = grad_accum_steps  # A
         self.device = torch.device(device)
         self.stream = open_split(data_dir, split, nanogpt=nanogpt, vocab_size=vocab_size)
         self.num_windows = (len(self.stream) - 1) // seq_len  # W
@@ -84,14 +69,12 @@ class BatchLoader:
         self.seed, self.epoch, self.windows_consumed = seed, 0, 0
         self._start_epoch()
 
-    def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's grad_accum_steps micro-batches of the next step: each (x, y), (micro_batch, seq_len) int64."""
+    def next_step(self, micro_steps: Iterable[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's grad_accum_steps micro-batches of the next step: each (x, y), (micro_batch, seq_len) int64.
+        `micro_steps`: only those micro-batches are read (the step is consumed whole either way)."""
         windows = self._take(self.windows_per_step)  # (G,) window indices of the global step
-        per_rank = self.grad_accum_steps * self.micro_batch
-        mine = windows[self.rank * per_rank : (self.rank + 1) * per_rank].reshape(
-            self.grad_accum_steps, self.micro_batch
-        )
-        return [self._batch(row) for row in mine]
+        rows = rank_rows(windows, self.rank, self.grad_accum_steps, self.micro_batch)
+        return [self._batch(rows[m]) for m in (range(len(rows)) if micro_steps is None else micro_steps)]
 
     def state_dict(self) -> dict:
         return {"seed": int(self.seed), "epoch": int(self.epoch), "windows_consumed": int(self.windows_consumed)}
@@ -139,6 +122,33 @@ class BatchLoader:
 
     def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         return _to_device(*_gather(self.stream, windows * self.seq_len, self.seq_len), self.device)
+
+
+def step_layout(seq_len: int, tokens_per_step: int, micro_batch: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(G windows per global step, A grad_accum_steps), or one DataError naming the numbers to change."""
+    _check_layout(rank, world_size, seq_len=seq_len, micro_batch=micro_batch)
+    if tokens_per_step < 1 or tokens_per_step % seq_len:
+        raise DataError(
+            f"tokens_per_step={tokens_per_step} must be a positive multiple of seq_len={seq_len} "
+            f"(one step is a whole number of windows of seq_len tokens)"
+        )
+    windows_per_step = tokens_per_step // seq_len
+    per_pass = micro_batch * world_size
+    if windows_per_step % per_pass:
+        lower = max(per_pass, windows_per_step // per_pass * per_pass) * seq_len
+        raise DataError(
+            f"tokens_per_step={tokens_per_step} is {windows_per_step} windows of seq_len={seq_len}, which does "
+            f"not divide into micro_batch={micro_batch} x world_size={world_size} = {per_pass} windows per "
+            f"micro-step: set tokens_per_step to a multiple of seq_len*micro_batch*world_size = "
+            f"{per_pass * seq_len} (e.g. {lower} or {lower + per_pass * seq_len}), or change micro_batch"
+        )
+    return windows_per_step, windows_per_step // per_pass
+
+
+def rank_rows(step_items: np.ndarray, rank: int, grad_accum_steps: int, micro_batch: int) -> np.ndarray:
+    """This rank's (A, B) block of a global step's G items (window j -> rank j // (A*B)); see the docstring."""
+    per_rank = grad_accum_steps * micro_batch
+    return step_items[rank * per_rank : (rank + 1) * per_rank].reshape(grad_accum_steps, micro_batch)
 
 
 def val_batches(

@@ -4,7 +4,8 @@
     python -m data.prepare --source 'corpus/**/*.jsonl' --text-field content --tokenizer gpt2
     python -m data.prepare --source hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT --out datasets/edu
 
-Documents are tokenized in parallel by a pool of threads (tiktoken releases the GIL while it encodes),
+Documents are tokenized in parallel by a pool of threads (tiktoken releases the GIL while it encodes), or,
+for a large source of several files (a sharded hub dataset), by a process per file (see _write_shards_parallel),
 each one prefixed by <|endoftext|> as llm.c does, and streamed to disk: at most a few batches of
 documents are in flight, so memory does not grow with the corpus. The first --val-tokens tokens become
 the val shards (default: min(10,485,760, 10% of the corpus)), the rest the train shards.
@@ -20,13 +21,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import shlex
 import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +37,7 @@ from tqdm import tqdm
 
 from data.errors import DataError
 from data.shards import MAX_SHARD_TOKENS, META_NAME, SHARD_RE, dtype_name, token_dtype
-from data.sources import HF_PREFIX, PYDOC, TXT_MODES, open_source, source_slug
+from data.sources import HF_PREFIX, PYDOC, TXT_MODES, open_source, part_documents, source_parts, source_slug
 from data.tokenizer import get_tokenizer, tokenizer_record
 from data.writer import ShardWriter, SplitRouter
 from model.files import atomic_dir, recover
@@ -44,6 +46,7 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 _BATCH_CHARS = 1 << 17  # characters per tokenization task: large enough to amortize the hand-off
 _BATCH_DOCS = 1024
 _SPOOL_NAME = "stream.spool"
+_PARALLEL_MIN_BYTES = 32 << 20  # a multi-file source this large is read by a process per file
 
 
 def prepare(
@@ -80,16 +83,29 @@ def prepare(
     _check_out(out, force)
     enc = get_tokenizer(tokenizer)
     spec, spec_sha = tokenizer_record(tokenizer)
-    if isinstance(source, str):
+    parts = None  # a source of several files is read and tokenized by processes, one file each
+    if isinstance(source, str) and workers > 1 and txt_mode in TXT_MODES:
+        parts = source_parts(source, text_field=text_field, txt_mode=txt_mode, hf_config=hf_config, hf_split=hf_split)
+        parts = parts if parts and _worth_processes(parts) else None
+    if parts is not None:
+        docs = None
+    elif isinstance(source, str):
         docs = open_source(source, text_field=text_field, txt_mode=txt_mode, hf_config=hf_config, hf_split=hf_split)
     else:
         docs = iter(source)
-    if max_documents is not None:
+    if docs is not None and max_documents is not None:
         docs = itertools.islice(docs, max_documents)
 
     started = time.perf_counter()
     with atomic_dir(out, overwrite=True) as tmp:  # _check_out allowed replacing what is there
-        shards, n_docs = _write_shards(docs, enc, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress)
+        if parts is not None:
+            shards, n_docs = _write_shards_parallel(
+                parts, tokenizer, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress, max_documents
+            )
+        else:
+            shards, n_docs = _write_shards(
+                docs, enc, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress
+            )
         train = sum(s["tokens"] for s in shards if s["split"] == "train")
         val = sum(s["tokens"] for s in shards if s["split"] == "val")
         if n_docs == 0:
@@ -186,6 +202,93 @@ def _write_shards(
         finally:
             bar.close()
     return shards, n_docs
+
+
+def _write_shards_parallel(
+    parts: list[tuple],
+    tokenizer: str,
+    directory: Path,
+    prefix: str,
+    shard_tokens: int,
+    val_tokens: int | None,
+    workers: int,
+    progress: bool,
+    max_documents: int | None,
+) -> tuple[list[dict], int]:
+    """_write_shards for a source of several files: a process per file reads and tokenizes it into a
+    spool file (parsing rows is Python work that threads would serialize on the GIL); the spools are
+    routed in file order, so the shards are byte-identical to one stream's. At most 2 * workers spools wait."""
+    enc = get_tokenizer(tokenizer)
+    dtype = token_dtype(enc.n_vocab)
+    router = SplitRouter(ShardWriter(directory, prefix, dtype, shard_tokens), val_tokens, directory / _SPOOL_NAME)
+    n_docs = 0
+    bar = tqdm(desc=f"tokenizing {len(parts)} files", unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
+    todo = iter(enumerate(parts))
+    pending: deque = deque()
+    # forkserver, not fork: datasets and pyarrow may already run threads in this process; the server
+    # (started once per process) preloads this module, so that a worker starts without re-importing it
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["data.prepare", "data.sources", "datasets"])
+    with ProcessPoolExecutor(min(workers, len(parts)), mp_context=ctx) as pool:
+
+        def submit() -> None:
+            for i, part in itertools.islice(todo, 1):
+                spool = str(directory / f".part-{i:06d}.tok")
+                pending.append(pool.submit(_tokenize_part, part, tokenizer, spool, max_documents))
+
+        try:
+            for _ in range(2 * workers):
+                submit()
+            while pending and (max_documents is None or n_docs < max_documents):
+                spool, count = pending.popleft().result()
+                submit()
+                tokens = np.fromfile(spool, dtype=dtype)  # one file's tokens (a file is a unit of the dataset)
+                take = count if max_documents is None else min(count, max_documents - n_docs)
+                if take < count:  # --max-documents ends inside this file: cut before document `take`
+                    tokens = tokens[: np.flatnonzero(tokens == enc.eot_token)[take]]
+                router.write(tokens)
+                Path(spool).unlink()
+                n_docs += take
+                bar.set_postfix_str(f"docs={n_docs:,}", refresh=False)
+                bar.update(len(tokens))
+            for future in pending:
+                future.cancel()
+            shards = router.close()
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            router.abort()
+            raise
+        finally:
+            bar.close()
+    for spool in directory.glob(".part-*.tok"):  # those of files after --max-documents was reached
+        spool.unlink()
+    return shards, n_docs
+
+
+def _worth_processes(parts: list[tuple]) -> bool:
+    """Whether reading the files in processes pays: a remote hub dataset always; local files once they
+    hold _PARALLEL_MIN_BYTES (below that, starting the processes costs more than it saves)."""
+    kind, where = parts[0][0], Path(parts[0][1]).expanduser()
+    if kind == "hf" and not where.is_dir():
+        return True
+    files = [Path(p[1]) for p in parts] if kind == "local" else [f for f in where.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files) >= _PARALLEL_MIN_BYTES
+
+
+def _tokenize_part(part: tuple, tokenizer: str, spool: str, max_documents: int | None) -> tuple[str, int]:
+    """In a worker process: one file's documents -> tokens (eot-prefixed) in `spool`; (spool, documents)."""
+    enc = get_tokenizer(tokenizer)
+    dtype = token_dtype(enc.n_vocab)
+    docs = part_documents(part)
+    if max_documents is not None:
+        docs = itertools.islice(docs, max_documents)
+    n = 0
+    with open(spool, "wb") as f:
+        for batch in _batches(docs):
+            f.write(encode_documents(enc, batch, dtype).data)
+            n += len(batch)
+    return spool, n
 
 
 def _drain(pending: deque, router: SplitRouter, bar: tqdm, n_docs: int) -> int:

@@ -14,7 +14,8 @@
   Files are read in sorted path order, so the same files always give the same token stream.
 - `hf:NAME` with `--hf-config` and `--hf-split`: a Hugging Face hub dataset, streamed
   (`datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`), e.g.
-  `hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT`. Offline it fails at once.
+  `hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT`. Offline it fails at once, unless NAME is a
+  local directory laid out like a hub dataset repository (a downloaded snapshot), read the same way.
 """
 
 from __future__ import annotations
@@ -129,17 +130,58 @@ def local_documents(files: list[Path], *, text_field: str = "text", txt_mode: st
 
 
 def hub_documents(name: str, config: str | None, split: str, text_field: str) -> Iterator[str]:
-    """Open a hub dataset in streaming mode now (so that errors come at once); its documents lazily."""
-    _check_hub_reachable(name)
+    """Open a hub dataset in streaming mode now (so that errors come at once); its documents lazily.
+
+    `name` may also be a local directory laid out like a hub dataset repository (data files, and configs
+    declared in its README.md): `datasets` reads it exactly as it reads the hub, offline, which is how a
+    downloaded snapshot (`huggingface-cli download --repo-type dataset`) is used and how this path is tested.
+    """
+    return _rows_text(_open_hub(name, config, split), text_field, f"{HF_PREFIX}{name}")
+
+
+def _open_hub(name: str, config: str | None, split: str, *, check: bool = True):
+    if check and not Path(name).expanduser().is_dir():
+        _check_hub_reachable(name)
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=True)
+        return datasets.load_dataset(name, config, split=split, streaming=True)
     except Exception as e:  # DatasetNotFoundError, ValueError (bad config/split), ConnectionError, ...
         raise DataError(
             f"cannot open {HF_PREFIX}{name} (config {config!r}, split {split!r}): {type(e).__name__}: {e}"
         ) from None
-    return _rows_text(ds, text_field, f"{HF_PREFIX}{name}")
+
+
+def source_parts(
+    source: str,
+    *,
+    text_field: str = "text",
+    txt_mode: str = "file",
+    hf_config: str | None = None,
+    hf_split: str = "train",
+) -> list[tuple] | None:
+    """A source of several files as one picklable part per file, in stream order (the documents of the parts
+    laid end to end are the source's), so that processes can read and tokenize files in parallel; None
+    for a source that is one stream (pydoc, a single file, a hub dataset of one data file)."""
+    if source == PYDOC:
+        return None
+    if source.startswith(HF_PREFIX):
+        name = source.removeprefix(HF_PREFIX)
+        n = _open_hub(name, hf_config, hf_split).num_shards
+        return [("hf", name, hf_config, hf_split, text_field, i, n) for i in range(n)] if n > 1 else None
+    files = local_files(source)
+    return [("local", str(f), text_field, txt_mode) for f in files] if len(files) > 1 else None
+
+
+def part_documents(part: tuple) -> Iterator[str]:
+    """The documents of one part made by source_parts (in a worker process)."""
+    if part[0] == "hf":
+        _, name, config, split, text_field, index, n = part
+        ds = _open_hub(name, config, split, check=False).shard(num_shards=n, index=index, contiguous=True)
+        yield from _rows_text(ds, text_field, f"{HF_PREFIX}{name} (file {index + 1} of {n})")
+    else:
+        _, path, text_field, txt_mode = part
+        yield from local_documents([Path(path)], text_field=text_field, txt_mode=txt_mode)
 
 
 def _kind(path: Path) -> str | None:

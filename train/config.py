@@ -51,8 +51,13 @@ def _model_section() -> ModelConfig:
 
 @dataclass
 class DataSection:
-    dir: str = "datasets/pydoc-bytes"  # a directory written by `python -m data.prepare`
+    dir: str | None = "datasets/pydoc-bytes"  # a directory written by `python -m data.prepare`
     seq_len: int | None = None  # tokens per training sequence; null = model.block_size
+    # Instead of dir, a weighted mixture of such directories (data/mixture.py):
+    # [{dir: datasets/web, weight: 0.7, name: web (default: the dir's name), epochs_cap: 2 (optional)}, ...]
+    mix: list[dict] = field(default_factory=list)
+    # Weights from a step on, e.g. an annealing phase: [{step: 900, weights: {web: 0.3, code: 0.7}}]
+    mix_schedule: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -388,6 +393,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = _build(kw)
     if cfg.train.run_dir is None:
         cfg.train.run_dir = str(Path("runs") / (Path(path).stem if path is not None else "default"))
+    _data_source(cfg, kw)
     validate(cfg)
     return cfg
 
@@ -398,8 +404,26 @@ def config_from_dict(d: dict) -> Config:
     for key, value in _flatten(d):
         _set(kw, key, value)
     cfg = _build(kw)
+    _data_source(cfg, kw)
     validate(cfg)
     return cfg
+
+
+def _data_source(cfg: Config, kw: dict[str, dict]) -> None:
+    """data.dir and data.mix are alternatives: exactly one names the training data. data.dir has a
+    default (the demo dataset), so it counts as given only when set; under data.mix it becomes null."""
+    given_dir = kw.get("data", {}).get("dir", None)
+    if cfg.data.mix and given_dir is not None:
+        raise ConfigError(
+            f"data.dir={given_dir} and data.mix are both set: train on one dataset (data.dir) or a mixture "
+            "(data.mix), not both; remove one of them (override a config file's with data.dir=null)"
+        )
+    if cfg.data.mix:
+        cfg.data.dir = None
+    elif cfg.data.dir is None:
+        raise ConfigError("no training data: set data.dir to a prepared dataset, or data.mix to a list of them")
+    if cfg.data.mix_schedule and not cfg.data.mix:
+        raise ConfigError("data.mix_schedule changes the weights of data.mix, which is not set")
 
 
 # ----------------------------------------------------------------------------- checks

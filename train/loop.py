@@ -291,18 +291,50 @@ class Data:
     device: torch.device
     hellaswag_examples: list[dict] = dataclasses.field(default_factory=list)  # eval.hellaswag_data's, when on
 
+    mix: tuple = ()  # data.mix: (sources, weight phases) from data.mixture.parse_mix; () for data.dir
+
     @classmethod
     def open(cls, cfg: Config, rank: int, world_size: int, device: torch.device) -> Data:
         from data.tokenizer import get_tokenizer
 
-        meta = read_dataset_meta(cfg.data.dir)
+        mix = ()
+        if cfg.data.mix:
+            from data.mixture import mix_meta, parse_mix
+
+            mix = parse_mix(cfg.data.mix, cfg.data.mix_schedule)
+            for s in mix[0]:
+                read_dataset_meta(s.dir)  # a missing directory: the same advice as for data.dir
+            meta = mix_meta(mix[0])
+        else:
+            meta = read_dataset_meta(cfg.data.dir)
         tokenizer = get_tokenizer(meta["tokenizer"], sha256=meta.get("tokenizer_sha256"))
         examples = hellaswag.load(cfg) if cfg.eval.hellaswag_every > 0 else []
-        return cls(cfg, meta, tokenizer, rank, world_size, device, examples)
+        return cls(cfg, meta, tokenizer, rank, world_size, device, examples, mix)
+
+    @property
+    def label(self) -> str:
+        """What the run trains on, for the log and the artifact's metadata."""
+        if not self.mix:
+            return str(self.cfg.data.dir)
+        return "mix " + ", ".join(f"{s.name}={s.weight:g} ({s.dir})" for s in self.mix[0])
 
     def train_loader(self, vocab_size: int):
         from data.loader import BatchLoader
 
+        if self.mix:
+            from data.mixture import MixtureLoader
+
+            return MixtureLoader(
+                *self.mix,
+                seq_len=self.cfg.seq_len,
+                tokens_per_step=self.cfg.train.tokens_per_step,
+                micro_batch=self.cfg.train.micro_batch,
+                rank=self.rank,
+                world_size=self.world_size,
+                seed=self.cfg.train.seed,
+                device=self.device,
+                vocab_size=vocab_size,
+            )
         return BatchLoader(
             self.cfg.data.dir,
             seq_len=self.cfg.seq_len,
@@ -315,11 +347,12 @@ class Data:
             vocab_size=vocab_size,
         )
 
-    def val_batches(self, vocab_size: int):
+    def val_sets(self, vocab_size: int) -> list[tuple[str | None, float, object]]:
+        """(name, weight, val batches) per val set: one unnamed for data.dir, one per source of data.mix."""
         from data.loader import val_batches
 
-        return val_batches(
-            self.cfg.data.dir,
+        dirs = [(s.name, s.weight, s.dir) for s in self.mix[0]] if self.mix else [(None, 1.0, self.cfg.data.dir)]
+        kwargs = dict(
             seq_len=self.cfg.seq_len,
             batch_size=self.cfg.train.micro_batch,
             max_batches=self.cfg.train.eval_batches,
@@ -328,6 +361,7 @@ class Data:
             device=self.device,
             vocab_size=vocab_size,
         )
+        return [(name, weight, val_batches(d, **kwargs)) for name, weight, d in dirs]
 
 
 class Trainer:
@@ -399,7 +433,7 @@ class Trainer:
         )
         self.log(
             f"model {n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
-            f"{self.mcfg.n_embd} wide) | data {cfg.data.dir} (tokenizer {meta['tokenizer']}, "
+            f"{self.mcfg.n_embd} wide) | data {self.data.label} (tokenizer {meta['tokenizer']}, "
             f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
         self.log(
@@ -520,13 +554,28 @@ class Trainer:
         improved = state.step > 0 and (state.best_val is None or state.val_loss < state.best_val)
         if improved:
             state.best_val, state.best_step = state.val_loss, state.step
-        self.metrics.write({"step": state.step, "val_loss": state.val_loss})
+        parts = getattr(self, "val_parts", {})  # data.mix: each source's val loss, and its windows drawn so far
+        mix_stats = {
+            f"data/{name}/{k}": v
+            for name, stats in getattr(self.loader, "source_stats", dict)().items()
+            for k, v in stats.items()
+        }
+        self.metrics.write({"step": state.step, "val_loss": state.val_loss, **parts, **mix_stats})
+        detail = "".join(f" | {k} {v:.4f}" for k, v in parts.items())
         if state.step == 0:
-            self.log(f"step 0 | val loss {state.val_loss:.4f}")
+            self.log(f"step 0 | val loss {state.val_loss:.4f}{detail}")
         else:
             self.log(
                 f"step {state.step} | val loss {state.val_loss:.4f}"
                 + (" (best)" if improved else f" (best {state.best_val:.4f} at {state.best_step})")
+                + detail
+            )
+        if mix_stats:
+            self.log(
+                "data: "
+                + ", ".join(
+                    f"{n} {s['windows']:,} windows (epoch {s['epoch']})" for n, s in self.loader.source_stats().items()
+                )
             )
         return improved
 
@@ -589,22 +638,27 @@ class Trainer:
             "step": self.state.step,
             "val_loss": self.state.val_loss,
             **{k: v for k, v in self.state.artifact_metadata.items() if k.startswith("hellaswag_")},
-            "dataset": str(self.cfg.data.dir),
+            "dataset": self.data.label,
         }
         path = self.ckpts.save(self.state, is_best=is_best, with_model=is_best or final)
         self.log(f"saved checkpoint {path}" + (" (best)" if is_best else ""))
         return path
 
     def evaluate(self) -> float:
-        """Mean val loss over eval_batches per rank, summed over ranks before dividing."""
+        """Mean val loss over eval_batches per rank, summed over ranks before dividing. Under data.mix,
+        each source's val split separately (self.val_parts: val/<name>) and their mean weighted by the
+        data.mix weights (fixed for the run, so that val losses of different steps compare)."""
         dtype = self.cfg.train.dtype
-        batches = self.data.val_batches(self.mcfg.vocab_size)
-        with self.fork_rng():
-            total, count = loss_totals(
-                self.model, batches, autocast_dtype=None if dtype == "float32" else torch_dtype(dtype)
-            )
-        total, count = self.strategy.all_reduce_sum(total), self.strategy.all_reduce_sum(count)
-        return (total / count).item()
+        losses = []
+        for name, weight, batches in self.data.val_sets(self.mcfg.vocab_size):
+            with self.fork_rng():
+                total, count = loss_totals(
+                    self.model, batches, autocast_dtype=None if dtype == "float32" else torch_dtype(dtype)
+                )
+            total, count = self.strategy.all_reduce_sum(total), self.strategy.all_reduce_sum(count)
+            losses.append((name, weight, (total / count).item()))
+        self.val_parts = {f"val/{name}": loss for name, _, loss in losses if name is not None}
+        return sum(w * loss for _, w, loss in losses) / sum(w for _, w, _ in losses)
 
     def sample(self) -> str:
         opts, tokenizer = self.cfg.logging, self.data.tokenizer

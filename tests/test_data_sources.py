@@ -1,0 +1,167 @@
+"""The `hf:` source, offline: local directories laid out like hub dataset repositories (parquet shards, JSONL,
+configs declared in README.md), read by datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True) through
+the same code path as the hub, with --hf-config, --hf-split, --text-field and --max-documents."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from data.errors import DataError
+from data.prepare import main, prepare
+from data.shards import open_split, read_meta
+
+README = """---
+configs:
+- config_name: web
+  data_files:
+  - split: train
+    path: web/train-*.parquet
+  - split: validation
+    path: web/validation-*.parquet
+---
+# a local dataset repository
+"""
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root = tmp_path_factory.mktemp("hubrepo")  # a parquet repository with a config (one format per repo, as on the hub)
+    (root / "README.md").write_text(README)
+    (root / "web").mkdir()
+    jsonl = tmp_path_factory.mktemp("jsonlrepo")  # a JSONL repository without a README: the default config
+    (jsonl / "data").mkdir()
+    docs = {
+        "train": [f"web page {i}: " + "words " * (i % 7) for i in range(30)],
+        "validation": ["held out 0", "held out 1"],
+    }
+    for i in range(3):  # three parquet shards of the train split, 10 rows each
+        rows = docs["train"][i * 10 : (i + 1) * 10]
+        pq.write_table(pa.table({"text": rows, "id": list(range(len(rows)))}), root / "web" / f"train-{i:05d}.parquet")
+    pq.write_table(pa.table({"text": docs["validation"]}), root / "web" / "validation-00000.parquet")
+    code = [f"def f{i}():\n    return {i}\n" for i in range(12)]
+    for i in range(2):
+        rows = code[i * 6 : (i + 1) * 6]
+        (jsonl / "data" / f"train-{i:05d}.jsonl").write_text("".join(json.dumps({"content": c}) + "\n" for c in rows))
+    return root, docs, code, jsonl
+
+
+def documents(out) -> list[str]:
+    """The documents of a bytes-tokenized dataset: its val + train streams split at <|endoftext|> (256)."""
+    meta = read_meta(out)
+    tokens = np.concatenate(
+        [open_split(out, sp).read(0, meta[f"{sp}_tokens"]) for sp in ("val", "train") if meta[f"{sp}_tokens"]]
+    )
+    docs, cur = [], []
+    for t in tokens.tolist():
+        if t == 256:
+            if cur or docs:
+                docs.append(bytes(cur).decode())
+            cur = []
+        else:
+            cur.append(t)
+    docs.append(bytes(cur).decode())
+    return docs[1:] if docs and docs[0] == "" else docs
+
+
+def test_parquet_shards_with_config_and_split(repo, tmp_path):
+    root, docs, _, _ = repo
+    out = tmp_path / "web"
+    meta = prepare(out, source=f"hf:{root}", hf_config="web", tokenizer="bytes", val_tokens=0, progress=False)
+    assert meta["documents"] == 30 and documents(out) == docs["train"], "all three shards, in file order"
+    val = tmp_path / "val"
+    prepare(
+        val,
+        source=f"hf:{root}",
+        hf_config="web",
+        hf_split="validation",
+        tokenizer="bytes",
+        val_tokens=0,
+        progress=False,
+    )
+    assert documents(val) == docs["validation"]
+    few = tmp_path / "few"
+    assert (
+        prepare(
+            few, source=f"hf:{root}", hf_config="web", max_documents=4, tokenizer="bytes", val_tokens=0, progress=False
+        )["documents"]
+        == 4
+    )
+    assert documents(few) == docs["train"][:4]
+
+
+def test_jsonl_config_with_text_field_from_the_command_line(repo, tmp_path):
+    _, _, code, jsonl = repo
+    out = tmp_path / "code"
+    main(
+        [
+            "--source",
+            f"hf:{jsonl}",
+            "--hf-split",
+            "train",
+            "--text-field",
+            "content",
+            "--max-documents",
+            "8",
+            "--tokenizer",
+            "bytes",
+            "--val-tokens",
+            "0",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
+    assert documents(out) == code[:8]
+
+
+def test_hf_errors_are_one_line(repo, tmp_path):
+    root, _, _, _ = repo
+    with pytest.raises(DataError, match=r"cannot open hf:.* \(config 'nope'"):
+        prepare(tmp_path / "a", source=f"hf:{root}", hf_config="nope", tokenizer="bytes", progress=False)
+    with pytest.raises(DataError, match="no field 'content'"):
+        prepare(
+            tmp_path / "b",
+            source=f"hf:{root}",
+            hf_config="web",
+            text_field="content",
+            tokenizer="bytes",
+            progress=False,
+        )
+    with pytest.raises(SystemExit, match="data.prepare: error: .*HF_HUB_OFFLINE is set"):
+        main(["--source", "hf:someone/not-a-local-dir", "--out", str(tmp_path / "c"), "--quiet"])
+
+
+@pytest.mark.slow  # worker processes
+def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tmp_path, monkeypatch):
+    """workers > 1 on a source of several files: one process per file, shards byte-identical to one stream's,
+    --max-documents cutting inside a file included."""
+    import data.prepare
+
+    monkeypatch.setattr(data.prepare, "_PARALLEL_MIN_BYTES", 0)  # these files are tiny: use processes anyway
+    serial = data.prepare._write_shards
+
+    def only_one_worker(*args):
+        assert args[6] == 1, "with workers > 1 the files go to processes, not to the one-stream path"
+        return serial(*args)
+
+    monkeypatch.setattr(data.prepare, "_write_shards", only_one_worker)
+    root, docs, _, jsonl = repo
+    cases = [
+        dict(source=f"hf:{root}", hf_config="web", max_documents=14),  # ends inside the second file
+        dict(source=str(jsonl / "data"), text_field="content", max_documents=7),  # local files
+    ]
+    for i, case in enumerate(cases):
+        metas = [
+            prepare(tmp_path / f"{i}-{w}", tokenizer="bytes", val_tokens=50, workers=w, progress=False, **case)
+            for w in (1, 2)
+        ]
+        assert metas[0]["documents"] == metas[1]["documents"] == case.get("max_documents", 30)
+        assert [s["sha256"] for s in metas[0]["shards"]] == [s["sha256"] for s in metas[1]["shards"]]
+        assert not list((tmp_path / f"{i}-2").glob(".part-*")), "no spool file is left in the dataset"
+    assert documents(tmp_path / "0-2") == docs["train"][:14]
