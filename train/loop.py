@@ -290,7 +290,6 @@ class Data:
     world_size: int
     device: torch.device
     hellaswag_examples: list[dict] = dataclasses.field(default_factory=list)  # eval.hellaswag_data's, when on
-
     mix: tuple = ()  # data.mix: (sources, weight phases) from data.mixture.parse_mix; () for data.dir
 
     @classmethod
