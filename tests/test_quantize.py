@@ -180,7 +180,7 @@ def test_tuned_kernels_follow_the_timings():
     speed = {(64, "float", 1): 1, (48, "int8pack", 1): 1, (64, "dequant", 64): 1, (48, "dequant", 64): 1}
     calls = []
 
-    def timer(q, kernel, rows, budget):
+    def timer(q, kernel, rows):
         calls.append((q.in_features, kernel, rows))
         return speed.get((q.in_features, kernel, rows), 5)
 
