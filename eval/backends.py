@@ -83,6 +83,10 @@ class TorchBackend(Backend):
         self.dtype = p.dtype if p is not None and p.is_floating_point() and name != "int8" else torch.float32
         if self.dtype == torch.float32 and self.device.type == "cpu":
             decode_layout(model)
+        if name == "int8":
+            from model.quantize import tune_kernels
+
+            tune_kernels(model)  # each layer's fastest int8 path on this CPU, for decode and for prefill
         self.cache: KVCache | None = None
         self.pos = 0
         self.compiled = compile

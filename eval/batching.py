@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from eval.cli import UsageError
-from eval.generate import sample_next  # the one sampling rule (moves to model/sampling.py)
 from model import GPT
+from model.sampling import sample_next  # the one sampling rule
 
 # on_token(seq, token, logprob) -> True when the sequence is finished (a stop string in its text).
 # logprob is None unless the sequence asked for logprobs: (chosen log-prob, [(token, log-prob)] top-k).

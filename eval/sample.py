@@ -73,19 +73,19 @@ def read_prompts(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def encode_prompt(enc, text: str | None, block_size: int, max_new_tokens: int, crop: bool) -> list[int]:
+def encode_prompt(enc, text: str | None, block_size: int, crop: bool) -> list[int]:
     if text is None:
         return [enc.eot_token]
     ids = enc.encode(text, allowed_special="all")  # a literal <|endoftext|> in a prompt is the token
     if not ids:
         raise UsageError("the prompt is empty; give some text or leave the prompt out for an unconditional sample")
-    if len(ids) >= block_size:
+    if len(ids) > block_size:
         if not crop:
             raise UsageError(
                 f"the prompt is {len(ids)} tokens but the model's context is {block_size}; "
                 "shorten it, or pass --crop-prompt to keep its end"
             )
-        ids = ids[-max(1, block_size - max_new_tokens) :]
+        ids = ids[-block_size:]  # generation past the context crops again as it goes (eval.generate)
     return ids
 
 
@@ -148,14 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     if enc.n_vocab > backend.vocab_size:
         raise UsageError(f"tokenizer {enc.name!r} has {enc.n_vocab} tokens but the model only {backend.vocab_size}")
     texts = read_prompts(args)
-    prompts = [
-        encode_prompt(enc, t, backend.block_size, args.max_new_tokens, args.crop_prompt) for t in (texts or [None])
-    ]
-    room = backend.block_size - max(len(p) for p in prompts)
-    max_new = args.max_new_tokens
-    if max_new > room:
-        print(f"[note: generating {room} tokens, all that fit in the context of {backend.block_size}]", file=sys.stderr)
-        max_new = room
+    prompts = [encode_prompt(enc, t, backend.block_size, args.crop_prompt) for t in (texts or [None])]
+    max_new = args.max_new_tokens  # past the context, eval.generate keeps the recent half and goes on
     stop_ids, stop_texts = stop_rules(enc, args.stop if args.stop is not None else [EOT])
     common = dict(temperature=args.temperature, top_k=top_k, top_p=args.top_p, stop_ids=stop_ids)
     out = sys.stdout

@@ -27,6 +27,16 @@ def dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding(num, dim). Under torch.device("meta") (how loaders build a model to fill), its own
+    N(0, 1) init is skipped: normal_ on a meta tensor imports torch._dynamo (about a third of
+    eval.sample's start-up), and the values are overwritten by init_weights or the loaded weights.
+    Elsewhere it is built as usual, so seeded initializations draw the same numbers as before."""
+    if torch.empty(0).device.type == "meta":
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 def rope_tables(cfg: ModelConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (block_size, head_dim/2), float32 (Su et al. 2021, eq. 34)."""
     half = cfg.head_dim // 2
@@ -163,14 +173,14 @@ class GPT(nn.Module):
         V = cfg.padded_vocab_size
         self.transformer = nn.ModuleDict(
             dict(
-                wte=nn.Embedding(V, cfg.n_embd),
+                wte=embedding(V, cfg.n_embd),
                 drop=dropout(cfg.dropout),
                 h=nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)]),
                 ln_f=make_norm(cfg),
             )
         )
         if cfg.family == "gpt2":
-            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+            self.transformer["wpe"] = embedding(cfg.block_size, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -178,7 +188,8 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if self.lm_head.weight.device.type != "meta":  # a meta model is filled later (to_empty, then
+            self.init_weights()  # init_weights or a load); normal_ on meta tensors imports torch._dynamo
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -11,19 +11,26 @@ embedding lookup (a row times its scale) and the output projection (a per-output
 Compute: the storage is kernel-independent; the matmul is picked per machine (`kernel=`):
 - "int8pack": torch._weight_int8pack_mm (gpt-fast's CPU path), weight-only: fp32 activations times int8
   weights, dequantized inside the kernel. Vectorized on AVX-512 and ARM CPUs only; on an AVX2-only
-  x86 CPU ATen falls back to a scalar loop that is ~10x slower than fp32 (measured, see bench notes).
+  x86 CPU ATen falls back to a scalar loop. Even on AVX-512 it lost to fp32 (issue 12's figures).
 - "fbgemm": FBGEMM's dynamic int8 GEMM (torch.ops.quantized.linear_dynamic): activations quantized
   per tensor to 7-bit (reduce_range; AVX2 has no VNNI and would saturate int16 accumulators), int8
-  x int8 -> int32, rescaled to fp32. Vectorized on AVX2; the fastest int8 path on such CPUs. These are
-  the kernels, not the deprecated torch.ao.quantization flow: no observers, no module swapping API.
-- "dequant": F.linear(x, weight.to(x.dtype) * scale): the reference, and the path on GPUs.
-"auto" takes int8pack where it is vectorized, else fbgemm where it exists, else dequant.
+  x int8 -> int32, rescaled to fp32. Vectorized on AVX2 and AVX-512. These are the kernels, not the
+  deprecated torch.ao.quantization flow: no observers, no module swapping API.
+- "dequant": F.linear(x, weight.to(x.dtype) * scale): the reference, the path on GPUs, and a prefill
+  path (a long prompt amortizes the dequantization over its rows).
+- "float": the dequantized weight kept in memory in fp32, F.linear: fp32's own speed at 4x that
+  layer's memory. Only tune_kernels picks it, for layers where no int8 kernel beats it (small ones,
+  whose time is per-call overhead), so that int8 is never slower than fp32.
+"auto" takes the static rule of pick_kernel; tune_kernels (run by eval's int8 backend at load) then
+times the candidates on this CPU, once per layer shape, separately for decode (a few rows) and
+prefill (many rows: Int8Linear.prefill_kernel from PREFILL_ROWS rows on).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import time
 import warnings
 from pathlib import Path
 
@@ -35,15 +42,17 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from model.io import ArtifactError, load_state, save_artifact
 
-KERNELS = ("auto", "int8pack", "fbgemm", "dequant")
+KERNELS = ("auto", "int8pack", "fbgemm", "dequant", "float")
 QUANTIZATION = "int8"
+PREFILL_ROWS = 16  # from this many rows (batch x tokens) on, a call is a prefill: Int8Linear.prefill_kernel
 
 
 def pick_kernel(device: torch.device | str = "cpu") -> str:
-    """The fastest int8 matmul this machine has (see the module docstring)."""
+    """The static rule, before any timing: FBGEMM on x86 (vectorized on AVX2 and AVX-512), int8pack on
+    ARM (where FBGEMM does not exist), the reference elsewhere (GPUs)."""
     if torch.device(device).type != "cpu":
         return "dequant"
-    if platform.machine().lower() in ("arm64", "aarch64") or torch.backends.cpu.get_cpu_capability() == "AVX512":
+    if platform.machine().lower() in ("arm64", "aarch64"):
         return "int8pack"
     if "fbgemm" in torch.backends.quantized.supported_engines:
         return "fbgemm"
@@ -70,7 +79,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         self.kernel = pick_kernel(self.weight.device) if kernel == "auto" else kernel
+        self.prefill_kernel = self.kernel  # for calls of PREFILL_ROWS rows or more; tune_kernels may change it
+        self.tunable = kernel == "auto"  # tune_kernels only re-chooses what the caller left to the machine
         self._packed = None  # FBGEMM's prepacked weight, built on first use (after load_state_dict)
+        self._float = None  # the "float" kernel's fp32 weight, built on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> Int8Linear:
@@ -81,7 +93,7 @@ class Int8Linear(nn.Module):
         return q
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._packed = None  # new weights: repack
+        self._packed = self._float = None  # new weights: repack
         super()._load_from_state_dict(*args, **kwargs)
 
     def _fbgemm_weight(self):
@@ -94,17 +106,93 @@ class Int8Linear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x (..., in) -> (..., out)
-        if self.kernel == "fbgemm" and x.dtype == torch.float32 and x.device.type == "cpu":
+        kernel = self.kernel if x.numel() < PREFILL_ROWS * self.in_features else self.prefill_kernel
+        if kernel == "float" and self._float is not None and x.dtype == torch.float32:
+            return F.linear(x, self._float, self.bias)  # the decode step's common case, first
+        return self.run(kernel, x)
+
+    def run(self, kernel: str, x: torch.Tensor) -> torch.Tensor:
+        """x through the named kernel (kernels that do not apply to x's dtype / device use the reference)."""
+        cpu = x.device.type == "cpu"
+        if kernel == "fbgemm" and x.dtype == torch.float32 and cpu:
             return torch.ops.quantized.linear_dynamic(x, self._fbgemm_weight(), True)
-        if self.kernel == "int8pack" and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
+        if kernel == "int8pack" and x.dtype in (torch.float32, torch.bfloat16) and cpu:
             y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight, self.scale.to(x.dtype))
             y = y.reshape(*x.shape[:-1], self.out_features)  # (..., out)
             return y if self.bias is None else y + self.bias.to(x.dtype)
+        if kernel == "float" and x.dtype == torch.float32:
+            if self._float is None:
+                w = self.weight.float() * self.scale[:, None]  # (out, in)
+                # eval.backends.decode_layout's stride choice for fp32 Linears, for the same reason
+                self._float = w.t().contiguous().t() if self.out_features >= self.in_features else w
+            return F.linear(x, self._float, self.bias)
         w = self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None]  # (out, in): the reference
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, kernel={self.kernel}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+            f"kernel={self.kernel}, prefill_kernel={self.prefill_kernel}"
+        )
+
+
+def time_kernel(q: Int8Linear, kernel: str, rows: int) -> float:
+    """Seconds of one call of `kernel` on `rows` random rows."""
+    x = torch.randn(rows, q.in_features, device=q.weight.device)
+    t0 = time.perf_counter()
+    q.run(kernel, x)
+    return time.perf_counter() - t0
+
+
+ROUNDS = 5  # timings per candidate; the fastest counts (timeit's rule)
+
+
+_TUNED: dict[tuple, tuple[str, str]] = {}  # (in, out, bias, device) -> (decode, prefill kernel), per process
+
+
+def candidates(device: torch.device) -> tuple[list[str], list[str]]:
+    """(decode, prefill) kernels worth timing on this device. int8pack is a weight-only matrix-vector
+    kernel: not a prefill candidate (its prefill ran 26x slower than fp32 even on AVX-512, issue 12)."""
+    if device.type != "cpu":
+        return ["dequant"], ["dequant"]
+    fbgemm = ["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else []
+    return [*fbgemm, "int8pack", "float"], [*fbgemm, "dequant", "float"]
+
+
+@torch.no_grad()
+def tune_kernels(model: nn.Module, timer=time_kernel, prefill_rows: int = 64) -> dict[tuple, tuple[str, str]]:
+    """Choose each tunable Int8Linear's decode and prefill kernel by timing the candidates on this machine
+    (once per layer shape and process), so int8 runs at the speed of its fastest path, never below
+    fp32 ("float" is a candidate). timer(layer, kernel, rows) -> seconds of one call. Returns the choices."""
+    chosen = {}
+    for mod in model.modules():
+        if not (isinstance(mod, Int8Linear) and mod.tunable):
+            continue
+        key = (mod.in_features, mod.out_features, mod.bias is not None, str(mod.weight.device))
+        picks = _TUNED.get(key) if timer is time_kernel else None
+        if picks is None:
+            decode, prefill = candidates(mod.weight.device)
+            picks = []
+            for rows, kernels in ((1, decode), (prefill_rows, prefill)):
+                for k in kernels:
+                    timer(mod, k, rows)  # first call: packing, allocation
+                # Round-robin, as eval.bench does: a slow spell of a shared CPU hits every candidate
+                # alike. A candidate 3x slower than the best so far is dropped (a scalar fallback can
+                # be 100x slower: it is not timed at length).
+                best = dict.fromkeys(kernels, float("inf"))
+                alive = list(kernels)
+                for _ in range(ROUNDS):
+                    for k in alive:
+                        best[k] = min(best[k], timer(mod, k, rows))
+                    alive = [k for k in alive if best[k] <= 3 * min(best.values())]
+                picks.append(min(best, key=best.get))
+            if timer is time_kernel:
+                _TUNED[key] = tuple(picks)
+        mod.kernel, mod.prefill_kernel = picks
+        if "float" not in (mod.kernel, mod.prefill_kernel):
+            mod._float = None  # timing built it; keep only what a chosen kernel uses
+        chosen[key] = (mod.kernel, mod.prefill_kernel)
+    return chosen
 
 
 class Int8Embedding(nn.Module):

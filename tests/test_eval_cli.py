@@ -109,6 +109,29 @@ def test_user_errors_are_one_line(trained, tmp_path, capsys):
     one_line_error(*cli(capsys, sample.main, "--ckpt", art, "--top-p", 1.5)[::2], "--top-p")
 
 
+def test_sample_goes_on_past_the_context(trained, capsys):
+    """--max-new-tokens beyond the 64-token context: all of them come (bytes: one character each), no note."""
+    art, _ = trained
+    args = ["--ckpt", art, "--prompt", "def ", "--max-new-tokens", 150, "--temperature", 0, "--stop", "", "--no-echo"]
+    rc, out, err = cli(capsys, sample.main, *args)
+    assert rc == 0 and err == ""
+    assert len(out[:-1].encode("utf-8", errors="replace")) >= 150 - 4  # a few bytes may be one U+FFFD
+
+
+@pytest.mark.parametrize("flags,imported", [((), False), (("--compile",), True)])
+def test_sample_imports_the_compiler_only_for_compile(trained, flags, imported):
+    """torch._dynamo is a large import: a plain sample does without it; --compile needs it."""
+    art, _ = trained
+    argv = ["--ckpt", str(art), "--prompt", "a", "--max-new-tokens", "1", *flags]
+    code = (
+        "import sys\nfrom eval import sample\nfrom eval.cli import run\n"
+        f"assert run(sample.main, {argv!r}) == 0\nprint('torch._dynamo' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == str(imported)
+
+
 def test_real_process_exit_code_without_traceback(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "eval.sample", "--ckpt", str(tmp_path / "missing")],

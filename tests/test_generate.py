@@ -22,6 +22,16 @@ def backend(family: str = "gpt2", seed: int = 0, **kw) -> TorchBackend:
     return TorchBackend(GPT(ModelConfig(**{**base, **kw})).eval(), {"tokenizer": "bytes"})
 
 
+def lively(be: TorchBackend, scale: float = 10.0) -> TorchBackend:
+    """Scale every weight matrix up: a tiny random model at init repeats one token forever, and a test
+    of where generation crops needs text that depends on its context."""
+    with torch.no_grad():
+        for p in be.model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return be
+
+
 # A hand-built distribution over 5 tokens: p = [0.5, 0.25, 0.15, 0.07, 0.03].
 P = torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03]])
 LOGITS = P.log()
@@ -133,10 +143,34 @@ def test_on_token_can_finish_a_row():
     assert len(out[0]) == 3 and seen == out[0]
 
 
-def test_context_overflow_is_a_clear_error():
+def test_a_prompt_longer_than_the_context_is_a_clear_error():
     be = backend()
     with pytest.raises(ValueError, match="exceeds the model's context of 48"):
-        generate(be, [[1] * 40], 10)
+        generate(be, [[1] * 49], 10)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+@pytest.mark.parametrize("prompt_len,keep", [(5, None), (48, 10)])
+def test_generation_past_the_context_equals_the_cropping_reference(family, prompt_len, keep):
+    """Past the 48-token context the engine re-prefills the last `keep` tokens (positions restart): the
+    no-cache loop that crops the same way gives the same tokens; nanoGPT's sliding crop does not."""
+    be = lively(backend(family))
+    prompt = torch.randint(0, 97, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    n = 110  # two or more crops
+    cached = generate(be, [prompt], n, temperature=0, keep=keep)[0]
+    kept = keep or be.block_size // 2
+    assert len(cached) == n
+    assert cached == generate_no_cache(be.forward, prompt, n, be.block_size, keep=kept)
+    assert cached != generate_no_cache(be.forward, prompt, n, be.block_size)  # the crop rule matters
+
+
+def test_a_left_padded_batch_goes_past_the_context():
+    """The longest row of a batch crops exactly when it would alone; shorter rows keep their padding."""
+    be = lively(backend("modern"))
+    prompts = [list(range(1, 21)), [7, 8, 9]]
+    out = generate(be, prompts, 70, temperature=0)
+    assert [len(o) for o in out] == [70, 70]
+    assert out[0] == generate_no_cache(be.forward, prompts[0], 70, be.block_size, keep=24)
 
 
 def test_text_stream_holds_back_partial_utf8():

@@ -12,6 +12,7 @@ from model import GPT, ModelConfig
 from model.io import load_model
 from model.loss import mean_loss
 from model.quantize import (
+    PREFILL_ROWS,
     Int8Embedding,
     Int8Linear,
     linear_weight_bytes,
@@ -20,6 +21,7 @@ from model.quantize import (
     quantize_model,
     quantize_weight,
     save_quantized,
+    tune_kernels,
 )
 
 
@@ -91,7 +93,7 @@ def test_artifact_round_trip_untied_and_tied(tmp_path, family):
     loaded, _ = load_quantized(save_quantized(tmp_path / "q", q, meta))
     for m in loaded.modules():
         if isinstance(m, Int8Linear):
-            m.kernel = "dequant"
+            m.kernel = m.prefill_kernel = "dequant"
     x = torch.randint(0, 257, (2, 10))
     torch.testing.assert_close(loaded(x), q(x), atol=0, rtol=0)
     torch.testing.assert_close(loaded(x), model(x), atol=0.05, rtol=0)
@@ -120,15 +122,26 @@ class OpNames(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# the matmul each kernel stands for; the other two must not run
+# the matmul each kernel stands for; the others must not run
 KERNEL_OP = {
     "int8pack": "aten._weight_int8pack_mm.default",
     "fbgemm": "quantized.linear_dynamic.default",
     "dequant": "aten.addmm.default",
+    "float": "aten.addmm.default",
 }
+DEQUANTIZE_OP = "aten._to_copy.default"  # int8 -> float: the reference dequantizes per call, "float" never
 
 
-@pytest.mark.parametrize("kernel", ["auto", "int8pack", "fbgemm", "dequant"])
+def ran_kernels(q: Int8Linear, x: torch.Tensor) -> set[str]:
+    q(x)  # "float" builds its fp32 weight on the first call (a dequantization): watch the second
+    with OpNames() as mode:
+        q(x)
+    return {k for k, op in KERNEL_OP.items() if op in mode.ops} - (
+        {"float"} if DEQUANTIZE_OP in mode.ops else {"dequant"}
+    )
+
+
+@pytest.mark.parametrize("kernel", ["auto", "int8pack", "fbgemm", "dequant", "float"])
 def test_each_kernel_runs_its_own_matmul(kernel):
     """A kernel that silently fell back to the dequantized reference would still match it in value:
     check the op that runs. "auto" must run the kernel pick_kernel chose for this machine."""
@@ -137,28 +150,61 @@ def test_each_kernel_runs_its_own_matmul(kernel):
     torch.manual_seed(0)
     q = Int8Linear.from_linear(torch.nn.Linear(64, 48), kernel)
     resolved = pick_kernel("cpu") if kernel == "auto" else kernel
-    assert q.kernel == resolved
-    x = torch.randn(3, 64)
-    with OpNames() as mode:
-        q(x)
-    ran = {op for op in KERNEL_OP.values() if op in mode.ops}
-    assert ran == {KERNEL_OP[resolved]}, mode.ops
+    assert q.kernel == q.prefill_kernel == resolved
+    assert ran_kernels(q, torch.randn(3, 64)) == {resolved}
 
 
 def test_kernel_choice_follows_the_machine():
-    """auto takes int8pack only where ATen vectorizes it (AVX-512, ARM): on an AVX2-only x86 CPU its
-    scalar fallback is slower than fp32, so FBGEMM (vectorized on AVX2) must be chosen there."""
+    """The static rule: FBGEMM on x86 (vectorized on AVX2 and AVX-512, where int8pack lost to fp32),
+    int8pack on ARM (no FBGEMM there), the reference where neither applies."""
     arm = platform.machine().lower() in ("arm64", "aarch64")
-    vectorized_int8pack = arm or torch.backends.cpu.get_cpu_capability() == "AVX512"
     fbgemm = "fbgemm" in torch.backends.quantized.supported_engines
     choice = pick_kernel("cpu")
-    if not vectorized_int8pack:
-        assert choice == ("fbgemm" if fbgemm else "dequant")
-    else:
-        assert choice == "int8pack"
+    assert choice == ("int8pack" if arm else "fbgemm" if fbgemm else "dequant")
     assert pick_kernel("meta") == "dequant"  # not a CPU: the reference path (GPUs take it too)
     with pytest.raises(ValueError, match="unknown int8 kernel"):
         Int8Linear(4, 4, kernel="fast")
+
+
+def test_tuned_kernels_follow_the_timings():
+    """tune_kernels takes the fastest candidate per layer shape, for decode (1 row) and prefill
+    (many rows) separately, and leaves layers with an explicit kernel alone; forward then runs the
+    decode kernel on a few rows and the prefill kernel from PREFILL_ROWS rows on."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        Int8Linear.from_linear(torch.nn.Linear(64, 48)),
+        Int8Linear.from_linear(torch.nn.Linear(48, 64)),
+        Int8Linear.from_linear(torch.nn.Linear(64, 48), kernel="dequant"),  # the caller's choice
+    )
+    # a made-up machine: float wins decode of the 64 -> 48 layer, int8pack of the other; dequant prefill
+    speed = {(64, "float", 1): 1, (48, "int8pack", 1): 1, (64, "dequant", 64): 1, (48, "dequant", 64): 1}
+    calls = []
+
+    def timer(q, kernel, rows):
+        calls.append((q.in_features, kernel, rows))
+        return speed.get((q.in_features, kernel, rows), 5)
+
+    chosen = tune_kernels(model, timer=timer)
+    assert chosen == {(64, 48, True, "cpu"): ("float", "dequant"), (48, 64, True, "cpu"): ("int8pack", "dequant")}
+    assert [(m.kernel, m.prefill_kernel) for m in model] == [("float", "dequant"), ("int8pack", "dequant")] + [
+        ("dequant", "dequant")
+    ]
+    assert not any(k == "int8pack" and rows > 1 for _, k, rows in calls)  # never a prefill candidate
+    q = model[0]
+    assert ran_kernels(q, torch.randn(2, 64)) == {"float"}
+    assert ran_kernels(q, torch.randn(1, PREFILL_ROWS, 64)) == {"dequant"}
+    assert ran_kernels(model[1], torch.randn(1, 48)) == {"int8pack"}
+
+
+def test_tuning_on_this_machine_keeps_the_values():
+    """The real timer: whatever it picks computes what the reference does."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96)
+    q, ref = Int8Linear.from_linear(lin), Int8Linear.from_linear(lin, "dequant")
+    tune_kernels(torch.nn.Sequential(q))
+    for x in (torch.randn(1, 64), torch.randn(40, 64)):
+        tol = 0.05 * ref(x).abs().max().item()  # fbgemm quantizes activations too
+        torch.testing.assert_close(q(x), ref(x), atol=tol, rtol=0)
 
 
 def test_float_loader_refuses_an_int8_artifact(tmp_path):
