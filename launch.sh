@@ -44,7 +44,7 @@ demo() {
     fi
     echo "== the baseline: a unigram model of the corpus"
     "$PYTHON" -m train.unigram "$data"
-    echo "== training configs/debug.yaml on the CPU (about 5 minutes on 2 cores)"
+    echo "== training configs/debug.yaml on the CPU (a few minutes on 2 cores)"
     # Ctrl-C: training saves a checkpoint and exits 0; stop the demo there too (rerun to resume).
     trap 'echo "launch.sh: demo interrupted; run it again to resume from the checkpoint" >&2; exit 130' INT TERM
     "$PYTHON" -m train --config configs/debug.yaml train.device=cpu "data.dir=$data" "train.run_dir=$run" "$@"

@@ -48,8 +48,8 @@ def decode_layout(model: torch.nn.Module) -> None:
 
     Decoding a few rows is a matrix-vector product that streams every weight from DRAM once per token.
     On the bench's CPU (MKL sgemv, AVX2) the (in, out) layout streams faster when the output side is
-    the longer one (the other Linears stream faster as they are): about +20% gpt2 decode tokens/s at
-    batch 1 (README, Inference), while long prompts, matrix-matrix products, run as fast as before.
+    the longer one (the other Linears stream faster as they are): gpt2 decode at batch 1 gains
+    (docs/benchmarks.md), while long prompts, matrix-matrix products, run as fast as before.
     ONNX Runtime prepacks its weights for the same reason. A tied head stays tied: the Parameter
     itself is re-strided.
     """
@@ -119,7 +119,7 @@ class TorchBackend(Backend):
         h = self.model.trunk(tokens, pos, update, attn_mask=mask, is_causal=False)  # (B, 1, C)
         return self.model.head(h)[:, -1]  # (B, V)
 
-    @torch.inference_mode()  # a little less per-op bookkeeping than no_grad (~7% per decode step here)
+    @torch.inference_mode()  # a little less per-op bookkeeping per decode step than no_grad
     def prefill(self, tokens, left_pad, max_len):
         B, T = tokens.shape
         if self.compiled:  # a few cache lengths, not one per call: each is a compiled graph

@@ -1,4 +1,4 @@
-"""python -m eval.bench: inference speed and sizes, printed (the README's numbers come from here).
+"""python -m eval.bench: inference speed and sizes, printed (docs/benchmarks.md's numbers come from here).
 
     python -m eval.bench                                  # demo model and gpt2, every backend
     python -m eval.bench --models demo --batch-sizes 1    # a quick look

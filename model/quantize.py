@@ -11,7 +11,7 @@ embedding lookup (a row times its scale) and the output projection (a per-output
 Compute: the storage is kernel-independent; the matmul is picked per machine (`kernel=`):
 - "int8pack": torch._weight_int8pack_mm (gpt-fast's CPU path), weight-only: fp32 activations times int8
   weights, dequantized inside the kernel. Vectorized on AVX-512 and ARM CPUs only; on an AVX2-only
-  x86 CPU ATen falls back to a scalar loop. Even on AVX-512 it lost to fp32 (issue 12's figures).
+  x86 CPU ATen falls back to a scalar loop. Even on AVX-512 it lost to fp32 (docs/benchmarks.md).
 - "fbgemm": FBGEMM's dynamic int8 GEMM (torch.ops.quantized.linear_dynamic): activations quantized
   per tensor to 7-bit (reduce_range; AVX2 has no VNNI and would saturate int16 accumulators), int8
   x int8 -> int32, rescaled to fp32. Vectorized on AVX2 and AVX-512. These are the kernels, not the

@@ -31,7 +31,7 @@ from train.metrics import device_peak_flops
 from train.optim import build_optimizer
 from train.strategy import SingleProcess, StrategySpec
 
-# The reference setting of the README's table.
+# The reference setting of docs/benchmarks.md's table.
 REFERENCE = [
     "model.n_layer=4",
     "model.n_head=4",
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--config", help="a run file; default: the README's reference model on the bytes vocabulary")
+    ap.add_argument("--config", help="a run file; default: the benchmarks doc's reference model, bytes vocabulary")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     ap.add_argument("--steps", type=int, default=10, help="measured steps per setting (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation; default 3)")

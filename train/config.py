@@ -97,7 +97,7 @@ class TrainSection:
     # float32 elsewhere
     dtype: str = "float32"
     compile: bool = False  # torch.compile the model
-    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% slower
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward
     seed: int = 1337
     resume: str = "auto"  # auto: from run_dir's latest checkpoint if any | never | a checkpoint path
     init_from: str | None = None  # a model artifact / checkpoint / run dir: its weights, fresh optimizer

@@ -158,7 +158,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         return out
 
     def save_state(self, state_dir: Path) -> dict:
-        # Every rank writes its ZeRO partition; DeepSpeed pickles these files (see README).
+        # Every rank writes its ZeRO partition; DeepSpeed pickles these files (docs/checkpoints.md).
         self.engine.save_checkpoint(str(state_dir), tag=TAG, save_latest=False)
         return {"world_size": self.world_size, "zero_stage": self.zero_stage}
 
