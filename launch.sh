@@ -18,16 +18,18 @@
 #                                                          from SLURM's variables (one task per node)
 #   bash launch.sh --deepspeed configs/X.yaml [...]        parallel.strategy=deepspeed
 #
-# Environment: PYTHON (default python), TORCHRUN (default torchrun), and for multi-node NNODES, NODE_RANK,
+# Environment: PYTHON (default python), TORCHRUN (default: PYTHON -m train.torchrun, torchrun less its own
+# traceback when a rank fails), and for multi-node NNODES, NODE_RANK,
 # MASTER_ADDR, MASTER_PORT (set by hand, or derived from SLURM_* under SLURM).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 PYTHON=${PYTHON:-python}
-TORCHRUN=${TORCHRUN:-torchrun}
+# torchrun as an array: by default `python -m train.torchrun` (train/torchrun.py), a file path if TORCHRUN is set.
+if [[ -n ${TORCHRUN:-} ]]; then TORCHRUN_CMD=("$TORCHRUN"); else TORCHRUN_CMD=("$PYTHON" -m train.torchrun); fi
 
 usage() {
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
 }
 
 die() {
@@ -105,15 +107,15 @@ launch() {
             exec "$PYTHON" -m train --config "$config" "$@"
             ;;
         torchrun)
-            echo "+ $TORCHRUN --standalone --nproc_per_node=$nproc -m train --config $config $*" >&2
-            exec "$TORCHRUN" --standalone --nproc_per_node="$nproc" -m train --config "$config" "$@"
+            echo "+ torchrun --standalone --nproc_per_node=$nproc -m train --config $config $*" >&2
+            exec "${TORCHRUN_CMD[@]}" --standalone --nproc_per_node="$nproc" -m train --config "$config" "$@"
             ;;
         multinode)
             # Static rendezvous at MASTER_ADDR:MASTER_PORT; every node runs this same line.
             local rdzv=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
                         --master_port="$MASTER_PORT" --nproc_per_node="$nproc")
-            echo "+ $TORCHRUN ${rdzv[*]} -m train --config $config $*" >&2
-            exec "$TORCHRUN" "${rdzv[@]}" -m train --config "$config" "$@"
+            echo "+ torchrun ${rdzv[*]} -m train --config $config $*" >&2
+            exec "${TORCHRUN_CMD[@]}" "${rdzv[@]}" -m train --config "$config" "$@"
             ;;
         *)
             die "unknown launcher $launcher"

@@ -99,7 +99,8 @@ def test_launch_errors_are_one_clear_line(tmp_path, env, args, message):
 
 
 def launch_env() -> dict:
-    return {"OMP_NUM_THREADS": "1", "TORCHRUN": str(Path(sys.executable).parent / "torchrun")}
+    """The real launch: TORCHRUN unset, so launch.sh starts `python -m train.torchrun` (train/torchrun.py)."""
+    return {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,23 @@ def test_launch_nproc2_end_to_end(nproc2_run):
     assert "parallel.strategy=ddp" in proc.stderr
     assert sorted(train_losses(run_dir)) == [1, 2, 3]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+@pytest.mark.slow
+def test_a_user_error_under_launch_sh_is_one_line_and_no_traceback(nproc2_run, tmp_path):
+    """The step does not split over 2 ranks: every rank raises the same DataError, rank 0 alone prints it,
+    the launch exits non-zero, and nothing prints a Python traceback (no rank, and not torchrun's agent:
+    train/torchrun.py ends its ChildFailedError with one line)."""
+    _, _, data = nproc2_run
+    run_dir = tmp_path / "r"
+    args = ["--nproc", "2", str(DEBUG_YAML), *tiny_overrides(data, run_dir, "train.tokens_per_step=128")]
+    proc = run_launch(args, launch_env(), timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "does not divide into micro_batch" in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "rank(s) failed" in proc.stderr.splitlines()[-1]
+    assert not (run_dir / "checkpoints").exists()
 
 
 def free_port() -> int:
