@@ -34,8 +34,8 @@ STYLES = ("llmc", "harness")
 HF_PREFIX = "hf:"
 HF_NAME = "Rowan/hellaswag"
 FIELDS = ("ctx", "ctx_a", "ctx_b", "activity_label", "endings", "label")
-# The original files were on GitHub (rowanz/hellaswag), which has been disabled since September 2026;
-# the Hugging Face copy holds the same 10,042 validation examples.
+# The original files were on GitHub (rowanz/hellaswag), reported disabled in September 2026; the Hugging
+# Face copy holds the same 10,042 validation examples.
 HOW_TO_GET = (
     f"on a machine with network run once with --data {HF_PREFIX}{HF_NAME} (the datasets cache keeps it), or save "
     f"it as a file: python -c \"import datasets; datasets.load_dataset('{HF_NAME}', split='validation')"
