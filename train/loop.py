@@ -318,24 +318,7 @@ class Data:
         return "mix " + ", ".join(f"{s.name}={s.weight:g} ({s.dir})" for s in self.mix[0])
 
     def train_loader(self, vocab_size: int):
-        from data.loader import BatchLoader
-
-        if self.mix:
-            from data.mixture import MixtureLoader
-
-            return MixtureLoader(
-                *self.mix,
-                seq_len=self.cfg.seq_len,
-                tokens_per_step=self.cfg.train.tokens_per_step,
-                micro_batch=self.cfg.train.micro_batch,
-                rank=self.rank,
-                world_size=self.world_size,
-                seed=self.cfg.train.seed,
-                device=self.device,
-                vocab_size=vocab_size,
-            )
-        return BatchLoader(
-            self.cfg.data.dir,
+        layout = dict(
             seq_len=self.cfg.seq_len,
             tokens_per_step=self.cfg.train.tokens_per_step,
             micro_batch=self.cfg.train.micro_batch,
@@ -345,6 +328,13 @@ class Data:
             device=self.device,
             vocab_size=vocab_size,
         )
+        if self.mix:
+            from data.mixture import MixtureLoader
+
+            return MixtureLoader(*self.mix, **layout)
+        from data.loader import BatchLoader
+
+        return BatchLoader(self.cfg.data.dir, **layout)
 
     def val_sets(self, vocab_size: int) -> list[tuple[str | None, float, object]]:
         """(name, weight, val batches) per val set: one unnamed for data.dir, one per source of data.mix."""
