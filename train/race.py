@@ -170,9 +170,9 @@ def run_one(cfg: Config, name: str, target, stop_step, budget_s, log) -> Result:
 
 
 def host_line() -> str:
-    from train.metrics import describe_cpu
-
     import torch
+
+    from train.metrics import describe_cpu
 
     return f"{describe_cpu()} | torch {torch.__version__}, {torch.get_num_threads()} threads"
 
@@ -234,7 +234,10 @@ def plan(args) -> tuple[list[tuple[str, Config]], float | None, int | None]:
     if (args.target is None) == (args.target_from_steps is None):
         raise RaceError("give exactly one of --target LOSS|auto and --target-from-steps N")
     out = Path(args.out)
-    racers = [(n, race_config(p, args.data, out, args.eval_every, args.eval_tokens)) for n, p in zip(names, paths)]
+    racers = [
+        (n, race_config(p, args.data, out, args.eval_every, args.eval_tokens))
+        for n, p in zip(names, paths, strict=True)
+    ]
     first_steps = racers[0][1].train.max_steps
     if args.target is not None and args.target != "auto":
         try:
