@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,12 +36,15 @@ class RaceError(UserError):
 
 @dataclass
 class Point:
-    """One evaluation: step, tokens seen, train seconds so far (evaluation excluded), val loss."""
+    """One evaluation: step, tokens seen, train seconds so far (wall, evaluation excluded), val loss, and
+    the process's CPU seconds of the same training (a shared machine's load changes wall time, less so
+    the CPU time of a one-thread run)."""
 
     step: int
     tokens: int
     seconds: float
     val_loss: float
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Crossing:
     step: float
     tokens: float
     seconds: float
+    cpu_seconds: float
 
 
 def crossing(points: list[Point], target: float) -> Crossing | None:
@@ -57,13 +62,14 @@ def crossing(points: list[Point], target: float) -> Crossing | None:
         if p.val_loss > target:
             continue
         if i == 0:
-            return Crossing(p.step, p.tokens, p.seconds)
+            return Crossing(p.step, p.tokens, p.seconds, p.cpu_seconds)
         q = points[i - 1]
         f = (q.val_loss - target) / (q.val_loss - p.val_loss)  # in (0, 1]: q is above the target, p not
         return Crossing(
             q.step + f * (p.step - q.step),
             q.tokens + f * (p.tokens - q.tokens),
             q.seconds + f * (p.seconds - q.seconds),
+            q.cpu_seconds + f * (p.cpu_seconds - q.cpu_seconds),
         )
     return None
 
@@ -74,7 +80,6 @@ class Result:
     points: list[Point] = field(default_factory=list)
     eval_s: float = 0.0  # wall seconds of the evaluations after step 0
     wall_s: float = 0.0  # the whole run: set-up, training and evaluation
-    cpu_s: float = 0.0  # this process's CPU seconds over the same span
     stopped: str = ""  # "target" | "budget" | "steps" | "done"
 
     @property
@@ -87,12 +92,40 @@ class RaceWatch:
     just written to metrics.jsonl (log_every = eval_every, so a log record closes every evaluated
     interval): the train seconds come from the loop's ms_per_step (evaluation excluded by the loop's
     StepMeter), the evaluation's wall time from that log record's timestamp to now. It stops the run at
-    the target, at `stop_step`, or once the train seconds pass the budget."""
+    the target, at `stop_step`, or once the train seconds pass the budget.
 
-    def __init__(self, result: Result, metrics: Path, tokens_per_step: int, target, stop_step, budget_s):
+    It is also the run's `log`: the loop logs its train line (train.metrics.format_line, "step N/M | ...")
+    just before the evaluation of that step, and the val line after it, so the process's CPU time at
+    those lines splits training from evaluation."""
+
+    TRAIN_LINE = re.compile(r"step\s+(\d+)/\d+ \| loss")
+
+    def __init__(
+        self,
+        result: Result,
+        metrics: Path,
+        tokens_per_step: int,
+        target,
+        stop_step,
+        budget_s,
+        inner_log=print,
+        clocks=(time.time, time.process_time),  # (wall, this process's CPU); tests pass their own
+    ):
         self.result, self.metrics, self.tokens_per_step = result, metrics, tokens_per_step
         self.target, self.stop_step, self.budget_s = target, stop_step, budget_s
         self.offset, self.seconds, self.log_step, self.log_time = 0, 0.0, 0, None
+        self.wall_clock, self.cpu_clock = clocks
+        self.cpu, self.cpu_at, self.cpu_mark, self.inner_log = 0.0, {0: 0.0}, self.cpu_clock(), inner_log
+
+    def log(self, msg: str) -> None:
+        now = self.cpu_clock()
+        train = self.TRAIN_LINE.match(msg)
+        if train:  # the steps since the previous evaluation end here
+            self.cpu += now - self.cpu_mark
+            self.cpu_at[int(train.group(1))] = self.cpu
+        elif msg.startswith("step 0 | val loss"):  # the untrained evaluation: training starts now
+            self.cpu_mark = now
+        self.inner_log(msg)
 
     def read(self) -> None:
         with open(self.metrics) as f:
@@ -106,12 +139,15 @@ class RaceWatch:
                 self.log_step, self.log_time = r["step"], r["time"]
             elif "val_loss" in r:
                 step = r["step"]
-                self.result.points.append(Point(step, step * self.tokens_per_step, self.seconds, r["val_loss"]))
+                tokens = step * self.tokens_per_step
+                cpu = self.cpu_at.get(step, self.cpu)
+                self.result.points.append(Point(step, tokens, self.seconds, r["val_loss"], cpu))
 
     def after_eval(self, step: int, val_loss: float) -> bool:
+        self.cpu_mark = self.cpu_clock()  # the evaluation is over: the next interval starts
         self.read()
         if self.log_time is not None and self.log_step == step:
-            self.result.eval_s += max(0.0, time.time() - self.log_time)
+            self.result.eval_s += max(0.0, self.wall_clock() - self.log_time)
         if self.target is not None and val_loss <= self.target:
             self.result.stopped = "target"
         elif self.stop_step is not None and step >= self.stop_step:
@@ -155,16 +191,15 @@ def run_one(cfg: Config, name: str, target, stop_step, budget_s, log) -> Result:
     from train.loop import run
 
     result = Result(name)
-    watch = RaceWatch(
-        result, Path(cfg.train.run_dir) / "metrics.jsonl", cfg.train.tokens_per_step, target, stop_step, budget_s
-    )
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    metrics = Path(cfg.train.run_dir) / "metrics.jsonl"
+    watch = RaceWatch(result, metrics, cfg.train.tokens_per_step, target, stop_step, budget_s, log)
+    wall0 = time.perf_counter()
     try:
-        run(cfg, log=log, callbacks=[watch])
+        run(cfg, log=watch.log, callbacks=[watch])
         result.stopped = result.stopped or "done"
     except TrainPruned:
         pass  # the watch stopped it; result.stopped says why
-    result.wall_s, result.cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
+    result.wall_s = time.perf_counter() - wall0
     watch.read()  # the last step's records (a run that ended on its own)
     return result
 
@@ -178,25 +213,22 @@ def host_line() -> str:
 
 
 def table(results: list[Result], target: float) -> str:
-    """The race's answer: one row per config, the ratio against the first."""
-    rows = [
-        f"{'config':<22} {'steps':>7} {'tokens':>11} {'train s':>9} {'eval s':>7} {'final val':>9} "
-        f"{'CPU share':>9} {'vs first':>9}"
-    ]
+    """The race's answer: one row per config, its time to the target and the ratio to the first's, in
+    wall seconds (the figure) and in CPU seconds (the check against a shared machine's changing load)."""
+    head = ("config", "steps", "tokens", "train s", "CPU s", "eval s", "final val", "CPU vs 1st", "vs first")
+    rows = [f"{head[0]:<22}" + "".join(f" {h:>10}" for h in head[1:])]
     base = crossing(results[0].points, target)
     for r in results:
         c = crossing(r.points, target)
-        share = f"{r.cpu_s / r.wall_s:.2f}" if r.wall_s > 0 else "-"
         if c is None:
-            rows.append(
-                f"{r.name:<22} {'not reached (' + str(r.final.step) + ' steps, ' + r.stopped + ')':>29} "
-                f"{r.eval_s:>7.1f} {r.final.val_loss:>9.4f} {share:>9} {'-':>9}"
-            )
+            why = f"not reached ({r.final.step} steps, {r.stopped})"
+            rows.append(f"{r.name:<22} {why:>43} {r.eval_s:>10.1f} {r.final.val_loss:>10.4f} {'-':>10} {'-':>10}")
             continue
         ratio = f"{c.seconds / base.seconds:.2f}" if base is not None and base.seconds > 0 else "-"
+        cpu_ratio = f"{c.cpu_seconds / base.cpu_seconds:.2f}" if base is not None and base.cpu_seconds > 0 else "-"
         rows.append(
-            f"{r.name:<22} {c.step:>7.0f} {c.tokens:>11,.0f} {c.seconds:>9.1f} {r.eval_s:>7.1f} "
-            f"{r.final.val_loss:>9.4f} {share:>9} {ratio:>9}"
+            f"{r.name:<22} {c.step:>10.0f} {c.tokens:>10,.0f} {c.seconds:>10.2f} {c.cpu_seconds:>10.2f} "
+            f"{r.eval_s:>10.1f} {r.final.val_loss:>10.4f} {cpu_ratio:>10} {ratio:>10}"
         )
     return "\n".join(rows)
 
@@ -278,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                 target = at[0].val_loss
                 say(f"target: val loss {target:.4f} = {name} after {target_step} steps")
             results.append(r)
-            say(f"---- {name}: {r.final.step} steps, stopped: {r.stopped}")
+            say(
+                f"---- {name}: {r.final.step} steps, stopped: {r.stopped}, {r.wall_s:.0f} s in all (set-up, evaluation)"
+            )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,172 @@
+"""train.race: the crossing of a target val loss (interpolated, evaluation time excluded), a tiny race of
+two configs end to end, the "not reached" case, usage errors, and the two shipped race configs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.train_helpers import REPO, one_thread
+from train.race import Point, RaceWatch, Result, crossing, main
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+TINY = """model: {family: FAMILY, vocab_size: null, block_size: 32, n_layer: 1, n_head: 2, n_embd: 32}
+optim: {lr: LR}
+schedule: {warmup_steps: 2}
+train: {max_steps: 12, tokens_per_step: 256, micro_batch: 8, dtype: float32, device: cpu}
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A test-written corpus (repetitive sentences a one-layer model learns within a few steps), bytes tokens."""
+    from data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("race") / "data"
+    docs = [f"the cat number {i} sat on the mat and the dog number {i % 7} ran. " * 8 for i in range(300)]
+    prepare(out, source=docs, tokenizer="bytes", val_tokens=4096, progress=False)
+    return out
+
+
+def tiny(tmp_path: Path, name: str, family: str = "gpt2", lr: float = 1e-2) -> str:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(TINY.replace("FAMILY", family).replace("LR", str(lr)))
+    return str(path)
+
+
+def test_crossing_interpolates_between_the_evaluations_around_the_target():
+    # loss falls 4.0 -> 3.0 -> 2.0 at 0 / 10 / 20 s: 2.5 is crossed half-way through the second interval
+    pts = [Point(0, 0, 0.0, 4.0), Point(100, 1000, 10.0, 3.0), Point(200, 2000, 20.0, 2.0)]
+    c = crossing(pts, 2.5)
+    assert (c.step, c.tokens, c.seconds) == pytest.approx((150, 1500, 15.0))
+    assert crossing(pts, 3.0).seconds == pytest.approx(10.0)  # exactly at an evaluation
+    assert crossing(pts, 1.0) is None  # never reached
+    # the first crossing counts, not a later dip
+    bumpy = [Point(0, 0, 0.0, 4.0), Point(10, 10, 1.0, 2.0), Point(20, 20, 2.0, 3.0), Point(30, 30, 3.0, 1.0)]
+    assert crossing(bumpy, 2.5).seconds == pytest.approx(0.75)
+
+
+def test_watch_takes_train_seconds_from_the_loop_clock_not_the_evaluations(tmp_path):
+    """Evaluations take 100 s each here, of wall and of CPU time; neither counts toward the target."""
+    metrics = tmp_path / "metrics.jsonl"
+    records = [
+        {"time": 1000.0, "step": 0, "val_loss": 4.0},
+        {"time": 1015.0, "step": 10, "loss": 3.5, "ms_per_step": 1000.0},  # 10 steps x 1 s
+        {"time": 1110.0, "step": 10, "val_loss": 3.0},  # a 100 s evaluation
+        {"time": 1135.0, "step": 20, "loss": 2.5, "ms_per_step": 2000.0},  # 10 steps x 2 s
+        {"time": 1230.0, "step": 20, "val_loss": 2.0},
+    ]
+    wall, cpu, lines = [0.0], [0.0], []
+    result = Result("x")
+    watch = RaceWatch(
+        result, metrics, 64, target=2.5, stop_step=None, budget_s=None, inner_log=lines.append,
+        clocks=(lambda: wall[0], lambda: cpu[0]),
+    )  # fmt: skip
+
+    def at(t, msg=None, step=None, loss=None):
+        cpu[0], wall[0] = t, 1000.0 + t
+        return watch.log(msg) if msg else watch.after_eval(step, loss)
+
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    at(5.0, "step 0 | val loss 4.0000")  # the untrained evaluation ends: training starts
+    at(15.0, "step 10/20 | loss 3.5000 | lr 1e-3")  # 10 CPU s of training
+    at(115.0, "step 10 | val loss 3.0000 (best)")  # 100 CPU s of evaluation
+    assert at(115.0, step=10, loss=3.0) is False
+    with open(metrics, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records[3:]))
+    at(135.0, "step 20/20 | loss 2.5000 | lr 1e-4")  # 20 more
+    assert at(235.0, step=20, loss=2.0) is True and result.stopped == "target"
+    assert [(p.step, p.tokens, p.seconds, p.cpu_seconds) for p in result.points] == [
+        (0, 0, 0.0, 0.0),
+        (10, 640, 10.0, 10.0),
+        (20, 1280, 30.0, 30.0),
+    ]
+    c = crossing(result.points, 2.5)
+    assert (c.seconds, c.cpu_seconds) == pytest.approx((20.0, 20.0))  # 10 + half of the 20 s interval
+    assert result.eval_s == pytest.approx(200.0)  # wall: from each log record's time to the end of its evaluation
+    assert len(lines) == 4  # the loop's lines still reach the console
+
+
+def race(capsys, *args) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def rows(out: str) -> dict[str, list[str]]:
+    table = out[out.index("\nconfig ") :].strip().splitlines()[1:]
+    return {line.split()[0]: line.split() for line in table}
+
+
+def test_a_tiny_race_prints_the_table_and_the_ratio_to_the_first(corpus, tmp_path, capsys):
+    a, b = tiny(tmp_path, "slow", lr=3e-3), tiny(tmp_path, "fast", "modern", lr=2e-2)
+    rc, out, err = race(
+        capsys, "--data", str(corpus), "--target", "auto", "--configs", f"{a},{b}",
+        "--eval-every", "4", "--eval-tokens", "512", "--out", str(tmp_path / "runs"), "--quiet",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "avx512_bf16" in out and "CPU" in out
+    target = float(re.search(r"target: val loss (\d+\.\d+) = slow after 12 steps", out).group(1))
+    table = rows(out)
+    assert table["slow"][-2:] == ["1.00", "1.00"]
+    assert float(table["slow"][6]) == pytest.approx(target, abs=1e-4)  # the baseline's final val loss
+    fast = table["fast"]  # reached: its ratio is its train seconds over the baseline's
+    assert float(fast[-1]) == pytest.approx(float(fast[3]) / float(table["slow"][3]), rel=0.1, abs=0.01)
+    assert float(fast[6]) <= target  # stopped at the first evaluation at or below the target
+    assert float(fast[-2]) == pytest.approx(float(fast[4]) / float(table["slow"][4]), rel=0.1, abs=0.01)
+    assert float(fast[1]) < 12 and 0 < float(fast[4])
+    # each racer ran in its own fresh run dir with an evaluation every 4 steps and a log record closing each
+    recs = [json.loads(x) for x in (tmp_path / "runs" / "slow" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val_loss" in r] == [0, 4, 8, 12]
+    assert [r["step"] for r in recs if "ms_per_step" in r] == [4, 8, 12]
+
+
+def test_a_target_out_of_reach_is_reported_not_reached(corpus, tmp_path, capsys):
+    a = tiny(tmp_path, "only")
+    rc, out, err = race(
+        capsys, "--data", str(corpus), "--target", "0.01", "--configs", a,
+        "--eval-every", "6", "--eval-tokens", "256", "--out", str(tmp_path / "runs"), "--quiet",
+    )  # fmt: skip
+    assert rc == 0, err
+    row = " ".join(rows(out)["only"])
+    assert "not reached (12 steps, done)" in row and row.endswith("- -")  # no time, no ratios
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--target", "auto", "--target-from-steps", "4"], "exactly one of"),
+        (["--target", "low"], "--target takes a val loss"),
+        (["--target-from-steps", "5"], "multiple of --eval-every"),
+        (["--target", "auto", "--eval-tokens", "100"], "not a multiple of"),
+    ],
+)
+def test_usage_errors_are_one_line_and_exit_2(corpus, tmp_path, capsys, args, says):
+    a = tiny(tmp_path, "a")
+    rc, out, err = race(capsys, "--data", str(corpus), "--configs", a, "--eval-every", "4", *args)
+    assert rc == 2
+    assert err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_missing_data_dir_is_a_usage_error(tmp_path, capsys):
+    rc, _, err = race(capsys, "--data", str(tmp_path / "nope"), "--target", "1", "--configs", tiny(tmp_path, "a"))
+    assert rc == 2 and "is not a directory" in err
+
+
+def test_the_race_configs_load_and_the_baseline_is_the_issue_recipe():
+    from train.config import load_config
+
+    base = load_config(REPO / "configs" / "race-nanogpt.yaml")
+    m, o, s, t = base.model, base.optim, base.schedule, base.train
+    assert (m.family, m.n_layer, m.n_embd, m.n_head, m.block_size, m.dropout) == ("gpt2", 4, 256, 4, 256, 0.0)
+    assert m.vocab_size is None and base.data.dir == "datasets/pydoc-bytes"  # the dataset's bytes vocabulary
+    assert (t.micro_batch, t.tokens_per_step, t.max_steps, t.dtype) == (8, 2048, 1000, "float32")
+    assert (o.lr, list(o.betas)) == (1e-3, [0.9, 0.99])
+    assert (s.name, s.warmup_steps, s.min_lr_ratio) == ("cosine", 50, 0.1)
+    fast = load_config(REPO / "configs" / "race-fast.yaml")
+    assert fast.train.dtype == "float32" and fast.data.dir == base.data.dir
+    assert fast.train.micro_batch * fast.seq_len == t.micro_batch * base.seq_len  # same --eval-tokens fit both
