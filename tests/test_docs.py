@@ -49,6 +49,7 @@ OVERRIDES = [
     (r"-m eval\.bench_serve\b", ["--clients", "1,4", "--requests", "1", "--max-tokens", "8"], {"--models": "demo"}),
     (r"-m train\.bench\b", ["--steps", "1", "--warmup", "1"], {"--settings": "baseline"}),
     (r"-m data\.bench\b", ["--mb", "0.05"], {}),
+    (r"-m train\.race\b", ["--set", "train.max_steps=4", "--eval-every", "2", "--eval-tokens", "2048", "--quiet"], {}),
     (r"-m train\.sweep\b", ["--trials", "2", "train.max_steps=2", "train.eval_every=1", "train.eval_batches=2"], {}),
 ]
 TRAINS = r"(-m train(\s|$)|launch\.sh)"  # python -m train, torchrun -m train, bash launch.sh

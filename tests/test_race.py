@@ -125,15 +125,16 @@ def test_a_tiny_race_prints_the_table_and_the_ratio_to_the_first(corpus, tmp_pat
     assert [r["step"] for r in recs if "ms_per_step" in r] == [4, 8, 12]
 
 
-def test_a_target_out_of_reach_is_reported_not_reached(corpus, tmp_path, capsys):
+def test_a_target_out_of_reach_is_reported_not_reached_and_set_overrides_every_config(corpus, tmp_path, capsys):
     a = tiny(tmp_path, "only")
     rc, out, err = race(
         capsys, "--data", str(corpus), "--target", "0.01", "--configs", a,
-        "--eval-every", "6", "--eval-tokens", "256", "--out", str(tmp_path / "runs"), "--quiet",
+        "--eval-every", "3", "--eval-tokens", "256", "--out", str(tmp_path / "runs"), "--quiet",
+        "--set", "train.max_steps=6",
     )  # fmt: skip
     assert rc == 0, err
     row = " ".join(rows(out)["only"])
-    assert "not reached (12 steps, done)" in row and row.endswith("- -")  # no time, no ratios
+    assert "not reached (6 steps, done)" in row and row.endswith("- -")  # no time, no ratios
 
 
 @pytest.mark.parametrize(

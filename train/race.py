@@ -157,11 +157,11 @@ class RaceWatch:
         return bool(self.result.stopped)
 
 
-def race_config(path: str, data: str, out: Path, eval_every: int, eval_tokens: int) -> Config:
+def race_config(path: str, data: str, out: Path, eval_every: int, eval_tokens: int, sets=()) -> Config:
     """The config as its file says, plus what the race fixes: the data, the evaluation cadence and val
     tokens (the same for every racer), a fresh run dir, and nothing that costs time besides training."""
     name = Path(path).stem
-    cfg = load_config(path)
+    cfg = load_config(path, list(sets))
     if cfg.data.mix:
         raise RaceError(f"{path}: data.mix is set; the race trains every config on --data alone")
     window = cfg.train.micro_batch * cfg.seq_len
@@ -184,7 +184,7 @@ def race_config(path: str, data: str, out: Path, eval_every: int, eval_tokens: i
         "checkpoint.keep_best=false",
         "checkpoint.save_final=false",
     ]
-    return load_config(path, overrides)
+    return load_config(path, [*sets, *overrides])
 
 
 def run_one(cfg: Config, name: str, target, stop_step, budget_s, log) -> Result:
@@ -247,6 +247,14 @@ def parse_args(argv):
     ap.add_argument("--eval-every", type=int, default=25, help="steps between evaluations (default 25)")
     ap.add_argument("--eval-tokens", type=int, default=16384, help="val tokens per evaluation (default 16384)")
     ap.add_argument("--out", default="runs/race", help="run dirs go to OUT/<config name> (default runs/race)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="section.key=value",
+        help="override every config, e.g. train.dtype=bfloat16 on a CPU with bf16 units, or train.max_steps=100 "
+        "for a quick look (repeatable; the race's own evaluation and checkpoint settings win)",
+    )
     ap.add_argument("--quiet", action="store_true", help="only the race's own lines, not the loop's log")
     return ap.parse_args(argv)
 
@@ -267,7 +275,7 @@ def plan(args) -> tuple[list[tuple[str, Config]], float | None, int | None]:
         raise RaceError("give exactly one of --target LOSS|auto and --target-from-steps N")
     out = Path(args.out)
     racers = [
-        (n, race_config(p, args.data, out, args.eval_every, args.eval_tokens))
+        (n, race_config(p, args.data, out, args.eval_every, args.eval_tokens, args.set))
         for n, p in zip(names, paths, strict=True)
     ]
     first_steps = racers[0][1].train.max_steps
