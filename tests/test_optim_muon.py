@@ -1,0 +1,166 @@
+"""optim.name=muon: the parameter split, the orthogonalised update, the per-group schedules, Muon's
+momentum warmup, exact resume, a real training run, and the strategies that refuse it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import DEBUG_YAML, one_thread, prepared_dataset, run_cli, tiny_config, tiny_overrides, train_losses
+
+from model import GPT, ModelConfig
+from train.config import Config, OptimSection
+from train.loop import run
+from train.optim import MUON_GROUP, MuonAdamW, apply_schedule, build_optimizer, lr_at, muon_momentum_at
+
+QUIET = dict(log=lambda m: None)
+MUON = ["optim.name=muon", "optim.muon_lr=0.02", "optim.lr=3e-3"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepared_dataset(tmp_path_factory)
+
+
+def tiny_model(**kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(ModelConfig(**{"vocab_size": 50, "block_size": 8, "n_layer": 2, "n_head": 2, "n_embd": 16, **kw}))
+
+
+def group_names(model: GPT, opt: torch.optim.Optimizer) -> dict[str, set[str]]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {g["name"]: {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tied):
+    model = tiny_model(family="gpt2", tie_embeddings=tied)
+    opt = build_optimizer(model, OptimSection(name="muon"))
+    assert isinstance(opt, MuonAdamW)
+    groups = group_names(model, opt)
+    assert groups[MUON_GROUP] == {
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    adamw = groups["decay"] | groups["no_decay"]
+    assert "transformer.wte.weight" in groups["no_decay"] and "transformer.wpe.weight" in groups["no_decay"]
+    assert "transformer.h.0.ln_1.weight" in adamw and "transformer.h.0.attn.c_attn.bias" in adamw
+    # tied: the head is the token table's Parameter, stepped once (by AdamW); untied: its own matrix
+    assert ("lm_head.weight" in groups["decay"]) is not tied
+    params = [p for g in opt.param_groups for p in g["params"]]
+    assert len({id(p) for p in params}) == len(params)  # no parameter in two groups
+    assert sum(p.numel() for p in params) == sum(p.numel() for p in model.parameters())
+    # each group its own learning rate and the right optimizer's hyper-parameters
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name[MUON_GROUP]["lr"] == 0.02 and by_name[MUON_GROUP]["momentum"] == 0.95
+    assert by_name["decay"]["lr"] == by_name["no_decay"]["lr"] == 6e-4 and "betas" in by_name["decay"]
+
+
+def test_adamw_stays_the_default():
+    model = tiny_model()
+    opt = build_optimizer(model, Config().optim)
+    assert type(opt) is torch.optim.AdamW and [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
+
+
+def test_muon_update_is_orthogonalised():
+    """Feed one matrix an ill-conditioned gradient (singular values 0.01..1): Muon's step has (nearly)
+    equal singular values (Newton-Schulz maps each to ~1; Jordan et al. 2024: to within [0.5, 1.5]),
+    scaled by lr * sqrt(max(1, rows/cols))."""
+    model = tiny_model(family="gpt2")
+    cfg = OptimSection(name="muon", muon_lr=0.1, muon_momentum=0.0, muon_nesterov=False)
+    opt = build_optimizer(model, cfg)
+    w = model.transformer.h[0].mlp.c_fc.weight  # (64, 16)
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 16, generator=g))  # (64, 16)
+    v, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))  # (16, 16)
+    w.grad = u @ torch.diag(torch.logspace(-2, 0, 16)) @ v.T  # (64, 16), condition number 100
+    before = w.detach().clone()
+    opt.step()
+    s = torch.linalg.svdvals(before - w.detach())  # (16,)
+    scale = 0.1 * (64 / 16) ** 0.5  # lr * torch.optim.Muon's "original" shape adjustment
+    assert s.min() > 0.5 * scale and s.max() < 1.5 * scale, s / scale
+    assert s.max() / s.min() < 3
+
+
+def test_every_group_follows_the_schedule_from_its_own_peak():
+    cfg = Config()
+    cfg.optim = OptimSection(name="muon", lr=1e-3, muon_lr=0.05, muon_momentum_warmup_steps=10)
+    cfg.schedule.warmup_steps, cfg.schedule.name = 4, "cosine"
+    opt = build_optimizer(tiny_model(), cfg.optim)
+    for step in (0, 3, 20, 60, 99):
+        logged = apply_schedule(opt, step, cfg.optim, cfg.schedule, 100)
+        by_name = {g["name"]: g for g in opt.param_groups}
+        assert logged == by_name["decay"]["lr"] == by_name["no_decay"]["lr"] == lr_at(step, 1e-3, cfg.schedule, 100)
+        assert by_name[MUON_GROUP]["lr"] == lr_at(step, 0.05, cfg.schedule, 100)
+        assert by_name[MUON_GROUP]["lr"] / logged == pytest.approx(50)
+        assert by_name[MUON_GROUP]["momentum"] == muon_momentum_at(step, cfg.optim)
+    assert opt.muon.param_groups[0] is by_name[MUON_GROUP]  # the inner optimizer sees what the loop set
+
+
+def test_muon_momentum_warmup():
+    cfg = OptimSection(name="muon", muon_momentum_warmup_steps=300)  # modded-nanogpt: 0.85 -> 0.95 in 300 steps
+    assert muon_momentum_at(0, cfg) == 0.85
+    assert muon_momentum_at(150, cfg) == pytest.approx(0.90)
+    assert muon_momentum_at(299, cfg) == pytest.approx(0.85 + 0.1 * 299 / 300)
+    assert muon_momentum_at(300, cfg) == muon_momentum_at(5000, cfg) == 0.95
+    off = OptimSection(name="muon")
+    assert muon_momentum_at(0, off) == 0.95
+
+
+def test_wsd_to_zero_is_modded_nanogpts_cooldown():
+    """modded-nanogpt's get_lr: 1 until 1 - cooldown_frac of the run, then (1 - step/N) / cooldown_frac.
+    schedule.name=wsd with min_lr_ratio=0 and no warmup is that schedule (docs/training.md)."""
+    cfg = Config().schedule
+    cfg.name, cfg.min_lr_ratio, cfg.warmup_steps, cfg.decay_frac = "wsd", 0.0, 0, 0.4
+    n = 1000
+
+    def modded(step: int) -> float:
+        x = step / n
+        return 1.0 if x < 1 - 0.4 else (1 - x) / 0.4
+
+    for step in range(n):
+        assert lr_at(step, 1.0, cfg, n) == pytest.approx(modded(step), abs=1e-12), step
+    assert lr_at(n, 1.0, cfg, n) == 0.0
+
+
+def test_muon_resumes_bit_exactly(data_dir, tmp_path):
+    """2N steps straight == N steps, save, resume, N more: identical losses at every step (Muon's
+    momentum buffers, AdamW's moments and the warmed-up momentum all come back)."""
+    n = 3
+    common = [*MUON, "schedule.total_steps=6", "optim.muon_momentum_warmup_steps=4", "schedule.warmup_steps=2"]
+    ref = tmp_path / "ref"
+    run(tiny_config(data_dir, ref, *common, f"train.max_steps={2 * n}"), **QUIET)
+    split = tmp_path / "split"
+    run(tiny_config(data_dir, split, *common, f"train.max_steps={n}"), **QUIET)
+    run(tiny_config(data_dir, split, *common, f"train.max_steps={2 * n}"), **QUIET)  # resume: auto
+    want, got = train_losses(ref), train_losses(split)
+    assert sorted(got) == sorted(want) == list(range(1, 2 * n + 1))
+    assert got == want  # bit for bit
+
+
+def test_muon_lowers_the_loss_on_real_data(data_dir, tmp_path):
+    steps = 30
+    run(tiny_config(data_dir, tmp_path, *MUON, f"train.max_steps={steps}", "schedule.warmup_steps=5"), **QUIET)
+    losses = train_losses(tmp_path)
+    assert losses[1] > 5.0  # ~ln(257): the bytes vocabulary, untrained
+    assert sum(losses[s] for s in range(steps - 4, steps + 1)) / 5 < losses[1] - 1.5, losses
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_strategies_without_whole_matrices_refuse_muon_in_one_line(data_dir, tmp_path, strategy):
+    proc = run_cli(
+        [
+            "--config",
+            str(DEBUG_YAML),
+            *tiny_overrides(data_dir, tmp_path, "optim.name=muon", f"parallel.strategy={strategy}"),
+        ]
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"optim.name=muon is not supported under parallel.strategy={strategy}" in line
+    assert "use parallel.strategy=ddp" in line
