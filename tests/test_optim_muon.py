@@ -3,9 +3,22 @@ momentum warmup, exact resume, a real training run, and the strategies that refu
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
-from train_helpers import DEBUG_YAML, one_thread, prepared_dataset, run_cli, tiny_config, tiny_overrides, train_losses
+from train_helpers import (
+    DEBUG_YAML,
+    REPO,
+    one_thread,
+    prepared_dataset,
+    python_env,
+    run_cli,
+    tiny_config,
+    tiny_overrides,
+    train_losses,
+)
 
 from model import GPT, ModelConfig
 from train.config import Config, OptimSection
@@ -14,6 +27,9 @@ from train.optim import MUON_GROUP, MuonAdamW, apply_schedule, build_optimizer, 
 
 QUIET = dict(log=lambda m: None)
 MUON = ["optim.name=muon", "optim.muon_lr=0.02", "optim.lr=3e-3"]
+# fp32, dropout 0: 2 ranks x 1 micro-batch vs 1 x 2 differ in the gradient's reduction order (~1e-7),
+# which Muon's bfloat16 Newton-Schulz (torch.optim.Muon) can round to one bf16 ulp in a few entries.
+DDP_LOSS_TOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -164,3 +180,29 @@ def test_strategies_without_whole_matrices_refuse_muon_in_one_line(data_dir, tmp
     (line,) = proc.stderr.strip().splitlines()
     assert f"optim.name=muon is not supported under parallel.strategy={strategy}" in line
     assert "use parallel.strategy=ddp" in line
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_run_muon_and_resume_in_one_process(data_dir, tmp_path):
+    """torchrun 2 ranks of DDP with Muon (gradients all-reduced, whole matrices on every rank) for 2
+    steps and a checkpoint, then one process resumes it for 2 more: the losses of one process
+    throughout (same global batch)."""
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    run(tiny_config(data_dir, ref_dir, *MUON, "train.max_steps=4", "schedule.total_steps=4"), **QUIET)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
+    args = tiny_overrides(data_dir, run_dir, *MUON, "schedule.total_steps=4", "parallel.strategy=ddp")
+    first = subprocess.run(
+        [*cmd, "--config", str(DEBUG_YAML), *args, "train.max_steps=2", "checkpoint.every=2"],
+        cwd=REPO,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert first.returncode == 0, f"{first.stdout[-2000:]}\n{first.stderr[-4000:]}"
+    second = run_cli(["--config", str(DEBUG_YAML), *args, "train.max_steps=4", "parallel.strategy=none"])
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    want, got = train_losses(ref_dir), train_losses(run_dir)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert abs(got[step] - want[step]) < DDP_LOSS_TOL, (step, got[step], want[step])
