@@ -27,9 +27,9 @@ from train.optim import MUON_GROUP, MuonAdamW, apply_schedule, build_optimizer, 
 
 QUIET = dict(log=lambda m: None)
 MUON = ["optim.name=muon", "optim.muon_lr=0.02", "optim.lr=3e-3"]
-# fp32, dropout 0: 2 ranks x 1 micro-batch vs 1 x 2 differ in the gradient's reduction order (~1e-7),
+# fp32, dropout 0: 2 ranks x 1 micro-batch vs 1 x 2 differ in the gradients' reduction order (~1e-7),
 # which Muon's bfloat16 Newton-Schulz (torch.optim.Muon) can round to one bf16 ulp in a few entries.
-DDP_LOSS_TOL = 1e-4
+DIST_LOSS_TOL = 1e-4
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,18 +63,18 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tied):
         for i in range(2)
         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
-    adamw = groups["decay"] | groups["no_decay"]
+    adamw = groups.get("decay", set()) | groups["no_decay"]
     assert "transformer.wte.weight" in groups["no_decay"] and "transformer.wpe.weight" in groups["no_decay"]
     assert "transformer.h.0.ln_1.weight" in adamw and "transformer.h.0.attn.c_attn.bias" in adamw
     # tied: the head is the token table's Parameter, stepped once (by AdamW); untied: its own matrix
-    assert ("lm_head.weight" in groups["decay"]) is not tied
+    assert ("lm_head.weight" in groups.get("decay", ())) is not tied  # tied: no AdamW matrix decays
     params = [p for g in opt.param_groups for p in g["params"]]
     assert len({id(p) for p in params}) == len(params)  # no parameter in two groups
     assert sum(p.numel() for p in params) == sum(p.numel() for p in model.parameters())
     # each group its own learning rate and the right optimizer's hyper-parameters
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name[MUON_GROUP]["lr"] == 0.02 and by_name[MUON_GROUP]["momentum"] == 0.95
-    assert by_name["decay"]["lr"] == by_name["no_decay"]["lr"] == 6e-4 and "betas" in by_name["decay"]
+    assert by_name["no_decay"]["lr"] == 6e-4 and "betas" in by_name["no_decay"]
 
 
 def test_adamw_stays_the_default():
@@ -107,7 +107,7 @@ def test_every_group_follows_the_schedule_from_its_own_peak():
     cfg = Config()
     cfg.optim = OptimSection(name="muon", lr=1e-3, muon_lr=0.05, muon_momentum_warmup_steps=10)
     cfg.schedule.warmup_steps, cfg.schedule.name = 4, "cosine"
-    opt = build_optimizer(tiny_model(), cfg.optim)
+    opt = build_optimizer(tiny_model(tie_embeddings=False), cfg.optim)
     for step in (0, 3, 20, 60, 99):
         logged = apply_schedule(opt, step, cfg.optim, cfg.schedule, 100)
         by_name = {g["name"]: g for g in opt.param_groups}
@@ -167,42 +167,54 @@ def test_muon_lowers_the_loss_on_real_data(data_dir, tmp_path):
     assert sum(losses[s] for s in range(steps - 4, steps + 1)) / 5 < losses[1] - 1.5, losses
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
-def test_strategies_without_whole_matrices_refuse_muon_in_one_line(data_dir, tmp_path, strategy):
-    proc = run_cli(
-        [
-            "--config",
-            str(DEBUG_YAML),
-            *tiny_overrides(data_dir, tmp_path, "optim.name=muon", f"parallel.strategy={strategy}"),
-        ]
-    )
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+def test_deepspeed_refuses_muon_in_one_line(data_dir, tmp_path):
+    """ZeRO flattens the parameters; DeepSpeed's own Muon (deepspeed/runtime/zero/muon) is configured
+    through its JSON optimizer section, which config_builder.py refuses (the loop owns the optimizer)."""
+    overrides = tiny_overrides(data_dir, tmp_path, "optim.name=muon", "parallel.strategy=deepspeed")
+    proc = run_cli(["--config", str(DEBUG_YAML), *overrides])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert f"optim.name=muon is not supported under parallel.strategy={strategy}" in line
-    assert "use parallel.strategy=ddp" in line
+    assert "optim.name=muon is not supported under parallel.strategy=deepspeed: ZeRO flattens" in line
+    assert "use parallel.strategy=ddp or fsdp" in line
+
+
+def torchrun(nproc: int, data_dir, run_dir, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
+    args = ["--config", str(DEBUG_YAML), *tiny_overrides(data_dir, run_dir, *MUON, "schedule.total_steps=4", *extra)]
+    proc = subprocess.run([*cmd, *args], cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> dict[int, float]:
+    """4 steps of Muon in one process (parallel.strategy=none)."""
+    ref_dir = tmp_path_factory.mktemp("muon-ref")
+    run(tiny_config(data_dir, ref_dir, *MUON, "train.max_steps=4", "schedule.total_steps=4"), **QUIET)
+    return train_losses(ref_dir)
+
+
+def assert_same_losses(got: dict[int, float], want: dict[int, float]) -> None:
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert abs(got[step] - want[step]) < DIST_LOSS_TOL, (step, got[step], want[step])
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_run_muon_and_resume_in_one_process(data_dir, tmp_path):
+def test_ddp_two_ranks_run_muon_and_resume_in_one_process(data_dir, reference, tmp_path):
     """torchrun 2 ranks of DDP with Muon (gradients all-reduced, whole matrices on every rank) for 2
     steps and a checkpoint, then one process resumes it for 2 more: the losses of one process
     throughout (same global batch)."""
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    run(tiny_config(data_dir, ref_dir, *MUON, "train.max_steps=4", "schedule.total_steps=4"), **QUIET)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
-    args = tiny_overrides(data_dir, run_dir, *MUON, "schedule.total_steps=4", "parallel.strategy=ddp")
-    first = subprocess.run(
-        [*cmd, "--config", str(DEBUG_YAML), *args, "train.max_steps=2", "checkpoint.every=2"],
-        cwd=REPO,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert first.returncode == 0, f"{first.stdout[-2000:]}\n{first.stderr[-4000:]}"
-    second = run_cli(["--config", str(DEBUG_YAML), *args, "train.max_steps=4", "parallel.strategy=none"])
+    torchrun(2, data_dir, tmp_path, "parallel.strategy=ddp", "train.max_steps=2", "checkpoint.every=2")
+    args = tiny_overrides(data_dir, tmp_path, *MUON, "schedule.total_steps=4", "train.max_steps=4")
+    second = run_cli(["--config", str(DEBUG_YAML), *args])
     assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
-    want, got = train_losses(ref_dir), train_losses(run_dir)
-    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
-    for step in want:
-        assert abs(got[step] - want[step]) < DDP_LOSS_TOL, (step, got[step], want[step])
+    assert_same_losses(train_losses(tmp_path), reference)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_run_muon_and_resume_on_one_rank(data_dir, reference, tmp_path):
+    """FSDP2 shards the matrices; the optimizer gathers each update for Newton-Schulz and keeps its
+    rows. 2 ranks for 2 steps and a (DCP) checkpoint, then 1 rank resumes it: one process's losses."""
+    torchrun(2, data_dir, tmp_path, "parallel.strategy=fsdp", "train.max_steps=2", "checkpoint.every=2")
+    torchrun(1, data_dir, tmp_path, "parallel.strategy=fsdp", "train.max_steps=4")
+    assert_same_losses(train_losses(tmp_path), reference)

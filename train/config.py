@@ -40,12 +40,10 @@ WSD_SHAPES = ("linear", "1-sqrt")
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
-# Strategies whose optimizer holds each weight matrix whole, as Muon's Newton-Schulz step needs it.
-MUON_STRATEGIES = ("none", "ddp")
-_MUON_REFUSED = {
-    "fsdp": "FSDP2 shards every weight matrix across ranks",
-    "deepspeed": "ZeRO flattens the parameters into partitioned buffers",
-}
+# Strategies that can run Muon: whole matrices on every rank (none, ddp), or DTensor shards that the
+# optimizer gathers for Newton-Schulz (fsdp; train/optim.py). DeepSpeed's ZeRO flattens them.
+MUON_STRATEGIES = ("none", "ddp", "fsdp")
+_MUON_REFUSED = {"deepspeed": "ZeRO flattens the parameters into partitioned buffers"}
 
 
 # Where a training config's default differs from the section class's own: the model is sized to the
@@ -519,7 +517,8 @@ def validate(cfg: Config) -> None:
         o.name != "muon" or cfg.parallel.strategy in MUON_STRATEGIES,
         f"optim.name=muon is not supported under parallel.strategy={cfg.parallel.strategy}: "
         f"{_MUON_REFUSED.get(cfg.parallel.strategy, 'its optimizer does not see whole matrices')}, and Muon's "
-        "Newton-Schulz step needs each weight matrix whole; use parallel.strategy=ddp (or none), or optim.name=adamw",
+        "Newton-Schulz step needs each weight matrix whole; use parallel.strategy=ddp or fsdp (or none), "
+        "or optim.name=adamw",
     )
     _check(
         cfg.logging.sample_top_k is None or cfg.logging.sample_top_k >= 1,

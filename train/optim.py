@@ -19,6 +19,8 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from train.config import OptimSection, ScheduleSection
 
@@ -63,7 +65,11 @@ class MuonAdamW(torch.optim.Optimizer):
     """torch.optim.Muon over the groups named MUON_GROUP, torch.optim.AdamW over the others, as one
     Optimizer: param_groups, state, zero_grad, state_dict and load_state_dict are the base class's over
     all groups; step() steps both. The two inner optimizers share this object's group dicts and state,
-    so a learning rate set on a group here is the one its optimizer uses."""
+    so a learning rate set on a group here is the one its optimizer uses.
+
+    Under FSDP2 the parameters are DTensor row shards, and Newton-Schulz needs the whole matrix: each
+    rank gathers the momentum-applied update (full_tensor), orthogonalises it, and keeps its own rows
+    (sharded_muon_step). The momentum buffers stay sharded, like AdamW's moments."""
 
     def __init__(self, adamw_groups: list[dict], muon_groups: list[dict], adamw: dict, muon: dict):
         self.adamw = torch.optim.AdamW(adamw_groups, **adamw)
@@ -93,8 +99,34 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.adamw.step()
-        self.muon.step()
+        if any(isinstance(p, DTensor) for g in self.muon.param_groups for p in g["params"]):
+            for group in self.muon.param_groups:
+                sharded_muon_step(group, self.state)
+        else:
+            self.muon.step()
         return loss
+
+
+def sharded_muon_step(group: dict, state: dict) -> None:
+    """torch.optim.Muon's step (torch/optim/_muon.py, _single_tensor_muon) for DTensor-sharded
+    parameters: momentum on the local shard, Newton-Schulz on the gathered matrix (identical on every
+    rank), then this rank's shard of the result (distribute_tensor without communication)."""
+    lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        grad = p.grad  # DTensor, this rank's rows of (out, in)
+        st = state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(grad)
+        buf = st["momentum_buffer"]
+        buf.lerp_(grad, 1 - momentum)
+        update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+        full = update.full_tensor()  # (out, in), the same on every rank
+        ortho = _zeropower_via_newtonschulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
+        local = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+        p.mul_(1 - lr * wd)
+        p.add_(local, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
 
 
 def fused_supported(model: nn.Module) -> bool:
@@ -117,9 +149,10 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimize
         ns_steps=cfg.muon_ns_steps,
         adjust_lr_fn=cfg.muon_adjust_lr,
     )
-    return MuonAdamW(
-        param_groups(model, cfg.weight_decay, cfg.decay_embeddings, exclude=hidden), [muon_group], adamw, muon
-    )
+    # Without Muon's matrices, AdamW's decay group may be empty (a tied head); torch.distributed
+    # .checkpoint's state dicts name groups by their parameters, so an empty group is left out.
+    rest = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings, exclude=hidden) if g["params"]]
+    return MuonAdamW(rest, [muon_group], adamw, muon)
 
 
 def lr_at(step: int, peak: float, cfg: ScheduleSection, max_steps: int) -> float:
