@@ -22,6 +22,7 @@ from train_helpers import (
 
 from model import GPT, ModelConfig
 from train.config import Config, OptimSection
+from train.errors import TrainError
 from train.loop import run
 from train.optim import MUON_GROUP, MuonAdamW, apply_schedule, build_optimizer, lr_at, muon_momentum_at
 
@@ -218,3 +219,9 @@ def test_fsdp_two_ranks_run_muon_and_resume_on_one_rank(data_dir, reference, tmp
     torchrun(2, data_dir, tmp_path, "parallel.strategy=fsdp", "train.max_steps=2", "checkpoint.every=2")
     torchrun(1, data_dir, tmp_path, "parallel.strategy=fsdp", "train.max_steps=4")
     assert_same_losses(train_losses(tmp_path), reference)
+
+
+def test_resuming_an_adamw_checkpoint_with_muon_says_what_to_do(data_dir, tmp_path):
+    run(tiny_config(data_dir, tmp_path, "train.max_steps=1"), **QUIET)
+    with pytest.raises(TrainError, match=r"optimizer state does not fit .*optim.name.*train.init_from="):
+        run(tiny_config(data_dir, tmp_path, *MUON, "train.max_steps=2"), **QUIET)

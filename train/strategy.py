@@ -216,7 +216,14 @@ class LocalStep:
             unwrap(self.model).load_weights(sd)
         except ValueError as e:
             raise TrainError(f"cannot resume from {weights}: {e}") from None
-        self.optimizer.load_state_dict(saved["optimizer"])
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as e:  # other parameter groups: another optim.name (or a changed split)
+            raise TrainError(
+                f"cannot resume from {weights.parent}: its optimizer state does not fit this optimizer ({e}); "
+                "resume with the optim.name it was written with, or start from its weights with "
+                f"train.init_from={weights}"
+            ) from None
         if self.scaler is not None and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])
 
