@@ -23,7 +23,7 @@ from train_helpers import (
 from model import GPT, ModelConfig
 from train.config import Config, OptimSection
 from train.errors import TrainError
-from train.loop import run
+from train.loop import resolve_dtype, run
 from train.optim import MUON_GROUP, MuonAdamW, apply_schedule, build_optimizer, lr_at, muon_momentum_at
 
 QUIET = dict(log=lambda m: None)
@@ -84,12 +84,13 @@ def test_adamw_stays_the_default():
     assert type(opt) is torch.optim.AdamW and [g["name"] for g in opt.param_groups] == ["decay", "no_decay"]
 
 
-def test_muon_update_is_orthogonalised():
+@pytest.mark.parametrize("ns_dtype", ["float32", "bfloat16"])
+def test_muon_update_is_orthogonalised(ns_dtype):
     """Feed one matrix an ill-conditioned gradient (singular values 0.01..1): Muon's step has (nearly)
     equal singular values (Newton-Schulz maps each to ~1; Jordan et al. 2024: to within [0.5, 1.5]),
     scaled by lr * sqrt(max(1, rows/cols))."""
     model = tiny_model(family="gpt2")
-    cfg = OptimSection(name="muon", muon_lr=0.1, muon_momentum=0.0, muon_nesterov=False)
+    cfg = OptimSection(name="muon", muon_lr=0.1, muon_momentum=0.0, muon_nesterov=False, muon_ns_dtype=ns_dtype)
     opt = build_optimizer(model, cfg)
     w = model.transformer.h[0].mlp.c_fc.weight  # (64, 16)
     g = torch.Generator().manual_seed(0)
@@ -102,6 +103,36 @@ def test_muon_update_is_orthogonalised():
     scale = 0.1 * (64 / 16) ** 0.5  # lr * torch.optim.Muon's "original" shape adjustment
     assert s.min() > 0.5 * scale and s.max() < 1.5 * scale, s / scale
     assert s.max() / s.min() < 3
+
+
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+def test_bfloat16_muon_is_torch_optim_muon_bit_for_bit(adjust):
+    """muon_step with Newton-Schulz in bfloat16 is torch.optim.Muon's update, over a few steps with
+    Nesterov momentum, weight decay, a tall and a wide matrix."""
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(16, 40))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=0.1, adjust_lr_fn=adjust)
+    bias = [{"params": [torch.nn.Parameter(torch.zeros(4))], "name": "no_decay"}]  # AdamW's side
+    opt = MuonAdamW(bias, [{"params": ours, "name": MUON_GROUP}], {"lr": 1e-3}, kw, ns_dtype="bfloat16")
+    torch_opt = torch.optim.Muon(ref, **kw)
+    for _ in range(3):
+        for a, b in zip(ours, ref, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        torch_opt.step()
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_newton_schulz_runs_in_float32_where_bfloat16_is_emulated():
+    model = tiny_model()
+    opt = build_optimizer(model, OptimSection(name="muon"))  # muon_ns_dtype=auto
+    want = "bfloat16" if resolve_dtype(torch.device("cpu")) == "bfloat16" else "float32"
+    assert opt.muon.param_groups[0]["ns_dtype"] == want
+    opt = build_optimizer(model, OptimSection(name="muon", muon_ns_dtype="bfloat16"))
+    assert opt.muon.param_groups[0]["ns_dtype"] == "bfloat16"
 
 
 def test_every_group_follows_the_schedule_from_its_own_peak():

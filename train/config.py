@@ -93,6 +93,9 @@ class OptimSection:
     # (Jordan et al. 2024) | match_rms_adamw = 0.2 * sqrt(max(rows, cols)), AdamW's update RMS, so that
     # AdamW's lr and weight decay carry over (Liu et al. 2025, "Muon is Scalable for LLM Training")
     muon_adjust_lr: str = "original"
+    # Newton-Schulz precision: auto = bfloat16 (torch.optim.Muon's) where the device has bf16 matrix units
+    # (as train.dtype=auto), else float32 (CPUs without them emulate bf16 matmuls, far slower) | bfloat16 | float32
+    muon_ns_dtype: str = "auto"
 
 
 @dataclass
@@ -468,6 +471,7 @@ def validate(cfg: Config) -> None:
     _choice("schedule.name", s.name, SCHEDULES)
     _choice("optim.name", o.name, OPTIMIZERS)
     _choice("optim.muon_adjust_lr", o.muon_adjust_lr, MUON_ADJUST_LR)
+    _choice("optim.muon_ns_dtype", o.muon_ns_dtype, ("auto", "bfloat16", "float32"))
     _choice("schedule.wsd_shape", s.wsd_shape, WSD_SHAPES)
     _choice("parallel.strategy", cfg.parallel.strategy, STRATEGIES)
     _choice("eval.hellaswag_style", cfg.eval.hellaswag_style, HELLASWAG_STYLES)

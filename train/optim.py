@@ -20,7 +20,6 @@ import math
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
-from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
 
 from train.config import OptimSection, ScheduleSection
 
@@ -62,18 +61,18 @@ def muon_params(model: nn.Module) -> list[nn.Parameter]:
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """torch.optim.Muon over the groups named MUON_GROUP, torch.optim.AdamW over the others, as one
-    Optimizer: param_groups, state, zero_grad, state_dict and load_state_dict are the base class's over
-    all groups; step() steps both. The two inner optimizers share this object's group dicts and state,
-    so a learning rate set on a group here is the one its optimizer uses.
+    """Muon over the groups named MUON_GROUP, torch.optim.AdamW over the others, as one Optimizer:
+    param_groups, state, zero_grad, state_dict and load_state_dict are the base class's over all
+    groups; step() steps both. torch.optim.Muon builds and checks Muon's groups (its hyper-parameters,
+    2-D parameters only); muon_step steps them -- torch.optim.Muon's update, with Newton-Schulz in a
+    chosen dtype and on FSDP2's sharded parameters. The inner optimizers share this object's group
+    dicts and state, so a learning rate set on a group here is the one that is used."""
 
-    Under FSDP2 the parameters are DTensor row shards, and Newton-Schulz needs the whole matrix: each
-    rank gathers the momentum-applied update (full_tensor), orthogonalises it, and keeps its own rows
-    (sharded_muon_step). The momentum buffers stay sharded, like AdamW's moments."""
-
-    def __init__(self, adamw_groups: list[dict], muon_groups: list[dict], adamw: dict, muon: dict):
+    def __init__(self, adamw_groups: list[dict], muon_groups: list[dict], adamw: dict, muon: dict, ns_dtype: str):
         self.adamw = torch.optim.AdamW(adamw_groups, **adamw)
         self.muon = torch.optim.Muon(muon_groups, **muon)
+        for group in self.muon.param_groups:
+            group["ns_dtype"] = ns_dtype  # a name, not a torch.dtype: the state dict stays plain data
         self.n_adamw = len(self.adamw.param_groups)
         # defaults={}: every group arrives complete from its own optimizer
         super().__init__(self.adamw.param_groups + self.muon.param_groups, defaults={})
@@ -99,34 +98,61 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.adamw.step()
-        if any(isinstance(p, DTensor) for g in self.muon.param_groups for p in g["params"]):
-            for group in self.muon.param_groups:
-                sharded_muon_step(group, self.state)
-        else:
-            self.muon.step()
+        for group in self.muon.param_groups:
+            muon_step(group, self.state)
         return loss
 
 
-def sharded_muon_step(group: dict, state: dict) -> None:
-    """torch.optim.Muon's step (torch/optim/_muon.py, _single_tensor_muon) for DTensor-sharded
-    parameters: momentum on the local shard, Newton-Schulz on the gathered matrix (identical on every
-    rank), then this rank's shard of the result (distribute_tensor without communication)."""
+def newton_schulz(g: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (torch/optim/_muon.py,
+    _zeropower_via_newtonschulz; Jordan et al. 2024), which maps g = U S V^T to about U V^T, in
+    `dtype`: torch's always runs in bfloat16, which CPUs without bf16 units emulate (slowly)."""
+    a, b, c = coefficients
+    x = g.to(dtype)  # (m, n)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T  # (n, m): the Gram matrix below is the smaller side
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T  # (k, k), k = min(m, n)
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's _adjust_lr: the update's scale per matrix shape (rows A, columns B):
+    original: sqrt(max(1, A/B)) (Jordan et al. 2024); match_rms_adamw: 0.2 * sqrt(max(A, B)), AdamW's
+    update RMS (Liu et al. 2025, "Muon is Scalable for LLM Training")."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr * math.sqrt(max(1, rows / cols))
+
+
+def muon_step(group: dict, state: dict) -> None:
+    """torch.optim.Muon's step (torch/optim/_muon.py, _single_tensor_muon) over one group. A DTensor
+    parameter (FSDP2: this rank's rows) keeps its momentum sharded; Newton-Schulz needs the whole
+    matrix, so the update is gathered (full_tensor, the same on every rank), orthogonalised, and this
+    rank's rows are kept (distribute_tensor from the local copy, without communication)."""
     lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
+    dtype = getattr(torch, group["ns_dtype"])
     for p in group["params"]:
         if p.grad is None:
             continue
-        grad = p.grad  # DTensor, this rank's rows of (out, in)
+        grad = p.grad  # (out, in), or a DTensor of this rank's rows
         st = state[p]
         if "momentum_buffer" not in st:
             st["momentum_buffer"] = torch.zeros_like(grad)
         buf = st["momentum_buffer"]
         buf.lerp_(grad, 1 - momentum)
         update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-        full = update.full_tensor()  # (out, in), the same on every rank
-        ortho = _zeropower_via_newtonschulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
-        local = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+        sharded = isinstance(update, DTensor)
+        full = update.full_tensor() if sharded else update  # (out, in)
+        ortho = newton_schulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+        if sharded:
+            ortho = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
         p.mul_(1 - lr * wd)
-        p.add_(local, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        p.add_(ortho, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
 
 
 def fused_supported(model: nn.Module) -> bool:
@@ -152,7 +178,18 @@ def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimize
     # Without Muon's matrices, AdamW's decay group may be empty (a tied head); torch.distributed
     # .checkpoint's state dicts name groups by their parameters, so an empty group is left out.
     rest = [g for g in param_groups(model, cfg.weight_decay, cfg.decay_embeddings, exclude=hidden) if g["params"]]
-    return MuonAdamW(rest, [muon_group], adamw, muon)
+    return MuonAdamW(rest, [muon_group], adamw, muon, muon_ns_dtype(cfg.muon_ns_dtype, hidden))
+
+
+def muon_ns_dtype(name: str, params: list[torch.Tensor]) -> str:
+    """optim.muon_ns_dtype=auto: bfloat16 (torch.optim.Muon's, Jordan et al. 2024) where the device has
+    bf16 matrix units, as train.dtype=auto decides; float32 elsewhere."""
+    if name != "auto":
+        return name
+    from train.loop import resolve_dtype  # here: train.loop imports this module
+
+    device = params[0].device if params else torch.device("cpu")
+    return "bfloat16" if resolve_dtype(device) == "bfloat16" else "float32"
 
 
 def lr_at(step: int, peak: float, cfg: ScheduleSection, max_steps: int) -> float:
