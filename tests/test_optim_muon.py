@@ -1,5 +1,6 @@
 """optim.name=muon: the parameter split, the orthogonalised update, the per-group schedules, Muon's
-momentum warmup, exact resume, a real training run, and the strategies that refuse it."""
+momentum warmup, exact resume, a real training run, DDP and FSDP against one process, DeepSpeed's
+refusal."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from train.optim import MUON_GROUP, MuonAdamW, apply_schedule, build_optimizer, 
 QUIET = dict(log=lambda m: None)
 MUON = ["optim.name=muon", "optim.muon_lr=0.02", "optim.lr=3e-3"]
 # fp32, dropout 0: 2 ranks x 1 micro-batch vs 1 x 2 differ in the gradients' reduction order (~1e-7),
-# which Muon's bfloat16 Newton-Schulz (torch.optim.Muon) can round to one bf16 ulp in a few entries.
+# which a bfloat16 Newton-Schulz (muon_ns_dtype=auto on bf16 hardware) can round to one bf16 ulp.
 DIST_LOSS_TOL = 1e-4
 
 
