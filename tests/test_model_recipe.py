@@ -293,3 +293,18 @@ def test_onnx_full_graph_has_every_switch(tmp_path):
     idx[0, [4, 11]] = EOT
     (got,) = session(full).run(None, {"tokens": idx.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), model(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_quantization_keeps_the_switches():
+    """model/quantize.py swaps the Linears only: QK-norm gains, ReLU^2 and the cap stay in the forward."""
+    from model.quantize import quantize_model
+
+    model = tiny("modern", doc_mask=True, eot_id=EOT, **ALL)
+    idx = tokens(2, 16)
+    idx[0, 7] = EOT
+    with torch.no_grad():
+        ref = model(idx)
+        q = quantize_model(tiny("modern", doc_mask=True, eot_id=EOT, **ALL), kernel="dequant")
+        got = q(idx)
+    assert got.abs().max() <= ALL["logit_softcap"]
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
