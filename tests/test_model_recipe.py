@@ -40,6 +40,7 @@ def test_mlp_defaults_to_the_family_and_sets_the_width():
         (dict(mlp="relu3"), "model.mlp must be one of gelu, swiglu, relu2"),
         (dict(logit_softcap=0.0), "logit_softcap must be > 0"),
         (dict(doc_positions_restart=True), "needs model.doc_mask"),
+        (dict(eot_id=50257), r"eot_id must be in \[0, vocab_size\)"),
     ):
         with pytest.raises(ValueError, match=msg):
             ModelConfig(**bad)
