@@ -309,3 +309,19 @@ def test_int8_quantization_keeps_the_switches():
         got = q(idx)
     assert got.abs().max() <= ALL["logit_softcap"]
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+
+
+def test_resume_accepts_a_checkpoint_from_before_the_switches(tmp_path):
+    """A train_state.pt written before these fields existed lacks their keys: they were off, so the
+    resume check passes; a switch that differs is still refused."""
+    from train.checkpoint import CheckpointManager, TrainState
+    from train.errors import TrainError
+
+    new = ("mlp", "qk_norm", "zero_init_proj", "logit_softcap", "doc_mask", "doc_positions_restart", "eot_id")
+    cfg = ModelConfig(vocab_size=97, n_layer=1, n_head=2, n_embd=8)
+    old = TrainState(model_config={k: v for k, v in cfg.to_dict().items() if k not in new})
+    CheckpointManager(tmp_path, None, cfg).check_same_model(tmp_path, old)
+    with pytest.raises(TrainError, match="qk_norm: False -> True"):
+        CheckpointManager(tmp_path, None, ModelConfig(**{**cfg.to_dict(), "qk_norm": True})).check_same_model(
+            tmp_path, old
+        )
