@@ -79,8 +79,8 @@ class ModelConfig:
             raise ValueError(f"model.logit_softcap must be > 0 (or null: off); got {self.logit_softcap}")
         if self.doc_positions_restart and not self.doc_mask:
             raise ValueError("model.doc_positions_restart needs model.doc_mask: true")
-        if self.eot_id is not None and self.eot_id < 0:
-            raise ValueError(f"model.eot_id must be >= 0 (or null: the dataset's); got {self.eot_id}")
+        if self.eot_id is not None and not 0 <= self.eot_id < (self.vocab_size or self.eot_id + 1):
+            raise ValueError(f"model.eot_id must be in [0, vocab_size) (or null: the dataset's); got {self.eot_id}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:

@@ -40,6 +40,7 @@ def test_mlp_defaults_to_the_family_and_sets_the_width():
         (dict(mlp="relu3"), "model.mlp must be one of gelu, swiglu, relu2"),
         (dict(logit_softcap=0.0), "logit_softcap must be > 0"),
         (dict(doc_positions_restart=True), "needs model.doc_mask"),
+        (dict(eot_id=50257), r"eot_id must be in \[0, vocab_size\)"),
     ):
         with pytest.raises(ValueError, match=msg):
             ModelConfig(**bad)
@@ -293,3 +294,34 @@ def test_onnx_full_graph_has_every_switch(tmp_path):
     idx[0, [4, 11]] = EOT
     (got,) = session(full).run(None, {"tokens": idx.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), model(idx), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_quantization_keeps_the_switches():
+    """model/quantize.py swaps the Linears only: QK-norm gains, ReLU^2 and the cap stay in the forward."""
+    from model.quantize import quantize_model
+
+    model = tiny("modern", doc_mask=True, eot_id=EOT, **ALL)
+    idx = tokens(2, 16)
+    idx[0, 7] = EOT
+    with torch.no_grad():
+        ref = model(idx)
+        q = quantize_model(tiny("modern", doc_mask=True, eot_id=EOT, **ALL), kernel="dequant")
+        got = q(idx)
+    assert got.abs().max() <= ALL["logit_softcap"]
+    torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+
+
+def test_resume_accepts_a_checkpoint_from_before_the_switches(tmp_path):
+    """A train_state.pt written before these fields existed lacks their keys: they were off, so the
+    resume check passes; a switch that differs is still refused."""
+    from train.checkpoint import CheckpointManager, TrainState
+    from train.errors import TrainError
+
+    new = ("mlp", "qk_norm", "zero_init_proj", "logit_softcap", "doc_mask", "doc_positions_restart", "eot_id")
+    cfg = ModelConfig(vocab_size=97, n_layer=1, n_head=2, n_embd=8)
+    old = TrainState(model_config={k: v for k, v in cfg.to_dict().items() if k not in new})
+    CheckpointManager(tmp_path, None, cfg).check_same_model(tmp_path, old)
+    with pytest.raises(TrainError, match="qk_norm: False -> True"):
+        CheckpointManager(tmp_path, None, ModelConfig(**{**cfg.to_dict(), "qk_norm": True})).check_same_model(
+            tmp_path, old
+        )

@@ -270,6 +270,10 @@ class CheckpointManager:
     def check_same_model(self, ckpt: Path, state: TrainState) -> None:
         """A clear message, instead of a size-mismatch traceback, when the run dir holds another model."""
         saved, want = state.model_config, self.model_config.to_dict()
+        try:  # a checkpoint from before a ModelConfig field existed lacks it: it had the default
+            saved = ModelConfig.from_dict(saved).to_dict()
+        except (TypeError, ValueError):
+            pass  # unknown or invalid keys: reported key by key below
         diff = {k: (saved.get(k), want.get(k)) for k in want if k != "dropout" and saved.get(k) != want.get(k)}
         if diff:
             raise TrainError(
