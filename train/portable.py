@@ -197,7 +197,7 @@ def _from_deepspeed(state_dir: Path, work: Path) -> Portable:
     model_files = sorted(engine.glob("*model_states.pt"))
     if not model_files:
         raise PortableError(f"{engine} holds no DeepSpeed checkpoint (no *model_states.pt)")
-    universal = work / "universal"
+    universal = work / "ds" / "universal"  # the converter also writes a `latest_universal` beside it
     args = argparse.Namespace(
         input_folder=str(engine),
         output_folder=str(universal),
@@ -230,5 +230,5 @@ def _from_deepspeed(state_dir: Path, work: Path) -> Portable:
             if "step" not in entry and step is not None:
                 entry["step"] = torch.as_tensor(step).clone()
             state[name] = entry
-    shutil.rmtree(universal)
+    shutil.rmtree(universal.parent)
     return Portable(params, state, groups)

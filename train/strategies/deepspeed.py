@@ -195,16 +195,19 @@ class DeepSpeedStrategy(DistributedStrategy):
             )
         step, sample = _step_and_keys(portable)
         # torch optimizers create their state lazily at the first step; ZeRO maps each parameter's
-        # fragment onto it only then. Create it now (zeros, overwritten below) and link it.
-        for group in base.param_groups:
-            for flat in group["params"]:
-                st = base.state[flat]
-                for key, value in sample.items():
-                    if key not in st:
-                        st[key] = torch.zeros_like(flat) if value.dim() else value.clone()
-                if "step" in st:
-                    st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(step))
+        # fragment onto it only then. Create it now (zeros, overwritten below) and link it. The flat
+        # fp32 partitions: ZeRO 1/2 keep them in the groups, ZeRO-3 puts them there only during step().
         zero = self.engine.optimizer
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [
+            flat for group in base.param_groups for flat in group["params"]
+        ]
+        for flat in flats:
+            st = base.state[flat]
+            for key, value in sample.items():
+                if key not in st:
+                    st[key] = torch.zeros_like(flat) if value.dim() else value.clone()
+            if "step" in st:
+                st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(step))
         if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2 (stage 3 looks up lazily)
             zero._hp_optimizer_states_linked = False
             zero._lazy_init_hp_params_optimizer_state()
