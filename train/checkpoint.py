@@ -239,7 +239,10 @@ class CheckpointManager:
         _fault("state", step)
         strategy.barrier()
         if strategy.is_main:
-            saved = dataclasses.replace(state, strategy_state=strategy_state)
+            # stamped here: a resumed run's state still names the strategy / world that wrote its start
+            saved = dataclasses.replace(
+                state, strategy_state=strategy_state, strategy=strategy.name, world_size=strategy.world_size
+            )
             torch.save(saved.to_dict(), tmp / TRAIN_STATE)
             _fault("publish", step)
             publish_dir(tmp, final)  # fsync, then one rename (replacing a checkpoint of a lost future)
@@ -280,13 +283,20 @@ class CheckpointManager:
         checkpoint is only read. A kill during the conversion leaves a temporary directory that the
         next start removes (clean_stale) and converts again."""
         where = self.root / f"{CONVERT_PREFIX}{ckpt.name}"
+        failed: Exception | None = None
         if self.strategy.is_main:
-            if where.exists():  # a previous resume converted, then died: convert again
-                shutil.rmtree(where)
-            with atomic_dir(where) as tmp:
-                from_checkpoint(ckpt, ckpt / STATE_DIR, state, tmp).save(tmp)
-                _fault("convert", state.step)
-        self.strategy.barrier()
+            try:
+                if where.exists():  # a previous resume converted, then died: convert again
+                    shutil.rmtree(where)
+                with atomic_dir(where) as tmp:
+                    from_checkpoint(ckpt, ckpt / STATE_DIR, state, tmp).save(tmp)
+                    _fault("convert", state.step)
+            except Exception as e:  # every rank must stop, not wait for rank 0 at a barrier
+                failed = e
+        if self.strategy.any_flag(failed is not None):
+            if failed is not None:
+                raise failed
+            raise TrainError(f"rank 0 could not convert {ckpt} (its message says why)")
         portable = Portable.load(where)
         self.strategy.barrier()
         if self.strategy.is_main:
