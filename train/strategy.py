@@ -17,7 +17,9 @@ Contract, in the order the loop uses it:
         norm = s.clip_and_step()                 # clips to spec.grad_clip; device tensor, no host sync
         s.zero_grad()
     saved = s.save_state(state_dir)              # every rank; whatever the strategy needs to resume
-    s.load_state(state_dir, saved, weights)      # every rank; restores model + optimizer
+    s.load_state(state_dir, saved, weights)      # every rank; restores model + optimizer, when
+                                                 # s.resumes_natively(saved_strategy, saved); else
+    s.load_portable(portable)                    # every rank; from the strategy-neutral form
     s.teardown()
 train/checkpoint.py owns the checkpoint layout and hands the strategy its directory (`state/`).
 

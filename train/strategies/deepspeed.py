@@ -15,7 +15,10 @@ configured gradient_accumulation_steps itself, so backward() does not divide aga
 
 Checkpoints: engine.save_checkpoint into the state directory it is handed (each rank writes its
 partition); train/checkpoint.py writes the consolidated fp32 model artifact from model_state_dict(), so
-that eval/ opens DeepSpeed runs like any other.
+that eval/ opens DeepSpeed runs like any other. The engine reloads its own partitions only on the same
+world size and ZeRO stage (resumes_natively); any other checkpoint (another world size, stage or
+strategy) arrives as the strategy-neutral form (train/portable.py, which reads ZeRO partitions with
+DeepSpeed's ds_to_universal) and load_portable sets it through DeepSpeed's tensor-fragment API.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ Checkpoints: every rank writes its shard of model + optimizer with torch.distrib
 into the state directory it is handed, from get_state_dict's fully-qualified names, so DCP reshards
 on load and a checkpoint written by N ranks resumes on M. The model artifact (model/) is written by
 train/checkpoint.py from model_state_dict() (a full state dict gathered to rank 0) at the best and
-final checkpoints; `python -m train.consolidate` writes it for any other from the DCP shards.
+final checkpoints; `python -m train.consolidate` writes it for any other from the DCP shards. A
+checkpoint of another strategy arrives as the strategy-neutral form (train/portable.py): load_portable.
 """
 
 from __future__ import annotations
