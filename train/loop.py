@@ -133,6 +133,8 @@ def build_model_config(cfg: Config, meta: dict) -> tuple[ModelConfig, dict | Non
             f"model.vocab_size {vocab} is smaller than the dataset's vocab_size {meta['vocab_size']} "
             f"(tokenizer {meta['tokenizer']!r}); set model.vocab_size=null to take the dataset's"
         )
+    if fields["doc_mask"] and fields["eot_id"] is None:  # document masking splits at the dataset's EOT
+        fields["eot_id"] = meta.get("eot_id")
     return ModelConfig(**{**fields, "vocab_size": vocab}), None
 
 
