@@ -245,11 +245,15 @@ def test_ddp_two_ranks_run_muon_and_resume_in_one_process(data_dir, reference, t
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_run_muon_and_resume_on_one_rank(data_dir, reference, tmp_path):
+def test_fsdp_two_ranks_run_muon_and_resume_on_one_rank_then_in_one_process(data_dir, reference, tmp_path):
     """FSDP2 shards the matrices; the optimizer gathers each update for Newton-Schulz and keeps its
-    rows. 2 ranks for 2 steps and a (DCP) checkpoint, then 1 rank resumes it: one process's losses."""
+    rows. 2 ranks for 2 steps and a (DCP) checkpoint; 1 rank resumes it for a step; one process
+    (parallel.strategy=none, through the strategy-neutral form) for the last: one process's losses."""
     torchrun(2, data_dir, tmp_path, "parallel.strategy=fsdp", "train.max_steps=2", "checkpoint.every=2")
-    torchrun(1, data_dir, tmp_path, "parallel.strategy=fsdp", "train.max_steps=4")
+    torchrun(1, data_dir, tmp_path, "parallel.strategy=fsdp", "train.max_steps=3")
+    args = tiny_overrides(data_dir, tmp_path, *MUON, "schedule.total_steps=4", "train.max_steps=4")
+    last = run_cli(["--config", str(DEBUG_YAML), *args])
+    assert last.returncode == 0 and "resumed from" in last.stdout, last.stderr[-3000:]
     assert_same_losses(train_losses(tmp_path), reference)
 
 
