@@ -143,6 +143,7 @@ class DecodeStep:
         else:
             x = x + (self.wpe.weight[pos] if rows is None else self.wpe(rows))  # (B, C)
         mask = None if self.mask is None else self.mask[..., :S]  # (B, 1, 1, S)
+        gqa = Hkv != H
         for layer, (ln_1, c_attn, a_proj, ln_2, c_fc, m_proj) in enumerate(self.layers):
             # c_attn's output is [q heads | k heads | v heads]; with T = 1, (B, N*D) is (B, N, 1, D) as is.
             qkv = c_attn(ln_1(x)).view(B, H + 2 * Hkv, 1, D)
@@ -150,10 +151,10 @@ class DecodeStep:
             if self.rope:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_all, v_all = cache.k[layer], cache.v[layer]  # (B, Hkv, S_max, D)
-            k_all[:, :, pos : pos + 1] = k
-            v_all[:, :, pos : pos + 1] = v
+            k_all.narrow(2, pos, 1).copy_(k)  # narrow: one call, where k_all[:, :, pos] parses an index
+            v_all.narrow(2, pos, 1).copy_(v)
             y = F.scaled_dot_product_attention(
-                q, k_all[:, :, :S], v_all[:, :, :S], attn_mask=mask, enable_gqa=Hkv != H
+                q, k_all.narrow(2, 0, S), v_all.narrow(2, 0, S), attn_mask=mask, enable_gqa=gqa
             )  # (B, H, 1, D)
             x = x + a_proj(y.view(B, C))
             h = c_fc(ln_2(x))  # (B, hidden) or (B, 2 hidden) = [gate | up]
