@@ -75,11 +75,21 @@ def supports(model: nn.Module) -> bool:
 
 
 def lookup(mod: nn.Module):
-    """ids (B,) -> rows (B, C): F.embedding on a plain nn.Embedding's table, else the module (int8 tables)."""
+    """ids (B,) -> rows (B, C): torch.embedding on a plain nn.Embedding's table, else the module (int8 tables)."""
     if type(mod) is not nn.Embedding:
         return mod
     w = mod.weight
-    return lambda ids: F.embedding(ids, w)
+    return lambda ids: torch.embedding(w, ids)
+
+
+def norm(mod: nn.Module):
+    """x (B, C) -> (B, C): the LayerNorm / RMSNorm module's own function, called without the module and
+    functional wrappers (three Python frames per call)."""
+    shape, w, eps = mod.normalized_shape, mod.weight, mod.eps
+    if type(mod) is nn.LayerNorm:
+        b = mod.bias
+        return lambda x: torch.layer_norm(x, shape, w, b, eps)
+    return lambda x: torch.rms_norm(x, shape, w, eps)
 
 
 def matmul(mod: nn.Module):
@@ -111,7 +121,14 @@ class DecodeStep:
         self.wte = lookup(model.transformer.wte)
         self.wpe = None if self.rope else model.transformer.wpe
         self.layers = [
-            (b.ln_1, matmul(b.attn.c_attn), matmul(b.attn.c_proj), b.ln_2, matmul(b.mlp.c_fc), matmul(b.mlp.c_proj))
+            (
+                norm(b.ln_1),
+                matmul(b.attn.c_attn),
+                matmul(b.attn.c_proj),
+                norm(b.ln_2),
+                matmul(b.mlp.c_fc),
+                matmul(b.mlp.c_proj),
+            )
             for b in model.transformer.h
         ]
         self._cache: KVCache | None = None
