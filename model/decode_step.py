@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.gpt import GPT, MLP, Attention, Block, KVCache, apply_rope
+from model.quantize import Int8Linear
 
 # The config fields this step implements; any other field must be at its default for the step to run.
 KNOWN = {
@@ -93,11 +94,16 @@ def norm(mod: nn.Module):
 
 
 def matmul(mod: nn.Module):
-    """x (B, in) -> (B, out): one addmm / mm for a plain nn.Linear (its weight transposed once, a view),
-    else the module itself (int8 layers pick their own kernel)."""
-    if type(mod) is not nn.Linear:
+    """x (B, in) -> (B, out): one addmm / mm for a plain nn.Linear (its weight transposed once, a view)
+    and for an int8 layer whose decode kernel is "float" (its dequantized fp32 weight; the activations
+    of the int8 backend are fp32), else the module itself (the other int8 kernels)."""
+    if type(mod) is nn.Linear:
+        w = mod.weight
+    elif type(mod) is Int8Linear and mod.kernel == "float" and mod._float is not None:
+        w = mod._float  # (out, in) float32
+    else:
         return mod
-    w_t, b = mod.weight.t(), mod.bias  # (in, out) view of the (out, in) weight
+    w_t, b = w.t(), mod.bias  # (in, out) view of the (out, in) weight
     if b is None:
         return lambda x: torch.mm(x, w_t)
     return lambda x: torch.addmm(b, x, w_t)

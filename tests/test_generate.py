@@ -247,17 +247,23 @@ def test_train_sample_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "modern"])
-@pytest.mark.parametrize("kind", ["fp32", "int8"])
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int8-float"])
 def test_decode_step_equals_the_model_forward(family, kind):
     """model.decode_step (the backends' one-token step) computes what GPT.forward does with the cache:
-    same logits and same cache, left-padded rows included."""
-    from model.quantize import quantize_model
+    same logits and same cache, left-padded rows included. int8: kernels as tuned here; int8-float:
+    every layer on its dequantized fp32 weight, which the step multiplies itself."""
+    from model.quantize import Int8Linear, quantize_model
 
     be = lively(backend(family, seed=3), 3.0)
-    if kind == "int8":  # quantized from fresh float weights (the fp32 backend re-lays its own)
+    if kind != "fp32":  # quantized from fresh float weights (the fp32 backend re-lays its own)
         torch.manual_seed(3)
-        be = lively(TorchBackend(quantize_model(GPT(be.model.config).eval()), {}, name="int8"), 3.0)
+        q = quantize_model(GPT(be.model.config).eval(), kernel="float" if kind == "int8-float" else "auto")
+        q(torch.zeros(1, 1, dtype=torch.long))  # a first call builds the float kernel's weights
+        be = lively(TorchBackend(q, {}, name="int8"), 3.0)
     assert be.step is not None
+    if kind == "int8-float":
+        c_attn = be.step.layers[0][1]
+        assert type(be.model.transformer.h[0].attn.c_attn) is Int8Linear and not isinstance(c_attn, Int8Linear)
     tokens, pad = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]), torch.tensor([2, 0])
     runs = []
     for step in (be.step, None):
