@@ -99,7 +99,9 @@ def matmul(mod: nn.Module):
     of the int8 backend are fp32), else the module itself (the other int8 kernels)."""
     if type(mod) is nn.Linear:
         w = mod.weight
-    elif type(mod) is Int8Linear and mod.kernel == "float" and mod._float is not None:
+    elif type(mod) is Int8Linear and mod.kernel == "float":
+        if mod._float is None:  # built on a layer's first float call (tune_kernels times one per shape)
+            mod.run("float", mod.scale.new_zeros(1, mod.in_features))
         w = mod._float  # (out, in) float32
     else:
         return mod
