@@ -247,7 +247,7 @@ def test_train_sample_cli(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "modern"])
-@pytest.mark.parametrize("kind", ["fp32", "int8", "int8-float"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int8-float"])
 def test_decode_step_equals_the_model_forward(family, kind):
     """model.decode_step (the backends' one-token step) computes what GPT.forward does with the cache:
     same logits and same cache, left-padded rows included. int8: kernels as tuned here; int8-float:
@@ -255,7 +255,9 @@ def test_decode_step_equals_the_model_forward(family, kind):
     from model.quantize import Int8Linear, quantize_model
 
     be = lively(backend(family, seed=3), 3.0)
-    if kind != "fp32":  # quantized from fresh float weights (the fp32 backend re-lays its own)
+    if kind == "bf16":
+        be = TorchBackend(be.model.to(torch.bfloat16), {}, name="torch-bf16")
+    elif kind != "fp32":  # quantized from fresh float weights (the fp32 backend re-lays its own)
         torch.manual_seed(3)
         q = quantize_model(GPT(be.model.config).eval(), kernel="float" if kind == "int8-float" else "auto")
         be = lively(TorchBackend(q, {}, name="int8"), 3.0)
