@@ -8,7 +8,9 @@ what GPT.forward(tokens, kv_cache=cache, start_pos=pos) computes, with
   - every nn.Linear as one addmm (mm) on a weight transposed once here, not F.linear's linear + t + addmm;
   - keys and values written into the preallocated cache in place, read back as views;
   - positions, RoPE rows and the padding mask sliced from tables built once per cache, not rebuilt.
-Other Linear modules (int8 ones) are called as they are; norms, RoPE and the head are the model's own.
+  - norms and lookups as their torch builtins on the modules' parameters (no module frames).
+Int8 layers on another kernel than "float" are called as they are; RoPE (apply_rope), ln_f and the
+head are the model's own.
 
 Only the blocks this file knows are run here: `supports` turns down a model with another block, a
 module in training mode, or a config switch it does not know set away from its default; the caller
