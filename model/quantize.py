@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.io import ArtifactError, load_state, save_artifact
+from model.io import ArtifactError, load_state, save_artifact, to_empty
 
 KERNELS = ("auto", "int8pack", "fbgemm", "dequant", "float")
 QUANTIZATION = "int8"
@@ -268,7 +268,7 @@ def empty_quantized(config: ModelConfig, head: bool, kernel: str = "auto", devic
     """A quantized GPT with the structure of the config and uninitialized weights (to load into)."""
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
+    to_empty(model, device)
     if config.tie_embeddings:  # to_empty gives each module its own tensor: tie again (as model.io.load_model does)
         model.lm_head.weight = model.transformer.wte.weight
     model.init_weights()  # real values for the non-persistent RoPE tables; the rest is overwritten
