@@ -60,8 +60,10 @@ def pick_kernel(device: torch.device | str = "cpu") -> str:
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (out, in) float -> (int8 (out, in), float32 scale (out,)), symmetric per output channel."""
-    w = w.detach().float()
+    """w (out, in) float -> (int8 (out, in), float32 scale (out,)), symmetric per output channel.
+    The int8 weight is row-major whatever w's strides (the fp32 backend may have re-laid w out in
+    eval/backends.py): _weight_int8pack_mm accepts only a contiguous (out, in) weight."""
+    w = w.detach().float().contiguous()
     scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,); an all-zero row keeps scale > 0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
     return q, scale
