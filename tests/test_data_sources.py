@@ -5,6 +5,10 @@ the same code path as the hub, with --hf-config, --hf-split, --text-field and --
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -165,3 +169,59 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
         assert [s["sha256"] for s in metas[0]["shards"]] == [s["sha256"] for s in metas[1]["shards"]]
         assert not list((tmp_path / f"{i}-2").glob(".part-*")), "no spool file is left in the dataset"
     assert documents(tmp_path / "0-2") == docs["train"][:14]
+
+
+# The RSS check of data/bench.py, applied to an hf: source: the peak RSS of a fresh process that streams a hub-layout
+# repository of 8 parquet shards (64e6 characters of text), over what it had once imports and datasets' modules were
+# warm (a first read of a 16-row split). A read that held the text (a list of the documents, a reader that loads a
+# split before it yields: hub_documents returning iter(list(...)) fails this test) ends at least 64e6 bytes = 61 MiB higher (an ASCII str takes a byte per character): measured +103 MiB
+# here. The streamed read measured +0..3 MiB (+10..26 MiB on half the text: the arrow pool's high-water mark, a
+# constant, not a share of the corpus). The bound sits between them.
+_RSS_CHARS = 64_000_000
+_RSS_BOUND_MIB = 32
+_RSS_CHILD = """
+import json, resource, sys
+from data.sources import open_source
+
+def peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+for doc in open_source("hf:" + sys.argv[1], hf_config="big", hf_split="test"):  # warm: imports, datasets' modules
+    pass
+before, chars = peak_mib(), 0
+for doc in open_source("hf:" + sys.argv[1], hf_config="big"):
+    chars += len(doc)
+print(json.dumps({"chars": chars, "before_mib": before, "end_mib": peak_mib()}))
+"""
+
+
+@pytest.mark.slow  # a fresh process streams 64 MB of text
+def test_streaming_a_hub_repository_keeps_memory_flat(tmp_path):
+    """hf: on a local repository of 8 parquet shards (64 MB of text, 31 MB on disk): peak RSS grows by less than
+    32 MiB while it is streamed, where holding it would add 61 MiB or more."""
+    from pydoc_data.topics import topics
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "README.md").write_text(README.replace("web", "big").replace("validation", "test"))
+    (tmp_path / "big").mkdir()
+    paragraphs = [p for text in topics.values() for p in text.split("\n\n") if p.strip()]
+    rng, n_files = random.Random(0), 8
+    for i in range(n_files):
+        docs, chars = [], 0
+        while chars < _RSS_CHARS // n_files:
+            docs.append("\n\n".join(rng.choices(paragraphs, k=rng.randint(1, 30))))
+            chars += len(docs[-1])
+        table = pa.table({"text": docs})
+        pq.write_table(table, tmp_path / "big" / f"train-{i:05d}.parquet", row_group_size=200)
+        pq.write_table(table.slice(0, 2), tmp_path / "big" / f"test-{i:05d}.parquet")
+    env = {**os.environ, "USE_TORCH": "0"}  # as the CLI runs: datasets need not import torch
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(tmp_path), str(_RSS_CHARS)], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout.splitlines()[-1])
+    assert r["chars"] >= _RSS_CHARS, "every document was read"
+    growth = r["end_mib"] - r["before_mib"]
+    assert growth < _RSS_BOUND_MIB, f"peak RSS grew {growth:.0f} MiB while streaming 64 MB of text: not streamed"
