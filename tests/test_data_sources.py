@@ -173,10 +173,11 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
 
 # The RSS check of data/bench.py, applied to an hf: source: the peak RSS of a fresh process that streams a hub-layout
 # repository of 8 parquet shards (64e6 characters of text), over what it had once imports and datasets' modules were
-# warm (a first read of a 16-row split). A read that held the text (a list of the documents, a reader that loads a
-# split before it yields: hub_documents returning iter(list(...)) fails this test) ends at least 64e6 bytes = 61 MiB higher (an ASCII str takes a byte per character): measured +103 MiB
-# here. The streamed read measured +0..3 MiB (+10..26 MiB on half the text: the arrow pool's high-water mark, a
-# constant, not a share of the corpus). The bound sits between them.
+# warm (a first read of a 16-row split). A read that held the text (a list of the documents, or a reader that loads
+# a split before it yields: hub_documents returning iter(list(...)) fails this test) ends at least 64e6 bytes =
+# 61 MiB higher (an ASCII str takes a byte per character): measured +103 MiB here. The streamed read measured
+# +0..3 MiB (+10..26 MiB on half the text: the arrow pool's high-water mark, a constant, not a share of the
+# corpus). The bound sits between them.
 _RSS_CHARS = 64_000_000
 _RSS_BOUND_MIB = 32
 _RSS_CHILD = """
