@@ -143,8 +143,8 @@ def test_hf_errors_are_one_line(repo, tmp_path):
 
 @pytest.mark.slow  # worker processes
 def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tmp_path, monkeypatch):
-    """workers > 1 on a source of several files: one process per file, shards byte-identical to one stream's,
-    --max-documents cutting inside a file included."""
+    """workers > 1 on a source of several files: one process per file (the first file by threads while they
+    start), shards byte-identical to one stream's, --max-documents cutting inside a file included."""
     import data.prepare
 
     monkeypatch.setattr(data.prepare, "_PARALLEL_MIN_BYTES", 0)  # these files are tiny: use processes anyway
@@ -158,6 +158,7 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
     root, docs, _, jsonl = repo
     cases = [
         dict(source=f"hf:{root}", hf_config="web", max_documents=14),  # ends inside the second file
+        dict(source=f"hf:{root}", hf_config="web", max_documents=4),  # inside the first (tokenized by threads)
         dict(source=str(jsonl / "data"), text_field="content", max_documents=7),  # local files
     ]
     for i, case in enumerate(cases):
@@ -169,6 +170,7 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
         assert [s["sha256"] for s in metas[0]["shards"]] == [s["sha256"] for s in metas[1]["shards"]]
         assert not list((tmp_path / f"{i}-2").glob(".part-*")), "no spool file is left in the dataset"
     assert documents(tmp_path / "0-2") == docs["train"][:14]
+    assert documents(tmp_path / "1-2") == docs["train"][:4]
 
 
 # The RSS check of data/bench.py, applied to an hf: source: the peak RSS of a fresh process that streams a hub-layout
