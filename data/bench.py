@@ -73,8 +73,17 @@ def run_prepare_child(source: str, out: str, tokenizer: str, workers: int | None
     meta = prepare(out, source=source, tokenizer=tokenizer, workers=workers, progress=False)
     seconds = time.perf_counter() - started
     tokens = meta["train_tokens"] + meta["val_tokens"]
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: KiB
-    print(json.dumps({"seconds": seconds, "tokens": tokens, "peak_mib": peak_kb / 1024}))
+    print(json.dumps({"seconds": seconds, "tokens": tokens, "peak_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS in MiB: Linux's VmHWM, which starts afresh at exec. Not ru_maxrss: Linux carries
+    it over from the forked parent's image, so a child's would read at least its parent's (this bench's) RSS."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1024)
 
 
 def _prepare_in_child(source: str | Path, out: Path, tokenizer: str, workers: int | None, per_file=False) -> dict:
