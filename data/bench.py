@@ -153,15 +153,22 @@ def main(argv: list[str] | None = None) -> None:
             f"as parquet (hub); CPU {cpu_name()}, {cores} cores; load average {os.getloadavg()[0]:.2f}"
         )
 
-        base = _baseline(one_docs, args.tokenizer, cores)
+        # The machine may be shared: tiktoken's rate is measured again just before each prepare, and each
+        # prepare is compared with the rate measured next to it.
+        runs = {}
+        for name, source, per_file in (
+            ("1x", tmp / "x1", False),
+            ("10x", tmp / "x10", False),
+            # a process per file even below prepare's 32 MB threshold, so that a small --mb measures that path
+            ("hub", f"hf:{tmp / 'hub'}", True),
+        ):
+            base = _baseline(one_docs, args.tokenizer, cores)
+            runs[name] = _prepare_in_child(source, tmp / f"ds-{name}", args.tokenizer, args.workers, per_file)
+            runs[name].update(base_rate=base["tokens"] / base["seconds"], load=os.getloadavg()[0])
         del one_docs, docs
-        one = _prepare_in_child(tmp / "x1", tmp / "ds1", args.tokenizer, args.workers)
-        ten = _prepare_in_child(tmp / "x10", tmp / "ds10", args.tokenizer, args.workers)
-        # a process per file even below prepare's 32 MB threshold, so that a small --mb measures that path too
-        hub = _prepare_in_child(f"hf:{tmp / 'hub'}", tmp / "dshub", args.tokenizer, args.workers, per_file=True)
-        train_us, val_us = _loader_us(tmp / "ds10", args.seq_len, args.micro_batch, steps=200)
+        train_us, val_us = _loader_us(tmp / "ds-10x", args.seq_len, args.micro_batch, steps=200)
 
-    _report(args, cores, base, one, ten, hub, train_us, val_us)
+    _report(args, cores, runs, train_us, val_us)
 
 
 def cpu_name() -> str:
@@ -173,22 +180,29 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine() or "unknown"
 
 
-def _report(args, cores: int, base: dict, one: dict, ten: dict, hub: dict, train_us: float, val_us: float) -> None:
-    base_rate = base["tokens"] / base["seconds"]
+def _report(args, cores: int, runs: dict, train_us: float, val_us: float) -> None:
+    one, ten, hub = runs["1x"], runs["10x"], runs["hub"]
     # t = startup + tokens / rate: two sizes separate the one-off cost (tokenizer load, opening the source)
     # from the streaming rate that decides how long a real corpus takes.
     marginal = (ten["tokens"] - one["tokens"]) / (ten["seconds"] - one["seconds"])
     startup = one["seconds"] - one["tokens"] / marginal
+    bases = [r["base_rate"] for r in runs.values()]
     print(f"tokenizer {args.tokenizer}: 1x = {one['tokens']:,} tokens, 10x = {ten['tokens']:,} tokens")
+    print(
+        f"tiktoken encode_ordinary_batch, {cores} threads, in memory: {min(bases) / 1e6:.2f}..{max(bases) / 1e6:.2f} "
+        f"M tokens/s (measured before each row; each row is compared with the one before it)"
+    )
     rows = [
-        (f"tiktoken encode_ordinary_batch, {cores} threads, in memory", base_rate, ""),
-        ("data.prepare 1x, disk -> shards", one["tokens"] / one["seconds"], ""),
-        ("data.prepare 10x, disk -> shards", ten["tokens"] / ten["seconds"], ""),
-        ("data.prepare marginal (10x - 1x)", marginal, f" (+ {startup:.2f} s start-up per run)"),
-        ("data.prepare hf: 10x as 10 parquet files, process per file", hub["tokens"] / hub["seconds"], ""),
+        ("data.prepare 1x, disk -> shards", one["tokens"] / one["seconds"], one, ""),
+        ("data.prepare 10x, disk -> shards", ten["tokens"] / ten["seconds"], ten, ""),
+        ("data.prepare marginal (10x - 1x)", marginal, ten, f" (+ {startup:.2f} s start-up per run)"),
+        ("data.prepare hf: 10x as 10 parquet files, process per file", hub["tokens"] / hub["seconds"], hub, ""),
     ]
-    for name, rate, extra in rows:
-        print(f"{name:<58} {rate / 1e6:6.2f} M tokens/s = {rate / base_rate:4.0%} of tiktoken{extra}")
+    for name, rate, run, extra in rows:
+        print(
+            f"{name:<58} {rate / 1e6:6.2f} M tokens/s = {rate / run['base_rate']:4.0%} of tiktoken "
+            f"(load {run['load']:.1f}){extra}"
+        )
     ratio = ten["peak_mib"] / one["peak_mib"]
     mib1, mib10 = one["peak_mib"], ten["peak_mib"]
     print(f"peak RSS of data.prepare: 1x {mib1:.0f} MiB, 10x {mib10:.0f} MiB (10x/1x = {ratio:.2f})")

@@ -56,6 +56,8 @@ DEFAULT_SHARD_TOKENS = 100_000_000
 _BATCH_CHARS = 1 << 17  # characters per tokenization task: large enough to amortize the hand-off
 _BATCH_DOCS = 1024
 _SPOOL_NAME = "stream.spool"
+_SPOOL_READ_TOKENS = 1 << 22  # tokens of a worker's spool routed at a time (8 MB of uint16)
+_HEAD_START_FILES = None  # files the main process may tokenize while the workers start (None: no limit)
 _PARALLEL_MIN_BYTES = 32 << 20  # a multi-file source this large is read by a process per file
 
 
@@ -243,52 +245,58 @@ def _write_shards_parallel(
     spool file (parsing rows is Python work that threads would serialize on the GIL); the spools are
     routed in file order, so the shards are byte-identical to one stream's. At most 2 * workers spools wait.
 
-    The first file is tokenized here, by threads, while the processes start: the forkserver's preloading
-    (importing datasets) takes seconds, in which the cores would otherwise wait."""
+    Starting the processes takes seconds (the forkserver imports datasets, each worker loads the tokenizer):
+    until they are ready, this process tokenizes the first files itself, by threads, so no core waits."""
     enc = get_tokenizer(tokenizer)
     dtype = token_dtype(enc.n_vocab)
     router = SplitRouter(ShardWriter(directory, prefix, dtype, shard_tokens), val_tokens, directory / _SPOOL_NAME)
     bar = tqdm(desc=f"tokenizing {len(parts)} files", unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
     todo = iter(enumerate(parts))
-    _, first = next(todo)
     pending: deque = deque()
-    with ProcessPoolExecutor(min(workers, len(parts) - 1), mp_context=_worker_context()) as pool:
+    n_procs = min(workers, len(parts) - 1)
+    n_docs = 0
+    with ProcessPoolExecutor(n_procs, mp_context=_worker_context()) as pool:
 
         def submit(n: int) -> None:
             for i, part in itertools.islice(todo, n):
                 spool = str(directory / f".part-{i:06d}.tok")
                 pending.append(pool.submit(_tokenize_part, part, tokenizer, spool, max_documents))
 
-        def start() -> None:
+        def start() -> None:  # pool.submit waits for a process to start: in a thread, so that this one works
             try:
-                submit(2 * workers)
-            except BaseException as e:  # raised in this thread below: a part never submitted is never lost
+                for future in [pool.submit(_warm_worker, tokenizer) for _ in range(n_procs)]:
+                    future.result()
+            except BaseException as e:  # raised in the main thread below
                 failed.append(e)
+            finally:
+                ready.set()
 
-        # submit() waits for each process to start: in a thread, so that this one tokenizes meanwhile
-        failed: list[BaseException] = []
+        ready, failed = threading.Event(), []
         starter = threading.Thread(target=start, name="start-workers", daemon=True)
         try:
             starter.start()
-            docs = part_documents(first)
-            if max_documents is not None:
-                docs = itertools.islice(docs, max_documents)
-            n_docs = _encode_into(router, docs, enc, workers, bar)
+            head_start = itertools.islice(todo, _HEAD_START_FILES)  # (the rest stays in todo, for the workers)
+            while not ready.is_set() and (max_documents is None or n_docs < max_documents):
+                _, part = next(head_start, (None, None))
+                if part is None:
+                    break
+                docs = part_documents(part)
+                if max_documents is not None:
+                    docs = itertools.islice(docs, max_documents - n_docs)
+                n_docs += _encode_into(router, docs, enc, workers, bar)
             starter.join()
             if failed:
                 raise failed[0]
+            submit(2 * workers)
             while pending and (max_documents is None or n_docs < max_documents):
                 spool, count = pending.popleft().result()
                 submit(1)
-                tokens = np.fromfile(spool, dtype=dtype)  # one file's tokens (a file is a unit of the dataset)
                 take = count if max_documents is None else min(count, max_documents - n_docs)
-                if take < count:  # --max-documents ends inside this file: cut before document `take`
-                    tokens = tokens[: np.flatnonzero(tokens == enc.eot_token)[take]]
-                router.write(tokens)
+                n_tokens = _route_spool(router, Path(spool), dtype, enc.eot_token, take if take < count else None)
                 Path(spool).unlink()
                 n_docs += take
                 bar.set_postfix_str(f"docs={n_docs:,}", refresh=False)
-                bar.update(len(tokens))
+                bar.update(n_tokens)
             for future in pending:
                 future.cancel()
             shards = router.close()
@@ -303,6 +311,32 @@ def _write_shards_parallel(
     for spool in directory.glob(".part-*.tok"):  # those of files after --max-documents was reached
         spool.unlink()
     return shards, n_docs
+
+
+def _warm_worker(tokenizer: str) -> None:
+    """In a worker process: load the tokenizer (cached for all its files) before its first file arrives."""
+    get_tokenizer(tokenizer)
+
+
+def _route_spool(router: SplitRouter, spool: Path, dtype: np.dtype, eot: int, cut_before_doc: int | None) -> int:
+    """A worker's spool file into `router`, _SPOOL_READ_TOKENS at a time (a hub file can hold a billion tokens:
+    never all in memory), up to the start of document `cut_before_doc` when given; returns the tokens routed."""
+    if spool.stat().st_size == 0:
+        return 0
+    tokens = np.memmap(spool, dtype=dtype, mode="r")  # (n_tokens,): read by the page, not loaded
+    end = len(tokens)
+    if cut_before_doc is not None:  # every document starts with eot: cut at the (cut_before_doc + 1)-th eot
+        seen = 0
+        for start in range(0, len(tokens), _SPOOL_READ_TOKENS):
+            eots = np.flatnonzero(tokens[start : start + _SPOOL_READ_TOKENS] == eot)
+            if seen + len(eots) > cut_before_doc:
+                end = start + int(eots[cut_before_doc - seen])
+                break
+            seen += len(eots)
+    for start in range(0, end, _SPOOL_READ_TOKENS):
+        router.write(np.asarray(tokens[start : min(start + _SPOOL_READ_TOKENS, end)]))
+    del tokens  # unmapped before the caller deletes the file
+    return end
 
 
 def _worth_processes(source: str) -> bool:
@@ -331,7 +365,7 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     """forkserver, not fork: datasets and pyarrow may already run threads in this process; the server
     (started once per process) preloads these modules, so that a worker starts without importing them."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["data.prepare", "data.sources", "datasets"])
+    ctx.set_forkserver_preload(["data._worker_env", "data.prepare", "data.sources", "datasets"])
     return ctx
 
 

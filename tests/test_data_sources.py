@@ -143,11 +143,12 @@ def test_hf_errors_are_one_line(repo, tmp_path):
 
 @pytest.mark.slow  # worker processes
 def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tmp_path, monkeypatch):
-    """workers > 1 on a source of several files: one process per file (the first file by threads while they
+    """workers > 1 on a source of several files: one process per file (the first files by threads while they
     start), shards byte-identical to one stream's, --max-documents cutting inside a file included."""
     import data.prepare
 
     monkeypatch.setattr(data.prepare, "_PARALLEL_MIN_BYTES", 0)  # these files are tiny: use processes anyway
+    monkeypatch.setattr(data.prepare, "_SPOOL_READ_TOKENS", 7)  # spools routed in many pieces, cuts across them
     serial = data.prepare._write_shards
 
     def only_one_worker(*args):
@@ -156,12 +157,14 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
 
     monkeypatch.setattr(data.prepare, "_write_shards", only_one_worker)
     root, docs, _, jsonl = repo
+    # (source, files first tokenized by the main process while the workers start)
     cases = [
-        dict(source=f"hf:{root}", hf_config="web", max_documents=14),  # ends inside the second file
-        dict(source=f"hf:{root}", hf_config="web", max_documents=4),  # inside the first (tokenized by threads)
-        dict(source=str(jsonl / "data"), text_field="content", max_documents=7),  # local files
+        (dict(source=f"hf:{root}", hf_config="web", max_documents=14), 1),  # cut in the second file, by a worker
+        (dict(source=f"hf:{root}", hf_config="web", max_documents=4), 0),  # in the first file, by a worker
+        (dict(source=str(jsonl / "data"), text_field="content", max_documents=7), 1),  # local files
     ]
-    for i, case in enumerate(cases):
+    for i, (case, head_start) in enumerate(cases):
+        monkeypatch.setattr(data.prepare, "_HEAD_START_FILES", head_start)
         metas = [
             prepare(tmp_path / f"{i}-{w}", tokenizer="bytes", val_tokens=50, workers=w, progress=False, **case)
             for w in (1, 2)
