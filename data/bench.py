@@ -153,22 +153,28 @@ def main(argv: list[str] | None = None) -> None:
             f"as parquet (hub); CPU {cpu_name()}, {cores} cores; load average {os.getloadavg()[0]:.2f}"
         )
 
-        # The machine may be shared: tiktoken's rate is measured again just before each prepare, and each
-        # prepare is compared with the rate measured next to it.
+        # The machine may be shared: tiktoken's rate is measured before and after each prepare, and each
+        # prepare is compared with the mean of the two, the rate of the machine as it was around it.
         runs = {}
+        base = _rate(_baseline(one_docs, args.tokenizer, cores))
         for name, source, per_file in (
             ("1x", tmp / "x1", False),
             ("10x", tmp / "x10", False),
             # a process per file even below prepare's 32 MB threshold, so that a small --mb measures that path
             ("hub", f"hf:{tmp / 'hub'}", True),
         ):
-            base = _baseline(one_docs, args.tokenizer, cores)
             runs[name] = _prepare_in_child(source, tmp / f"ds-{name}", args.tokenizer, args.workers, per_file)
-            runs[name].update(base_rate=base["tokens"] / base["seconds"], load=os.getloadavg()[0])
+            after = _rate(_baseline(one_docs, args.tokenizer, cores))
+            runs[name].update(bases=(base, after), base_rate=(base + after) / 2, load=os.getloadavg()[0])
+            base = after
         del one_docs, docs
         train_us, val_us = _loader_us(tmp / "ds-10x", args.seq_len, args.micro_batch, steps=200)
 
     _report(args, cores, runs, train_us, val_us)
+
+
+def _rate(run: dict) -> float:
+    return run["tokens"] / run["seconds"]
 
 
 def cpu_name() -> str:
@@ -186,11 +192,11 @@ def _report(args, cores: int, runs: dict, train_us: float, val_us: float) -> Non
     # from the streaming rate that decides how long a real corpus takes.
     marginal = (ten["tokens"] - one["tokens"]) / (ten["seconds"] - one["seconds"])
     startup = one["seconds"] - one["tokens"] / marginal
-    bases = [r["base_rate"] for r in runs.values()]
+    bases = [b for r in runs.values() for b in r["bases"]]
     print(f"tokenizer {args.tokenizer}: 1x = {one['tokens']:,} tokens, 10x = {ten['tokens']:,} tokens")
     print(
         f"tiktoken encode_ordinary_batch, {cores} threads, in memory: {min(bases) / 1e6:.2f}..{max(bases) / 1e6:.2f} "
-        f"M tokens/s (measured before each row; each row is compared with the one before it)"
+        f"M tokens/s (measured between the rows; each row is compared with the mean of the two around it)"
     )
     rows = [
         ("data.prepare 1x, disk -> shards", one["tokens"] / one["seconds"], one, ""),
