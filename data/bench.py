@@ -69,11 +69,28 @@ def run_prepare_child(source: str, out: str, tokenizer: str, workers: int | None
     if per_file:
         data.prepare._PARALLEL_MIN_BYTES = 0
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), tree_cpu_seconds()
     meta = prepare(out, source=source, tokenizer=tokenizer, workers=workers, progress=False)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, tree_cpu_seconds() - cpu
     tokens = meta["train_tokens"] + meta["val_tokens"]
-    print(json.dumps({"seconds": seconds, "tokens": tokens, "peak_mib": peak_rss_mib()}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "tokens": tokens, "peak_mib": peak_rss_mib()}))
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process, of its children it waited for, and of its live children
+    with the children they waited for: prepare's per-file workers are forked and reaped by a forkserver, a
+    child of this process. A rate per CPU second does not move with the load of a shared machine, which
+    takes wall-clock rates with it. Linux (/proc); elsewhere this process and its waited-for children."""
+    total = sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after the command name: state, ppid, ...
+        except OSError:  # a process that ended meanwhile
+            continue
+        if int(fields[1]) == os.getpid():
+            total += sum(int(f) for f in fields[11:15]) / tick  # utime, stime, cutime, cstime
+    return total
 
 
 def peak_rss_mib() -> float:
@@ -100,9 +117,9 @@ def _baseline(docs: list[str], tokenizer: str, threads: int) -> dict:
 
     enc = get_tokenizer(tokenizer)
     enc.encode_ordinary_batch(docs[:200], num_threads=threads)  # warm the thread pool and caches
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     tokens = sum(len(t) for t in enc.encode_ordinary_batch(docs, num_threads=threads))
-    return {"seconds": time.perf_counter() - started, "tokens": tokens}
+    return {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu, "tokens": tokens}
 
 
 def _loader_us(data_dir: Path, seq_len: int, micro_batch: int, steps: int) -> tuple[float, float]:
@@ -156,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         # The machine may be shared: tiktoken's rate is measured before and after each prepare, and each
         # prepare is compared with the mean of the two, the rate of the machine as it was around it.
         runs = {}
-        base = _rate(_baseline(one_docs, args.tokenizer, cores))
+        first = _baseline(one_docs, args.tokenizer, cores)
+        base, cpu_rates = _rate(first), [first["tokens"] / first["cpu_seconds"]]
         for name, source, per_file in (
             ("1x", tmp / "x1", False),
             ("10x", tmp / "x10", False),
@@ -164,13 +182,15 @@ def main(argv: list[str] | None = None) -> None:
             ("hub", f"hf:{tmp / 'hub'}", True),
         ):
             runs[name] = _prepare_in_child(source, tmp / f"ds-{name}", args.tokenizer, args.workers, per_file)
-            after = _rate(_baseline(one_docs, args.tokenizer, cores))
+            measured = _baseline(one_docs, args.tokenizer, cores)
+            after = _rate(measured)
+            cpu_rates.append(measured["tokens"] / measured["cpu_seconds"])
             runs[name].update(bases=(base, after), base_rate=(base + after) / 2, load=os.getloadavg()[0])
             base = after
         del one_docs, docs
         train_us, val_us = _loader_us(tmp / "ds-10x", args.seq_len, args.micro_batch, steps=200)
 
-    _report(args, cores, runs, train_us, val_us)
+    _report(args, cores, runs, sum(cpu_rates) / len(cpu_rates), train_us, val_us)
 
 
 def _rate(run: dict) -> float:
@@ -186,7 +206,7 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine() or "unknown"
 
 
-def _report(args, cores: int, runs: dict, train_us: float, val_us: float) -> None:
+def _report(args, cores: int, runs: dict, base_cpu_rate: float, train_us: float, val_us: float) -> None:
     one, ten, hub = runs["1x"], runs["10x"], runs["hub"]
     # t = startup + tokens / rate: two sizes separate the one-off cost (tokenizer load, opening the source)
     # from the streaming rate that decides how long a real corpus takes.
@@ -208,6 +228,12 @@ def _report(args, cores: int, runs: dict, train_us: float, val_us: float) -> Non
         print(
             f"{name:<58} {rate / 1e6:6.2f} M tokens/s = {rate / run['base_rate']:4.0%} of tiktoken "
             f"(load {run['load']:.1f}){extra}"
+        )
+    print(f"per CPU second (all processes; the load does not move it): tiktoken {base_cpu_rate / 1e6:.2f} M tokens")
+    for name, run in runs.items():
+        cpu_rate = run["tokens"] / run["cpu_seconds"]
+        print(
+            f"  data.prepare {name:<4} {cpu_rate / 1e6:6.2f} M tokens per CPU second = {cpu_rate / base_cpu_rate:4.0%}"
         )
     ratio = ten["peak_mib"] / one["peak_mib"]
     mib1, mib10 = one["peak_mib"], ten["peak_mib"]

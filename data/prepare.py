@@ -264,7 +264,7 @@ def _write_shards_parallel(
 
         def start() -> None:  # pool.submit waits for a process to start: in a thread, so that this one works
             try:
-                for future in [pool.submit(_warm_worker, tokenizer) for _ in range(n_procs)]:
+                for future in [pool.submit(_warm_worker, tokenizer, enc) for _ in range(n_procs)]:
                     future.result()
             except BaseException as e:  # raised in the main thread below
                 failed.append(e)
@@ -313,9 +313,14 @@ def _write_shards_parallel(
     return shards, n_docs
 
 
-def _warm_worker(tokenizer: str) -> None:
-    """In a worker process: load the tokenizer (cached for all its files) before its first file arrives."""
-    get_tokenizer(tokenizer)
+_WORKER_ENCODINGS: dict[str, tiktoken.Encoding] = {}  # in a worker process: spec -> the main process's encoding
+
+
+def _warm_worker(tokenizer: str, enc: tiktoken.Encoding) -> None:
+    """In a worker process, before its first file: keep the main process's encoding, sent pickled (its ranks,
+    rebuilt by tiktoken), which costs a third of parsing the .tiktoken file again; a worker that gets no
+    such task parses the file at its first file."""
+    _WORKER_ENCODINGS[tokenizer] = enc
 
 
 def _route_spool(router: SplitRouter, spool: Path, dtype: np.dtype, eot: int, cut_before_doc: int | None) -> int:
@@ -379,7 +384,7 @@ def _start_worker_server() -> None:
 
 def _tokenize_part(part: tuple, tokenizer: str, spool: str, max_documents: int | None) -> tuple[str, int]:
     """In a worker process: one file's documents -> tokens (eot-prefixed) in `spool`; (spool, documents)."""
-    enc = get_tokenizer(tokenizer)
+    enc = _WORKER_ENCODINGS.get(tokenizer) or get_tokenizer(tokenizer)
     dtype = token_dtype(enc.n_vocab)
     docs = part_documents(part)
     if max_documents is not None:
