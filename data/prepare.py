@@ -318,8 +318,8 @@ _WORKER_ENCODINGS: dict[str, tiktoken.Encoding] = {}  # in a worker process: spe
 
 def _warm_worker(tokenizer: str, enc: tiktoken.Encoding) -> None:
     """In a worker process, before its first file: keep the main process's encoding, sent pickled (its ranks,
-    rebuilt by tiktoken), which costs a third of parsing the .tiktoken file again; a worker that gets no
-    such task parses the file at its first file."""
+    rebuilt by tiktoken), which is cheaper than parsing the .tiktoken file again (base64, line by line); a
+    worker that gets no such task parses the file at its first file."""
     _WORKER_ENCODINGS[tokenizer] = enc
 
 
