@@ -353,10 +353,7 @@ def _worth_processes(source: str) -> bool:
     if _remote_hub(source):
         return True
     try:
-        if source.startswith(HF_PREFIX):
-            files = [f for f in Path(source.removeprefix(HF_PREFIX)).expanduser().rglob("*") if f.is_file()]
-        else:
-            files = local_files(source)
+        files = local_files(source.removeprefix(HF_PREFIX))  # a local hub repository: its data files
         return len(files) > 1 and sum(f.stat().st_size for f in files) >= _PARALLEL_MIN_BYTES
     except (DataError, OSError):
         return False
