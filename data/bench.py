@@ -79,8 +79,8 @@ def run_prepare_child(source: str, out: str, tokenizer: str, workers: int | None
 def tree_cpu_seconds() -> float:
     """CPU seconds (user + system) of this process, of its children it waited for, and of its live children
     with the children they waited for: prepare's per-file workers are forked and reaped by a forkserver, a
-    child of this process. A rate per CPU second does not move with the load of a shared machine, which
-    takes wall-clock rates with it. Linux (/proc); elsewhere this process and its waited-for children."""
+    child of this process. A rate per CPU second moves less with the load of a shared machine than a
+    wall-clock rate, which the other jobs' share of the cores decides. Linux (/proc); elsewhere this process and its waited-for children."""
     total = sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -229,7 +229,7 @@ def _report(args, cores: int, runs: dict, base_cpu_rate: float, train_us: float,
             f"{name:<58} {rate / 1e6:6.2f} M tokens/s = {rate / run['base_rate']:4.0%} of tiktoken "
             f"(load {run['load']:.1f}){extra}"
         )
-    print(f"per CPU second (all processes; the load does not move it): tiktoken {base_cpu_rate / 1e6:.2f} M tokens")
+    print(f"per CPU second (all processes; less moved by the load): tiktoken {base_cpu_rate / 1e6:.2f} M tokens")
     for name, run in runs.items():
         cpu_rate = run["tokens"] / run["cpu_seconds"]
         print(
