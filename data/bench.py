@@ -80,7 +80,8 @@ def tree_cpu_seconds() -> float:
     """CPU seconds (user + system) of this process, of its children it waited for, and of its live children
     with the children they waited for: prepare's per-file workers are forked and reaped by a forkserver, a
     child of this process. A rate per CPU second moves less with the load of a shared machine than a
-    wall-clock rate, which the other jobs' share of the cores decides. Linux (/proc); elsewhere this process and its waited-for children."""
+    wall-clock rate, which the other jobs' share of the cores decides. Linux (/proc); elsewhere this process
+    and its waited-for children."""
     total = sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     for stat in Path("/proc").glob("[0-9]*/stat"):
