@@ -111,14 +111,19 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
 
 
 def vocab_size(cfg: Config) -> int:
-    """model.vocab_size, else the config's dataset's (when prepared), else GPT-2's 50257."""
+    """model.vocab_size, else the config's dataset's or data.mix's shared one (when prepared), else GPT-2's
+    50257. The batches are random tokens, so a dataset that is not there only changes this default."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
     try:
+        if cfg.data.mix:
+            from data.mixture import mix_meta, parse_mix
+
+            return int(mix_meta(parse_mix(cfg.data.mix)[0])["vocab_size"])
         from data.shards import read_meta
 
         return int(read_meta(cfg.data.dir)["vocab_size"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError):  # DataError is a ValueError: missing or unreadable meta.json
         return 50257
 
 
