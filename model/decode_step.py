@@ -46,6 +46,14 @@ KNOWN = {
     "rope_theta",
     "norm_eps",
     "extra",
+    "mlp",  # gelu, swiglu or relu2, as model.gpt.MLP
+    "qk_norm",
+    "logit_softcap",  # inside GPT.head, which the step calls
+    "zero_init_proj",  # initialisation only
+    # Cached decoding treats its context as one document (GPT.forward with a cache: docs/model.md).
+    "doc_mask",
+    "doc_positions_restart",
+    "eot_id",
 }
 NORMS = (nn.LayerNorm, nn.RMSNorm)
 
@@ -127,7 +135,7 @@ class DecodeStep:
         self.model = model
         self.H, self.Hkv, self.D, self.C = cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.n_embd
         self.rope = cfg.family == "modern"
-        self.swiglu = self.rope  # the modern family's MLP (model.gpt.MLP)
+        self.mlp = cfg.mlp  # gelu | swiglu | relu2 (model.gpt.MLP)
         self.wte = lookup(model.transformer.wte)
         self.wpe = None if self.rope else model.transformer.wpe
         self.layers = [
@@ -138,6 +146,7 @@ class DecodeStep:
                 norm(b.ln_2),
                 matmul(b.mlp.c_fc),
                 matmul(b.mlp.c_proj),
+                (norm(b.attn.q_norm), norm(b.attn.k_norm)) if cfg.qk_norm else None,
             )
             for b in model.transformer.h
         ]
@@ -171,10 +180,12 @@ class DecodeStep:
             x = x + (self.wpe.weight[pos] if rows is None else self.wpe(rows))  # (B, C)
         mask = None if self.mask is None else self.mask[..., :S]  # (B, 1, 1, S)
         gqa = Hkv != H
-        for layer, (ln_1, c_attn, a_proj, ln_2, c_fc, m_proj) in enumerate(self.layers):
+        for layer, (ln_1, c_attn, a_proj, ln_2, c_fc, m_proj, qk_norm) in enumerate(self.layers):
             # c_attn's output is [q heads | k heads | v heads]; with T = 1, (B, N*D) is (B, N, 1, D) as is.
             qkv = c_attn(ln_1(x)).view(B, H + 2 * Hkv, 1, D)
             q, k, v = qkv.split([H, Hkv, Hkv], dim=1)  # (B, H|Hkv|Hkv, 1, D)
+            if qk_norm is not None:  # over head_dim, before RoPE, as model.gpt.Attention
+                q, k = qk_norm[0](q), qk_norm[1](k)
             if self.rope:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             k_all, v_all = cache.k[layer], cache.v[layer]  # (B, Hkv, S_max, D)
@@ -185,9 +196,11 @@ class DecodeStep:
             )  # (B, H, 1, D)
             x = x + a_proj(y.view(B, C))
             h = c_fc(ln_2(x))  # (B, hidden) or (B, 2 hidden) = [gate | up]
-            if self.swiglu:
+            if self.mlp == "swiglu":
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
+            elif self.mlp == "relu2":
+                h = F.relu(h).square()  # as model.gpt.MLP
             else:
                 h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new", as model.gpt.MLP
             x = x + m_proj(h)

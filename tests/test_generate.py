@@ -280,6 +280,37 @@ def test_decode_step_equals_the_model_forward(family, kind):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "family,switches",
+    [
+        ("modern", dict(qk_norm=True, mlp="relu2", logit_softcap=3.0, doc_mask=True, eot_id=0)),
+        ("gpt2", dict(mlp="relu2", qk_norm=True, zero_init_proj=True)),
+    ],
+)
+def test_decode_step_runs_the_recipe_switches(family, switches):
+    """The model's recipe switches (docs/model.md) run in the step, which computes what GPT.forward
+    computes with the cache."""
+    be = lively(backend(family, seed=5, **switches), 3.0)
+    assert be.step is not None
+    with torch.no_grad():  # zero_init_proj: give the projections weights, so the blocks count
+        for p in be.model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0, 0.5)
+    be = TorchBackend(be.model, {})
+    tokens, pad = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]), torch.tensor([2, 0])
+    runs = []
+    for step in (be.step, None):
+        be.step = step
+        logits = [be.prefill(tokens, pad, 20)]
+        for _ in range(10):
+            logits.append(be.decode(logits[-1].argmax(-1, keepdim=True)))
+        runs.append(torch.stack(logits))
+    assert len(set(runs[1].argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
+    if "logit_softcap" in switches:
+        assert runs[1].abs().max() <= switches["logit_softcap"]
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=1e-6)
+
+
 def test_decode_step_declines_what_it_does_not_implement():
     """A config switch the step does not know, set away from its default, or a model in training mode,
     sends the backend through GPT.forward."""
@@ -292,12 +323,12 @@ def test_decode_step_declines_what_it_does_not_implement():
 
     @dataclasses.dataclass
     class Newer(ModelConfig):
-        qk_norm: bool = False  # a switch added to the model after decode_step was written
+        value_embeddings: bool = False  # a switch added to the model after decode_step was written
 
     cfg = dataclasses.asdict(be.model.config)
     assert unknown_switches(Newer(**cfg)) == []
-    on = Newer(**cfg, qk_norm=True)
-    assert unknown_switches(on) == ["qk_norm"]
+    on = Newer(**cfg, value_embeddings=True)
+    assert unknown_switches(on) == ["value_embeddings"]
     model = GPT(on).eval()
     assert not supports(model) and TorchBackend(model, {}).step is None
     assert not supports(be.model.train())
