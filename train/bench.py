@@ -64,7 +64,11 @@ SETTINGS = {
 def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torch.device) -> dict:
     """Median seconds per optimizer step of `setting` on cfg's model and batch."""
     torch.manual_seed(0)
-    mcfg = dataclasses.replace(cfg.model, vocab_size=vocab_size(cfg))
+    V = vocab_size(cfg)
+    # Document masking splits at <|endoftext|>: the last id of both tokenizers (bytes 256, GPT-2 50256).
+    # Random tokens hit it once in V, so the masked windows hold a document or two, as real text does.
+    eot = V - 1 if cfg.model.doc_mask and cfg.model.eot_id is None else cfg.model.eot_id
+    mcfg = dataclasses.replace(cfg.model, vocab_size=V, eot_id=eot)
     model = GPT(mcfg)
     seq, mb = cfg.seq_len, cfg.train.micro_batch
     accum = cfg.train.tokens_per_step // (seq * mb)
