@@ -139,8 +139,8 @@ def hub_documents(name: str, config: str | None, split: str, text_field: str) ->
     return _rows_text(_open_hub(name, config, split), text_field, f"{HF_PREFIX}{name}")
 
 
-def _open_hub(name: str, config: str | None, split: str, *, check: bool = True):
-    if check and not Path(name).expanduser().is_dir():
+def _open_hub(name: str, config: str | None, split: str):
+    if not Path(name).expanduser().is_dir():
         _check_hub_reachable(name)
     import datasets
 
@@ -162,13 +162,20 @@ def source_parts(
 ) -> list[tuple] | None:
     """A source of several files as one picklable part per file, in stream order (the documents of the parts
     laid end to end are the source's), so that processes can read and tokenize files in parallel; None
-    for a source that is one stream (pydoc, a single file, a hub dataset of one data file)."""
+    for a source that is one stream (pydoc, a single file, a hub dataset of one data file).
+
+    A hub part carries its file's streaming dataset, resolved here once (a few KB pickled: the data files'
+    addresses), so that a worker reads its file without resolving the repository again (the hub's HTTP round
+    trips per file)."""
     if source == PYDOC:
         return None
     if source.startswith(HF_PREFIX):
         name = source.removeprefix(HF_PREFIX)
-        n = _open_hub(name, hf_config, hf_split).num_shards
-        return [("hf", name, hf_config, hf_split, text_field, i, n) for i in range(n)] if n > 1 else None
+        ds = _open_hub(name, hf_config, hf_split)
+        n = ds.num_shards
+        if n < 2:
+            return None
+        return [("hf", name, text_field, i, n, ds.shard(num_shards=n, index=i, contiguous=True)) for i in range(n)]
     files = local_files(source)
     return [("local", str(f), text_field, txt_mode) for f in files] if len(files) > 1 else None
 
@@ -176,8 +183,7 @@ def source_parts(
 def part_documents(part: tuple) -> Iterator[str]:
     """The documents of one part made by source_parts (in a worker process)."""
     if part[0] == "hf":
-        _, name, config, split, text_field, index, n = part
-        ds = _open_hub(name, config, split, check=False).shard(num_shards=n, index=index, contiguous=True)
+        _, name, text_field, index, n, ds = part
         yield from _rows_text(ds, text_field, f"{HF_PREFIX}{name} (file {index + 1} of {n})")
     else:
         _, path, text_field, txt_mode = part

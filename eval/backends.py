@@ -15,6 +15,7 @@ import torch
 
 from eval.cli import UsageError
 from model import GPT, KVCache, dtypes
+from model.decode_step import DecodeStep, supports
 from model.onnx_export import DECODER, FULL, past_names, session
 
 BACKENDS = ("torch", "int8", "onnx")
@@ -87,6 +88,9 @@ class TorchBackend(Backend):
             from model.quantize import tune_kernels
 
             tune_kernels(model)  # each layer's fastest int8 path on this CPU, for decode and for prefill
+        # One-token steps skip GPT.forward's general path when model.decode_step implements this model
+        # (built after the re-layout above: it holds views of the weights).
+        self.step = DecodeStep(model) if supports(model) else None
         self.cache: KVCache | None = None
         self.pos = 0
         self.compiled = compile
@@ -137,6 +141,8 @@ class TorchBackend(Backend):
         if self.compiled:
             input_pos = torch.tensor([self.pos], device=self.device)
             logits = self._static_step(tokens, input_pos, self.cache.k, self.cache.v, self.left_pad)
+        elif self.step is not None:
+            logits = self.step(tokens, self.cache, self.pos)  # (B, V)
         else:
             logits = self.model(tokens, kv_cache=self.cache, start_pos=self.pos)[:, -1]  # (B, V)
         self.pos += 1

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 FAMILIES = ("gpt2", "modern")
+MLPS = ("gelu", "swiglu", "relu2")
 
 
 @dataclass
@@ -24,7 +25,7 @@ class ModelConfig:
     # "modern": RoPE (Su et al. 2021), RMSNorm (Zhang & Sennrich 2019),
     #           SwiGLU (Shazeer 2020), GQA -- the LLaMA recipe.
     family: str = "gpt2"
-    ffn_hidden: int | None = None  # None: 4*n_embd (gpt2) or ~8/3*n_embd rounded to 64 (modern)
+    ffn_hidden: int | None = None  # None: 4*n_embd (gelu, relu2) or ~8/3*n_embd rounded to 64 (swiglu)
     bias: bool = True  # biases in Linear layers and LayerNorm (GPT-2 has them)
     tie_embeddings: bool = True  # lm_head shares the token embedding (GPT-2 does)
     dropout: float = 0.0  # on embeddings, attention weights and residual branches, in training only
@@ -33,6 +34,28 @@ class ModelConfig:
     pad_vocab_multiple: int = 1
     rope_theta: float = 10000.0  # RoPE base frequency (modern family)
     norm_eps: float = 1e-5  # LayerNorm / RMSNorm epsilon
+    # The MLP's nonlinearity. None: the family's (gelu for gpt2, swiglu for modern). "gelu": GPT-2's
+    # tanh GELU; "swiglu": silu(gate) * up (Shazeer 2020); "relu2": relu(x)^2 (So et al. 2021, Primer;
+    # modded-nanogpt's MLP). gelu and relu2 use a 4*n_embd hidden layer, swiglu ~8/3*n_embd.
+    mlp: str | None = None
+    # RMSNorm (with a gain, over head_dim) on every head's queries and keys before RoPE and attention
+    # (Dehghani et al. 2023, "Scaling Vision Transformers to 22B"; OLMo-2, modded-nanogpt).
+    qk_norm: bool = False
+    # Zero-initialise the residual branches' output projections (attention out-proj, MLP down-proj), so
+    # that every block starts as the identity (modded-nanogpt; muP's zero init of residual branches).
+    zero_init_proj: bool = False
+    # Logits = cap * tanh(logits / cap) in every forward (loss, sampling, evaluation, ONNX); None: off.
+    # Gemma 2 (Team et al. 2024) caps final logits at 30; modded-nanogpt used 30, then 15.
+    logit_softcap: float | None = None
+    # Attention does not cross <|endoftext|>: a token attends only to its own document inside a
+    # training window (block-diagonal causal mask; see docs/model.md for the convention). Applies to
+    # forward without a KV cache; cached decoding treats its context as one document.
+    doc_mask: bool = False
+    # With doc_mask: positions (learned or RoPE) restart at 0 at each document's <|endoftext|>.
+    doc_positions_restart: bool = False
+    # The <|endoftext|> id that doc_mask splits documents at; None: the dataset's (training fills it
+    # in from meta.json when doc_mask is on).
+    eot_id: int | None = None
     extra: dict = field(default_factory=dict)  # reserved; keeps model.json forward compatible
 
     def __post_init__(self) -> None:
@@ -48,6 +71,16 @@ class ModelConfig:
             raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.mlp is None:
+            self.mlp = "swiglu" if self.family == "modern" else "gelu"
+        if self.mlp not in MLPS:
+            raise ValueError(f"model.mlp must be one of {', '.join(MLPS)} (or null: the family's); got {self.mlp!r}")
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise ValueError(f"model.logit_softcap must be > 0 (or null: off); got {self.logit_softcap}")
+        if self.doc_positions_restart and not self.doc_mask:
+            raise ValueError("model.doc_positions_restart needs model.doc_mask: true")
+        if self.eot_id is not None and not 0 <= self.eot_id < (self.vocab_size or self.eot_id + 1):
+            raise ValueError(f"model.eot_id must be in [0, vocab_size) (or null: the dataset's); got {self.eot_id}")
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
@@ -72,7 +105,7 @@ class ModelConfig:
     def hidden_dim(self) -> int:
         if self.ffn_hidden is not None:
             return self.ffn_hidden
-        if self.family == "gpt2":
+        if self.mlp != "swiglu":
             return 4 * self.n_embd
         # SwiGLU keeps the parameter count of a 4x MLP with 2/3 of the width (Shazeer 2020),
         # rounded up to a multiple of 64 for matmul efficiency (LLaMA uses multiple_of=256).

@@ -2,11 +2,14 @@
 
 GPT-2 family: learned positions, LayerNorm, GELU MLP (Radford et al. 2019).
 Modern family: RoPE, RMSNorm, SwiGLU, grouped-query attention (LLaMA, Touvron et al. 2023).
+Recipe switches on either family (model/config.py cites each): QK-norm, ReLU^2 MLP, zero-initialised
+output projections, logit soft-capping, document masking with optional position restarts.
 Parallelism, compile and mixed precision are applied from outside (train/).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -53,6 +56,58 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+@functools.cache
+def flex_attention(compiled: bool) -> Callable:
+    """FlexAttention, compiled or not, imported on first use. Uncompiled it runs a reference path that
+    materialises the scores (PyTorch's FlexAttention docs): slow, but it needs no compile (the tests);
+    on CPU, compiling it took tens of seconds on first use, so only CUDA gets the compiled kernel."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    return torch.compile(flex, dynamic=False) if compiled else flex
+
+
+def document_ids(idx: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """idx (B, T) -> (B, T) document index within the window: cumsum(idx == eot).
+
+    <|endoftext|> opens the document it precedes (data.prepare writes it before every document,
+    llm.c's layout), so it belongs to the next document, not to the one it ends: the convention of
+    modded-nanogpt (`docs = (input_seq == 50256).cumsum(0)`). A token then never attends to an earlier
+    document, and the EOT token sees only itself. Tokens before the window's first EOT are document 0.
+    """
+    return (idx == eot_id).cumsum(dim=1)  # (B, T)
+
+
+def document_positions(idx: torch.Tensor, eot_id: int, start_pos: int = 0) -> torch.Tensor:
+    """idx (B, T) at [start_pos, start_pos+T) -> (B, T) positions restarting at 0 at every EOT (tokens
+    before the window's first EOT keep start_pos + i)."""
+    B, T = idx.shape
+    t = torch.arange(start_pos, start_pos + T, device=idx.device).expand(B, T)  # (B, T)
+    eot, doc = idx == eot_id, document_ids(idx, eot_id)  # (B, T) each
+    # starts[b, d] = position of document d's EOT (0 for document 0). A scatter and a gather, not a
+    # cummax, which the ONNX exporter has no function for; index 0 receives only zeros.
+    starts = torch.zeros(B, T + 1, dtype=t.dtype, device=idx.device)  # (B, T + 1)
+    starts = starts.scatter(1, torch.where(eot, doc, 0), torch.where(eot, t, 0))
+    return t - starts.gather(1, doc)  # (B, T)
+
+
+def document_mask(doc: torch.Tensor) -> torch.Tensor:
+    """doc (B, T) document ids -> boolean (B, 1, T, T) SDPA mask: causal and within one document."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()  # (T, T)
+    return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]  # (B, 1, T, T)
+
+
+def document_block_mask(doc: torch.Tensor):
+    """doc (B, T) -> FlexAttention BlockMask of the same mask as document_mask (modded-nanogpt's)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return (q >= kv) & (doc[b, q] == doc[b, kv])
+
+    B, T = doc.shape
+    return create_block_mask(mask_mod, B, None, T, T, device=doc.device)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -63,25 +118,34 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = dropout(cfg.dropout)
         self.use_rope = cfg.family == "modern"
+        if cfg.qk_norm:  # over head_dim, one gain shared by the heads (Dehghani et al. 2023; Qwen3's q_norm)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
 
     def forward(self, x, rope, layer, kv_update, attn_mask, is_causal):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         # (B, H + 2 Hkv, T, D): c_attn's output is [q heads | k heads | v heads]
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, H|Hkv|Hkv, T, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_update is not None:
             k, v = kv_update(layer, k, v)  # (B, Hkv, S, D), S = past + T
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head,
-        )  # (B, H, T, D)
+        if attn_mask is None or isinstance(attn_mask, torch.Tensor):
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head,
+            )  # (B, H, T, D)
+        else:  # a FlexAttention BlockMask (document masking; GPT.window)
+            flex = flex_attention(compiled=q.is_cuda)
+            y = flex(q, k, v, block_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_drop(self.c_proj(y))
 
@@ -89,7 +153,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.swiglu = cfg.family == "modern"
+        self.kind = cfg.mlp
+        self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.hidden_dim
         # SwiGLU's gate and up projections share one matmul: c_fc outputs [gate | up].
         self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
@@ -101,6 +166,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()  # Primer's squared ReLU (So et al. 2021)
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
         return self.drop(self.c_proj(h))
@@ -184,6 +251,8 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+        if cfg.doc_mask and cfg.eot_id is None:
+            raise ValueError("model.doc_mask needs model.eot_id (the tokenizer's <|endoftext|> id)")
         if cfg.family == "modern":
             cos, sin = rope_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)  # (block_size, D/2)
@@ -194,11 +263,15 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2*n_layer)) (Radford et al.
-        2019, sec. 2.3), zero biases, unit norms. Callable again after meta-device construction."""
+        2019, sec. 2.3), zero biases, unit norms. Callable again after meta-device construction.
+        With zero_init_proj the residual projections are zero instead (modded-nanogpt), so every block
+        starts as the identity; their gradients are not zero (their inputs are not), so they learn."""
         std = 0.02
         for name, mod in self.named_modules():
             if isinstance(mod, nn.Linear):
                 s = std / math.sqrt(2 * self.config.n_layer) if name.endswith("c_proj") else std
+                if name.endswith("c_proj") and self.config.zero_init_proj:
+                    s = 0.0
                 nn.init.normal_(mod.weight, mean=0.0, std=s)
                 if mod.bias is not None:
                     nn.init.zeros_(mod.bias)
@@ -284,11 +357,34 @@ class GPT(nn.Module):
             x = block(x, rope, kv_update, attn_mask, is_causal)
         return self.transformer.ln_f(x)
 
+    def window(self, idx: torch.Tensor, start_pos: int = 0, flex: bool | None = None):
+        """(pos, attn_mask, is_causal) of a forward over idx (B, T) at [start_pos, start_pos+T), no cache.
+
+        Plain causal attention, or with doc_mask a block-diagonal causal mask from the EOT positions:
+        a FlexAttention BlockMask where flex (default: on CUDA without dropout, where it is compiled and
+        fast), a boolean SDPA mask otherwise. With doc_positions_restart, positions (B, T) restart at
+        each EOT."""
+        cfg, T = self.config, idx.shape[1]
+        pos = torch.arange(start_pos, start_pos + T, device=idx.device)  # (T,)
+        if not cfg.doc_mask:
+            return pos, None, True
+        if cfg.doc_positions_restart:
+            pos = document_positions(idx, cfg.eot_id, start_pos)  # (B, T)
+        doc = document_ids(idx, cfg.eot_id)  # (B, T)
+        if flex is None:
+            flex = idx.is_cuda and cfg.dropout == 0
+        return pos, document_block_mask(doc) if flex else document_mask(doc), False
+
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> logits (B, T, vocab_size); padded vocabulary rows are dropped."""
+        """(B, T, C) -> logits (B, T, vocab_size); padded vocabulary rows are dropped. Every logit a
+        caller sees comes from here, so soft-capping applies to the loss, sampling, evaluation and ONNX."""
         logits = self.lm_head(h)  # (B, T, padded_vocab)
         V = self.config.vocab_size
-        return logits if logits.shape[-1] == V else logits[..., :V]
+        logits = logits if logits.shape[-1] == V else logits[..., :V]
+        cap = self.config.logit_softcap
+        if cap is not None:  # cap * tanh(logits / cap): Gemma 2 (Team et al. 2024), modded-nanogpt
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def forward(
         self,
@@ -304,11 +400,13 @@ class GPT(nn.Module):
         limit = kv_cache.max_seq_len if kv_cache is not None else self.config.block_size
         if end > limit:
             raise ValueError(f"sequence of {end} tokens exceeds the context of {limit}")
-        pos = self.positions(T, start_pos, kv_cache, idx.device)
-        kv_update, attn_mask, is_causal = None, None, True
-        if kv_cache is not None:
+        kv_update = None
+        if kv_cache is not None:  # cached decoding treats its context as one document (docs/model.md)
+            pos = self.positions(T, start_pos, kv_cache, idx.device)
             kv_update = kv_cache.updater(start_pos)
             attn_mask, is_causal = cache_mask(T, start_pos, kv_cache.left_pad, idx.device)
+        else:
+            pos, attn_mask, is_causal = self.window(idx, start_pos)
         h = self.trunk(idx, pos, kv_update, attn_mask, is_causal)
         logits = self.head(h)  # (B, T, V)
         if targets is None:

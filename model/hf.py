@@ -16,13 +16,30 @@ _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 
+def check_switches(cfg: ModelConfig, arch: str, mlps: tuple[str, ...]) -> None:
+    """Raise ValueError (one line) for a recipe switch `arch` cannot express, rather than write a model
+    that computes something else. doc_mask passes: like our cached decoding, HF attends across
+    <|endoftext|>, which is the same function on a window holding one document (docs/model.md)."""
+    if cfg.mlp not in mlps:
+        raise ValueError(f"model.mlp={cfg.mlp} has no {arch} equivalent (it has {' or '.join(mlps)})")
+    if cfg.qk_norm:
+        raise ValueError(f"model.qk_norm (RMSNorm on queries and keys) has no {arch} equivalent")
+    if cfg.logit_softcap is not None:
+        raise ValueError(f"model.logit_softcap={cfg.logit_softcap} (tanh logit capping) has no {arch} equivalent")
+
+
+# Our MLP kinds <-> GPT2Config.activation_function (transformers' ACT2FN names; "relu2" is its
+# ReLUSquaredActivation, So et al. 2021). gelu_pytorch_tanh is the same function as gelu_new.
+_GPT2_ACTS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "relu2": "relu2"}
+
+
 def config_from_hf(hf: dict) -> ModelConfig:
     """ModelConfig from a GPT2Config dict (config.json)."""
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"only GPT-2 checkpoints convert, got model_type={hf.get('model_type')!r}")
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"activation {act!r} is not GPT-2's tanh GELU; this checkpoint does not convert")
+    if act not in _GPT2_ACTS:
+        raise ValueError(f"activation {act!r} is not GPT-2's tanh GELU (or relu2); this checkpoint does not convert")
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         block_size=hf["n_positions"],
@@ -31,6 +48,7 @@ def config_from_hf(hf: dict) -> ModelConfig:
         n_embd=hf["n_embd"],
         ffn_hidden=hf.get("n_inner"),
         family="gpt2",
+        mlp=_GPT2_ACTS[act],
         bias=True,
         tie_embeddings=hf.get("tie_word_embeddings", True),
         norm_eps=hf.get("layer_norm_epsilon", 1e-5),
@@ -44,6 +62,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
             "only the GPT-2 family with biases (model.family: gpt2, model.bias: true) "
             "has a Hugging Face GPT2LMHeadModel equivalent"
         )
+    check_switches(cfg, "Hugging Face GPT2LMHeadModel", ("gelu", "relu2"))
     return dict(
         model_type="gpt2",
         architectures=["GPT2LMHeadModel"],
@@ -54,7 +73,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         n_layer=cfg.n_layer,
         n_head=cfg.n_head,
         n_inner=cfg.hidden_dim,
-        activation_function="gelu_new",
+        activation_function="gelu_new" if cfg.mlp == "gelu" else cfg.mlp,
         layer_norm_epsilon=cfg.norm_eps,
         tie_word_embeddings=cfg.tie_embeddings,
         resid_pdrop=0.0,
@@ -179,6 +198,7 @@ def llama_config_to_hf(cfg: ModelConfig, eos_token_id: int | None = None) -> dic
             "only the modern family without biases (model.family: modern, model.bias: false) "
             "has a Hugging Face LlamaForCausalLM equivalent"
         )
+    check_switches(cfg, "Hugging Face LlamaForCausalLM", ("swiglu",))
     return dict(
         model_type="llama",
         architectures=["LlamaForCausalLM"],

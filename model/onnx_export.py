@@ -44,15 +44,16 @@ def past_names(n_layer: int, prefix: str = "past") -> list[str]:
 
 
 class FullSequence(nn.Module):
-    """tokens (B, T) -> logits (B, T, vocab): the forward pass without a cache."""
+    """tokens (B, T) -> logits (B, T, vocab): the forward pass without a cache (GPT.forward's, document
+    masking included)."""
 
     def __init__(self, model: GPT):
         super().__init__()
         self.model = model
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
-        return self.model.head(self.model.trunk(tokens, pos))  # (B, T, V)
+        pos, mask, is_causal = self.model.window(tokens, flex=False)  # (T,) or (B, T); None or (B, 1, T, T)
+        return self.model.head(self.model.trunk(tokens, pos, None, mask, is_causal))  # (B, T, V)
 
 
 class KVDecoder(nn.Module):

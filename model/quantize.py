@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.gpt import GPT
-from model.io import ArtifactError, load_state, save_artifact
+from model.io import ArtifactError, load_state, save_artifact, to_empty
 
 KERNELS = ("auto", "int8pack", "fbgemm", "dequant", "float")
 QUANTIZATION = "int8"
@@ -60,8 +60,10 @@ def pick_kernel(device: torch.device | str = "cpu") -> str:
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (out, in) float -> (int8 (out, in), float32 scale (out,)), symmetric per output channel."""
-    w = w.detach().float()
+    """w (out, in) float -> (int8 (out, in), float32 scale (out,)), symmetric per output channel.
+    The int8 weight is row-major whatever w's strides (the fp32 backend may have re-laid w out in
+    eval/backends.py): _weight_int8pack_mm accepts only a contiguous (out, in) weight."""
+    w = w.detach().float().contiguous()
     scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # (out,); an all-zero row keeps scale > 0
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)  # (out, in)
     return q, scale
@@ -268,7 +270,7 @@ def empty_quantized(config: ModelConfig, head: bool, kernel: str = "auto", devic
     """A quantized GPT with the structure of the config and uninitialized weights (to load into)."""
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
+    to_empty(model, device)
     if config.tie_embeddings:  # to_empty gives each module its own tensor: tie again (as model.io.load_model does)
         model.lm_head.weight = model.transformer.wte.weight
     model.init_weights()  # real values for the non-persistent RoPE tables; the rest is overwritten

@@ -116,7 +116,10 @@ def run_scenario(sc: dict, out: Path) -> dict:
         s.teardown()
         return res
     if sc.get("load"):
-        state = manager(s, mcfg, sc["load"]).load(Path(sc["load"]))
+        m = manager(s, mcfg, sc["load"])
+        m.clean_stale()  # as the loop does at start-up (main rank): what a killed resume left
+        s.barrier()
+        state = m.load(Path(sc["load"]))
         start = state.step
         res["loaded_step"] = start
         res["extra_roundtrip"] = bool(
@@ -179,8 +182,11 @@ def save(s, mcfg: ModelConfig, run_dir: Path, step: int, with_model: bool) -> No
     CheckpointManager(run_dir, s, mcfg, keep_last=0).save(state, with_model=with_model)
 
 
-def launch(spec: dict, nproc: int, spec_path: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run this driver under torchrun with nproc processes (one thread each: 2 ranks, 2 cores)."""
+def launch(
+    spec: dict, nproc: int, spec_path: Path, timeout: float = 600, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run this driver under torchrun with nproc processes (one thread each: 2 ranks, 2 cores);
+    extra_env: more environment variables (e.g. the GPTRAIN_FAULT hook)."""
     spec_path.write_text(json.dumps(spec))
     cuda = any(sc.get("device", "cpu").startswith("cuda") for sc in spec["scenarios"])
     env = {
@@ -188,6 +194,7 @@ def launch(spec: dict, nproc: int, spec_path: Path, timeout: float = 600) -> sub
         "OMP_NUM_THREADS": "1",
         "DS_ACCELERATOR": "cuda" if cuda else "cpu",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **(extra_env or {}),
     }
     cmd = [
         sys.executable,

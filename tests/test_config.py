@@ -34,6 +34,13 @@ MODEL_VALUES = dict(
     pad_vocab_multiple=64,
     rope_theta=500000.0,
     norm_eps=1e-6,
+    mlp="relu2",
+    qk_norm=True,
+    zero_init_proj=True,
+    logit_softcap=15.0,
+    doc_mask=True,
+    doc_positions_restart=True,
+    eot_id=299,
     extra={"note": "x"},
 )
 

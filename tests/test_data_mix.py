@@ -296,3 +296,22 @@ def test_inspect_reports_the_runs_draw_per_source(dirs, tmp_path, capsys):
         main([str(dirs[0])])
     with pytest.raises(SystemExit, match="does not exist"):
         main([str(tmp_path / "nope"), "--steps", "1"])
+
+
+def test_train_bench_runs_on_a_mix_config_with_the_mixs_vocabulary(tmp_path, capsys):
+    """train.bench uses random tokens: a data.mix config (no data.dir) takes its vocabulary from the mix's
+    shared meta.json, and one whose datasets are not prepared falls back to GPT-2's instead of failing."""
+    from data.prepare import prepare
+    from train.bench import main as bench
+
+    for name in ("a", "b"):
+        prepare(tmp_path / name, source=[f"{name} {i}" for i in range(50)], tokenizer="bytes", progress=False)
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.tokens_per_step=128"]
+    tiny += ["train.micro_batch=4", "--steps", "1", "--warmup", "0", "--settings", "baseline"]
+    for dirs, vocab in (((tmp_path / "a", tmp_path / "b"), 257), ((tmp_path / "x", tmp_path / "y"), 50257)):
+        cfg = tmp_path / "mix.yaml"
+        mix = [{"dir": str(d), "weight": 0.5} for d in dirs]
+        cfg.write_text(json.dumps({"data": {"dir": None, "mix": mix}, "model": {"vocab_size": None}}))
+        assert bench(["--config", str(cfg), *tiny]) == 0
+        out = capsys.readouterr().out
+        assert f"vocab {vocab} |" in out and "fp32 eager, for-loop AdamW (baseline)" in out

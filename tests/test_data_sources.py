@@ -5,6 +5,10 @@ the same code path as the hub, with --hf-config, --hf-split, --text-field and --
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -139,11 +143,12 @@ def test_hf_errors_are_one_line(repo, tmp_path):
 
 @pytest.mark.slow  # worker processes
 def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tmp_path, monkeypatch):
-    """workers > 1 on a source of several files: one process per file, shards byte-identical to one stream's,
-    --max-documents cutting inside a file included."""
+    """workers > 1 on a source of several files: one process per file (the first files by threads while they
+    start), shards byte-identical to one stream's, --max-documents cutting inside a file included."""
     import data.prepare
 
     monkeypatch.setattr(data.prepare, "_PARALLEL_MIN_BYTES", 0)  # these files are tiny: use processes anyway
+    monkeypatch.setattr(data.prepare, "_SPOOL_READ_TOKENS", 7)  # spools routed in many pieces, cuts across them
     serial = data.prepare._write_shards
 
     def only_one_worker(*args):
@@ -152,11 +157,14 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
 
     monkeypatch.setattr(data.prepare, "_write_shards", only_one_worker)
     root, docs, _, jsonl = repo
+    # (source, files first tokenized by the main process while the workers start)
     cases = [
-        dict(source=f"hf:{root}", hf_config="web", max_documents=14),  # ends inside the second file
-        dict(source=str(jsonl / "data"), text_field="content", max_documents=7),  # local files
+        (dict(source=f"hf:{root}", hf_config="web", max_documents=14), 1),  # cut in the second file, by a worker
+        (dict(source=f"hf:{root}", hf_config="web", max_documents=4), 0),  # in the first file, by a worker
+        (dict(source=str(jsonl / "data"), text_field="content", max_documents=7), 1),  # local files
     ]
-    for i, case in enumerate(cases):
+    for i, (case, head_start) in enumerate(cases):
+        monkeypatch.setattr(data.prepare, "_HEAD_START_FILES", head_start)
         metas = [
             prepare(tmp_path / f"{i}-{w}", tokenizer="bytes", val_tokens=50, workers=w, progress=False, **case)
             for w in (1, 2)
@@ -165,3 +173,74 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
         assert [s["sha256"] for s in metas[0]["shards"]] == [s["sha256"] for s in metas[1]["shards"]]
         assert not list((tmp_path / f"{i}-2").glob(".part-*")), "no spool file is left in the dataset"
     assert documents(tmp_path / "0-2") == docs["train"][:14]
+    assert documents(tmp_path / "1-2") == docs["train"][:4]
+
+
+# The RSS check of data/bench.py (peak RSS at 1x and at Nx the corpus), applied to an hf: source: fresh processes
+# stream one parquet shard (8e6 characters) and all eight (64e6) of a hub-layout repository, and report their peak
+# RSS (VmHWM) over what they had once imports and datasets' modules were warm (a first read of a 16-row split).
+# Arrow allocates from the system allocator here: its default pools keep freed memory, which made the same read
+# peak 18 MiB higher or lower from run to run. Streaming measured +18 MiB for one shard, +21..22 for eight. A read
+# that held the text (a list of the documents, or a reader that loads a split before it yields: hub_documents
+# returning iter(list(...)) fails this test) holds 56e6 bytes = 53 MiB more at 8x (an ASCII str takes a byte per
+# character). The bound on the difference sits between them.
+_RSS_CHARS = 64_000_000
+_RSS_FILES = 8
+_RSS_BOUND_MIB = 24
+_RSS_README = """---
+configs:
+- config_name: all
+  data_files:
+  - {split: train, path: big/train-*.parquet}
+  - {split: test, path: big/test-*.parquet}
+- config_name: one
+  data_files:
+  - {split: train, path: big/train-00000.parquet}
+  - {split: test, path: big/test-*.parquet}
+---
+"""
+_RSS_CHILD = """
+import json, sys
+from data.bench import peak_rss_mib  # VmHWM: this process's own peak, not its parent's
+from data.sources import open_source
+
+for doc in open_source("hf:" + sys.argv[1], hf_config=sys.argv[2], hf_split="test"):  # warm up
+    pass
+before, chars = peak_rss_mib(), 0
+for doc in open_source("hf:" + sys.argv[1], hf_config=sys.argv[2]):
+    chars += len(doc)
+print(json.dumps({"chars": chars, "growth_mib": peak_rss_mib() - before}))
+"""
+
+
+@pytest.mark.slow  # fresh processes stream 72 MB of text
+def test_streaming_a_hub_repository_keeps_memory_flat(tmp_path):
+    """hf: on a local repository of 8 parquet shards (64 MB of text, 31 MB on disk): streaming all of them raises
+    peak RSS by less than 24 MiB more than streaming one, where holding the text would add 53 MiB or more."""
+    from pydoc_data.topics import topics
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "README.md").write_text(_RSS_README)
+    (tmp_path / "big").mkdir()
+    paragraphs = [p for text in topics.values() for p in text.split("\n\n") if p.strip()]
+    rng = random.Random(0)
+    for i in range(_RSS_FILES):
+        docs, chars = [], 0
+        while chars < _RSS_CHARS // _RSS_FILES:
+            docs.append("\n\n".join(rng.choices(paragraphs, k=rng.randint(1, 30))))
+            chars += len(docs[-1])
+        table = pa.table({"text": docs})
+        pq.write_table(table, tmp_path / "big" / f"train-{i:05d}.parquet", row_group_size=200)
+        pq.write_table(table.slice(0, 2), tmp_path / "big" / f"test-{i:05d}.parquet")
+    env = {**os.environ, "USE_TORCH": "0", "ARROW_DEFAULT_MEMORY_POOL": "system"}  # USE_TORCH=0 as the CLI runs
+    runs = {}
+    for config in ("one", "all"):
+        cmd = [sys.executable, "-c", _RSS_CHILD, str(tmp_path), config]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        runs[config] = json.loads(proc.stdout.splitlines()[-1])
+    assert runs["all"]["chars"] >= _RSS_CHARS > 7 * runs["one"]["chars"], "one shard, then all eight, were read"
+    extra = runs["all"]["growth_mib"] - runs["one"]["growth_mib"]
+    assert extra < _RSS_BOUND_MIB, f"8x the text took {extra:.0f} MiB more peak RSS than 1x ({runs}): not streamed"

@@ -90,13 +90,13 @@ def runs(tmp_path_factory) -> dict:
                 "precision": "bf16",
                 "options": {"zero_stage": 3, "activation_checkpointing": True},
             },
-            {
+            {  # another ZeRO stage: resharded through the neutral form (train/portable.py)
                 "name": "zero2_loads_zero3",
                 "strategy": "deepspeed",
                 "steps": STEPS,
                 "options": {"zero_stage": 2},
                 "load": z3_ckpt,
-                "expect_error": True,
+                "seed": 5,
             },
         ],
     }
@@ -142,6 +142,8 @@ def test_zero3_checkpoint_resumes_and_holds_an_artifact(runs):
     assert metadata["step"] == SAVE_AT
 
 
-def test_resume_with_another_zero_stage_says_what_to_do(runs):
-    err = drv.load_result(runs["out"], "zero2_loads_zero3")["error"]
-    assert err is not None and "stage 3" in err and "parallel.zero_stage=3" in err and "train.init_from=" in err
+def test_resume_with_another_zero_stage_continues(runs):
+    res, ref = drv.load_result(runs["out"], "zero2_loads_zero3"), runs["ref"]
+    assert res["loaded_step"] == SAVE_AT and res["extra_roundtrip"]
+    for k in range(SAVE_AT + 1, STEPS + 1):
+        assert abs(res["losses"][k] - ref["losses"][k]) < LOSS_TOL, (k, res["losses"][k], ref["losses"][k])

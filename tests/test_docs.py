@@ -15,8 +15,9 @@ The convention for whoever writes the docs:
   launch.sh copied in, the packages importable), in the order shown: a document's earlier commands
   make the datasets and runs that its later ones use, so every document starts from nothing.
 - To stay cheap, the test appends small overrides to some commands (OVERRIDES below): training stops
-  after 2 steps (a step count the document gives is cut to 4), samples are 8 tokens long, evaluations
-  2 batches, benchmarks one short round, sweeps 2 trials. Flags appended later win over the document's.
+  after 2 steps (a step count the document gives is cut to 4) and evaluates 2 batches, samples are 8
+  tokens long, evaluations 2 batches, benchmarks one short round, sweeps 2 trials. Flags appended
+  later win over the document's.
 - The test command that .ci/run runs and README.md shows is not run here: CI runs it, and it would
   run this test again. test_readme_shows_the_ci_test_command checks that the two agree.
 """
@@ -148,6 +149,8 @@ def with_overrides(text: str) -> str:
             cmd = cmd.replace(steps.group(0), f"train.max_steps={min(int(steps.group(1)), MAX_STEPS)}")
         else:
             extra.append("train.max_steps=2")
+        if not re.search(r"\btrain\.eval_batches=", cmd):
+            extra.append("train.eval_batches=2")
     for pattern, always, unless_given in OVERRIDES:
         if re.search(pattern, cmd):
             extra += always

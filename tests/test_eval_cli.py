@@ -120,16 +120,18 @@ def test_sample_goes_on_past_the_context(trained, capsys):
 
 @pytest.mark.parametrize("flags,imported", [((), False), (("--compile",), True)])
 def test_sample_imports_the_compiler_only_for_compile(trained, flags, imported):
-    """torch._dynamo is a large import: a plain sample does without it; --compile needs it."""
+    """torch._dynamo and sympy (torch.fx's symbolic shapes) are large imports: a plain sample, its
+    checkpoint load included, does without them; --compile needs them."""
     art, _ = trained
     argv = ["--ckpt", str(art), "--prompt", "a", "--max-new-tokens", "1", *flags]
+    heavy = ["sympy", "torch._dynamo", "torch.fx.experimental.symbolic_shapes"]
     code = (
         "import sys\nfrom eval import sample\nfrom eval.cli import run\n"
-        f"assert run(sample.main, {argv!r}) == 0\nprint('torch._dynamo' in sys.modules)"
+        f"assert run(sample.main, {argv!r}) == 0\nprint([m for m in {heavy!r} if m in sys.modules])"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == str(imported)
+    assert r.stdout.splitlines()[-1] == str(heavy if imported else [])
 
 
 def test_real_process_exit_code_without_traceback(tmp_path):

@@ -244,3 +244,91 @@ def test_train_sample_cli(tmp_path, capsys):
     assert train_sample.main(["--ckpt", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: cannot sample from") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int8-float"])
+def test_decode_step_equals_the_model_forward(family, kind):
+    """model.decode_step (the backends' one-token step) computes what GPT.forward does with the cache:
+    same logits and same cache, left-padded rows included. int8: kernels as tuned here; int8-float:
+    every layer on its dequantized fp32 weight, which the step multiplies itself."""
+    from model.quantize import Int8Linear, quantize_model
+
+    be = lively(backend(family, seed=3), 3.0)
+    if kind == "bf16":
+        be = TorchBackend(be.model.to(torch.bfloat16), {}, name="torch-bf16")
+    elif kind != "fp32":  # quantized from fresh float weights (the fp32 backend re-lays its own)
+        torch.manual_seed(3)
+        q = quantize_model(GPT(be.model.config).eval(), kernel="float" if kind == "int8-float" else "auto")
+        be = lively(TorchBackend(q, {}, name="int8"), 3.0)
+    assert be.step is not None
+    if kind == "int8-float":  # every layer, the float weights built or not
+        assert all(not isinstance(f, Int8Linear) for layer in be.step.layers for f in layer)
+        assert type(be.model.transformer.h[0].attn.c_attn) is Int8Linear
+    tokens, pad = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]), torch.tensor([2, 0])
+    runs = []
+    for step in (be.step, None):
+        be.step = step
+        logits = [be.prefill(tokens, pad, 20)]
+        for _ in range(10):
+            logits.append(be.decode(logits[-1].argmax(-1, keepdim=True)))
+        runs.append((torch.stack(logits), be.cache))
+    (fast, fast_cache), (ref, ref_cache) = runs
+    assert len(set(ref.argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
+    for a, b in zip(fast_cache.k + fast_cache.v, ref_cache.k + ref_cache.v, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "family,switches",
+    [
+        ("modern", dict(qk_norm=True, mlp="relu2", logit_softcap=3.0, doc_mask=True, eot_id=0)),
+        ("gpt2", dict(mlp="relu2", qk_norm=True, zero_init_proj=True)),
+    ],
+)
+def test_decode_step_runs_the_recipe_switches(family, switches):
+    """The model's recipe switches (docs/model.md) run in the step, which computes what GPT.forward
+    computes with the cache."""
+    be = lively(backend(family, seed=5, **switches), 3.0)
+    assert be.step is not None
+    with torch.no_grad():  # zero_init_proj: give the projections weights, so the blocks count
+        for p in be.model.parameters():
+            if p.dim() == 2 and not p.any():
+                p.normal_(0, 0.5)
+    be = TorchBackend(be.model, {})
+    tokens, pad = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]), torch.tensor([2, 0])
+    runs = []
+    for step in (be.step, None):
+        be.step = step
+        logits = [be.prefill(tokens, pad, 20)]
+        for _ in range(10):
+            logits.append(be.decode(logits[-1].argmax(-1, keepdim=True)))
+        runs.append(torch.stack(logits))
+    assert len(set(runs[1].argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
+    if "logit_softcap" in switches:
+        assert runs[1].abs().max() <= switches["logit_softcap"]
+    torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=1e-6)
+
+
+def test_decode_step_declines_what_it_does_not_implement():
+    """A config switch the step does not know, set away from its default, or a model in training mode,
+    sends the backend through GPT.forward."""
+    import dataclasses
+
+    from model.decode_step import supports, unknown_switches
+
+    be = backend()
+    assert supports(be.model) and unknown_switches(be.model.config) == []
+
+    @dataclasses.dataclass
+    class Newer(ModelConfig):
+        value_embeddings: bool = False  # a switch added to the model after decode_step was written
+
+    cfg = dataclasses.asdict(be.model.config)
+    assert unknown_switches(Newer(**cfg)) == []
+    on = Newer(**cfg, value_embeddings=True)
+    assert unknown_switches(on) == ["value_embeddings"]
+    model = GPT(on).eval()
+    assert not supports(model) and TorchBackend(model, {}).step is None
+    assert not supports(be.model.train())

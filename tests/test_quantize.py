@@ -216,3 +216,18 @@ def test_float_loader_refuses_an_int8_artifact(tmp_path):
     out = save_quantized(tmp_path / "q", quantize_model(model), meta)
     with pytest.raises(ArtifactError, match="int8 artifact; load it through eval"):
         load_model(out)
+
+
+def test_quantizing_a_re_strided_model_gives_the_same_int8_model():
+    """eval/backends.decode_layout re-strides fp32 weights in place (same values); quantizing such a model
+    must give the same int8 weights, row-major, which the int8pack kernel requires."""
+    from eval.backends import decode_layout
+
+    model = GPT(ModelConfig(vocab_size=300, block_size=32, n_layer=2, n_head=4, n_embd=64)).eval()
+    plain = quantize_model(copy.deepcopy(model), kernel="int8pack")
+    decode_layout(model)
+    strided = quantize_model(model, kernel="int8pack")
+    x = torch.randint(0, 300, (2, 9))
+    for (name, a), (_, b) in zip(plain.state_dict().items(), strided.state_dict().items(), strict=True):
+        assert torch.equal(a, b) and b.is_contiguous(), name
+    torch.testing.assert_close(strided(x), plain(x))

@@ -206,3 +206,14 @@ def test_parallelize_checkpoints_then_compiles_every_block_in_place():
         assert "forward" in vars(block)  # train/ac.py's checkpointed forward, on the instance
         assert block._compiled_call_impl is not None  # nn.Module.compile(): in place, no wrapper
     assert list(model.state_dict()) == names
+
+
+def test_bench_runs_a_document_masked_model_without_an_eot_id(capsys):
+    """train.bench's batches are random tokens with no dataset: model.doc_mask takes the vocabulary's
+    last id as <|endoftext|> instead of failing for want of model.eot_id."""
+    from train.bench import main as bench
+
+    args = ["--steps", "1", "--warmup", "1", "--settings", "baseline", "model.n_layer=1", "model.n_embd=32"]
+    args += ["model.block_size=32", "train.tokens_per_step=128", "train.micro_batch=4", "model.doc_mask=true"]
+    assert bench(args) == 0
+    assert "fp32 eager, for-loop AdamW (baseline)" in capsys.readouterr().out

@@ -64,7 +64,11 @@ SETTINGS = {
 def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torch.device) -> dict:
     """Median seconds per optimizer step of `setting` on cfg's model and batch."""
     torch.manual_seed(0)
-    mcfg = dataclasses.replace(cfg.model, vocab_size=vocab_size(cfg))
+    V = vocab_size(cfg)
+    # Document masking splits at <|endoftext|>: the last id of both tokenizers (bytes 256, GPT-2 50256).
+    # Random tokens hit it once in V, so the masked windows hold a document or two, as real text does.
+    eot = V - 1 if cfg.model.doc_mask and cfg.model.eot_id is None else cfg.model.eot_id
+    mcfg = dataclasses.replace(cfg.model, vocab_size=V, eot_id=eot)
     model = GPT(mcfg)
     seq, mb = cfg.seq_len, cfg.train.micro_batch
     accum = cfg.train.tokens_per_step // (seq * mb)
@@ -111,14 +115,19 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
 
 
 def vocab_size(cfg: Config) -> int:
-    """model.vocab_size, else the config's dataset's (when prepared), else GPT-2's 50257."""
+    """model.vocab_size, else the config's dataset's or data.mix's shared one (when prepared), else GPT-2's
+    50257. The batches are random tokens, so a dataset that is not there only changes this default."""
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
     try:
+        if cfg.data.mix:
+            from data.mixture import mix_meta, parse_mix
+
+            return int(mix_meta(parse_mix(cfg.data.mix)[0])["vocab_size"])
         from data.shards import read_meta
 
         return int(read_meta(cfg.data.dir)["vocab_size"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError):  # DataError is a ValueError: missing or unreadable meta.json
         return 50257
 
 

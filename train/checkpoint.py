@@ -24,6 +24,13 @@ SIGKILLs its own process at that point of the step-STEP save. The points, in ord
     publish  the temporary directory is complete; not yet renamed to step_N
     latest   renamed to step_N; `latest` still names the previous checkpoint
     prune    `latest` (and `best`) updated; older checkpoints not yet pruned
+and, at a resume that converts (load() below), with GPTRAIN_FAULT=convert@STEP (STEP: the checkpoint's):
+    convert  the neutral form of step_STEP is written under its temporary name; not yet published
+
+Resuming under another layout (load): a checkpoint that the running strategy cannot read natively
+(another strategy; DeepSpeed with another world size or ZeRO stage) is converted to the
+strategy-neutral form (train/portable.py) and loaded from that. What carries over exactly is in
+docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -41,14 +48,16 @@ import numpy as np
 import torch
 
 from model.config import ModelConfig
-from model.files import publish_dir, recover, symlink_atomic, write_text_atomic
+from model.files import atomic_dir, publish_dir, recover, symlink_atomic, write_text_atomic
 from model.io import MODEL_DIR, ArtifactError, latest_checkpoint, save_artifact
 from train.errors import TrainError
+from train.portable import Portable, from_checkpoint
 from train.strategy import Strategy
 
 TRAIN_STATE = "train_state.pt"
 STATE_DIR = "state"
 FAULT_ENV = "GPTRAIN_FAULT"
+CONVERT_PREFIX = ".convert-"  # RUN/checkpoints/.convert-step_N: a checkpoint in the neutral form, while resuming
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -165,11 +174,6 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def _family(strategy: str) -> str:
-    # none and ddp write the same checkpoint (rank 0's artifact + optimizer), so each resumes the other
-    return "none or ddp" if strategy in ("none", "ddp") else strategy
-
-
 def _fault(point: str, step: int) -> None:
     """The crash tests' hook (module docstring): die here, as a power cut would, when asked to."""
     if os.environ.get(FAULT_ENV) == f"{point}@{step}":
@@ -200,7 +204,11 @@ class CheckpointManager:
         """Remove what a crash during a save left behind (main rank, at start-up)."""
         if not (self.strategy.is_main and self.root.is_dir()):
             return
-        for p in self.root.glob(".tmp-*"):
+        for p in [
+            *self.root.glob(".tmp-*"),
+            *self.root.glob(f"{CONVERT_PREFIX}*"),
+            *self.root.glob(f".{CONVERT_PREFIX}*"),
+        ]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         for p in self.root.glob(".step_*.old-*"):  # model.files.publish_dir's fallback, if it was cut short
             recover(self.root / p.name[1:].split(".old-")[0])
@@ -231,7 +239,10 @@ class CheckpointManager:
         _fault("state", step)
         strategy.barrier()
         if strategy.is_main:
-            saved = dataclasses.replace(state, strategy_state=strategy_state)
+            # stamped here: a resumed run's state still names the strategy / world that wrote its start
+            saved = dataclasses.replace(
+                state, strategy_state=strategy_state, strategy=strategy.name, world_size=strategy.world_size
+            )
             torch.save(saved.to_dict(), tmp / TRAIN_STATE)
             _fault("publish", step)
             publish_dir(tmp, final)  # fsync, then one rename (replacing a checkpoint of a lost future)
@@ -250,26 +261,55 @@ class CheckpointManager:
         ckpt = Path(ckpt)
         raw = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)
         state = TrainState.from_dict(raw, ckpt / TRAIN_STATE)
-        if _family(state.strategy) != _family(self.strategy.name):
-            raise TrainError(
-                f"{ckpt} was written by parallel.strategy={state.strategy}; resume it with "
-                f"parallel.strategy={state.strategy}, or start a new run from its weights with "
-                f"train.init_from={ckpt / MODEL_DIR}"
-                + ("" if (ckpt / MODEL_DIR).is_dir() else " (after train.consolidate)")
-            )
         self.check_same_model(ckpt, state)
-        weights = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else None
-        if weights is None and not self.strategy.weights_in_state:
-            raise TrainError(f"{ckpt} has no {MODEL_DIR}/ (its weights): the checkpoint is incomplete; resume another")
-        self.strategy.load_state(ckpt / STATE_DIR, state.strategy_state, weights)
+        if self.strategy.resumes_natively(state.strategy, state.strategy_state):
+            weights = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else None
+            if weights is None and not self.strategy.weights_in_state:
+                raise TrainError(
+                    f"{ckpt} has no {MODEL_DIR}/ (its weights): the checkpoint is incomplete; resume another"
+                )
+            self.strategy.load_state(ckpt / STATE_DIR, state.strategy_state, weights)
+        else:
+            self.strategy.load_portable(self.convert(ckpt, state))
         own = ckpt / rng_file(self.strategy.rank)
         if own.is_file():  # a rank the saving run did not have keeps its fresh seed
             set_rng_state(torch.load(own, map_location="cpu", weights_only=True))
         return state
 
+    def convert(self, ckpt: Path, state: TrainState) -> Portable:
+        """The strategy-neutral form of ckpt (another strategy, world size or ZeRO stage wrote it):
+        rank 0 converts into RUN/checkpoints/.convert-step_N (built under a temporary name, published
+        by one rename: model.files.atomic_dir), every rank reads it, rank 0 removes it. The saved
+        checkpoint is only read. A kill during the conversion leaves a temporary directory that the
+        next start removes (clean_stale) and converts again."""
+        where = self.root / f"{CONVERT_PREFIX}{ckpt.name}"
+        failed: Exception | None = None
+        if self.strategy.is_main:
+            try:
+                if where.exists():  # a previous resume converted, then died: convert again
+                    shutil.rmtree(where)
+                with atomic_dir(where) as tmp:
+                    from_checkpoint(ckpt, ckpt / STATE_DIR, state, tmp).save(tmp)
+                    _fault("convert", state.step)
+            except Exception as e:  # every rank must stop, not wait for rank 0 at a barrier
+                failed = e
+        if self.strategy.any_flag(failed is not None):
+            if failed is not None:
+                raise failed
+            raise TrainError(f"rank 0 could not convert {ckpt} (its message says why)")
+        portable = Portable.load(where)
+        self.strategy.barrier()
+        if self.strategy.is_main:
+            shutil.rmtree(where, ignore_errors=True)
+        return portable
+
     def check_same_model(self, ckpt: Path, state: TrainState) -> None:
         """A clear message, instead of a size-mismatch traceback, when the run dir holds another model."""
         saved, want = state.model_config, self.model_config.to_dict()
+        try:  # a checkpoint from before a ModelConfig field existed lacks it: it had the default
+            saved = ModelConfig.from_dict(saved).to_dict()
+        except (TypeError, ValueError):
+            pass  # unknown or invalid keys: reported key by key below
         diff = {k: (saved.get(k), want.get(k)) for k in want if k != "dropout" and saved.get(k) != want.get(k)}
         if diff:
             raise TrainError(

@@ -38,6 +38,12 @@ TRAIN_DTYPES = ("auto", *CANONICAL)
 SCHEDULES = ("cosine", "wsd", "constant")
 WSD_SHAPES = ("linear", "1-sqrt")
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
+OPTIMIZERS = ("adamw", "muon")
+MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
+# Strategies that can run Muon: whole matrices on every rank (none, ddp), or DTensor shards that the
+# optimizer gathers for Newton-Schulz (fsdp; train/optim.py). DeepSpeed's ZeRO flattens them.
+MUON_STRATEGIES = ("none", "ddp", "fsdp")
+_MUON_REFUSED = {"deepspeed": "ZeRO flattens the parameters into partitioned buffers"}
 
 
 # Where a training config's default differs from the section class's own: the model is sized to the
@@ -62,9 +68,12 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW (Loshchilov & Hutter 2019). Defaults: GPT-3 (Brown et al. 2020, appendix B) / nanoGPT."""
+    """AdamW (Loshchilov & Hutter 2019). Defaults: GPT-3 (Brown et al. 2020, appendix B) / nanoGPT.
+    Or Muon for the hidden matrices beside AdamW for the rest (train/optim.py; Jordan et al. 2024,
+    https://kellerjordan.github.io/posts/muon/; defaults from there and from modded-nanogpt)."""
 
-    lr: float = 6e-4  # peak learning rate
+    name: str = "adamw"  # adamw | muon (Muon for the blocks' 2-D weights, AdamW for all other parameters)
+    lr: float = 6e-4  # peak learning rate of AdamW (under muon: of the embeddings, head, gains, biases)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
@@ -73,6 +82,20 @@ class OptimSection:
     decay_embeddings: bool = False
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     fused: bool | None = None  # null: fused AdamW when the device supports it
+    muon_lr: float = 0.02  # peak learning rate of Muon's group (the Muon post's and its reference code's 0.02)
+    muon_momentum: float = 0.95  # Muon's momentum (Jordan et al. 2024)
+    muon_momentum_start: float = 0.85  # momentum at step 0 when muon_momentum_warmup_steps > 0 (modded-nanogpt)
+    muon_momentum_warmup_steps: int = 0  # linear momentum warmup from muon_momentum_start; 0 = off (modded: 300)
+    muon_weight_decay: float = 0.0  # decoupled, times the scheduled lr (the Muon reference code's default 0)
+    muon_nesterov: bool = True  # Nesterov momentum (Jordan et al. 2024)
+    muon_ns_steps: int = 5  # Newton-Schulz iterations (Jordan et al. 2024: 5 suffice)
+    # Update scale per matrix shape (torch.optim.Muon's adjust_lr_fn): original = sqrt(max(1, rows/cols))
+    # (Jordan et al. 2024) | match_rms_adamw = 0.2 * sqrt(max(rows, cols)), AdamW's update RMS, so that
+    # AdamW's lr and weight decay carry over (Liu et al. 2025, "Muon is Scalable for LLM Training")
+    muon_adjust_lr: str = "original"
+    # Newton-Schulz precision: auto = bfloat16 (torch.optim.Muon's) where the device has bf16 matrix units
+    # (as train.dtype=auto), else float32 (CPUs without them emulate bf16 matmuls, far slower) | bfloat16 | float32
+    muon_ns_dtype: str = "auto"
 
 
 @dataclass
@@ -446,6 +469,9 @@ def validate(cfg: Config) -> None:
     m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
     _choice("train.dtype", t.dtype, TRAIN_DTYPES)
     _choice("schedule.name", s.name, SCHEDULES)
+    _choice("optim.name", o.name, OPTIMIZERS)
+    _choice("optim.muon_adjust_lr", o.muon_adjust_lr, MUON_ADJUST_LR)
+    _choice("optim.muon_ns_dtype", o.muon_ns_dtype, ("auto", "bfloat16", "float32"))
     _choice("schedule.wsd_shape", s.wsd_shape, WSD_SHAPES)
     _choice("parallel.strategy", cfg.parallel.strategy, STRATEGIES)
     _choice("eval.hellaswag_style", cfg.eval.hellaswag_style, HELLASWAG_STYLES)
@@ -474,6 +500,9 @@ def validate(cfg: Config) -> None:
         ("optim.lr", o.lr),
         ("optim.weight_decay", o.weight_decay),
         ("optim.grad_clip", o.grad_clip),
+        ("optim.muon_lr", o.muon_lr),
+        ("optim.muon_weight_decay", o.muon_weight_decay),
+        ("optim.muon_momentum_warmup_steps", o.muon_momentum_warmup_steps),
         ("logging.profile_steps", cfg.logging.profile_steps),
         ("logging.sample_tokens", cfg.logging.sample_tokens),
         ("logging.sample_temperature", cfg.logging.sample_temperature),
@@ -483,6 +512,17 @@ def validate(cfg: Config) -> None:
     _check(
         len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
         f"optim.betas must be two numbers in [0, 1); got {o.betas}",
+    )
+    for key, v in (("optim.muon_momentum", o.muon_momentum), ("optim.muon_momentum_start", o.muon_momentum_start)):
+        _check(0 <= v < 1, f"{key} must be in [0, 1); got {v}")
+    # torch.optim.Muon refuses 100 or more (its Newton-Schulz loop is meant to be short)
+    _check(1 <= o.muon_ns_steps < 100, f"optim.muon_ns_steps must be in [1, 99]; got {o.muon_ns_steps}")
+    _check(
+        o.name != "muon" or cfg.parallel.strategy in MUON_STRATEGIES,
+        f"optim.name=muon is not supported under parallel.strategy={cfg.parallel.strategy}: "
+        f"{_MUON_REFUSED.get(cfg.parallel.strategy, 'its optimizer does not see whole matrices')}, and Muon's "
+        "Newton-Schulz step needs each weight matrix whole; use parallel.strategy=ddp or fsdp (or none), "
+        "or optim.name=adamw",
     )
     _check(
         cfg.logging.sample_top_k is None or cfg.logging.sample_top_k >= 1,

@@ -1,7 +1,12 @@
-"""Write a checkpoint's model artifact (model/) from its sharded FSDP state.
+"""Write a checkpoint's model artifact (model/) from its sharded FSDP state, or the strategy-neutral
+training state of any checkpoint.
 
     python -m train.consolidate RUN_DIR            # the run's latest checkpoint
     python -m train.consolidate RUN_DIR/checkpoints/step_000500 [--out DIR] [--overwrite]
+    python -m train.consolidate CKPT --neutral OUT  # weights + optimizer state by parameter name
+
+--neutral writes train/portable.py's form (docs/checkpoints.md: neutral.json + two safetensors files)
+from a checkpoint of any strategy, world size or ZeRO stage, for moving a run to another codebase.
 
 FSDP writes model/ at the best and final checkpoints only (gathering full weights costs a collective
 and rank 0's memory); this fills it in for any other, so that eval/ can open it. One process, no
@@ -20,9 +25,11 @@ import torch
 
 from model.config import ModelConfig
 from model.errors import UserError
+from model.files import atomic_dir
 from model.gpt import GPT
 from model.io import MODEL_DIR, ArtifactError, latest_checkpoint, save_artifact
 from train.checkpoint import STATE_DIR, TRAIN_STATE, TrainState
+from train.portable import from_checkpoint
 
 
 def checkpoint_dir(path: str | Path) -> Path:
@@ -61,6 +68,17 @@ def consolidate(path: str | Path, out: str | Path | None = None, overwrite: bool
     return save_artifact(out, model, config, state.artifact_metadata, overwrite=overwrite)
 
 
+def neutral(path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """The strategy-neutral form (train/portable.py) of the checkpoint that `path` names, written to
+    `out` (a directory, published by one rename). One process; DeepSpeed checkpoints need deepspeed."""
+    ckpt = checkpoint_dir(path)
+    state = TrainState.from_dict(torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True), ckpt)
+    out = Path(out)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        from_checkpoint(ckpt, ckpt / STATE_DIR, state, tmp).save(tmp)
+    return out
+
+
 def _read_shards(shards: Path, config: ModelConfig) -> GPT:
     import torch.distributed.checkpoint as dcp
 
@@ -87,10 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m train.consolidate", description=__doc__.split("\n\n")[0])
     ap.add_argument("path", help="run directory (its latest checkpoint) or checkpoint directory (step_N)")
     ap.add_argument("--out", default=None, help="artifact directory (default: <checkpoint>/model)")
-    ap.add_argument("--overwrite", action="store_true", help="replace an existing artifact at --out")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ap.add_argument(
+        "--neutral",
+        metavar="OUT",
+        default=None,
+        help="write the strategy-neutral training state (weights + optimizer state by parameter name) to OUT",
+    )
     args = ap.parse_args(argv)
     try:
-        out = consolidate(args.path, args.out, args.overwrite)
+        if args.neutral is not None:
+            out = neutral(args.path, args.neutral, args.overwrite)
+        else:
+            out = consolidate(args.path, args.out, args.overwrite)
     except (UserError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

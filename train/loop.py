@@ -3,7 +3,7 @@
 The loop knows nothing about parallelism: it calls the Strategy seam (train/strategy.py) only, and
 hands checkpoints to train/checkpoint.py. Per step, in order (Trainer.train):
     batches = loader.next_step()                      # this rank's grad_accum micro-batches
-    train_step: lr_at(step), forward/backward each micro-batch (autocast), clip, optimizer step
+    train_step: apply_schedule(step), forward/backward each micro-batch (autocast), clip, optimizer step
     meter.add: running loss and a device-side "non-finite seen" step marker (no host sync)
     maybe_log     at log steps: sync, check the marker, print / write metrics
     maybe_eval    at eval steps: val loss (loss_totals + all_reduce_sum)
@@ -42,7 +42,7 @@ from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, fin
 from train.config import Config
 from train.errors import TrainError
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
-from train.optim import build_optimizer, lr_at
+from train.optim import apply_schedule, build_optimizer
 from train.sample import decode, generate
 from train.strategy import Strategy, StrategySpec, env_world, make_strategy, unwrap
 
@@ -133,6 +133,8 @@ def build_model_config(cfg: Config, meta: dict) -> tuple[ModelConfig, dict | Non
             f"model.vocab_size {vocab} is smaller than the dataset's vocab_size {meta['vocab_size']} "
             f"(tokenizer {meta['tokenizer']!r}); set model.vocab_size=null to take the dataset's"
         )
+    if fields["doc_mask"] and fields["eot_id"] is None:  # document masking splits at the dataset's EOT
+        fields["eot_id"] = meta.get("eot_id")
     return ModelConfig(**{**fields, "vocab_size": vocab}), None
 
 
@@ -497,10 +499,8 @@ class Trainer:
         return self.finish(stopped)
 
     def set_lr(self, step: int) -> float:
-        lr = lr_at(step, self.cfg.optim.lr, self.cfg.schedule, self.cfg.train.max_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+        cfg = self.cfg
+        return apply_schedule(self.optimizer, step, cfg.optim, cfg.schedule, cfg.train.max_steps)
 
     def maybe_log(self, lr: float, norm: torch.Tensor, last: bool) -> None:
         cfg, strategy, step = self.cfg, self.strategy, self.state.step

@@ -17,7 +17,9 @@ Contract, in the order the loop uses it:
         norm = s.clip_and_step()                 # clips to spec.grad_clip; device tensor, no host sync
         s.zero_grad()
     saved = s.save_state(state_dir)              # every rank; whatever the strategy needs to resume
-    s.load_state(state_dir, saved, weights)      # every rank; restores model + optimizer
+    s.load_state(state_dir, saved, weights)      # every rank; restores model + optimizer, when
+                                                 # s.resumes_natively(saved_strategy, saved); else
+    s.load_portable(portable)                    # every rank; from the strategy-neutral form
     s.teardown()
 train/checkpoint.py owns the checkpoint layout and hands the strategy its directory (`state/`).
 
@@ -138,6 +140,18 @@ class Strategy(ABC):
         """Restore model + optimizer (every rank): from state_dir and `saved` (what save_state
         returned), and from the checkpoint's model artifact `weights` when the state holds no weights."""
 
+    def resumes_natively(self, saved_strategy: str, saved: dict) -> bool:
+        """Whether load_state (the fast path) reads a checkpoint that parallel.strategy=saved_strategy
+        wrote (`saved`: what its save_state returned); otherwise train/checkpoint.py goes through the
+        strategy-neutral form (train/portable.py) and load_portable. none and ddp write the same
+        checkpoint (rank 0's artifact + optimizer), for any world size."""
+        return saved_strategy in ("none", "ddp")
+
+    @abstractmethod
+    def load_portable(self, portable) -> None:
+        """Restore model + optimizer (every rank) from a train.portable.Portable: full fp32 weights
+        and the optimizer state, keyed by parameter name."""
+
     # ---- collectives the loop needs; trivial in one process --------------------------
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
@@ -201,8 +215,12 @@ class LocalStep:
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
-        """Optimizer (+ scaler) state: small enough for train_state.pt, the same on every rank."""
-        out = {"optimizer": self.optimizer.state_dict()}
+        """Optimizer (+ scaler) state: small enough for train_state.pt, the same on every rank. The
+        parameter names of each group (in the optimizer's order) name its index-keyed state, so that
+        train/portable.py can read it without this process's objects."""
+        names = {id(p): n for n, p in unwrap(self.model).named_parameters()}
+        param_names = [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
+        out = {"optimizer": self.optimizer.state_dict(), "param_names": param_names}
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out
@@ -216,9 +234,26 @@ class LocalStep:
             unwrap(self.model).load_weights(sd)
         except ValueError as e:
             raise TrainError(f"cannot resume from {weights}: {e}") from None
-        self.optimizer.load_state_dict(saved["optimizer"])
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+        except ValueError as e:  # other parameter groups: another optim.name (or a changed split)
+            raise TrainError(
+                f"cannot resume from {weights.parent}: its optimizer state does not fit this optimizer ({e}); "
+                "resume with the optim.name it was written with, or start from its weights with "
+                f"train.init_from={weights}"
+            ) from None
         if self.scaler is not None and "scaler" in saved:
             self.scaler.load_state_dict(saved["scaler"])
+
+    def load_portable(self, portable) -> None:
+        """Weights and the name-keyed optimizer state (the fp16 loss scale starts afresh)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        bare = unwrap(self.model)
+        bare.load_weights(portable.params)  # load_state_dict casts to the parameters' dtype
+        set_optimizer_state_dict(
+            bare, self.optimizer, portable.optimizer_state_dict(), options=StateDictOptions(full_state_dict=True)
+        )
 
 
 class SingleProcess(Strategy):
@@ -254,6 +289,9 @@ class SingleProcess(Strategy):
 
     def load_state(self, state_dir, saved, weights):
         self.local.load_state_dict(saved, weights)
+
+    def load_portable(self, portable):
+        self.local.load_portable(portable)
 
     def teardown(self):
         self.model = self.optimizer = self.local = None

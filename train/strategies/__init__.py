@@ -8,5 +8,7 @@
 
 `train.strategy.make_strategy` imports `train.strategies.<name>` and calls its
 `build(device, spec, **options)`: spec is the frozen StrategySpec, options the fields of the
-config's `parallel` section. The checkpoint layout is train/checkpoint.py's alone.
+config's `parallel` section. The checkpoint layout is train/checkpoint.py's alone; each strategy says
+which saved states it reads natively (resumes_natively) and loads any other from the strategy-neutral
+form (load_portable, train/portable.py).
 """

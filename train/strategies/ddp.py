@@ -68,6 +68,9 @@ class DDPStrategy(DistributedStrategy):
         # with identical weights and optimizer state, whatever world size wrote them.
         self.local.load_state_dict(saved, weights)
 
+    def load_portable(self, portable) -> None:
+        self.local.load_portable(portable)  # every rank: the same full state
+
     def _release(self) -> None:
         self.ddp = self.bare = self.local = None
 

@@ -15,7 +15,10 @@ configured gradient_accumulation_steps itself, so backward() does not divide aga
 
 Checkpoints: engine.save_checkpoint into the state directory it is handed (each rank writes its
 partition); train/checkpoint.py writes the consolidated fp32 model artifact from model_state_dict(), so
-that eval/ opens DeepSpeed runs like any other.
+that eval/ opens DeepSpeed runs like any other. The engine reloads its own partitions only on the same
+world size and ZeRO stage (resumes_natively); any other checkpoint (another world size, stage or
+strategy) arrives as the strategy-neutral form (train/portable.py, which reads ZeRO partitions with
+DeepSpeed's ds_to_universal) and load_portable sets it through DeepSpeed's tensor-fragment API.
 """
 
 from __future__ import annotations
@@ -162,26 +165,83 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.engine.save_checkpoint(str(state_dir), tag=TAG, save_latest=False)
         return {"world_size": self.world_size, "zero_stage": self.zero_stage}
 
+    def resumes_natively(self, saved_strategy: str, saved: dict) -> bool:
+        # ZeRO partitions are per rank and per stage: the engine's own load_checkpoint reads them only
+        # on the same world size and stage; anything else goes through the neutral form.
+        return (
+            saved_strategy == "deepspeed"
+            and saved.get("world_size") == self.world_size
+            and saved.get("zero_stage") == self.zero_stage
+        )
+
     def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:
-        saved_world, saved_stage = saved.get("world_size"), saved.get("zero_stage")
-        if saved_world != self.world_size or saved_stage != self.zero_stage:
-            where = state_dir.parent
-            raise StrategyError(
-                f"{where} was written by {saved_world} ranks with ZeRO stage {saved_stage}; this run has "
-                f"{self.world_size} ranks and stage {self.zero_stage}: ZeRO partitions do not reshard here. Resume "
-                f"with {saved_world} ranks and parallel.zero_stage={saved_stage}, or start a new run from its "
-                f"weights with train.init_from={where / 'model'} (a fresh optimizer state)"
-            )
         path, _ = self.engine.load_checkpoint(
             str(state_dir), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
         if path is None:
             raise StrategyError(f"DeepSpeed found no checkpoint under {state_dir}/{TAG}")
 
+    def load_portable(self, portable) -> None:
+        """Full fp32 weights and optimizer state by name, through DeepSpeed's tensor-fragment API
+        (safe_set_full_fp32_param / safe_set_full_optimizer_state: each rank keeps its partition), for
+        ZeRO 1, 2 and 3 alike and for any state key. Not the engine's load_universal path: its ZeRO-3
+        loader restores only fp32/exp_avg/exp_avg_sq and copies group 0's hyperparameters onto every
+        group (deepspeed/runtime/zero/stage3.py, load_hp_checkpoint_state_from_checkpoint_dir_stage3),
+        which would put weight decay on the no-decay group."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        base = self.optimizer  # the torch optimizer under ZeRO: its groups now hold flat fp32 partitions
+        if len(base.param_groups) != len(portable.param_groups):
+            raise StrategyError(
+                f"the saved optimizer has {len(portable.param_groups)} parameter groups, this one "
+                f"{len(base.param_groups)}: resume with the optimizer settings that wrote the checkpoint"
+            )
+        step, sample = _step_and_keys(portable)
+        # torch optimizers create their state lazily at the first step; ZeRO maps each parameter's
+        # fragment onto it only then. Create it now (zeros, overwritten below) and link it. The flat
+        # fp32 partitions: ZeRO 1/2 keep them in the groups, ZeRO-3 puts them there only during step().
+        zero = self.engine.optimizer
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or [
+            flat for group in base.param_groups for flat in group["params"]
+        ]
+        for flat in flats:
+            st = base.state[flat]
+            for key, value in sample.items():
+                if key not in st:
+                    st[key] = torch.zeros_like(flat) if value.dim() else value.clone()
+            if "step" in st:
+                st["step"] = torch.full_like(torch.as_tensor(st["step"]), float(step))
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2 (stage 3 looks up lazily)
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+        for group, saved in zip(base.param_groups, portable.param_groups, strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        for name, p in self.engine.module.named_parameters():
+            name = next(iter(clean_state_dict({name: None})))
+            value = portable.params[name].to(self.device)
+            safe_set_full_fp32_param(p, value)  # the master copy
+            for key, t in portable.state.get(name, {}).items():
+                if t.dim():
+                    safe_set_full_optimizer_state(p, t.to(self.device), key)
+            # the (low-precision) module parameter the forward uses; ZeRO-3 re-partitions on exit
+            with self.ds.zero.GatheredParameters([p], modifier_rank=0, enabled=self.zero_stage == 3):
+                with torch.no_grad():
+                    p.data.copy_(value.reshape(p.shape).to(p.dtype))
+
     def _release(self) -> None:
         if self.engine is not None:
             self.engine.destroy()
         self.engine = self.optimizer = None
+
+
+def _step_and_keys(portable) -> tuple[float, dict[str, torch.Tensor]]:
+    """The optimizer step (the same for every parameter) and one example of each state key."""
+    sample: dict[str, torch.Tensor] = {}
+    for st in portable.state.values():
+        for k, v in st.items():
+            sample.setdefault(k, v)
+    step = sample.get("step", torch.tensor(0.0))
+    return float(step), sample
 
 
 def build(device: torch.device | str, spec: StrategySpec, **options) -> DeepSpeedStrategy:

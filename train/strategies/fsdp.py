@@ -6,7 +6,8 @@ Checkpoints: every rank writes its shard of model + optimizer with torch.distrib
 into the state directory it is handed, from get_state_dict's fully-qualified names, so DCP reshards
 on load and a checkpoint written by N ranks resumes on M. The model artifact (model/) is written by
 train/checkpoint.py from model_state_dict() (a full state dict gathered to rank 0) at the best and
-final checkpoints; `python -m train.consolidate` writes it for any other from the DCP shards.
+final checkpoints; `python -m train.consolidate` writes it for any other from the DCP shards. A
+checkpoint of another strategy arrives as the strategy-neutral form (train/portable.py): load_portable.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -131,6 +134,19 @@ class FSDPStrategy(DistributedStrategy):
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=str(state_dir))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def resumes_natively(self, saved_strategy: str, saved: dict) -> bool:
+        return saved_strategy == "fsdp"  # DCP reshards to any world size
+
+    def load_portable(self, portable) -> None:
+        # Every rank hands the full tensors; set_*_state_dict(full_state_dict=True) keeps each rank's
+        # shard of them (distribute_tensor onto the mesh). A tied head is the token table's entry. The
+        # GPT has no persistent buffers (RoPE tables are non-persistent): parameters are the state.
+        canonical = {id(p): n for n, p in self.model.named_parameters()}  # a shared one's first name
+        full = {n: portable.params[canonical[id(p)]] for n, p in self.model.named_parameters(remove_duplicate=False)}
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, full, options=options)
+        set_optimizer_state_dict(self.model, self.optimizer, portable.optimizer_state_dict(), options=options)
 
     def _release(self) -> None:
         self.model = self.optimizer = None
