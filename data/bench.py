@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -27,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from model.machine import describe_cpu
 
 _CHILD = "--child-prepare"
 
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                 one_docs = docs
         print(
             f"corpus: {args.mb:g} MB of text, {len(one_docs):,} documents (1x); 10 such files (10x), as JSONL and "
-            f"as parquet (hub); CPU {cpu_name()}, {cores} cores; load average {os.getloadavg()[0]:.2f}"
+            f"as parquet (hub); {describe_cpu()}; {cores} cores used; load average {os.getloadavg()[0]:.2f}"
         )
 
         # The machine may be shared: tiktoken's rate is measured before and after each prepare, and each
@@ -196,15 +197,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def _rate(run: dict) -> float:
     return run["tokens"] / run["seconds"]
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine() or "unknown"
 
 
 def _report(args, cores: int, runs: dict, base_cpu_rate: float, train_us: float, val_us: float) -> None:

@@ -33,6 +33,7 @@ import torch
 from eval.backends import Backend, OnnxBackend, TorchBackend
 from eval.cli import UsageError, run
 from model import GPT, ModelConfig
+from model.machine import describe_cpu
 
 ALL_BACKENDS = ("torch", "bf16", "int8", "onnx", "onnx-int8", "nocache", "compile")
 DEFAULT_BACKENDS = ALL_BACKENDS[:-1]  # compile: minutes of inductor time on a small CPU, and slower here
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"# eval.bench: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"# eval.bench: torch {torch.__version__}, {torch.get_num_threads()} threads, {describe_cpu()}, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}; greedy decode of {args.new_tokens} tokens "
         f"after a {args.prompt_len}-token prompt; prefill of {args.prefill_len} tokens"
     )

@@ -26,6 +26,7 @@ import torch
 
 from eval.cli import UsageError, run
 from model import GPT, ModelConfig
+from model.machine import describe_cpu
 
 DEMO = dict(vocab_size=257, block_size=512, n_layer=4, n_head=4, n_embd=256)  # eval.bench's demo model
 
@@ -166,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    import platform
-
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {describe_cpu()}, {torch.get_num_threads()} threads")
     for name in args.models.split(","):
         bench(name.strip(), args)
 

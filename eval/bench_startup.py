@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from eval.cli import UsageError, run
+from model.machine import describe_cpu
 
 # nanoGPT's sample.py, reduced to what a one-token sample does, on this repository's artifact.
 NANOGPT = """
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             times["nanoGPT-style"].append(wall(theirs))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"# one-token sample start-up, {args.rounds} rounds, {art}")
+    print(f"# one-token sample start-up, {args.rounds} rounds, {art}\n# {describe_cpu()}")
     for name, ts in times.items():
         print(f"  {name:<14} fastest {min(ts):6.2f} s   median {statistics.median(ts):6.2f} s")
     ratio = statistics.median(times["eval.sample"]) / statistics.median(times["nanoGPT-style"])

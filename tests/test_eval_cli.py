@@ -254,3 +254,4 @@ def test_bench_runs_on_a_checkpoint(trained, capsys):
     assert out.count("decode") >= 5 and "artifact int8" in out
     assert "[ok] int8 Linear weights" in out and "int8 val loss" in out
     assert "weight streaming at batch 1" in out and "KV-cache >= 10x the no-cache loop needs" in out
+    assert "avx512_bf16/amx: " in out  # which CPU: speeds differ by whether it has bf16 units

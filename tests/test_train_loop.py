@@ -166,6 +166,7 @@ def test_bench_prints_the_comparison(capsys):
     )
     out = capsys.readouterr().out
     assert "fp32 eager, for-loop AdamW (baseline)" in out and "1.00x" in out and "fastest:" in out
+    assert "avx512_bf16/amx: " in out  # which CPU: bf16 is fast only where it has bf16 units
 
 
 def test_unigram_baseline(data_dir):

@@ -25,6 +25,7 @@ import torch
 
 from model import GPT, ModelConfig
 from model.dtypes import short
+from model.machine import describe_cpu
 from train.config import Config, ConfigError, OptimSection, load_config
 from train.loop import autocast_ctx, pick_device, train_step
 from train.metrics import device_peak_flops
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({cfg.train.tokens_per_step:,} tokens/step) | device {device} "
         f"({torch.get_num_threads()} threads) | torch {torch.__version__}"
     )
+    print(describe_cpu())
     print(f"{args.warmup} warm-up + {args.steps} measured steps per setting; median step time\n")
     header = f"{'setting':<40} {'ms/step':>9} {'tokens/s':>10} {'MFU':>7} {'vs baseline':>12}"
     print(header)

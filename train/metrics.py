@@ -102,27 +102,6 @@ def device_peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
     return peak, f"{device.type} measured {what} matmul, {threads} threads"
 
 
-def describe_cpu() -> str:
-    """The CPU a benchmark ran on, and whether it has bf16 matrix units (AVX512-BF16 / AMX): which
-    precision is fast there (docs/benchmarks.md). From /proc/cpuinfo on Linux, platform elsewhere."""
-    import os
-    import platform
-
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    bf16 = "yes" if "avx512_bf16" in flags or "amx_bf16" in flags else ("no" if flags else "unknown")
-    return f"CPU {name} ({os.cpu_count()} cores), avx512_bf16/amx: {bf16}"
-
-
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated accelerator memory, or the process's peak resident set on the CPU."""
     if device.type == "cuda":
