@@ -246,6 +246,20 @@ def test_train_sample_cli(tmp_path, capsys):
     assert err.startswith("error: cannot sample from") and len(err.strip().splitlines()) == 1
 
 
+def step_and_forward(be: TorchBackend):
+    """Greedy decoding of two left-padded rows through the backend's decode step, then through
+    GPT.forward: [(logits (11, B, V), cache)] for each."""
+    tokens, pad = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]), torch.tensor([2, 0])
+    runs = []
+    for step in (be.step, None):
+        be.step = step
+        logits = [be.prefill(tokens, pad, 20)]
+        for _ in range(10):
+            logits.append(be.decode(logits[-1].argmax(-1, keepdim=True)))
+        runs.append((torch.stack(logits), be.cache))
+    return runs
+
+
 @pytest.mark.parametrize("family", ["gpt2", "modern"])
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int8-float"])
 def test_decode_step_equals_the_model_forward(family, kind):
@@ -265,15 +279,7 @@ def test_decode_step_equals_the_model_forward(family, kind):
     if kind == "int8-float":  # every layer, the float weights built or not
         assert all(not isinstance(f, Int8Linear) for layer in be.step.layers for f in layer)
         assert type(be.model.transformer.h[0].attn.c_attn) is Int8Linear
-    tokens, pad = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]), torch.tensor([2, 0])
-    runs = []
-    for step in (be.step, None):
-        be.step = step
-        logits = [be.prefill(tokens, pad, 20)]
-        for _ in range(10):
-            logits.append(be.decode(logits[-1].argmax(-1, keepdim=True)))
-        runs.append((torch.stack(logits), be.cache))
-    (fast, fast_cache), (ref, ref_cache) = runs
+    (fast, fast_cache), (ref, ref_cache) = step_and_forward(be)
     assert len(set(ref.argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
     torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
     for a, b in zip(fast_cache.k + fast_cache.v, ref_cache.k + ref_cache.v, strict=True):
@@ -297,18 +303,11 @@ def test_decode_step_runs_the_recipe_switches(family, switches):
             if p.dim() == 2 and not p.any():
                 p.normal_(0, 0.5)
     be = TorchBackend(be.model, {})
-    tokens, pad = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]), torch.tensor([2, 0])
-    runs = []
-    for step in (be.step, None):
-        be.step = step
-        logits = [be.prefill(tokens, pad, 20)]
-        for _ in range(10):
-            logits.append(be.decode(logits[-1].argmax(-1, keepdim=True)))
-        runs.append(torch.stack(logits))
-    assert len(set(runs[1].argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
+    (fast, _), (ref, _) = step_and_forward(be)
+    assert len(set(ref.argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
     if "logit_softcap" in switches:
-        assert runs[1].abs().max() <= switches["logit_softcap"]
-    torch.testing.assert_close(runs[0], runs[1], atol=1e-6, rtol=1e-6)
+        assert ref.abs().max() <= switches["logit_softcap"]
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
 
 
 def test_decode_step_declines_what_it_does_not_implement():
