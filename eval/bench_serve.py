@@ -24,11 +24,10 @@ import time
 
 import torch
 
+from eval.bench import DEMO
 from eval.cli import UsageError, run
 from model import GPT, ModelConfig
 from model.machine import describe_cpu
-
-DEMO = dict(vocab_size=257, block_size=512, n_layer=4, n_head=4, n_embd=256)  # eval.bench's demo model
 
 
 def build_model(name: str, ckpt: str | None) -> tuple[GPT, str]:

@@ -47,11 +47,12 @@ def demo_artifact(out: Path) -> Path:
     """A random demo-size model (eval.bench's demo, 256 context) written as an artifact."""
     import torch
 
+    from eval.bench import DEMO
     from model import GPT, ModelConfig
     from model.io import save_artifact
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=257, block_size=256, n_layer=4, n_head=4, n_embd=256)
+    cfg = ModelConfig(**{**DEMO, "block_size": 256})
     save_artifact(out, GPT(cfg), cfg, {"tokenizer": "bytes"})
     return out
 
