@@ -24,6 +24,12 @@ from model.config import ModelConfig
 # export concatenates past and present instead (model/onnx_export.py).
 KVUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
+# sharded(idx) -> (pos, kv_update, attn_mask, is_causal) of a forward over idx (B, T_local), this rank's
+# part of a window split along the sequence (context parallel, train/parallel/context.py): the tokens'
+# positions in the window, a kv_update that returns the whole window's keys/values, and the mask of
+# these queries against them.
+ShardedWindow = Callable[[torch.Tensor], tuple[torch.Tensor, KVUpdate, torch.Tensor | None, bool]]
+
 
 def dropout(p: float) -> nn.Module:
     """nn.Dropout(p), or nn.Identity when p == 0: with no dropout a decode step skips ~10 no-op calls."""
@@ -392,9 +398,11 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         start_pos: int = 0,
+        sharded: ShardedWindow | None = None,
     ) -> torch.Tensor:
         """idx (B, T). Returns logits (B, T, vocab_size), or with targets (B, T) the mean cross
-        entropy over targets != -100. With kv_cache, idx holds positions [start_pos, start_pos+T)."""
+        entropy over targets != -100. With kv_cache, idx holds positions [start_pos, start_pos+T).
+        With sharded (no cache), idx is this rank's part of a longer window (see ShardedWindow)."""
         B, T = idx.shape
         end = start_pos + T
         limit = kv_cache.max_seq_len if kv_cache is not None else self.config.block_size
@@ -405,6 +413,8 @@ class GPT(nn.Module):
             pos = self.positions(T, start_pos, kv_cache, idx.device)
             kv_update = kv_cache.updater(start_pos)
             attn_mask, is_causal = cache_mask(T, start_pos, kv_cache.left_pad, idx.device)
+        elif sharded is not None:
+            pos, kv_update, attn_mask, is_causal = sharded(idx)
         else:
             pos, attn_mask, is_causal = self.window(idx, start_pos)
         h = self.trunk(idx, pos, kv_update, attn_mask, is_causal)

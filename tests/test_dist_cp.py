@@ -1,0 +1,203 @@
+"""Context parallel (train/parallel/context.py) against one process, on the CPU with gloo.
+
+The sharding is checked by hand-written layouts in this process; the rest runs in 2 ranks under
+torchrun, this file being the worker (`python -m torch.distributed.run ... tests/test_dist_cp.py OUT`):
+each rank builds the same tiny model, runs the plain one-process forward/backward over the whole
+window as the reference, then the context-parallel one over its half (gradients averaged over the cp
+ranks, as the dp x cp reduction does), and rank 0 writes what the tests compare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_driver as drv
+import pytest
+import torch
+
+from train.parallel.context import check_seq_len, chunk_order, sequence_positions, shard_sequence
+
+SEQ = 64  # a window long enough that the activation memory is dominated by per-token tensors
+EOT = 3
+# (family, doc_mask, doc_positions_restart): GPT-2 (learned positions, MHA) and modern (RoPE, GQA 4:2)
+CASES = [
+    ("gpt2", False, False),
+    ("gpt2", True, False),
+    ("modern", False, False),
+    ("modern", True, True),
+]
+TOL = 1e-5
+
+
+def case_name(family: str, doc: bool, restart: bool) -> str:
+    return f"{family}{'_doc' if doc else ''}{'_restart' if restart else ''}"
+
+
+def test_shard_layout_is_load_balanced():
+    # cp=2, T=8: chunks of 2; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2 (Llama 3's layout).
+    t = torch.arange(8)[None]
+    assert shard_sequence(t, 0, 2).tolist() == [[0, 1, 6, 7]]
+    assert shard_sequence(t, 1, 2).tolist() == [[2, 3, 4, 5]]
+    # cp=3, T=6: rank i holds chunks i and 5-i.
+    assert [sequence_positions(6, r, 3).tolist() for r in range(3)] == [[0, 5], [1, 4], [2, 3]]
+    assert chunk_order(1, 4) == (1, 6)
+    # Every rank gets the same number of causal (query, key) pairs: the point of the mirror chunks.
+    for cp in (2, 4):
+        pairs = {int((sequence_positions(32, r, cp) + 1).sum()) for r in range(cp)}
+        assert len(pairs) == 1, pairs
+    # Extra trailing dimensions travel with their token.
+    x = torch.arange(16).view(1, 8, 2)
+    assert shard_sequence(x, 1, 2)[0, :, 0].tolist() == [4, 6, 8, 10]
+
+
+def test_seq_len_not_divisible_is_one_line():
+    with pytest.raises(ValueError, match=r"not divisible by 2 x parallel.cp = 4") as e:
+        check_seq_len(30, 2)
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------ the 2-rank runs
+@pytest.fixture(scope="module")
+def cp2(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("cp")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{drv.REPO}{os.pathsep}{drv.REPO / 'tests'}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", __file__, str(work)]
+    proc = subprocess.run(cmd, env=env, cwd=drv.REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads((work / "cp2.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[case_name(*c) for c in CASES])
+def test_cp2_matches_one_process(cp2, case):
+    r = cp2[case_name(*case)]
+    assert r["loss_ref"] > 3.0  # a real loss of a fresh model over 97 tokens (ln 97 = 4.57)
+    assert abs(r["loss_cp"] - r["loss_ref"]) < TOL, r
+    assert r["grad_max_diff"] < TOL, r
+    assert r["grad_max_abs"] > 1e-3  # the gradients compared are not all zero
+    assert abs(r["eval_cp"] - r["loss_ref"]) < TOL, r  # ContextParallelEval: the window's mean loss
+
+
+@pytest.mark.slow
+def test_doc_mask_changes_the_loss(cp2):
+    # The EOTs inside the window matter: without them the reference would not differ.
+    assert abs(cp2["gpt2_doc"]["loss_ref"] - cp2["gpt2"]["loss_ref"]) > 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[case_name(*c) for c in CASES])
+def test_cp_is_applied(cp2, case):
+    r = cp2[case_name(*case)]
+    # Attention sees this rank's T/cp queries, and the keys of the whole window.
+    assert r["attn_query_len"] == [SEQ // 2]
+    assert r["attn_key_len"] == [SEQ]
+    # Activations saved for the backward, per rank: about half the one-process run's (all but the
+    # gathered keys/values scale with T/cp).
+    assert r["saved_bytes_cp"] < 0.6 * r["saved_bytes_ref"], r
+
+
+# ------------------------------------------------------------------ worker (under torchrun)
+def batch(doc: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, SEQ) windows; with doc, EOTs sit inside both cp ranks' chunks (SEQ=64, cp=2: rank 0 holds
+    [0, 16) and [48, 64), rank 1 [16, 48)), so rank 0's late tokens depend on rank 1's EOTs."""
+    g = torch.Generator().manual_seed(7)
+    seq = torch.randint(EOT + 1, drv.VOCAB, (2, SEQ + 1), generator=g)
+    if doc:
+        seq[0, [5, 20, 40]] = EOT
+        seq[1, [30, 50]] = EOT
+    return seq[:, :-1], seq[:, 1:]
+
+
+def run_case(family: str, doc: bool, restart: bool, group) -> dict:
+    from model.gpt import GPT
+    from model.loss import mean_loss
+    from train.parallel.context import ContextParallel, ContextParallelEval
+
+    cfg = dataclasses.replace(
+        drv.model_config(family), block_size=SEQ, doc_mask=doc, doc_positions_restart=restart, eot_id=EOT
+    )
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x, y = batch(doc)
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(fn) -> tuple[torch.Tensor, int]:
+        """fn's output and the bytes of the activations its graph saves for the backward (weights aside)."""
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            if t.untyped_storage().data_ptr() not in weights:
+                total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        return out, total
+
+    loss_ref, bytes_ref = saved_bytes(lambda: model(x, y))
+    loss_ref.backward()
+    grads_ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    cp = ContextParallel(cfg, group)
+    seen_q, seen_k = [], []
+    attn = model.transformer.h[0].attn
+    hook = attn.register_forward_pre_hook(lambda m, args: seen_q.append(args[0].shape[1]))
+    gather = cp.gather_kv
+
+    def spy(layer, k, v):
+        k, v = gather(layer, k, v)
+        if layer == 0:
+            seen_k.append(k.shape[2])
+        return k, v
+
+    cp.gather_kv = spy
+    loss_cp, bytes_cp = saved_bytes(lambda: cp.loss(model, x, y))
+    hook.remove()
+    cp.gather_kv = gather
+    loss_cp.backward()
+    # The dp x cp gradient reduction: the mean over the cp ranks of each rank's partial gradient.
+    diff, big = 0.0, 0.0
+    for n, p in model.named_parameters():
+        g = p.grad.clone()
+        torch.distributed.all_reduce(g, group=group)
+        g /= cp.size
+        diff = max(diff, float((g - grads_ref[n]).abs().max()))
+        big = max(big, float(grads_ref[n].abs().max()))
+    loss_mean = loss_cp.detach().clone()
+    torch.distributed.all_reduce(loss_mean, group=group)
+    eval_cp = mean_loss(ContextParallelEval(model, cp), [(x, y)])
+    return {
+        "loss_ref": loss_ref.item(),
+        "loss_cp": float(loss_mean) / cp.size,
+        "grad_max_diff": diff,
+        "grad_max_abs": big,
+        "eval_cp": eval_cp,
+        "attn_query_len": seen_q,
+        "attn_key_len": seen_k,
+        "saved_bytes_ref": bytes_ref,
+        "saved_bytes_cp": bytes_cp,
+    }
+
+
+def main(out: Path) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    group = dist.new_group(list(range(dist.get_world_size())))
+    res = {case_name(*c): run_case(*c, group) for c in CASES}
+    if dist.get_rank() == 0:
+        (out / "cp2.json").write_text(json.dumps(res))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
