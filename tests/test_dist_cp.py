@@ -19,8 +19,12 @@ from pathlib import Path
 import dist_driver as drv
 import pytest
 import torch
+from test_dist_loop import COMMON, EVAL_1, assert_same_curve, torchrun
+from train_helpers import metrics, prepared_dataset, tiny_config
 
-from train.parallel.context import check_seq_len, chunk_order, sequence_positions, shard_sequence
+from train.loop import run
+from train.parallel.context import chunk_order, sequence_positions, shard_sequence
+from train.parallel.dims import MeshError, ParallelDims, check_model
 
 SEQ = 64  # a window long enough that the activation memory is dominated by per-token tensors
 EOT = 3
@@ -56,8 +60,11 @@ def test_shard_layout_is_load_balanced():
 
 
 def test_seq_len_not_divisible_is_one_line():
-    with pytest.raises(ValueError, match=r"not divisible by 2 x parallel.cp = 4") as e:
-        check_seq_len(30, 2)
+    dims = ParallelDims(cp=2, world_size=2)
+    cfg = drv.model_config()
+    check_model(dims, cfg, 32)  # 4 chunks of 8
+    with pytest.raises(MeshError, match=r"data.seq_len=30 must be divisible by 2 x parallel.cp = 4") as e:
+        check_model(dims, cfg, 30)
     assert "\n" not in str(e.value)
 
 
@@ -99,6 +106,51 @@ def test_cp_is_applied(cp2, case):
     # Activations saved for the backward, per rank: about half the one-process run's (all but the
     # gathered keys/values scale with T/cp).
     assert r["saved_bytes_cp"] < 0.6 * r["saved_bytes_ref"], r
+
+
+@pytest.mark.slow
+def test_strategy_runs_cp(cp2):
+    r = cp2["strategy"]
+    assert r["query_len"] == [SEQ // 2, SEQ // 2], r  # forward_backward, then eval_model's forward
+    assert abs(r["loss_cp"] - r["loss_ref"]) < TOL, r
+    assert abs(r["eval_cp"] - r["loss_ref"]) < TOL, r
+
+
+# ------------------------------------------------------------------ through the real loop
+# GPT-2 family (learned positions), and the modern one with GQA and document masking with position
+# restarts (the bytes corpus has an EOT before every document).
+LOOP_CASES = {
+    "gpt2": [],
+    "modern_gqa_doc": [
+        "model.family=modern",
+        "model.bias=false",
+        "model.tie_embeddings=false",
+        "model.n_kv_head=2",
+        "model.doc_mask=true",
+        "model.doc_positions_restart=true",
+    ],
+}
+LOOP_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return prepared_dataset(tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LOOP_CASES)
+def test_cp2_through_the_loop_matches_one_process(data, tmp_path, case):
+    """python -m train under torchrun, parallel.cp=2 (FSDP over dp_shard x cp = 2): every step's loss
+    and the evaluations (eval_every=4, and the last step) equal the one-process run's; the checkpoint
+    at step 4 is written by DCP on both ranks."""
+    extra = [*LOOP_CASES[case], EVAL_1, f"train.max_steps={LOOP_STEPS}"]
+    run(tiny_config(data, tmp_path / "ref", *COMMON, *extra), log=lambda m: None)
+    torchrun(2, data, tmp_path / "cp2", "parallel.cp=2", *extra)
+    got = metrics(tmp_path / "cp2")
+    assert_same_curve(got, metrics(tmp_path / "ref"), LOOP_STEPS)
+    assert any("val_loss" in r for r in got)
+    assert (tmp_path / "cp2" / "checkpoints" / "step_000004").is_dir()
 
 
 # ------------------------------------------------------------------ worker (under torchrun)
@@ -187,6 +239,34 @@ def run_case(family: str, doc: bool, restart: bool, group) -> dict:
     }
 
 
+def run_strategy() -> dict:
+    """The loop's seam under parallel.cp=2 (train/parallel/mesh_strategy.py): forward_backward and
+    eval_model run this rank's half of the window."""
+    import contextlib
+
+    from model.gpt import GPT
+    from model.loss import mean_loss
+    from train.strategy import StrategySpec, make_strategy, unwrap
+
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(drv.model_config("modern"), block_size=SEQ))
+    x, y = batch(False)
+    ref = model(x, y).item()
+    s = make_strategy("none", torch.device("cpu"), StrategySpec(), cp=2)
+    wrapped, _ = s.wrap(model, drv.build_optimizer)
+    seen = []
+    unwrap(wrapped).transformer.h[0].attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    loss = s.forward_backward([(x, y)], contextlib.nullcontext()).detach()
+    res = {
+        "loss_ref": ref,
+        "loss_cp": float(s.all_reduce_sum(loss) / s.world_size),
+        "eval_cp": mean_loss(s.eval_model(), [(x, y)]),
+        "query_len": seen,
+    }
+    s.teardown()
+    return res
+
+
 def main(out: Path) -> None:
     import torch.distributed as dist
 
@@ -194,6 +274,7 @@ def main(out: Path) -> None:
     dist.init_process_group("gloo")
     group = dist.new_group(list(range(dist.get_world_size())))
     res = {case_name(*c): run_case(*c, group) for c in CASES}
+    res["strategy"] = run_strategy()
     if dist.get_rank() == 0:
         (out / "cp2.json").write_text(json.dumps(res))
     dist.destroy_process_group()

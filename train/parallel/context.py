@@ -45,18 +45,10 @@ def chunk_order(cp_rank: int, cp_size: int) -> tuple[int, int]:
     return cp_rank, 2 * cp_size - 1 - cp_rank
 
 
-def check_seq_len(T: int, cp_size: int) -> None:
-    """Raise ValueError (one line, what to do) unless T splits into 2*cp_size equal chunks."""
-    if T % (2 * cp_size):
-        raise ValueError(
-            f"sequence length {T} is not divisible by 2 x parallel.cp = {2 * cp_size}: choose a seq_len "
-            f"that is a multiple of {2 * cp_size} or a smaller parallel.cp"
-        )
-
-
 def shard_sequence(t: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Tensor:
     """t (B, T, ...) -> (B, T // cp_size, ...): this rank's chunks of dim 1, in chunk_order."""
-    check_seq_len(t.shape[1], cp_size)
+    if t.shape[1] % (2 * cp_size):  # train/parallel/dims.py's check_model tells the user first
+        raise ValueError(f"cannot cut {t.shape[1]} tokens into 2 x {cp_size} equal chunks")
     chunks = t.chunk(2 * cp_size, dim=1)  # 2*cp x (B, T / (2 cp), ...)
     return torch.cat([chunks[c] for c in chunk_order(cp_rank, cp_size)], dim=1)
 

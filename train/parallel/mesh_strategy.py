@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from model.dtypes import torch_dtype
 from model.io import clean_state_dict
+from train.parallel.context import ContextParallel, ContextParallelEval
 from train.parallel.dims import ParallelDims
 from train.parallel.parallelize import parallelize, uses_loss_parallel
 from train.parallel.world import (
@@ -74,6 +75,7 @@ class MeshStrategy(DistributedStrategy):
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(self.device.type) if spec.precision == "fp16" else None
         self.loss_parallel = False
+        self.cp = None  # ContextParallel of this rank's cp group, when cp > 1
 
     # ---- building ---------------------------------------------------------------------
     def wrap(self, model: nn.Module, build_optimizer: BuildOptimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -86,6 +88,8 @@ class MeshStrategy(DistributedStrategy):
         if self.world_size > 1:
             self.mesh = self.dims.build_mesh(self.device.type)
         self.loss_parallel = self.dims.tp > 1 and uses_loss_parallel(bare)
+        if self.dims.cp > 1:
+            self.cp = ContextParallel(bare.config, self.mesh["cp"])
         self.model = self.parallelize(bare)
         if meta:
             # A model built on the meta device (big models): materialise only the local shards, then
@@ -143,9 +147,10 @@ class MeshStrategy(DistributedStrategy):
             return super().forward_backward(micro_batches, amp)
 
     def micro_loss(self, x, y, amp):
-        """Hook (context parallel shards x and y along the sequence here)."""
+        """One micro-batch's mean loss; under context parallel over this rank's chunks of each window
+        (FSDP then averages the gradients over dp x cp)."""
         with amp:
-            loss = self.model(x, y)
+            loss = self.model(x, y) if self.cp is None else self.cp.loss(self.model, x, y)
         return loss
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -174,7 +179,8 @@ class MeshStrategy(DistributedStrategy):
     def eval_model(self) -> nn.Module:
         """Hook (pipeline / context parallel): what evaluation calls. Under loss parallel the logits
         come back whole and the loss as a plain tensor."""
-        return _Gathered(self.model, self) if self.loss_parallel else self.model
+        model = _Gathered(self.model, self) if self.loss_parallel else self.model
+        return model if self.cp is None else ContextParallelEval(model, self.cp)
 
     def sample_model(self) -> nn.Module | None:
         # under tp each attention holds this rank's heads only, which the full-size KV cache does not fit
@@ -222,7 +228,7 @@ class MeshStrategy(DistributedStrategy):
         set_optimizer_state_dict(self.bare, self.optimizer, portable.optimizer_state_dict(), options=options)
 
     def _release(self) -> None:
-        self.model = self.bare = self.optimizer = self.mesh = None
+        self.model = self.bare = self.optimizer = self.mesh = self.cp = None
 
 
 @contextlib.contextmanager
