@@ -13,6 +13,7 @@ form (train/portable.py): load_portable.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,10 @@ from train.parallel.world import (
     parse_dtype,
 )
 from train.strategy import BuildOptimizer, StrategySpec, unwrap
+
+# Gathering a tensor sharded over two mesh dims (FSDP x tp: checkpoints, Muon) warns on every call
+# that it takes two all-gathers; that is the expected cost here.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 DCP_FORMAT = "dcp"  # strategy_state["format"]: model + optimizer are DCP shards in state/
 
