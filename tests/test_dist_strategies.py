@@ -6,7 +6,7 @@ interface with the loop's exact call sequence), in the order the checkpoints nee
     two ranks  DDP, DDP + accumulation, FSDP (fp32, accumulation + activation checkpointing,
                bf16 params), and resumes 1->2 and 2->2 for DDP and FSDP
     one rank   FSDP resumes the 2-rank checkpoint (2->1)
-The reference is the same model, data and optimizer under SingleProcess, in this process.
+The reference is the same model, data and optimizer under parallel.strategy=none, in this process.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def _run(spec: dict, nproc: int, work: Path, tag: str) -> None:
 
 @pytest.fixture(scope="module")
 def ref(work) -> dict:
-    """One process (SingleProcess), the whole global batch per step; also saves a checkpoint."""
+    """One process (parallel.strategy=none), the whole global batch per step; also saves a checkpoint."""
     out = work / "out"
     out.mkdir()
     return {
@@ -225,7 +225,7 @@ def test_resume_across_world_sizes(two_ranks, one_rank_after, ref, name):
 
 
 def test_ddp_checkpoint_resumes_in_one_process(work, two_ranks, ref):
-    """A 2-rank DDP checkpoint has the single-process format: SingleProcess continues it."""
+    """A 2-rank DDP checkpoint has the a format one process (parallel.strategy=none) continues."""
     res = drv.run_scenario(
         {"name": "ddp_2to1", "strategy": "none", "steps": STEPS, "seed": 5, "load": ckpt(work, "run_d2")}, work / "out"
     )

@@ -1,4 +1,4 @@
-"""The training loop: one file, the same for one CPU core, one GPU and N ranks of DDP / FSDP / DeepSpeed.
+"""The training loop: one file, the same for one CPU core, one GPU and N ranks of any parallel layout.
 
 The loop knows nothing about parallelism: it calls the Strategy seam (train/strategy.py) only, and
 hands checkpoints to train/checkpoint.py. Per step, in order (Trainer.train):
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from model import GPT, ModelConfig
 from model.dtypes import short, torch_dtype
@@ -274,14 +275,33 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
 def mesh_dims(cfg: Config, rank: int, world_size: int) -> ParallelDims:
     """The degrees of this launch (a MeshError, before any process group, when they do not fit it)."""
     options = cfg.parallel_options()
-    if cfg.parallel.strategy == "deepspeed":  # data parallel only (its build refuses the other degrees)
-        return ParallelDims(dp_replicate=world_size, world_size=world_size, rank=rank)
     if world_size > 1 and cfg.parallel.strategy == "none" and all(options.get(d, 1) == 1 for d in DIMS):
         raise TrainError(
             f"WORLD_SIZE={world_size} (torchrun) but parallel.strategy=none: set "
             "parallel.strategy=ddp (or fsdp / deepspeed, or the mesh degrees), or start a single process"
         )
     return ParallelDims.from_options(cfg.parallel.strategy, options, world_size, rank)
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """This rank's bytes of parameters and of optimizer state (a DTensor counts its local shard). The
+    optimizer's state appears at its first step: before that, AdamW's two moments and Muon's momentum
+    are counted at the parameters' size."""
+
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = sum(local(p) for p in {id(p): p for p in model.parameters()}.values())
+    optim = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if state:
+                optim += sum(local(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+            else:
+                optim += (1 if group.get("name") == "muon" else 2) * local(p)
+    return params, optim
 
 
 @dataclasses.dataclass
@@ -441,6 +461,15 @@ class Trainer:
                 "note: this CPU has no bf16 matrix instructions (AVX512-BF16 / AMX): bf16 matmuls are "
                 "emulated and several times slower than float32 here; consider train.dtype=float32"
             )
+        layout = strategy.layout()
+        params, optim = local_state_bytes(self.model, self.optimizer)
+        coords = layout.get("coords", {})
+        self.log(
+            f"mesh {' x '.join(f'{d} {layout[d]}' for d in coords) or layout['strategy']} | rank {strategy.rank} at "
+            f"({', '.join(f'{d} {i}' for d, i in coords.items()) or '-'}) | per rank: parameters "
+            f"{params / 2**20:.1f} MiB, optimizer state {optim / 2**20:.1f} MiB"
+        )
+        self.metrics.write({"step": self.state.step, "mesh": layout})
         if resumed_from is not None:
             self.log(f"resumed from {resumed_from} at step {self.state.step}")
         elif cfg.train.init_from:

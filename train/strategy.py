@@ -116,6 +116,11 @@ class Strategy(ABC):
         with plain (not distributed) tensors out."""
         return self.model
 
+    def layout(self) -> dict:
+        """What runs, for the startup log and metrics.jsonl: the strategy, the world size and (the
+        mesh) each dimension's degree and this rank's coordinates."""
+        return {"strategy": self.name, "world_size": self.world_size}
+
     def sample_model(self) -> nn.Module | None:
         """The bare model that sampling decodes with its KV cache, or None where this layout cannot."""
         return unwrap(self.model)
@@ -175,19 +180,14 @@ class Strategy(ABC):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare GPT under torch.compile's OptimizedModule, DDP's and DeepSpeed's .module."""
+    """The bare GPT under torch.compile's OptimizedModule and a wrapper's .module (DDP, an engine)."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model):
+        elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
         else:
             return model
-
-
-def _is_deepspeed_engine(model: nn.Module) -> bool:
-    # By class name, so that this module never imports deepspeed (an optional extra).
-    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
 
 def make_strategy(name: str, device: torch.device, spec: StrategySpec | None = None, **parallel_options) -> Strategy:

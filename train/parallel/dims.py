@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from train.errors import TrainError
+from train.errors import ConfigError
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-class MeshError(TrainError, ValueError):
-    """Degrees that do not describe a layout of this world; says what to set."""
+class MeshError(ConfigError):
+    """Degrees that do not describe a layout of this world or model; says what to set (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,11 @@ class ParallelDims:
     @classmethod
     def from_options(cls, strategy: str, options: dict, world_size: int, rank: int = 0) -> ParallelDims:
         """The degrees of the config's parallel section. The shorthands: ddp = dp_replicate takes the
-        rest of the world, fsdp = dp_shard does; none = every degree as given (all 1 by default)."""
+        rest of the world, fsdp = dp_shard does; none = every degree as given (all 1 by default). The
+        separate data-parallel engine (parallel.strategy=deepspeed) is laid out as ddp."""
         degrees = {d: int(options.get(d, 1) if options.get(d) is not None else 1) for d in DIMS}
-        if strategy in ("ddp", "fsdp"):
-            key = "dp_replicate" if strategy == "ddp" else "dp_shard"
+        if strategy != "none":
+            key = "dp_shard" if strategy == "fsdp" else "dp_replicate"
             if degrees[key] == 1 and -1 not in degrees.values():
                 degrees[key] = -1
         stages = int(options.get("pp_stages_per_rank") or 1)
@@ -140,18 +141,21 @@ class ParallelDims:
         return mesh
 
 
-def check_model(dims: ParallelDims, cfg, seq_len: int) -> None:
-    """What the degrees ask of the model (a ModelConfig) and the sequence, one line each: tensor parallel
-    splits heads, MLP width and the vocabulary; context parallel cuts the sequence into 2 x cp chunks
-    (the load-balanced causal layout); pipeline parallel needs a block per stage."""
+def check_model(dims, cfg, seq_len: int) -> None:
+    """What the degrees (a ParallelDims, or the config's parallel section) ask of the model (a
+    ModelConfig) and the sequence, one line each: tensor parallel splits heads, MLP width and the
+    vocabulary; context parallel cuts the sequence into 2 x cp chunks (the load-balanced causal layout);
+    pipeline parallel needs a block per stage. A degree of -1 (not known before launch) is not checked."""
     tp, cp = dims.tp, dims.cp
     if tp > 1:
-        for what, n in (
+        sizes = [
             ("model.n_head", cfg.n_head),
             ("model.n_kv_head", cfg.n_kv_head),
             ("the MLP width (model.hidden_dim)", cfg.hidden_dim),
-            ("model.vocab_size (padded)", cfg.padded_vocab_size),
-        ):
+        ]
+        if cfg.vocab_size is not None:  # null: the dataset's, checked at start-up
+            sizes.append(("model.vocab_size (padded)", cfg.padded_vocab_size))
+        for what, n in sizes:
             if n % tp:
                 raise MeshError(f"parallel.tp={tp} must divide {what} = {n}; choose a tp that divides it")
         if cfg.qk_norm:

@@ -13,6 +13,7 @@ form (train/portable.py): load_portable.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from torch.distributed.tensor import DTensor
 from model.dtypes import torch_dtype
 from model.io import clean_state_dict
 from train.parallel.context import ContextParallel, ContextParallelEval
-from train.parallel.dims import ParallelDims
+from train.parallel.dims import DIMS, ParallelDims
 from train.parallel.parallelize import parallelize, uses_loss_parallel
 from train.parallel.world import (
     DistributedStrategy,
@@ -43,6 +44,10 @@ from train.parallel.world import (
     parse_dtype,
 )
 from train.strategy import BuildOptimizer, StrategySpec, unwrap
+
+# Gathering a tensor sharded over two mesh dims (FSDP x tp: checkpoints, Muon) warns on every call
+# that it takes two all-gathers; that is the expected cost here.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 DCP_FORMAT = "dcp"  # strategy_state["format"]: model + optimizer are DCP shards in state/
 
@@ -144,7 +149,8 @@ class MeshStrategy(DistributedStrategy):
     def forward_backward(self, micro_batches, amp):
         """Hook (pipeline parallel replaces it with its schedule over all micro-batches)."""
         with self.loss_context():
-            return super().forward_backward(micro_batches, amp)
+            loss = super().forward_backward(micro_batches, amp)
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss  # loss parallel: a replicated DTensor
 
     def micro_loss(self, x, y, amp):
         """One micro-batch's mean loss; under context parallel over this rank's chunks of each window
@@ -181,6 +187,9 @@ class MeshStrategy(DistributedStrategy):
         come back whole and the loss as a plain tensor."""
         model = _Gathered(self.model, self) if self.loss_parallel else self.model
         return model if self.cp is None else ContextParallelEval(model, self.cp)
+
+    def layout(self) -> dict:
+        return {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
 
     def sample_model(self) -> nn.Module | None:
         # under tp each attention holds this rank's heads only, which the full-size KV cache does not fit
