@@ -117,8 +117,8 @@ def test_strategy_runs_cp(cp2):
 
 
 # ------------------------------------------------------------------ through the real loop
-# GPT-2 family (learned positions), and the modern one with GQA and document masking with position
-# restarts (the bytes corpus has an EOT before every document).
+# GPT-2 family (learned positions), and the modern one with GQA, document masking with position
+# restarts (the bytes corpus has an EOT before every document) and activation checkpointing.
 LOOP_CASES = {
     "gpt2": [],
     "modern_gqa_doc": [
@@ -128,9 +128,10 @@ LOOP_CASES = {
         "model.n_kv_head=2",
         "model.doc_mask=true",
         "model.doc_positions_restart=true",
+        "train.activation_checkpointing=true",  # the recomputed forward gathers the keys/values again
     ],
 }
-LOOP_STEPS = 6
+LOOP_STEPS = 10
 
 
 @pytest.fixture(scope="module")
@@ -142,19 +143,19 @@ def data(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("case", LOOP_CASES)
 def test_cp2_through_the_loop_matches_one_process(data, tmp_path, case):
     """python -m train under torchrun, parallel.cp=2 (FSDP over dp_shard x cp = 2): every step's loss
-    and the evaluations (eval_every=4, and the last step) equal the one-process run's; the checkpoint
-    at step 4 is written by DCP on both ranks."""
+    and the evaluations (eval_every=4, and the last step) equal the one-process run's; checkpoints
+    (every 4 steps) are written by DCP on both ranks."""
     extra = [*LOOP_CASES[case], EVAL_1, f"train.max_steps={LOOP_STEPS}"]
     run(tiny_config(data, tmp_path / "ref", *COMMON, *extra), log=lambda m: None)
     torchrun(2, data, tmp_path / "cp2", "parallel.cp=2", *extra)
     got = metrics(tmp_path / "cp2")
     assert_same_curve(got, metrics(tmp_path / "ref"), LOOP_STEPS)
     assert any("val_loss" in r for r in got)
-    assert (tmp_path / "cp2" / "checkpoints" / "step_000004").is_dir()
+    assert (tmp_path / "cp2" / "checkpoints" / "step_000008").is_dir()
 
 
 # ------------------------------------------------------------------ tp 2 x cp 2
-TPCP_STEPS = 4
+TPCP_STEPS = 10
 TPCP_FAMILIES = ["gpt2", "modern"]  # tied head; untied with loss parallel and GQA (1 kv head per tp rank)
 
 
