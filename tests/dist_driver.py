@@ -16,6 +16,7 @@ run_scenario() also runs in the pytest process for strategy "none", the one-proc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -127,22 +128,22 @@ def run_scenario(sc: dict, out: Path) -> dict:
             and state.loader["nested"] == {"a": [1, 2.5, "x"]}
         )
 
-    rows = GLOBAL_BATCH // world
+    dims = getattr(s, "dims", None)  # the mesh's data-parallel rank and size; DeepSpeed: every rank
+    dp_rank, dp_size = (dims.dp_rank, dims.dp_size) if dims is not None else (rank, world)
+    rows = GLOBAL_BATCH // dp_size
     micro = rows // accum
     for step in range(start + 1, sc["steps"] + 1):
         x, y = global_batch(step)
-        x, y = x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
-        total = torch.zeros(())
+        x, y = x[dp_rank * rows : (dp_rank + 1) * rows], y[dp_rank * rows : (dp_rank + 1) * rows]
         model.train()
-        for m in range(accum):
-            xm, ym = x[m * micro : (m + 1) * micro].to(s.device), y[m * micro : (m + 1) * micro].to(s.device)
-            with s.sync_context(is_last=m == accum - 1):
-                loss = model(xm, ym)
-                s.backward(loss)
-            total += loss.detach().float().cpu()
+        batches = [
+            (x[m * micro : (m + 1) * micro].to(s.device), y[m * micro : (m + 1) * micro].to(s.device))
+            for m in range(accum)
+        ]
+        total = s.forward_backward(batches, contextlib.nullcontext()).detach().float().cpu()
         norm = s.clip_and_step()
         s.zero_grad()
-        mean = s.all_reduce_sum(total / accum) / world  # equal micro-batches: the global mean
+        mean = s.all_reduce_sum(total) / world  # equal micro-batches: the global mean
         res["losses"][step] = float(mean)
         res["norms"][step] = float(norm)
         if step == sc.get("save_at"):
@@ -230,7 +231,7 @@ def main() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     owned = None
     if spec.get("driver_group"):
-        from train.strategies.dist import init_distributed
+        from train.parallel.world import init_distributed
 
         owned = init_distributed(spec["scenarios"][0].get("device", "cpu"), "driver")
     for sc in spec["scenarios"]:

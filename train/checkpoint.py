@@ -264,7 +264,8 @@ class CheckpointManager:
         self.check_same_model(ckpt, state)
         if self.strategy.resumes_natively(state.strategy, state.strategy_state):
             weights = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else None
-            if weights is None and not self.strategy.weights_in_state:
+            # a state/ of DCP shards or a DeepSpeed engine holds the weights; an optimizer-only state does not
+            if weights is None and "optimizer" in state.strategy_state:
                 raise TrainError(
                     f"{ckpt} has no {MODEL_DIR}/ (its weights): the checkpoint is incomplete; resume another"
                 )

@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 
 from model.io import clean_state_dict
+from train.parallel.parallelize import apply_ac_and_compile
+from train.parallel.world import DistributedSetupError, DistributedStrategy, StrategyError, check_options
 from train.strategies.config_builder import build_ds_config
-from train.strategies.dist import DistributedSetupError, DistributedStrategy, StrategyError, check_options
-from train.strategy import BuildOptimizer, StrategySpec, parallelize, unwrap
+from train.strategy import BuildOptimizer, StrategySpec, unwrap
 
 TAG = "engine"  # one engine checkpoint per checkpoint directory
 
@@ -91,7 +92,7 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def wrap(self, model: nn.Module, build_optimizer: BuildOptimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         bare = unwrap(model)
-        parallelize(bare, self.spec)
+        apply_ac_and_compile(bare, self.spec)
         self.ds_config = build_ds_config(
             path=self.config_path,
             overrides=self.overrides,
@@ -110,6 +111,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.engine, _, _, _ = self.ds.initialize(
             model=bare, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
         )
+        self.model = self.engine
         return self.engine, self.optimizer
 
     def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
@@ -246,6 +248,12 @@ def _step_and_keys(portable) -> tuple[float, dict[str, torch.Tensor]]:
 
 def build(device: torch.device | str, spec: StrategySpec, **options) -> DeepSpeedStrategy:
     check_options("deepspeed", options)
+    mesh = [f"parallel.{d}={options[d]}" for d in ("tp", "cp", "pp", "dp_shard") if options.get(d) not in (None, 1)]
+    if mesh:
+        raise StrategyError(
+            f"parallel.strategy=deepspeed is data parallel only (ZeRO), but {', '.join(mesh)} is set: use "
+            "parallel.strategy=fsdp (the torch-native mesh) for tensor, context or pipeline parallel"
+        )
     stage = options.get("zero_stage")
     return DeepSpeedStrategy(
         device,
