@@ -104,6 +104,12 @@ def run_scenario(sc: dict, out: Path) -> dict:
         "tied": bare.lm_head.weight is bare.transformer.wte.weight,
     }
 
+    if sc.get("record_layout"):  # what the layout did to the parameters and to the activations
+        res["layout"] = layout_of(bare)
+        seen = []
+        hook = bare.transformer.h[-1].register_forward_pre_hook(lambda m, args: seen.append(list(args[0].shape)))
+        res["block_input"] = seen
+
     start = 0
     if sc.get("expect_error"):  # a user error: every rank must raise it, before any collective
         try:
@@ -152,6 +158,8 @@ def run_scenario(sc: dict, out: Path) -> dict:
             if rank == 0:
                 torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, out / f"{sc['name']}.saved_sd.pt")
 
+    if sc.get("record_layout"):
+        hook.remove()
     if dist.is_initialized() and sc.get("check_replicas"):  # replicated (not sharded) parameters
         digests = [None] * world
         dist.all_gather_object(digests, param_digest(model))
@@ -163,6 +171,22 @@ def run_scenario(sc: dict, out: Path) -> dict:
     del model, bare, sd
     s.teardown()
     return res
+
+
+def layout_of(model: torch.nn.Module) -> dict:
+    """name -> {"placements": a DTensor's placements (None: a plain tensor), "local": this rank's shape};
+    and each attention's local head counts."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        dt = isinstance(p, DTensor)
+        out[name] = {
+            "placements": [str(pl) for pl in p.placements] if dt else None,
+            "local": list(p.to_local().shape if dt else p.shape),
+        }
+    out["heads"] = [[b.attn.n_head, b.attn.n_kv_head] for b in model.transformer.h]
+    return out
 
 
 def manager(s, mcfg: ModelConfig, ckpt: str) -> CheckpointManager:

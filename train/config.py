@@ -492,6 +492,16 @@ def validate(cfg: Config) -> None:
         v = getattr(cfg.parallel, d)
         _check(isinstance(v, int) and (v >= 1 or v == -1), f"parallel.{d} must be >= 1 or -1 (the rest); got {v!r}")
     _check(cfg.parallel.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank must be >= 1")
+    mesh = [
+        f"parallel.{d}={getattr(cfg.parallel, d)}"
+        for d in ("tp", "cp", "pp", "dp_shard")
+        if getattr(cfg.parallel, d) != 1
+    ]
+    _check(
+        cfg.parallel.strategy != "deepspeed" or not mesh,
+        f"parallel.strategy=deepspeed is data parallel only (ZeRO), but {', '.join(mesh)} is set: use "
+        "parallel.strategy=fsdp (the torch-native mesh) for tensor, context or pipeline parallel",
+    )
     for k in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
         if getattr(cfg.parallel, k) is not None:
             _choice(f"parallel.{k}", getattr(cfg.parallel, k), CANONICAL)
@@ -568,3 +578,6 @@ def validate(cfg: Config) -> None:
     )
     _check(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
     _model(dataclasses.asdict(m))  # the model's own checks, again on the values as they are now
+    from train.parallel.dims import check_model
+
+    check_model(cfg.parallel, m, cfg.seq_len)  # what the mesh degrees ask of the model (MeshError: a ConfigError)

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from model import GPT, ModelConfig
 from model.dtypes import short, torch_dtype
@@ -284,6 +285,27 @@ def mesh_dims(cfg: Config, rank: int, world_size: int) -> ParallelDims:
     return ParallelDims.from_options(cfg.parallel.strategy, options, world_size, rank)
 
 
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """This rank's bytes of parameters and of optimizer state (a DTensor counts its local shard). The
+    optimizer's state appears at its first step: before that, AdamW's two moments and Muon's momentum
+    are counted at the parameters' size."""
+
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = sum(local(p) for p in {id(p): p for p in model.parameters()}.values())
+    optim = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if state:
+                optim += sum(local(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+            else:
+                optim += (1 if group.get("name") == "muon" else 2) * local(p)
+    return params, optim
+
+
 @dataclasses.dataclass
 class Data:
     """The prepared dataset this rank reads: its meta.json, its tokenizer, and where its batches go."""
@@ -441,6 +463,15 @@ class Trainer:
                 "note: this CPU has no bf16 matrix instructions (AVX512-BF16 / AMX): bf16 matmuls are "
                 "emulated and several times slower than float32 here; consider train.dtype=float32"
             )
+        layout = strategy.layout()
+        params, optim = local_state_bytes(self.model, self.optimizer)
+        coords = layout.get("coords", {})
+        self.log(
+            f"mesh {' x '.join(f'{d} {layout[d]}' for d in coords) or layout['strategy']} | rank {strategy.rank} at "
+            f"({', '.join(f'{d} {i}' for d, i in coords.items()) or '-'}) | per rank: parameters "
+            f"{params / 2**20:.1f} MiB, optimizer state {optim / 2**20:.1f} MiB"
+        )
+        self.metrics.write({"step": self.state.step, "mesh": layout})
         if resumed_from is not None:
             self.log(f"resumed from {resumed_from} at step {self.state.step}")
         elif cfg.train.init_from:

@@ -116,6 +116,11 @@ class Strategy(ABC):
         with plain (not distributed) tensors out."""
         return self.model
 
+    def layout(self) -> dict:
+        """What runs, for the startup log and metrics.jsonl: the strategy, the world size and (the
+        mesh) each dimension's degree and this rank's coordinates."""
+        return {"strategy": self.name, "world_size": self.world_size}
+
     def sample_model(self) -> nn.Module | None:
         """The bare model that sampling decodes with its KV cache, or None where this layout cannot."""
         return unwrap(self.model)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from train.errors import TrainError
+from train.errors import ConfigError
 
 DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
-class MeshError(TrainError, ValueError):
-    """Degrees that do not describe a layout of this world; says what to set."""
+class MeshError(ConfigError):
+    """Degrees that do not describe a layout of this world or model; says what to set (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -140,18 +140,21 @@ class ParallelDims:
         return mesh
 
 
-def check_model(dims: ParallelDims, cfg, seq_len: int) -> None:
-    """What the degrees ask of the model (a ModelConfig) and the sequence, one line each: tensor parallel
-    splits heads, MLP width and the vocabulary; context parallel cuts the sequence into 2 x cp chunks
-    (the load-balanced causal layout); pipeline parallel needs a block per stage."""
+def check_model(dims, cfg, seq_len: int) -> None:
+    """What the degrees (a ParallelDims, or the config's parallel section) ask of the model (a
+    ModelConfig) and the sequence, one line each: tensor parallel splits heads, MLP width and the
+    vocabulary; context parallel cuts the sequence into 2 x cp chunks (the load-balanced causal layout);
+    pipeline parallel needs a block per stage. A degree of -1 (not known before launch) is not checked."""
     tp, cp = dims.tp, dims.cp
     if tp > 1:
-        for what, n in (
+        sizes = [
             ("model.n_head", cfg.n_head),
             ("model.n_kv_head", cfg.n_kv_head),
             ("the MLP width (model.hidden_dim)", cfg.hidden_dim),
-            ("model.vocab_size (padded)", cfg.padded_vocab_size),
-        ):
+        ]
+        if cfg.vocab_size is not None:  # null: the dataset's, checked at start-up
+            sizes.append(("model.vocab_size (padded)", cfg.padded_vocab_size))
+        for what, n in sizes:
             if n % tp:
                 raise MeshError(f"parallel.tp={tp} must divide {what} = {n}; choose a tp that divides it")
         if cfg.qk_norm:

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from model.dtypes import torch_dtype
 from model.io import clean_state_dict
-from train.parallel.dims import ParallelDims
+from train.parallel.dims import DIMS, ParallelDims
 from train.parallel.parallelize import parallelize, uses_loss_parallel
 from train.parallel.world import (
     DistributedStrategy,
@@ -140,7 +140,8 @@ class MeshStrategy(DistributedStrategy):
     def forward_backward(self, micro_batches, amp):
         """Hook (pipeline parallel replaces it with its schedule over all micro-batches)."""
         with self.loss_context():
-            return super().forward_backward(micro_batches, amp)
+            loss = super().forward_backward(micro_batches, amp)
+        return loss.full_tensor() if isinstance(loss, DTensor) else loss  # loss parallel: a replicated DTensor
 
     def micro_loss(self, x, y, amp):
         """Hook (context parallel shards x and y along the sequence here)."""
@@ -175,6 +176,9 @@ class MeshStrategy(DistributedStrategy):
         """Hook (pipeline / context parallel): what evaluation calls. Under loss parallel the logits
         come back whole and the loss as a plain tensor."""
         return _Gathered(self.model, self) if self.loss_parallel else self.model
+
+    def layout(self) -> dict:
+        return {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
 
     def sample_model(self) -> nn.Module | None:
         # under tp each attention holds this rank's heads only, which the full-size KV cache does not fit

@@ -248,12 +248,6 @@ def _step_and_keys(portable) -> tuple[float, dict[str, torch.Tensor]]:
 
 def build(device: torch.device | str, spec: StrategySpec, **options) -> DeepSpeedStrategy:
     check_options("deepspeed", options)
-    mesh = [f"parallel.{d}={options[d]}" for d in ("tp", "cp", "pp", "dp_shard") if options.get(d) not in (None, 1)]
-    if mesh:
-        raise StrategyError(
-            f"parallel.strategy=deepspeed is data parallel only (ZeRO), but {', '.join(mesh)} is set: use "
-            "parallel.strategy=fsdp (the torch-native mesh) for tensor, context or pipeline parallel"
-        )
     stage = options.get("zero_stage")
     return DeepSpeedStrategy(
         device,
