@@ -221,5 +221,102 @@ def test_layouts_the_pipeline_refuses():
     assert [list(pp.stage_blocks(7, 3, s)) for s in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
 
 
+# ----------------------------------------------------------------------------- through `python -m train`
+
+PP_RUN = ["model.tie_embeddings=false", "train.eval_every=2", "logging.sample_every=2"]
+
+
+def torchrun_train(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
+    from train_helpers import python_env
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
+    return subprocess.run(cmd + args, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=600)
+
+
+def train_args(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    from train_helpers import DEBUG_YAML, tiny_overrides
+
+    return ["--config", str(DEBUG_YAML), *tiny_overrides(data, run_dir, *PP_RUN, *extra)]
+
+
+def records(run_dir: Path) -> dict[str, dict[int, object]]:
+    from train_helpers import metrics
+
+    rows = metrics(run_dir)
+    return {key: {r["step"]: r[key] for r in rows if key in r} for key in ("loss", "val_loss", "sample")}
+
+
+@pytest.fixture(scope="module")
+def train_ref(tmp_path_factory) -> tuple[Path, dict]:
+    """One process, 4 steps of 2 accumulation micro-batches, val loss and a sample every 2 steps."""
+    from train_helpers import prepared_dataset, run_cli
+
+    data, run = prepared_dataset(tmp_path_factory), tmp_path_factory.mktemp("pp_ref")
+    proc = run_cli(train_args(data, run, "train.max_steps=4"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, records(run)
+
+
+def assert_same_run(got: dict, want: dict) -> None:
+    assert sorted(got["loss"]) == sorted(want["loss"]) == [1, 2, 3, 4]
+    for key in ("loss", "val_loss"):
+        for step, value in want[key].items():
+            assert got[key][step] == pytest.approx(value, abs=TOL), (key, step)
+    assert got["sample"] == want["sample"]  # the sampler's logits come through the pipeline
+
+
+@pytest.mark.slow
+def test_pp2_under_train_matches_one_process_and_resumes_across_layouts(train_ref, tmp_path):
+    """`torchrun -m train parallel.pp=2` (1F1B over the loop's 2 micro-batches) saves at step 2 and one
+    process resumes it; one process saves at step 2 and pp 2 resumes it: both equal the uninterrupted
+    one-process run (losses, val losses, samples) -- the DCP checkpoints carry the bare names."""
+    from train_helpers import run_cli
+
+    data, want = train_ref
+    a, b = tmp_path / "pp_then_one", tmp_path / "one_then_pp"
+    first = torchrun_train(2, train_args(data, a, "train.max_steps=2", "checkpoint.every=2", "parallel.pp=2"))
+    assert first.returncode == 0, f"{first.stdout[-2000:]}\n{first.stderr[-4000:]}"
+    second = run_cli(train_args(data, a, "train.max_steps=4"))
+    assert second.returncode == 0 and "resumed from" in second.stdout + second.stderr, second.stderr[-3000:]
+    assert_same_run(records(a), want)
+
+    first = run_cli(train_args(data, b, "train.max_steps=2", "checkpoint.every=2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun_train(2, train_args(data, b, "train.max_steps=4", "parallel.pp=2"))
+    assert second.returncode == 0, f"{second.stdout[-2000:]}\n{second.stderr[-4000:]}"
+    assert "resumed from" in second.stdout + second.stderr
+    assert_same_run(records(b), want)
+
+
+@pytest.mark.slow
+def test_pp2_x_dp2_under_train_matches_one_process(train_ref, tmp_path):
+    """4 ranks: 2 stages, each sharded by FSDP over 2 data-parallel ranks (2 micro-batches of 2 rows)."""
+    data, want = train_ref
+    run = tmp_path / "pp_dp"
+    args = train_args(data, run, "train.max_steps=4", "train.micro_batch=2", "parallel.pp=2", "parallel.dp_shard=2")
+    proc = torchrun_train(4, args)
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert_same_run(records(run), want)
+
+
+def test_pipeline_user_errors_are_one_line(tmp_path_factory, tmp_path):
+    """A tied head under pp: the config check, before any process starts; a schedule the micro-batches
+    cannot fill: the strategy, before its process group."""
+    from train_helpers import DEBUG_YAML, prepared_dataset, run_cli, tiny_overrides
+
+    from train.parallel.dims import ParallelDims
+    from train.parallel.pipeline_strategy import PipelineStrategy
+    from train.parallel.world import StrategyError
+    from train.strategy import StrategySpec
+
+    data = prepared_dataset(tmp_path_factory)
+    proc = run_cli(["--config", str(DEBUG_YAML), *tiny_overrides(data, tmp_path / "r", "parallel.pp=2")])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("set model.tie_embeddings=false"), proc.stderr
+    dims = ParallelDims(pp=2, world_size=2, pp_stages_per_rank=2)
+    with pytest.raises(StrategyError, match="grad_accum_steps=3 .* must be a multiple of parallel.pp=2"):
+        PipelineStrategy(dims, "cpu", StrategySpec(grad_accum_steps=3), schedule="Interleaved1F1B")
+
+
 if __name__ == "__main__":
     worker(sys.argv[1])

@@ -116,11 +116,15 @@ class StageModel(GPT):
             x = block(x, rope, kv_update, attn_mask, is_causal)
         return self.transformer.ln_f(x) if self.is_last else x
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The schedule's call: x as in trunk, tokens (B, T) the micro-batch's ids (positions and the
-        document mask come from them). Returns logits (B, T, V) on the last stage, else (B, T, C)."""
-        pos, attn_mask, is_causal = self.window(tokens)
-        h = self.trunk(x, pos, None, attn_mask, is_causal)
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, **window) -> torch.Tensor:
+        """x as in trunk. The schedule passes tokens (B, T), the micro-batch's ids, which give positions
+        and the document mask; PipelineModel passes trunk's pos / kv_update / attn_mask / is_causal.
+        Returns logits (B, T, V) on the last stage, else (B, T, C). Through __call__, so that FSDP
+        gathers the parameters its root holds (embeddings, final norm, head)."""
+        if tokens is not None:
+            pos, attn_mask, is_causal = self.window(tokens)
+            window = {"pos": pos, "attn_mask": attn_mask, "is_causal": is_causal}
+        h = self.trunk(x, **window)
         return self.head(h) if self.is_last else h
 
 
@@ -206,10 +210,12 @@ class PipelineModel(GPT):
             self.register_buffer("rope_sin", stages[0].rope_sin, persistent=False)
 
     def trunk(self, idx, pos, kv_update=None, attn_mask=None, is_causal=True):
-        """Final hidden states (B, T, C) on the last stage's rank, None on the others."""
+        """The last stage's output on its rank -- the logits (B, T, V), head included, since a stage
+        runs as one module call -- and None on the other ranks."""
         pp, me = self.group.size(), self.group.rank()
         B, T = idx.shape
         local = {m.stage_index: m for m in self.stages}
+        window = {"pos": pos, "kv_update": kv_update, "attn_mask": attn_mask, "is_causal": is_causal}
         x = idx
         for s in range(self.n_stages):
             if s % pp != me:
@@ -217,16 +223,16 @@ class PipelineModel(GPT):
             if s > 0:  # the previous stage is on the previous rank (loop order, pp > 1)
                 x = torch.empty(B, T, self.config.n_embd, device=idx.device)  # (B, T, C)
                 dist.recv(x, group=self.group, group_src=(s - 1) % pp)
-            x = local[s].trunk(x, pos, kv_update, attn_mask, is_causal)
+            x = local[s](x, **window)
             if s < self.n_stages - 1:
                 dist.send(x.float().contiguous(), group=self.group, group_dst=(s + 1) % pp)
         return x if me == last_rank(self.group) else None
 
-    def head(self, h):
-        """Logits (B, T, V) in fp32 on every pp rank: the last stage's, broadcast."""
+    def head(self, logits):
+        """Logits (B, T, V) in fp32 on every pp rank: the last stage's (trunk's output there), broadcast."""
         src = last_rank(self.group)
         if self.group.rank() == src:
-            logits = self.stages[-1].head(h).float().contiguous()
+            logits = logits.float().contiguous()
             shape = torch.tensor(logits.shape, device=logits.device)
         else:
             shape = torch.zeros(3, dtype=torch.long, device=self._device())

@@ -1,13 +1,13 @@
 """MeshStrategy with a pipeline dimension (parallel.pp > 1): the seam's methods over this rank's stages.
 
-    wrap             split the GPT into stages (train/parallel/pipeline.py), each through the mesh's
-                     parallelize (FSDP / HSDP over the data-parallel ranks), one optimizer over them
-    forward_backward the schedule over all of the step's micro-batches; the loss broadcast from the
-                     last stage, so every rank logs it
-    clip_and_step    the gradients' norm over every stage (and, through DTensor, every dp rank)
-    eval_model       PipelineModel: forward-only, the same for evaluation, HellaSwag and sampling
-    checkpoints      MeshStrategy's DCP save / load over the stages' bare names (a subset per pp rank),
-                     so a pipelined checkpoint resumes on any layout and any layout's on this one
+wrap             split the GPT into stages (train/parallel/pipeline.py), each through the mesh's
+                 parallelize (FSDP / HSDP over the data-parallel ranks), one optimizer over them
+forward_backward the schedule over all of the step's micro-batches; the loss broadcast from the
+                 last stage, so every rank logs it
+clip_and_step    the gradients' norm over every stage (and, through DTensor, every dp rank)
+eval_model       PipelineModel: forward-only, the same for evaluation, HellaSwag and sampling
+checkpoints      MeshStrategy's DCP save / load over the stages' bare names (a subset per pp rank),
+                 so a pipelined checkpoint resumes on any layout and any layout's on this one
 """
 
 from __future__ import annotations
