@@ -348,20 +348,26 @@ class GPT(nn.Module):
         is_causal: bool = True,
     ) -> torch.Tensor:
         """idx (B, T) int64, pos (T,) or (B, T) -> final hidden states (B, T, C)."""
-        x = self.transformer.wte(idx)  # (B, T, C)
-        rope = None
-        if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
-        else:
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D/2) or (B, T, D/2)
-            if pos.dim() == 1:
-                rope = (cos[None, None], sin[None, None])  # (1, 1, T, D/2)
-            else:
-                rope = (cos[:, None], sin[:, None])  # (B, 1, T, D/2)
-        x = self.transformer.drop(x)
+        x, rope = self.embed(idx, pos), self.rope(pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x, rope, kv_update, attn_mask, is_causal)
         return self.transformer.ln_f(x)
+
+    def embed(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) int64, pos (T,) or (B, T) -> the first block's input (B, T, C)."""
+        x = self.transformer.wte(idx)  # (B, T, C)
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)  # (T, C) or (B, T, C)
+        return self.transformer.drop(x)
+
+    def rope(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE's (cos, sin) at pos (T,) or (B, T) for the blocks; None with learned positions."""
+        if self.config.family != "modern":
+            return None
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D/2) or (B, T, D/2)
+        if pos.dim() == 1:
+            return cos[None, None], sin[None, None]  # (1, 1, T, D/2)
+        return cos[:, None], sin[:, None]  # (B, 1, T, D/2)
 
     def window(self, idx: torch.Tensor, start_pos: int = 0, flex: bool | None = None):
         """(pos, attn_mask, is_causal) of a forward over idx (B, T) at [start_pos, start_pos+T), no cache.
@@ -421,8 +427,13 @@ class GPT(nn.Module):
         logits = self.head(h)  # (B, T, V)
         if targets is None:
             return logits
-        # flatten(0, 1) stays a view even after the vocabulary slice, so no logits copy is kept.
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return cross_entropy(logits, targets)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits (B, T, V), targets (B, T) -> the mean cross entropy over targets != -100 (fp32)."""
+    # flatten(0, 1) stays a view even after the vocabulary slice, so no logits copy is kept.
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 def cache_mask(T: int, start_pos: int, left_pad: torch.Tensor | None, device):

@@ -168,9 +168,10 @@ def check_model(dims, cfg, seq_len: int) -> None:
             f"data.seq_len={seq_len} must be divisible by 2 x parallel.cp = {2 * cp} (each cp rank holds two "
             "chunks of the sequence); choose another seq_len or cp"
         )
-    stages = dims.pp * dims.pp_stages_per_rank
-    if dims.pp > 1 and cfg.n_layer < stages:
-        raise MeshError(
-            f"model.n_layer={cfg.n_layer} is fewer than the {stages} pipeline stages (parallel.pp x "
-            "parallel.pp_stages_per_rank); lower parallel.pp or pp_stages_per_rank"
-        )
+    if dims.pp > 1:  # a block per stage, an untied head (train/parallel/pipeline.py says why)
+        from train.parallel.pipeline import check_split
+
+        try:
+            check_split(cfg.n_layer, cfg.tie_embeddings, dims.pp, dims.pp_stages_per_rank)
+        except ValueError as e:
+            raise MeshError(str(e)) from None

@@ -288,11 +288,17 @@ def build(name: str, device: torch.device | str, spec: StrategySpec, **options) 
     check_options(name, options)
     rank, _, world_size = env_world()
     dims = ParallelDims.from_options(name, options, world_size, rank)
-    return MeshStrategy(
+    cls, extra = MeshStrategy, {}
+    if dims.pp > 1:
+        from train.parallel.pipeline_strategy import PipelineStrategy
+
+        cls, extra = PipelineStrategy, {"schedule": options.get("pp_schedule") or "1F1B"}
+    return cls(
         dims,
         device,
         spec,
         label=name,
         param_dtype=parse_dtype(options.get("fsdp_param_dtype"), "fsdp_param_dtype"),
         reduce_dtype=parse_dtype(options.get("fsdp_reduce_dtype", "fp32"), "fsdp_reduce_dtype"),
+        **extra,
     )
