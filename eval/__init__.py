@@ -10,5 +10,6 @@
     harness.py    `python -m eval.harness`: lm-evaluation-harness tasks through our engine (model class "gptrain")
     bench.py      `python -m eval.bench`: decode / prefill tokens/s and sizes against the goals
     cli.py        user errors -> one line on stderr and exit code 2
+    serve/        `python -m eval.serve`: the OpenAI-compatible server with continuous batching
 The transforms themselves live beside the model: model/quantize.py and model/onnx_export.py.
 """
