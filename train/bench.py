@@ -27,7 +27,8 @@ from model import GPT, ModelConfig
 from model.dtypes import short
 from model.machine import describe_cpu
 from train.config import Config, ConfigError, OptimSection, load_config
-from train.loop import autocast_ctx, pick_device, train_step
+from train.device import autocast_ctx, pick_device
+from train.loop import train_step
 from train.metrics import device_peak_flops
 from train.optim import build_optimizer
 from train.strategy import SingleProcess, StrategySpec
