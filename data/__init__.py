@@ -13,6 +13,7 @@
     hellaswag.py    HellaSwag: the rowanz JSONL reader and checks, llmc / harness rendering, hellaswag_eval
     errors.py       DataError: every error a user can cause, with what to do about it
     bench.py        `python -m data.bench`: throughput, memory and loader figures
+    machine.py      describe_cpu: the machine line every benchmark prints
 
 Nothing is imported here, so that `import data.shards` does not pull in torch or datasets.
 """

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
+from data.machine import describe_cpu
 from model import GPT, ModelConfig
 from model.dtypes import short
-from model.machine import describe_cpu
 from train.config import Config, ConfigError, OptimSection, load_config
 from train.device import autocast_ctx, pick_device
 from train.loop import train_step

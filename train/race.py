@@ -207,7 +207,7 @@ def run_one(cfg: Config, name: str, target, stop_step, budget_s, log) -> Result:
 def host_line() -> str:
     import torch
 
-    from model.machine import describe_cpu
+    from data.machine import describe_cpu
 
     return f"{describe_cpu()} | torch {torch.__version__}, {torch.get_num_threads()} threads"
 

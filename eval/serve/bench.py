@@ -24,10 +24,10 @@ import time
 
 import torch
 
+from data.machine import describe_cpu
 from eval.bench import DEMO
 from eval.cli import UsageError, run
 from model import GPT, ModelConfig
-from model.machine import describe_cpu
 
 
 def build_model(name: str, ckpt: str | None) -> tuple[GPT, str]:
