@@ -6,6 +6,7 @@
     evaluate.py   `python -m eval.evaluate`: loss, perplexity, bits per byte on a dataset split
     export.py     `python -m eval.export`: ONNX (fp32 / int8), torch.export .pt2, int8 artifacts, each checked
     hf.py         `python -m eval.hf import|export`: Hugging Face GPT-2 directories <-> model artifacts
+    hellaswag_score.py  the HellaSwag scoring loop (training's periodic evaluation runs it too)
     hellaswag.py  `python -m eval.hellaswag`: HellaSwag acc / acc_norm, llm.c's or lm-eval's way, under torchrun too
     harness.py    `python -m eval.harness`: lm-evaluation-harness tasks through our engine (model class "gptrain")
     bench.py      `python -m eval.bench`: decode / prefill tokens/s and sizes against the goals
