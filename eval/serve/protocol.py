@@ -12,8 +12,8 @@ import json
 import time
 
 from eval.generate import TextStream
-from eval.sample import StopWriter, stop_rules
 from eval.serve.batching import Engine, EngineDown, LogProb, QueueFull, Seq
+from eval.stops import StopWriter, stop_rules
 
 EOT = "<|endoftext|>"
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs; more than that is a 400
