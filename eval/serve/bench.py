@@ -8,7 +8,7 @@ For each model an in-process server (eval.serve's app and engine, on a free 127.
 by C concurrent clients, each sending --requests completions one after the other (greedy, a
 --prompt-len token prompt, exactly --max-tokens new tokens: ignore_eos). Printed per C: aggregate
 generated tokens/s over the wall time, p50 / p99 request latency, mean decode batch; then the ratio
-of the largest C's tokens/s to one client's (the issue's goal: >= 4x at 16 clients on CPU).
+of the largest C's tokens/s to one client's (the serving goal: >= 4x at 16 clients on CPU, docs/serving.md).
 Models with random weights are fine for speed. This prints numbers; no test times anything.
 """
 
