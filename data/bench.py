@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from model.machine import describe_cpu
+from data.machine import describe_cpu
 
 _CHILD = "--child-prepare"
 

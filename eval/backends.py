@@ -98,7 +98,7 @@ class TorchBackend(Backend):
             # gpt-fast's recipe: the decode step has static shapes (it attends over the whole preallocated
             # cache with a mask, and takes its position as a tensor), so inductor compiles it once per
             # batch size and cache length instead of once per position. It pays off where eager is
-            # launch-bound (GPUs); on the 2-core AVX2 CPU of the bench it was slower than eager.
+            # launch-bound (GPUs); on a CPU it can be slower than eager (python -m eval.bench measures both).
             self._static_step = torch.compile(self._static_step_eager, dynamic=False)
 
     def _static_step_eager(

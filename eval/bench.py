@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
+from data.machine import describe_cpu
 from eval.backends import Backend, OnnxBackend, TorchBackend
 from eval.cli import UsageError, run
 from model import GPT, ModelConfig
-from model.machine import describe_cpu
 
 ALL_BACKENDS = ("torch", "bf16", "int8", "onnx", "onnx-int8", "nocache", "compile")
 DEFAULT_BACKENDS = ALL_BACKENDS[:-1]  # compile: minutes of inductor time on a small CPU, and slower here

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from data.machine import describe_cpu
 from eval.cli import UsageError, run
-from model.machine import describe_cpu
 
 # nanoGPT's sample.py, reduced to what a one-token sample does, on this repository's artifact.
 NANOGPT = """

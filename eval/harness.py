@@ -37,7 +37,7 @@ try:
     import lm_eval
     import lm_eval.models  # noqa: F401  lm-eval registers its own models (hf, ...) only while its registry is
 
-    # empty, which ours would no longer be
+    # empty, which it is not once ours is registered
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.hellaswag import HF_NAME, HF_PREFIX, STYLES, Counts, hellaswag_eval, load_examples
+from data.hellaswag import HF_NAME, HF_PREFIX, STYLES, load_examples
 from eval.backends import DTYPES, load_backend
 from eval.cli import UsageError, run
+from eval.hellaswag_score import Counts, hellaswag_eval
 from model.files import write_text_atomic
 
 

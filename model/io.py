@@ -8,7 +8,7 @@ metadata is opaque here: tokenizer spec, quantization, step, ... (written by tra
 `resolve` opens whatever a user points train/ or eval/ at: an artifact, a checkpoint (its `model/`),
 or a run directory (the checkpoint its `checkpoints/latest` names). That much of the run-directory
 layout is the artifact's contract and lives here; train/checkpoint.py owns the rest of it
-(../shared/DESIGN.md). A checkpoint without `model/` (an FSDP checkpoint between best and final) is
+(docs/checkpoints.md). A checkpoint without `model/` (an FSDP checkpoint between best and final) is
 turned into one with `python -m train.consolidate`; model/ reads artifacts only.
 """
 

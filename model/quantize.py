@@ -154,7 +154,8 @@ _TUNED: dict[tuple, tuple[str, str]] = {}  # (in, out, bias, device) -> (decode,
 
 def candidates(device: torch.device) -> tuple[list[str], list[str]]:
     """(decode, prefill) kernels worth timing on this device. int8pack is a weight-only matrix-vector
-    kernel: not a prefill candidate (its prefill ran 26x slower than fp32 even on AVX-512, issue 12)."""
+    kernel: not a prefill candidate, as a matrix-vector kernel loses to fp32 matmul once there are many rows
+    (docs/inference.md)."""
     if device.type != "cpu":
         return ["dequant"], ["dequant"]
     fbgemm = ["fbgemm"] if "fbgemm" in torch.backends.quantized.supported_engines else []

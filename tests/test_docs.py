@@ -47,7 +47,7 @@ OVERRIDES = [
         + ["--nocache-steps", "2", "--repeats", "1", "--loss-batches", "2"],
         {"--models": "demo"},
     ),
-    (r"-m eval\.bench_serve\b", ["--clients", "1,4", "--requests", "1", "--max-tokens", "8"], {"--models": "demo"}),
+    (r"-m eval\.serve\.bench\b", ["--clients", "1,4", "--requests", "1", "--max-tokens", "8"], {"--models": "demo"}),
     (r"-m train\.bench\b", ["--steps", "1", "--warmup", "1"], {"--settings": "baseline"}),
     (r"-m data\.bench\b", ["--mb", "0.05"], {}),
     (r"-m train\.race\b", ["--set", "train.max_steps=4", "--eval-every", "2", "--eval-tokens", "2048", "--quiet"], {}),

@@ -8,7 +8,7 @@ import torch
 
 from eval.backends import TorchBackend, decode_layout
 from eval.generate import TextStream, generate, generate_no_cache
-from eval.sample import StopWriter
+from eval.stops import StopWriter
 from model import GPT, ModelConfig
 from model.sampling import filter_logits, sample_next
 from train import sample as train_sample

@@ -1,4 +1,4 @@
-"""HellaSwag: model/scoring.py, data/hellaswag.py and python -m eval.hellaswag.
+"""HellaSwag: model/scoring.py, data/hellaswag.py, eval/hellaswag_score.py and python -m eval.hellaswag.
 
 The fixture tests/fixtures/hellaswag_mini.jsonl is 12 examples written for these tests in the exact
 rowanz/hellaswag schema (ActivityNet-style and WikiHow-style with bracketed artifacts).
@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from _eval_fixtures import REPO, tiny_random
 
 from data.errors import DataError
-from data.hellaswag import check_example, hellaswag_eval, load_examples, read_jsonl, render
+from data.hellaswag import check_example, load_examples, read_jsonl, render
 from data.tokenizer import get_tokenizer
 from eval import hellaswag
 from eval.cli import run
+from eval.hellaswag_score import hellaswag_eval
 from model.io import load_model, load_state, save_artifact
 
 FIXTURE = REPO / "tests" / "fixtures" / "hellaswag_mini.jsonl"

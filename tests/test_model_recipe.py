@@ -225,7 +225,7 @@ def test_generation_with_doc_mask():
 
 def test_training_fills_eot_id_from_the_dataset():
     from train.config import Config
-    from train.loop import build_model_config
+    from train.dataset import build_model_config
 
     cfg = Config()
     cfg.model = ModelConfig(vocab_size=None, doc_mask=True)

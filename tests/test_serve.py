@@ -1,4 +1,4 @@
-"""eval.serve / eval.batching: a live server on a free 127.0.0.1 port, driven by the real openai client.
+"""eval.serve / eval.serve.batching: a live server on a free 127.0.0.1 port, driven by the real openai client.
 
 The model is a tiny random modern-family artifact (bytes tokenizer); every expected text comes from
 the no-cache greedy reference (eval.generate.generate_no_cache), not from the server itself.
@@ -26,10 +26,10 @@ httpx = pytest.importorskip("httpx")
 from _eval_fixtures import REPO, tiny_random  # noqa: E402
 
 from data.tokenizer import get_tokenizer  # noqa: E402
-from eval.batching import Engine, Seq  # noqa: E402
 from eval.generate import generate_no_cache  # noqa: E402
-from eval.openai_protocol import Server  # noqa: E402
-from eval.serve_app import create_app  # noqa: E402
+from eval.serve.app import create_app  # noqa: E402
+from eval.serve.batching import Engine, Seq  # noqa: E402
+from eval.serve.protocol import Server  # noqa: E402
 from model.io import load_model  # noqa: E402
 
 BLOCK = 128
@@ -411,7 +411,7 @@ def test_onnx_engine_joins_and_leaves(model, tmp_path):
     (so rows join a running batch, longer and shorter, and leave it) give the no-cache reference tokens."""
     pytest.importorskip("onnxruntime")
     from eval.backends import OnnxBackend
-    from eval.batching_onnx import OnnxEngine
+    from eval.serve.batching_onnx import OnnxEngine
     from model.onnx_export import export_decoder
 
     path = export_decoder(model, tmp_path / "decoder.onnx", {"tokenizer": "bytes"})

@@ -22,7 +22,7 @@ from optuna.trial import TrialState  # noqa: E402
 from train.callbacks import TrainPruned  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loop import run  # noqa: E402
-from train.sweep import main, trial_seed  # noqa: E402
+from train.sweep.__main__ import main, trial_seed  # noqa: E402
 
 LR_SPACE = "optim.lr: {log_float: [1.0e-4, 1.0e-2]}\nmodel.dropout: {float: [0.0, 0.2], step: 0.1}\n"
 

@@ -27,8 +27,9 @@ from train_helpers import (
     train_losses,
 )
 
-from data.hellaswag import hellaswag_eval, read_jsonl
+from data.hellaswag import read_jsonl
 from data.tokenizer import get_tokenizer
+from eval.hellaswag_score import hellaswag_eval
 from model.io import load_model
 from train.errors import ConfigError
 from train.loop import run

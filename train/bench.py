@@ -23,11 +23,12 @@ from dataclasses import dataclass
 
 import torch
 
+from data.machine import describe_cpu
 from model import GPT, ModelConfig
 from model.dtypes import short
-from model.machine import describe_cpu
 from train.config import Config, ConfigError, OptimSection, load_config
-from train.loop import autocast_ctx, pick_device, train_step
+from train.device import autocast_ctx, pick_device
+from train.loop import train_step
 from train.metrics import device_peak_flops
 from train.optim import build_optimizer
 from train.strategy import StrategySpec, make_strategy

@@ -4,7 +4,7 @@
 
 After each periodic evaluation (step > 0) the Trainer calls `after_eval(step, val_loss)` on every
 rank; when any callback on any rank returns True the run stops at once with TrainPruned (no checkpoint
-of that step: a stopped trial is not continued). A hyperparameter sweep (train/sweep.py) reports the
+of that step: a stopped trial is not continued). A hyperparameter sweep (train/sweep/__main__.py) reports the
 value to its Optuna trial here and asks the pruner; train/ itself never imports optuna.
 """
 

@@ -156,7 +156,7 @@ class LoggingSection:
 @dataclass
 class EvalSection:
     """Downstream evaluation during training (docs/evaluation.md, "During training"): HellaSwag
-    (Zellers et al. 2019) scored by data/hellaswag.py, the same code as `python -m eval.hellaswag`."""
+    (Zellers et al. 2019) scored by eval/hellaswag_score.py, the same code as `python -m eval.hellaswag`."""
 
     hellaswag_every: int = 0
     """Steps between HellaSwag evaluations (also at step 0 of a fresh run and at the last step); 0 = off."""

@@ -1,9 +1,10 @@
 """HellaSwag during training (the config's `eval` section): the examples once at start-up, the
 counts of every rank summed through the strategy.
 
-The scoring is data/hellaswag.py's hellaswag_eval, the same function `python -m eval.hellaswag` runs
-(train/ never imports eval/). It is handed the wrapped model (DDP / FSDP / DeepSpeed / compiled
-blocks): every rank makes the same number of forward passes, as a sharded forward is a collective.
+The scoring is eval/hellaswag_score.py's hellaswag_eval, the same function `python -m eval.hellaswag`
+runs (train/ may import eval/'s library modules, never its commands). It is handed the wrapped model
+(DDP / FSDP / DeepSpeed / compiled blocks): every rank makes the same number of forward passes, as a
+sharded forward is a collective.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import torch
 
 from data.errors import DataError
-from data.hellaswag import HF_NAME, HF_PREFIX, Counts, hellaswag_eval, load_examples
+from data.hellaswag import HF_NAME, HF_PREFIX, load_examples
+from eval.hellaswag_score import Counts, hellaswag_eval
 from model.dtypes import torch_dtype
 from train.config import Config
 from train.errors import ConfigError

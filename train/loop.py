@@ -32,144 +32,31 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from model import GPT, ModelConfig
+from model import GPT
 from model.dtypes import short, torch_dtype
-from model.io import ArtifactError, load_state
 from model.loss import loss_totals
 from train import hellaswag
 from train.callbacks import EvalCallback, TrainPruned
 from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume
 from train.config import Config
+from train.dataset import build_model_config, read_dataset_meta
+from train.device import autocast_ctx, cpu_has_fast_bf16, pick_device, resolve_dtype
 from train.errors import TrainError
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
 from train.optim import apply_schedule, build_optimizer
 from train.parallel.dims import DIMS, ParallelDims, check_model
 from train.parallel.world import env_world
 from train.sample import decode, generate
+from train.signals import StopFlag
 from train.strategy import Strategy, StrategySpec, make_strategy
 
 # ----------------------------------------------------------------------------- set-up helpers
-
-
-def pick_device(spec: str, local_rank: int = 0) -> torch.device:
-    """`auto`: this rank's GPU when CUDA is present, else the CPU."""
-    if spec == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise TrainError(f"train.device={spec} but CUDA is not available here; use train.device=cpu (or auto)")
-    if spec == "mps" and not torch.backends.mps.is_available():
-        raise TrainError("train.device=mps but MPS is not available here; use train.device=cpu (or auto)")
-    return torch.device("cuda", local_rank) if spec == "cuda" else torch.device(spec)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here; without them torch falls back to slow reference ones."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False  # unknown: assume the common case (no bf16 units)
-
-
-def resolve_dtype(device: torch.device) -> str:
-    """train.dtype=auto: the fastest precision this device trains in without surprises."""
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return "bfloat16"
-    return "float32"
 
 
 def set_seeds(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def autocast_ctx(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """bf16 / fp16 autocast (weights and optimizer stay fp32), or nothing for fp32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch_dtype(dtype))
-
-
-def read_dataset_meta(data_dir: str) -> dict:
-    from data.shards import read_meta
-
-    path = Path(data_dir)
-    if not path.is_dir():
-        raise TrainError(
-            f"data.dir={data_dir} does not exist: prepare it first, e.g. "
-            f"`python -m data.prepare --source pydoc --tokenizer bytes --out {data_dir}`"
-        )
-    return read_meta(path)
-
-
-def build_model_config(cfg: Config, meta: dict) -> tuple[ModelConfig, dict | None]:
-    """The ModelConfig to train, and the init_from state dict if any. Under init_from the architecture
-    comes from the artifact (its weights fix it) and only dropout from the config, as nanoGPT does."""
-    if cfg.train.init_from:
-        try:
-            icfg, state, imeta = load_state(cfg.train.init_from)
-        except ArtifactError as e:
-            raise TrainError(f"train.init_from: {e}") from None
-        tok = imeta.get("tokenizer")
-        if tok is not None and tok != meta["tokenizer"]:
-            raise TrainError(
-                f"train.init_from={cfg.train.init_from} was trained with tokenizer {tok!r} but "
-                f"data.dir={cfg.data.dir} holds {meta['tokenizer']!r} tokens; prepare the data "
-                f"with --tokenizer {tok}"
-            )
-        if icfg.vocab_size < meta["vocab_size"]:
-            raise TrainError(f"train.init_from has vocab_size {icfg.vocab_size} < the dataset's {meta['vocab_size']}")
-        mcfg = dataclasses.replace(icfg, dropout=cfg.model.dropout)
-        if cfg.seq_len > mcfg.block_size:
-            raise TrainError(
-                f"data.seq_len {cfg.seq_len} exceeds init_from's block_size {mcfg.block_size}; "
-                f"set data.seq_len <= {mcfg.block_size}"
-            )
-        return mcfg, state
-    fields = dataclasses.asdict(cfg.model)
-    vocab = fields["vocab_size"] or meta["vocab_size"]
-    if vocab < meta["vocab_size"]:
-        raise TrainError(
-            f"model.vocab_size {vocab} is smaller than the dataset's vocab_size {meta['vocab_size']} "
-            f"(tokenizer {meta['tokenizer']!r}); set model.vocab_size=null to take the dataset's"
-        )
-    if fields["doc_mask"] and fields["eot_id"] is None:  # document masking splits at the dataset's EOT
-        fields["eot_id"] = meta.get("eot_id")
-    return ModelConfig(**{**fields, "vocab_size": vocab}), None
-
-
-class StopFlag:
-    """SIGTERM (cluster preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint at the end of the
-    current step and exit cleanly; a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(
-            f"\n{signal.Signals(signum).name} received: saving a checkpoint at the end of this step, then "
-            "exiting (Ctrl-C again to abort now)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    def __enter__(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. an embedding application): no handler
-                pass
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train_step(

@@ -186,7 +186,7 @@ def muon_ns_dtype(name: str, params: list[torch.Tensor]) -> str:
     bf16 matrix units, as train.dtype=auto decides; float32 elsewhere."""
     if name != "auto":
         return name
-    from train.loop import resolve_dtype  # here: train.loop imports this module
+    from train.device import resolve_dtype
 
     device = params[0].device if params else torch.device("cpu")
     return "bfloat16" if resolve_dtype(device) == "bfloat16" else "float32"

@@ -1,4 +1,4 @@
-"""`python -m train.race`: wall time to a target val loss, config against config (issue 14), the way
+"""`python -m train.race`: wall time to a target val loss, config against config, the way
 modded-nanogpt's speedrun is measured: not tokens/s, but seconds until the val loss reaches a target.
 
     python -m train.race --data datasets/pydoc-bytes --target auto \\
@@ -11,7 +11,7 @@ stops at the first evaluation at or below the target. The time to the target is 
 between the two evaluations around the crossing, on the loop's own train-time clock (the StepMeter's
 ms/step, which leaves evaluation out); evaluation time is reported beside it. The target is a number,
 or the val loss the first config reaches after N steps (--target-from-steps N; --target auto = the
-first config's train.max_steps, the issue's "val loss the baseline reaches after 1000 steps").
+first config's train.max_steps: the val loss the baseline reaches after its 1000 steps).
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def run_one(cfg: Config, name: str, target, stop_step, budget_s, log) -> Result:
 def host_line() -> str:
     import torch
 
-    from model.machine import describe_cpu
+    from data.machine import describe_cpu
 
     return f"{describe_cpu()} | torch {torch.__version__}, {torch.get_num_threads()} threads"
 

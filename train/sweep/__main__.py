@@ -16,7 +16,7 @@ checkpoints, train.log), so the usual tools open it. The design, in short (docs/
 - Pruning: the loop reports each evaluation through train/callbacks.py; the pruner (median by default,
   hyperband, halving or none) stops trials that are clearly worse.
 - --nproc P: the worker starts each trial under torchrun; rank 0 re-attaches to the trial through the
-  storage to report evaluations (train/sweep_trial.py); the worker reads metrics.jsonl for the result.
+  storage to report evaluations (train/sweep/trial.py); the worker reads metrics.jsonl for the result.
 - Seeds: trial k trains with a seed derived from (--seed, k); the sampler's from (--seed, trials so
   far, worker), so that one uninterrupted worker repeats a sweep exactly.
 - Output: a table of the best trials, parameter importances (fANOVA, Hutter et al. 2014), DIR/STUDY/
@@ -45,7 +45,8 @@ import numpy as np
 from model.errors import UserError
 from train.config import Config, load_config
 from train.errors import ConfigError, TrainError
-from train.sweep_space import Param, check_space, load_space
+from train.sweep.space import Param, check_space, load_space
+from train.sweep.study import PRUNERS, make_pruner, make_storage
 
 OBJECTIVES = {  # name -> (metrics.jsonl key, reduction, direction)
     "best_val_loss": ("val_loss", "min", "minimize"),
@@ -53,7 +54,6 @@ OBJECTIVES = {  # name -> (metrics.jsonl key, reduction, direction)
     # The HellaSwag accuracy (acc_norm) once the loop logs it at its evaluations under this key.
     "hellaswag_acc_norm": ("hellaswag_acc_norm", "last", "maximize"),
 }
-PRUNERS = ("median", "hyperband", "halving", "none")
 EPILOG = """examples:
   python -m train.sweep --config configs/debug.yaml --space configs/sweeps/debug.yaml --trials 8
   python -m train.sweep --config configs/debug.yaml --space configs/sweeps/debug.yaml --trials 8 --workers 2
@@ -64,35 +64,6 @@ EPILOG = """examples:
 
 class SweepError(TrainError):
     """A problem with the sweep itself (storage, study, objective) that the user can fix."""
-
-
-# ----------------------------------------------------------------------------- Optuna pieces
-
-
-def make_storage(url: str):
-    """An Optuna RDB storage with heartbeats (for trials of machines that die). SQLite waits for a
-    busy database instead of failing at once, as several workers write to one file."""
-    import optuna
-
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=30, grace_period=120)
-
-
-def make_pruner(options: dict):
-    """The pruner: `median` (Optuna's default), `hyperband` (Li et al. 2018), `halving` (asynchronous
-    successive halving, Li et al. 2020), `none`. The resource of the last two is the training step."""
-    import optuna
-
-    name, startup, every = options["pruner"], options["startup"], options["eval_every"]
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=options["warmup"])
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=every, max_resource=options["max_steps"])
-    if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=every)
-    return optuna.pruners.NopPruner()
 
 
 def trial_seed(study_seed: int, number: int) -> int:
@@ -345,7 +316,7 @@ class Sweep:
 
     def launch(self, study, trial, cfg: Config, run_dir: Path) -> str:
         """Run the trial: in this process, or under torchrun with --nproc > 1."""
-        from train.sweep_trial import OUTCOME, train_trial
+        from train.sweep.trial import OUTCOME, train_trial
 
         log_path = run_dir / "train.log"
         if self.args.nproc == 1:
@@ -359,7 +330,7 @@ class Sweep:
         (run_dir / OUTCOME).unlink(missing_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.args.nproc}"]
-        cmd += ["-m", "train.sweep_trial", str(run_dir), "--storage", self.storage_url, "--study", self.args.study]
+        cmd += ["-m", "train.sweep.trial", str(run_dir), "--storage", self.storage_url, "--study", self.args.study]
         cmd += ["--trial-id", str(trial._trial_id), "--options", json.dumps(self.options)]
         with open(log_path, "a") as f:
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
@@ -387,7 +358,7 @@ class Sweep:
 
     # ------------------------------------------------------------------ the report
     def report(self, study) -> None:
-        from train.sweep_report import write_report
+        from train.sweep.report import write_report
 
         write_report(self, study)
 

@@ -13,7 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from eval.openai_protocol import ApiError, Choice, Server, error_body, merge_logprobs
+from eval.serve.protocol import ApiError, Choice, Server, error_body, merge_logprobs
 
 
 class BearerAuth:

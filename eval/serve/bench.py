@@ -1,14 +1,14 @@
-"""python -m eval.bench_serve: what continuous batching buys, printed (docs/serving.md's table comes from here).
+"""python -m eval.serve.bench: what continuous batching buys, printed (docs/serving.md's table comes from here).
 
-    python -m eval.bench_serve                                   # demo model and gpt2, 1 / 4 / 16 clients
-    python -m eval.bench_serve --models demo --clients 1,16 --max-tokens 32
-    python -m eval.bench_serve --models ckpt --ckpt runs/debug
+    python -m eval.serve.bench                                   # demo model and gpt2, 1 / 4 / 16 clients
+    python -m eval.serve.bench --models demo --clients 1,16 --max-tokens 32
+    python -m eval.serve.bench --models ckpt --ckpt runs/debug
 
 For each model an in-process server (eval.serve's app and engine, on a free 127.0.0.1 port) is driven
 by C concurrent clients, each sending --requests completions one after the other (greedy, a
 --prompt-len token prompt, exactly --max-tokens new tokens: ignore_eos). Printed per C: aggregate
 generated tokens/s over the wall time, p50 / p99 request latency, mean decode batch; then the ratio
-of the largest C's tokens/s to one client's (the issue's goal: >= 4x at 16 clients on CPU).
+of the largest C's tokens/s to one client's (the serving goal: >= 4x at 16 clients on CPU, docs/serving.md).
 Models with random weights are fine for speed. This prints numbers; no test times anything.
 """
 
@@ -24,10 +24,10 @@ import time
 
 import torch
 
+from data.machine import describe_cpu
 from eval.bench import DEMO
 from eval.cli import UsageError, run
 from model import GPT, ModelConfig
-from model.machine import describe_cpu
 
 
 def build_model(name: str, ckpt: str | None) -> tuple[GPT, str]:
@@ -100,9 +100,9 @@ async def drive(url: str, clients: int, requests: int, body: dict) -> tuple[floa
 def bench(name: str, args) -> None:
     from data.tokenizer import get_tokenizer
     from eval.backends import decode_layout
-    from eval.batching import Engine
-    from eval.openai_protocol import Server
-    from eval.serve_app import create_app
+    from eval.serve.app import create_app
+    from eval.serve.batching import Engine
+    from eval.serve.protocol import Server
 
     model, spec = build_model(name, args.ckpt)
     decode_layout(model)  # as eval.serve's torch backend stores its weights
@@ -140,7 +140,7 @@ def bench(name: str, args) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m eval.bench_serve",
+        prog="python -m eval.serve.bench",
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],

@@ -13,7 +13,7 @@ gets does not depend on its neighbours (tests/test_serve.py checks 16 concurrent
 Sampling is per sequence: its own temperature / top-k / top-p and its own seeded generator.
 
 Engine is the scheduler plus four model operations on the torch GPT (_forward_prefill, _admit,
-_forward_decode, _drop_row); eval/batching_onnx.py implements the same four on the ONNX decoder.
+_forward_decode, _drop_row); eval/serve/batching_onnx.py implements the same four on the ONNX decoder.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class Engine:
         for i in reversed(done):
             self._leave(i, self.rows[i].finish_reason)
 
-    # ------------------------------------------- the model's side (torch here; eval/batching_onnx.py)
+    # ------------------------------------------- the model's side (torch here; eval/serve/batching_onnx.py)
     def _forward_prefill(self, prompt: list[int], all_positions: bool) -> torch.Tensor:
         """Run one prompt alone into the next free row's cache -> float logits (T, V) or (1, V)."""
         row, T = len(self.rows), len(prompt)

@@ -2,7 +2,7 @@
 
 Request schema (pydantic), validation against the model's limits, OpenAI's error body, and the
 per-choice text assembly (detokenizing, stop strings, log-probs) that runs on the engine thread and
-hands events to the request's asyncio loop. eval/serve_app.py wires it to HTTP routes.
+hands events to the request's asyncio loop. eval/serve/app.py wires it to HTTP routes.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import asyncio
 import json
 import time
 
-from eval.batching import Engine, EngineDown, LogProb, QueueFull, Seq
 from eval.generate import TextStream
-from eval.sample import StopWriter, stop_rules
+from eval.serve.batching import Engine, EngineDown, LogProb, QueueFull, Seq
+from eval.stops import StopWriter, stop_rules
 
 EOT = "<|endoftext|>"
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs; more than that is a 400

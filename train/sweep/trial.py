@@ -1,8 +1,8 @@
 """One sweep trial as a training run: the pruning callback, and the entry point of a trial that runs
 under torchrun (`python -m train.sweep --nproc P`).
 
-The worker (train/sweep.py) asks Optuna for a trial, writes the trial's config.yaml into its run dir
-and, for P > 1, starts `torchrun -m train.sweep_trial RUN_DIR --storage URL --study NAME --trial-id ID`.
+The worker (train/sweep/__main__.py) asks Optuna for a trial, writes the trial's config.yaml into its run dir
+and, for P > 1, starts `torchrun -m train.sweep.trial RUN_DIR --storage URL --study NAME --trial-id ID`.
 Rank 0 of that job re-attaches to the same trial through the storage, reports every evaluation to it
 and asks the pruner; the loop's all-reduce (train/callbacks.py) makes every rank stop together. The
 worker then reads the run's metrics.jsonl and tells Optuna the result: the trial is asked and told by
@@ -52,7 +52,7 @@ def train_trial(cfg: Config, trial, prune: bool, log) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train.sweep_trial", description="One sweep trial (under torchrun).")
+    ap = argparse.ArgumentParser(prog="python -m train.sweep.trial", description="One sweep trial (under torchrun).")
     ap.add_argument("run_dir")
     ap.add_argument("--storage", required=True)
     ap.add_argument("--study", required=True)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             import optuna
 
-            from train.sweep import make_pruner, make_storage
+            from train.sweep.study import make_pruner, make_storage
 
             options = json.loads(args.options)
             study = optuna.load_study(

@@ -8,8 +8,8 @@
 Endpoints: POST /v1/completions (OpenAI's legacy completions schema, streamed as server-sent
 events when stream is true), GET /v1/models, GET /health, GET /metrics (Prometheus text).
 POST /v1/chat/completions answers 400: our checkpoints are base models with no chat template.
-Requests share the running batch (eval/batching.py); the protocol is eval/openai_protocol.py, the
-routes eval/serve_app.py. Needs the serve extra: pip install -e '.[serve]'.
+Requests share the running batch (eval/serve/batching.py); the protocol is eval/serve/protocol.py, the
+routes eval/serve/app.py. Needs the serve extra: pip install -e '.[serve]'.
 The server binds to 127.0.0.1 unless --host says otherwise; --api-key requires
 `Authorization: Bearer KEY` on every endpoint but /health. docs/serving.md has example requests.
 """
@@ -21,17 +21,17 @@ import sys
 from pathlib import Path
 
 from eval.cli import UsageError, run
-from eval.openai_protocol import Server
+from eval.serve.protocol import Server
 
 
 def build(args: argparse.Namespace) -> Server:
     """Load the model, start the engine; the Server the app serves."""
     from eval.backends import load_backend
-    from eval.batching import Engine
     from eval.sample import get_encoding
+    from eval.serve.batching import Engine
 
     if args.backend == "onnx":
-        from eval.batching_onnx import OnnxEngine
+        from eval.serve.batching_onnx import OnnxEngine
 
         backend = load_backend("onnx", None, args.onnx, args.dtype, False, args.device)
         where = args.onnx
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(f"--port must be in 0..65535, got {args.port}")
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
-    from eval.serve_app import create_app
+    from eval.serve.app import create_app
 
     server = build(args)
     try:

@@ -1,5 +1,9 @@
 """The machine a benchmark ran on, in one line: every benchmark prints it (docs/benchmarks.md), since
-CPUs differ in what is fast on them (bf16 units or not)."""
+CPUs differ in what is fast on them (bf16 units or not).
+
+It lives in data/ because data/ is the lowest package that the benchmarks of all three (data.bench,
+train.bench and train.race, eval.bench and eval.serve.bench) may import: model/ is the network alone,
+and data/ imports nothing but model/."""
 
 from __future__ import annotations
 

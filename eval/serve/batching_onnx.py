@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from eval.backends import OnnxBackend
-from eval.batching import Engine, Seq
+from eval.serve.batching import Engine, Seq
 
 
 class OnnxEngine(Engine):
