@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from eval.cli import UsageError
-from model import GPT, KVCache, dtypes
-from model.decode_step import DecodeStep, supports
+from model import GPT, dtypes
+from model.generation import CachedDecoder
 from model.onnx_export import DECODER, FULL, past_names, session
 
 BACKENDS = ("torch", "int8", "onnx")
@@ -68,85 +68,23 @@ def decode_layout(model: torch.nn.Module) -> None:
                 w.data = w.data.t().contiguous().t()  # (out, in) with strides (1, out)
 
 
-class TorchBackend(Backend):
-    """A GPT (float or int8-quantized) with the preallocated in-place KVCache (gpt-fast's design).
+class TorchBackend(CachedDecoder, Backend):
+    """A GPT (float or int8-quantized) with the preallocated in-place KVCache: model.generation's
+    CachedDecoder, which decodes through GPT.forward (compile: a static step, compiled).
 
-    A float32 model on the CPU has its Linear weights re-strided for decoding (decode_layout)."""
+    A float32 model on the CPU has its Linear weights re-strided for decoding (decode_layout); an int8
+    model has each layer's fastest kernel chosen on this CPU (tune_kernels)."""
 
     def __init__(self, model: GPT, metadata: dict, name: str = "torch", compile: bool = False):
-        self.model, self.name = model.eval(), name
-        cfg = model.config
-        self.vocab_size, self.block_size = cfg.vocab_size, cfg.block_size
+        super().__init__(model.eval(), compile=compile)
+        self.name = name
         self.tokenizer = metadata.get("tokenizer")
-        p = next(iter(model.parameters()), None)
-        self.device = p.device if p is not None else torch.device("cpu")
-        # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
-        self.dtype = p.dtype if p is not None and p.is_floating_point() and name != "int8" else torch.float32
         if self.dtype == torch.float32 and self.device.type == "cpu":
             decode_layout(model)
         if name == "int8":
             from model.quantize import tune_kernels
 
             tune_kernels(model)  # each layer's fastest int8 path on this CPU, for decode and for prefill
-        # One-token steps skip GPT.forward's general path when model.decode_step implements this model
-        # (built after the re-layout above: it holds views of the weights).
-        self.step = DecodeStep(model) if supports(model) else None
-        self.cache: KVCache | None = None
-        self.pos = 0
-        self.compiled = compile
-        if compile:
-            # gpt-fast's recipe: the decode step has static shapes (it attends over the whole preallocated
-            # cache with a mask, and takes its position as a tensor), so inductor compiles it once per
-            # batch size and cache length instead of once per position. It pays off where eager is
-            # launch-bound (GPUs); on the 2-core AVX2 CPU of the bench it was slower than eager.
-            self._static_step = torch.compile(self._static_step_eager, dynamic=False)
-
-    def _static_step_eager(
-        self,
-        tokens: torch.Tensor,
-        input_pos: torch.Tensor,
-        k_cache: list[torch.Tensor],
-        v_cache: list[torch.Tensor],
-        left_pad: torch.Tensor,
-    ) -> torch.Tensor:
-        """tokens (B, 1), input_pos (1,) the cache slot, caches L x (B, Hkv, S_max, D), left_pad (B,) -> (B, V)."""
-        pos = (input_pos[None, :] - left_pad[:, None]).clamp_min(0)  # (B, 1) position within each row
-        k_idx = torch.arange(k_cache[0].shape[2], device=tokens.device)  # (S_max,)
-        mask = ((k_idx[None, :] <= input_pos) & (k_idx[None, :] >= left_pad[:, None]))[:, None, None, :]
-
-        def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # k, v (B, Hkv, 1, D)
-            # index_put_ on a whole graph input, as gpt-fast writes its cache: inductor keeps it in place.
-            k_cache[layer][:, :, input_pos] = k
-            v_cache[layer][:, :, input_pos] = v
-            return k_cache[layer], v_cache[layer]  # all S_max slots; the mask hides the unwritten ones
-
-        h = self.model.trunk(tokens, pos, update, attn_mask=mask, is_causal=False)  # (B, 1, C)
-        return self.model.head(h)[:, -1]  # (B, V)
-
-    @torch.inference_mode()  # a little less per-op bookkeeping per decode step than no_grad
-    def prefill(self, tokens, left_pad, max_len):
-        B, T = tokens.shape
-        if self.compiled:  # a few cache lengths, not one per call: each is a compiled graph
-            max_len = min(self.block_size, -(-max_len // 256) * 256)
-        pad = left_pad.to(self.device) if bool((left_pad > 0).any()) else None
-        self.cache = KVCache(self.model.config, B, max_len, device=self.device, dtype=self.dtype, left_pad=pad)
-        self.left_pad = left_pad.to(self.device)
-        logits = self.model(tokens.to(self.device), kv_cache=self.cache, start_pos=0)[:, -1]  # (B, V)
-        self.pos = T
-        return logits.float()
-
-    @torch.inference_mode()
-    def decode(self, tokens):
-        tokens = tokens.to(self.device)
-        if self.compiled:
-            input_pos = torch.tensor([self.pos], device=self.device)
-            logits = self._static_step(tokens, input_pos, self.cache.k, self.cache.v, self.left_pad)
-        elif self.step is not None:
-            logits = self.step(tokens, self.cache, self.pos)  # (B, V)
-        else:
-            logits = self.model(tokens, kv_cache=self.cache, start_pos=self.pos)[:, -1]  # (B, V)
-        self.pos += 1
-        return logits.float()
 
     @torch.inference_mode()
     def forward(self, idx):

@@ -1,8 +1,9 @@
 """ONNX export: a full-sequence graph and a KV-cache decoder graph, int8 by ONNX Runtime, parity checks.
 
 The decoder is the functional form of the KV cache: past keys/values in, present keys/values out
-(the layout of Hugging Face Optimum's decoder-with-past exports). Torch decoding keeps its in-place,
-preallocated KVCache (gpt-fast); an ONNX graph cannot mutate its inputs, so here GPT.trunk gets a
+(the layout of Hugging Face Optimum's decoder-with-past exports). Positions and masks are the KV
+cache's (model.gpt.cache_layout, the function torch decoding and the server use); an ONNX graph cannot
+mutate its inputs, so where torch writes into the preallocated KVCache in place, GPT.trunk here gets a
 kv_update callback that concatenates past and new keys/values and records the result.
 
 Decoder inputs / outputs (L layers, Hkv kv heads, D head dim, P past length, S = P + T):
@@ -29,13 +30,44 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model.gpt import GPT
+from model.gpt import GPT, KVCache, cache_layout
 
 FULL, DECODER = "full", "decoder"
 # Opset 23 has a native Attention op, which the exporter emits for F.scaled_dot_product_attention and
 # onnxruntime runs as one kernel; at opset 18 the decomposed attention transposed the whole key cache
 # every step (measurably slower decode in eval.bench).
 OPSET = 23
+
+
+# The ModelConfig fields the decoder graph handles (tests/test_generate.py fails when ModelConfig gains a
+# field not listed here). The graph is GPT.trunk and GPT.head with cache_layout's positions and masks,
+# so the block's switches are handled by construction; document masking within the tokens of one call.
+DECODER_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_kv_head",
+        "n_embd",
+        "family",
+        "ffn_hidden",
+        "bias",
+        "tie_embeddings",
+        "dropout",  # exported in eval mode: off
+        "pad_vocab_multiple",  # GPT.head drops the padded rows
+        "rope_theta",
+        "norm_eps",
+        "mlp",
+        "qk_norm",
+        "zero_init_proj",  # initialisation only
+        "logit_softcap",  # GPT.head
+        "doc_mask",  # cache_layout (past_cache)
+        "doc_positions_restart",  # cache_layout
+        "eot_id",  # cache_layout
+        "extra",
+    }
+)
 
 
 def past_names(n_layer: int, prefix: str = "past") -> list[str]:
@@ -68,14 +100,9 @@ class KVDecoder(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """past = [key_0, value_0, key_1, ...], each (B, Hkv, P, D) -> (logits (B, T, V), presents)."""
         T, P = tokens.shape[1], past[0].shape[2]
-        offs = torch.arange(T, device=tokens.device)  # (T,)
-        pos = (position[:, None] + offs[None, :]).clamp_min(0)  # (B, T); padding slots get position 0
-        pad = P - position  # (B,) left-padding slots of each row
-        q_pos = (P + offs)[:, None]  # (T, 1) cache index of each query
-        k_pos = torch.arange(P + T, device=tokens.device)[None, :]  # (1, S)
-        # Causal, no padding keys; every query also sees itself, so that a padding query has a
-        # non-empty row (a fully masked softmax row is NaN in some runtimes, and NaN * 0 spreads).
-        mask = ((k_pos <= q_pos) & (k_pos >= pad[:, None, None])) | (k_pos == q_pos)  # (B, T, S)
+        # The past as a KVCache whose tensors are the inputs: the new tokens sit at slot P of every
+        # row, and a row that starts at position `position` has P - position slots of left padding.
+        cache = past_cache(self.model, P + T, P - position)
         presents: list[torch.Tensor] = []
 
         def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):  # k, v (B, Hkv, T, D)
@@ -84,8 +111,21 @@ class KVDecoder(nn.Module):
             presents.extend((k_all, v_all))
             return k_all, v_all
 
-        h = self.model.trunk(tokens, pos, kv_update, attn_mask=mask[:, None], is_causal=False)  # (B, T, C)
+        pos, mask, is_causal, _, _ = cache_layout(tokens, P, cache)  # (B, T), (B, 1, T, S)
+        h = self.model.trunk(tokens, pos, kv_update, attn_mask=mask, is_causal=is_causal)  # (B, T, C)
         return self.model.head(h), presents  # (B, T, V), [(B, Hkv, S, D)] * 2L
+
+
+def past_cache(model: GPT, length, start: torch.Tensor) -> KVCache:
+    """The row state of a KVCache of `length` slots whose rows start at `start` (B,), without storage:
+    what cache_layout reads. Documents are tracked within the tokens of one call (the graph has no
+    input for the document a row's past ended in): the past is one document."""
+    cache = object.__new__(KVCache)
+    cache.max_seq_len, cache.static, cache.padded = length, True, True
+    cache.start = cache.doc_start = start
+    cache.eot_id = model.config.eot_id if model.config.doc_mask else None
+    cache.restart = model.config.doc_positions_restart
+    return cache
 
 
 def graph_metadata(model: GPT, kind: str, metadata: dict | None = None) -> dict[str, str]:
