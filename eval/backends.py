@@ -114,7 +114,10 @@ class OnnxBackend(Backend):
         self.head_dim = int(meta["gptrain.head_dim"])
         self.past: list = []  # past_key_0, past_value_0, ... as onnxruntime OrtValues
         self.past_names = past_names(self.n_layer)
-        self.output_names = ["logits", *past_names(self.n_layer, "present")]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        # doc_mask models: the decoder graph also carries each row's document (model/onnx_export.py)
+        self.documents = "document" in {i.name for i in self.sess.get_inputs()}
+        self.doc: np.ndarray | None = None
         self.pos = 0
         self.pad = np.zeros(1, dtype=np.int64)
 
@@ -125,45 +128,53 @@ class OnnxBackend(Backend):
                 "generate with the decoder graph (decoder.onnx) written beside it"
             )
 
-    def _run(self, tokens: np.ndarray, position: np.ndarray) -> np.ndarray:
-        # IOBinding keeps the presents inside onnxruntime (OrtValues) and binds them as the next
-        # step's pasts: no copy of the whole cache into numpy and back on every token.
+    def run(self, tokens: np.ndarray, position: np.ndarray, past: list, document: np.ndarray | None):
+        """One call of the decoder graph -> (logits (B, T, V), presents, next_document (B,) or None).
+
+        IOBinding keeps the presents inside onnxruntime (OrtValues), so that they are bound as the next
+        step's pasts with no copy of the whole cache into numpy and back on every token; a past may be
+        numpy (a new batch) or OrtValues (the last step's presents)."""
         io = self.sess.io_binding()
         io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         io.bind_cpu_input("position", np.ascontiguousarray(position, dtype=np.int64))
-        for name, value in zip(self.past_names, self.past, strict=True):
-            io.bind_ortvalue_input(name, value)
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                io.bind_ortvalue_input(name, value)
+        if self.documents:
+            io.bind_cpu_input("document", np.ascontiguousarray(document, dtype=np.int64))
         for name in self.output_names:
             io.bind_output(name)
         self.sess.run_with_iobinding(io)
-        logits, *self.past = io.get_outputs()  # the presents are the next step's pasts
-        return logits.numpy()[:, -1]  # (B, V)
+        logits, *presents = io.get_outputs()
+        doc = presents.pop().numpy() if self.documents else None
+        return logits.numpy(), presents, doc
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """The past of a prefill: 2L arrays (batch, Hkv, 0, D)."""
+        return [np.zeros((batch, self.n_kv_head, 0, self.head_dim), dtype=np.float32)] * (2 * self.n_layer)
 
     def prefill(self, tokens, left_pad, max_len):
-        import onnxruntime as ort
-
         self._need_decoder()
         B, T = tokens.shape
-        self._empty = np.zeros((B, self.n_kv_head, 0, self.head_dim), dtype=np.float32)  # kept alive:
-        self.past = [ort.OrtValue.ortvalue_from_numpy(self._empty)] * (2 * self.n_layer)  # OrtValues borrow it
         self.pad = left_pad.cpu().numpy().astype(np.int64)
-        logits = self._run(tokens.cpu().numpy(), -self.pad)
+        logits, self.past, self.doc = self.run(tokens.cpu().numpy(), -self.pad, self.empty_past(B), np.zeros(B))
         self.pos = T
-        return torch.from_numpy(logits)
+        return torch.from_numpy(logits[:, -1])  # (B, V)
 
     def decode(self, tokens):
-        logits = self._run(tokens.cpu().numpy(), self.pos - self.pad)
+        logits, self.past, self.doc = self.run(tokens.cpu().numpy(), self.pos - self.pad, self.past, self.doc)
         self.pos += 1
-        return torch.from_numpy(logits)
+        return torch.from_numpy(logits[:, -1])  # (B, V)
 
     def forward(self, idx):
         x = idx.cpu().numpy()
         if self.kind == FULL:
             (logits,) = self.sess.run(None, {"tokens": x})
             return torch.from_numpy(logits)
-        empty = np.zeros((x.shape[0], self.n_kv_head, 0, self.head_dim), dtype=np.float32)
-        feeds = {"tokens": x, "position": np.zeros(x.shape[0], dtype=np.int64), **{n: empty for n in self.past_names}}
-        return torch.from_numpy(self.sess.run(["logits"], feeds)[0])
+        B = x.shape[0]
+        return torch.from_numpy(self.run(x, np.zeros(B), self.empty_past(B), np.zeros(B))[0])
 
 
 def find_onnx(path: str | os.PathLike, int8: bool = False) -> Path:

@@ -268,10 +268,11 @@ class KVCache:
         if isinstance(slot, int):
 
             def update(layer: int, k: torch.Tensor, v: torch.Tensor):
-                stop = slot + k.shape[2]
-                self.k[layer][:, :, slot:stop] = k
-                self.v[layer][:, :, slot:stop] = v
-                return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+                # narrow: one call each, where t[:, :, a:b] parses an index (a decode step is launch-bound)
+                k_all, v_all = self.k[layer], self.v[layer]
+                k_all.narrow(2, slot, k.shape[2]).copy_(k)
+                v_all.narrow(2, slot, v.shape[2]).copy_(v)
+                return k_all.narrow(2, 0, S), v_all.narrow(2, 0, S)
 
             return update
         B = slot.shape[0]
