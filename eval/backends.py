@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from eval.cli import UsageError
-from model import GPT, KVCache, dtypes
-from model.decode_step import DecodeStep, supports
+from model import GPT, dtypes
+from model.generation import CachedDecoder
 from model.onnx_export import DECODER, FULL, past_names, session
 
 BACKENDS = ("torch", "int8", "onnx")
@@ -68,85 +68,23 @@ def decode_layout(model: torch.nn.Module) -> None:
                 w.data = w.data.t().contiguous().t()  # (out, in) with strides (1, out)
 
 
-class TorchBackend(Backend):
-    """A GPT (float or int8-quantized) with the preallocated in-place KVCache (gpt-fast's design).
+class TorchBackend(CachedDecoder, Backend):
+    """A GPT (float or int8-quantized) with the preallocated in-place KVCache: model.generation's
+    CachedDecoder, which decodes through GPT.forward (compile: a static step, compiled).
 
-    A float32 model on the CPU has its Linear weights re-strided for decoding (decode_layout)."""
+    A float32 model on the CPU has its Linear weights re-strided for decoding (decode_layout); an int8
+    model has each layer's fastest kernel chosen on this CPU (tune_kernels)."""
 
     def __init__(self, model: GPT, metadata: dict, name: str = "torch", compile: bool = False):
-        self.model, self.name = model.eval(), name
-        cfg = model.config
-        self.vocab_size, self.block_size = cfg.vocab_size, cfg.block_size
+        super().__init__(model.eval(), compile=compile)
+        self.name = name
         self.tokenizer = metadata.get("tokenizer")
-        p = next(iter(model.parameters()), None)
-        self.device = p.device if p is not None else torch.device("cpu")
-        # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
-        self.dtype = p.dtype if p is not None and p.is_floating_point() and name != "int8" else torch.float32
         if self.dtype == torch.float32 and self.device.type == "cpu":
             decode_layout(model)
         if name == "int8":
             from model.quantize import tune_kernels
 
             tune_kernels(model)  # each layer's fastest int8 path on this CPU, for decode and for prefill
-        # One-token steps skip GPT.forward's general path when model.decode_step implements this model
-        # (built after the re-layout above: it holds views of the weights).
-        self.step = DecodeStep(model) if supports(model) else None
-        self.cache: KVCache | None = None
-        self.pos = 0
-        self.compiled = compile
-        if compile:
-            # gpt-fast's recipe: the decode step has static shapes (it attends over the whole preallocated
-            # cache with a mask, and takes its position as a tensor), so inductor compiles it once per
-            # batch size and cache length instead of once per position. It pays off where eager is
-            # launch-bound (GPUs); on a CPU it can be slower than eager (python -m eval.bench measures both).
-            self._static_step = torch.compile(self._static_step_eager, dynamic=False)
-
-    def _static_step_eager(
-        self,
-        tokens: torch.Tensor,
-        input_pos: torch.Tensor,
-        k_cache: list[torch.Tensor],
-        v_cache: list[torch.Tensor],
-        left_pad: torch.Tensor,
-    ) -> torch.Tensor:
-        """tokens (B, 1), input_pos (1,) the cache slot, caches L x (B, Hkv, S_max, D), left_pad (B,) -> (B, V)."""
-        pos = (input_pos[None, :] - left_pad[:, None]).clamp_min(0)  # (B, 1) position within each row
-        k_idx = torch.arange(k_cache[0].shape[2], device=tokens.device)  # (S_max,)
-        mask = ((k_idx[None, :] <= input_pos) & (k_idx[None, :] >= left_pad[:, None]))[:, None, None, :]
-
-        def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # k, v (B, Hkv, 1, D)
-            # index_put_ on a whole graph input, as gpt-fast writes its cache: inductor keeps it in place.
-            k_cache[layer][:, :, input_pos] = k
-            v_cache[layer][:, :, input_pos] = v
-            return k_cache[layer], v_cache[layer]  # all S_max slots; the mask hides the unwritten ones
-
-        h = self.model.trunk(tokens, pos, update, attn_mask=mask, is_causal=False)  # (B, 1, C)
-        return self.model.head(h)[:, -1]  # (B, V)
-
-    @torch.inference_mode()  # a little less per-op bookkeeping per decode step than no_grad
-    def prefill(self, tokens, left_pad, max_len):
-        B, T = tokens.shape
-        if self.compiled:  # a few cache lengths, not one per call: each is a compiled graph
-            max_len = min(self.block_size, -(-max_len // 256) * 256)
-        pad = left_pad.to(self.device) if bool((left_pad > 0).any()) else None
-        self.cache = KVCache(self.model.config, B, max_len, device=self.device, dtype=self.dtype, left_pad=pad)
-        self.left_pad = left_pad.to(self.device)
-        logits = self.model(tokens.to(self.device), kv_cache=self.cache, start_pos=0)[:, -1]  # (B, V)
-        self.pos = T
-        return logits.float()
-
-    @torch.inference_mode()
-    def decode(self, tokens):
-        tokens = tokens.to(self.device)
-        if self.compiled:
-            input_pos = torch.tensor([self.pos], device=self.device)
-            logits = self._static_step(tokens, input_pos, self.cache.k, self.cache.v, self.left_pad)
-        elif self.step is not None:
-            logits = self.step(tokens, self.cache, self.pos)  # (B, V)
-        else:
-            logits = self.model(tokens, kv_cache=self.cache, start_pos=self.pos)[:, -1]  # (B, V)
-        self.pos += 1
-        return logits.float()
 
     @torch.inference_mode()
     def forward(self, idx):
@@ -176,7 +114,10 @@ class OnnxBackend(Backend):
         self.head_dim = int(meta["gptrain.head_dim"])
         self.past: list = []  # past_key_0, past_value_0, ... as onnxruntime OrtValues
         self.past_names = past_names(self.n_layer)
-        self.output_names = ["logits", *past_names(self.n_layer, "present")]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        # doc_mask models: the decoder graph also carries each row's document (model/onnx_export.py)
+        self.documents = "document" in {i.name for i in self.sess.get_inputs()}
+        self.doc: np.ndarray | None = None
         self.pos = 0
         self.pad = np.zeros(1, dtype=np.int64)
 
@@ -187,45 +128,53 @@ class OnnxBackend(Backend):
                 "generate with the decoder graph (decoder.onnx) written beside it"
             )
 
-    def _run(self, tokens: np.ndarray, position: np.ndarray) -> np.ndarray:
-        # IOBinding keeps the presents inside onnxruntime (OrtValues) and binds them as the next
-        # step's pasts: no copy of the whole cache into numpy and back on every token.
+    def run(self, tokens: np.ndarray, position: np.ndarray, past: list, document: np.ndarray | None):
+        """One call of the decoder graph -> (logits (B, T, V), presents, next_document (B,) or None).
+
+        IOBinding keeps the presents inside onnxruntime (OrtValues), so that they are bound as the next
+        step's pasts with no copy of the whole cache into numpy and back on every token; a past may be
+        numpy (a new batch) or OrtValues (the last step's presents)."""
         io = self.sess.io_binding()
         io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
         io.bind_cpu_input("position", np.ascontiguousarray(position, dtype=np.int64))
-        for name, value in zip(self.past_names, self.past, strict=True):
-            io.bind_ortvalue_input(name, value)
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                io.bind_ortvalue_input(name, value)
+        if self.documents:
+            io.bind_cpu_input("document", np.ascontiguousarray(document, dtype=np.int64))
         for name in self.output_names:
             io.bind_output(name)
         self.sess.run_with_iobinding(io)
-        logits, *self.past = io.get_outputs()  # the presents are the next step's pasts
-        return logits.numpy()[:, -1]  # (B, V)
+        logits, *presents = io.get_outputs()
+        doc = presents.pop().numpy() if self.documents else None
+        return logits.numpy(), presents, doc
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """The past of a prefill: 2L arrays (batch, Hkv, 0, D)."""
+        return [np.zeros((batch, self.n_kv_head, 0, self.head_dim), dtype=np.float32)] * (2 * self.n_layer)
 
     def prefill(self, tokens, left_pad, max_len):
-        import onnxruntime as ort
-
         self._need_decoder()
         B, T = tokens.shape
-        self._empty = np.zeros((B, self.n_kv_head, 0, self.head_dim), dtype=np.float32)  # kept alive:
-        self.past = [ort.OrtValue.ortvalue_from_numpy(self._empty)] * (2 * self.n_layer)  # OrtValues borrow it
         self.pad = left_pad.cpu().numpy().astype(np.int64)
-        logits = self._run(tokens.cpu().numpy(), -self.pad)
+        logits, self.past, self.doc = self.run(tokens.cpu().numpy(), -self.pad, self.empty_past(B), np.zeros(B))
         self.pos = T
-        return torch.from_numpy(logits)
+        return torch.from_numpy(logits[:, -1])  # (B, V)
 
     def decode(self, tokens):
-        logits = self._run(tokens.cpu().numpy(), self.pos - self.pad)
+        logits, self.past, self.doc = self.run(tokens.cpu().numpy(), self.pos - self.pad, self.past, self.doc)
         self.pos += 1
-        return torch.from_numpy(logits)
+        return torch.from_numpy(logits[:, -1])  # (B, V)
 
     def forward(self, idx):
         x = idx.cpu().numpy()
         if self.kind == FULL:
             (logits,) = self.sess.run(None, {"tokens": x})
             return torch.from_numpy(logits)
-        empty = np.zeros((x.shape[0], self.n_kv_head, 0, self.head_dim), dtype=np.float32)
-        feeds = {"tokens": x, "position": np.zeros(x.shape[0], dtype=np.int64), **{n: empty for n in self.past_names}}
-        return torch.from_numpy(self.sess.run(["logits"], feeds)[0])
+        B = x.shape[0]
+        return torch.from_numpy(self.run(x, np.zeros(B), self.empty_past(B), np.zeros(B))[0])
 
 
 def find_onnx(path: str | os.PathLike, int8: bool = False) -> Path:

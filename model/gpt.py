@@ -202,12 +202,18 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated to max_seq_len (gpt-fast's static cache).
+    """Keys and values of every layer, preallocated to max_seq_len (gpt-fast's static cache), and the
+    per-row state that positions and masks are built from (cache_layout).
 
-    Decoding T new tokens writes them at [start_pos, start_pos + T) and attends to the
-    first start_pos + T entries only, so one step costs one token, not the whole context.
-    `left_pad` (B,) lets prompts of different lengths share a batch: row b's first
-    left_pad[b] slots are padding, masked out, and its positions start after them.
+    Decoding T new tokens writes them at slots [slot, slot + T) and attends to the written slots only,
+    so one step costs one token, not the whole context. `slot` (GPT.forward's start_pos) is one int for
+    the whole batch, or a (B,) tensor when rows stand at different lengths (continuous batching).
+    Row b's first start[b] slots are left padding (`left_pad`: prompts of different lengths sharing a
+    batch), masked out; its positions count from start[b]. With doc_mask, doc_start[b] is the slot of
+    the <|endoftext|> that opened the document of the row's last written token: later tokens attend
+    from there on (and, with doc_positions_restart, count their positions from there), as the
+    no-cache forward does (GPT.window). `static` attends over all max_seq_len slots, the unwritten
+    ones masked, so every step has the same shapes: what a compiled step needs.
     """
 
     def __init__(
@@ -218,6 +224,7 @@ class KVCache:
         device=None,
         dtype=torch.float32,
         left_pad: torch.Tensor | None = None,
+        static: bool = False,
     ):
         self.max_seq_len = max_seq_len or cfg.block_size
         if self.max_seq_len > cfg.block_size:
@@ -227,16 +234,108 @@ class KVCache:
         # inputs in place; writing into a view of a shared tensor made inductor copy the whole cache.
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.left_pad = None if left_pad is None else left_pad.to(device=device, dtype=torch.long)  # (B,)
+        if left_pad is None:
+            left_pad = torch.zeros(batch_size, dtype=torch.long)
+        self.start = left_pad.to(device=device, dtype=torch.long).clone()  # (B,) first real slot of each row
+        self.doc_start = self.start.clone()  # (B,) slot where the current document of each row opened
+        self.padded = bool((self.start > 0).any())  # a host-side flag: the unpadded path needs no mask
+        self.eot_id = cfg.eot_id if cfg.doc_mask else None
+        self.restart = cfg.doc_positions_restart
+        self.static = static
 
-    def updater(self, start_pos: int) -> KVUpdate:
-        def update(layer: int, k: torch.Tensor, v: torch.Tensor):
-            stop = start_pos + k.shape[2]
-            self.k[layer][:, :, start_pos:stop] = k
-            self.v[layer][:, :, start_pos:stop] = v
-            return self.k[layer][:, :, :stop], self.v[layer][:, :, :stop]
+    @property
+    def left_pad(self) -> torch.Tensor | None:
+        """(B,) padding slots of each row, or None when no row is padded."""
+        return self.start if self.padded else None
 
-        return update
+    def rows(self, first: int, stop: int) -> KVCache:
+        """Rows [first, stop) as a cache of their own: views of the same storage and row state."""
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.k = [t[first:stop] for t in self.k]
+        view.v = [t[first:stop] for t in self.v]
+        view.start, view.doc_start = self.start[first:stop], self.doc_start[first:stop]
+        return view
+
+    def reset_row(self, row: int, left_pad: int = 0) -> None:
+        """Row `row` starts a new sequence (its slots are overwritten as it is written)."""
+        self.start[row] = self.doc_start[row] = left_pad
+        self.padded = self.padded or left_pad > 0
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Row src's first `length` slots and its state go to row dst."""
+        for t in (*self.k, *self.v):
+            t[dst, :, :length] = t[src, :, :length]
+        self.start[dst], self.doc_start[dst] = self.start[src], self.doc_start[src]
+
+    def updater(self, slot: int | torch.Tensor, S: int) -> KVUpdate:
+        """Writes a step's keys / values (B, Hkv, T, D) at slot (int, or (B,) per row) and returns the
+        first S slots of every layer, what the step attends to."""
+        if isinstance(slot, int):
+
+            def update(layer: int, k: torch.Tensor, v: torch.Tensor):
+                # narrow: one call each, where t[:, :, a:b] parses an index (a decode step is launch-bound)
+                k_all, v_all = self.k[layer], self.v[layer]
+                k_all.narrow(2, slot, k.shape[2]).copy_(k)
+                v_all.narrow(2, slot, v.shape[2]).copy_(v)
+                return k_all.narrow(2, 0, S), v_all.narrow(2, 0, S)
+
+            return update
+        B = slot.shape[0]
+        rows = torch.arange(B, device=slot.device)[:, None]  # (B, 1)
+
+        def update_rows(layer: int, k: torch.Tensor, v: torch.Tensor):
+            # index_put_ on the whole cache tensor, as gpt-fast writes its cache: inductor keeps it in place.
+            slots = slot[:, None] + torch.arange(k.shape[2], device=slot.device)  # (B, T)
+            self.k[layer][rows, :, slots] = k.transpose(1, 2)  # indexed (B, T, Hkv, D)
+            self.v[layer][rows, :, slots] = v.transpose(1, 2)
+            return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
+
+        return update_rows
+
+
+def cache_layout(idx: torch.Tensor, slot: int | torch.Tensor, cache: KVCache):
+    """(pos, attn_mask, is_causal, doc, S) of tokens idx (B, T) written at slot (int or (B,)) of cache.
+
+    The one place positions and masks of cached decoding are built (generation, the server, the
+    compiled step and the ONNX decoder): query t of row b sits at slot q = slot_b + t and attends to
+    keys [doc, q], doc its document's first slot (the row's first real slot without doc_mask); a
+    padding query (q < start) sees itself only, so no softmax row is empty. pos (T,) or (B, T);
+    attn_mask None (plain causal / all keys) or boolean (B or 1, 1, T, S); doc (B, T) or None.
+    Without padding, document masking or a static cache, a prefill from slot 0 is plain causal and
+    one decoded token sees every key, so SDPA gets no mask (and may use its fastest kernel).
+    """
+    B, T = idx.shape
+    dev = idx.device
+    if cache.static:
+        S = cache.max_seq_len
+    elif isinstance(slot, int):
+        S = slot + T
+    else:
+        S = int(slot.max()) + T  # a host sync, once per step: the server's per-row slots
+    if isinstance(slot, int) and not cache.padded and cache.eot_id is None and not cache.static:
+        pos = torch.arange(slot, S, device=dev)  # (T,)
+        if slot == 0:
+            return pos, None, True, None, S
+        if T == 1:
+            return pos, None, False, None, S
+        mask = torch.arange(S, device=dev)[None, :] <= pos[:, None]  # (T, S)
+        return pos, mask[None, None], False, None, S
+    offs = torch.arange(T, device=dev)  # (T,)
+    q = (slot[:, None] if isinstance(slot, torch.Tensor) else torch.full((B, 1), slot, device=dev)) + offs  # (B, T)
+    first = cache.start[:, None].expand(B, T)  # (B, T)
+    doc = first
+    if cache.eot_id is not None:  # <|endoftext|> opens the document it precedes (document_ids)
+        opens = torch.where((idx == cache.eot_id) & (q >= first), q, -1)  # (B, T)
+        # The latest opening at or before each query: a masked max, not a cummax (the ONNX exporter
+        # has no function for cummax).
+        seen = torch.ones(T, T, dtype=torch.bool, device=dev).tril()  # (T query, T key)
+        latest = torch.where(seen, opens[:, None, :], -1).amax(-1)  # (B, T)
+        doc = torch.maximum(latest, cache.doc_start[:, None])  # (B, T)
+    pos = (q - (doc if cache.restart else first)).clamp_min(0)  # (B, T); padding gets position 0
+    k = torch.arange(S, device=dev)  # (S,)
+    mask = ((k <= q[..., None]) & (k >= doc[..., None])) | (k == q[..., None])  # (B, T, S)
+    return pos, mask[:, None], False, (doc if cache.eot_id is not None else None), S
 
 
 class GPT(nn.Module):
@@ -332,13 +431,6 @@ class GPT(nn.Module):
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     # --------------------------------------------------------------- forward
-    def positions(self, T: int, start_pos: int, kv_cache: KVCache | None, device) -> torch.Tensor:
-        """(T,) positions, or (B, T) when left padding shifts each row."""
-        pos = torch.arange(start_pos, start_pos + T, device=device)
-        if kv_cache is not None and kv_cache.left_pad is not None:
-            pos = (pos[None, :] - kv_cache.left_pad[:, None]).clamp_min(0)
-        return pos
-
     def trunk(
         self,
         idx: torch.Tensor,
@@ -398,32 +490,41 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         return logits
 
+    def cached_trunk(self, idx: torch.Tensor, kv_cache: KVCache, start_pos: int | torch.Tensor) -> torch.Tensor:
+        """idx (B, T) written at slot start_pos (int, or (B,) per row) of kv_cache -> hidden states (B, T, C),
+        the keys and values stored in the cache and its row state advanced."""
+        if isinstance(start_pos, int) and start_pos + idx.shape[1] > kv_cache.max_seq_len:
+            raise ValueError(
+                f"sequence of {start_pos + idx.shape[1]} tokens exceeds the context of {kv_cache.max_seq_len}"
+            )
+        pos, attn_mask, is_causal, doc, S = cache_layout(idx, start_pos, kv_cache)
+        if doc is not None:
+            kv_cache.doc_start.copy_(doc[:, -1])
+        return self.trunk(idx, pos, kv_cache.updater(start_pos, S), attn_mask, is_causal)
+
     def forward(
         self,
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         sharded: ShardedWindow | None = None,
     ) -> torch.Tensor:
         """idx (B, T). Returns logits (B, T, vocab_size), or with targets (B, T) the mean cross
-        entropy over targets != -100. With kv_cache, idx holds positions [start_pos, start_pos+T).
-        With sharded (no cache), idx is this rank's part of a longer window (see ShardedWindow)."""
-        B, T = idx.shape
-        end = start_pos + T
-        limit = kv_cache.max_seq_len if kv_cache is not None else self.config.block_size
-        if end > limit:
-            raise ValueError(f"sequence of {end} tokens exceeds the context of {limit}")
-        kv_update = None
-        if kv_cache is not None:  # cached decoding treats its context as one document (docs/model.md)
-            pos = self.positions(T, start_pos, kv_cache, idx.device)
-            kv_update = kv_cache.updater(start_pos)
-            attn_mask, is_causal = cache_mask(T, start_pos, kv_cache.left_pad, idx.device)
+        entropy over targets != -100. With kv_cache, idx holds slots [start_pos, start_pos+T) of each
+        row; start_pos is an int, or a (B,) tensor when rows stand at different slots. With sharded
+        (no cache), idx is this rank's part of a longer window (see ShardedWindow)."""
+        T = idx.shape[1]
+        if kv_cache is not None:
+            h = self.cached_trunk(idx, kv_cache, start_pos)
         elif sharded is not None:
             pos, kv_update, attn_mask, is_causal = sharded(idx)
+            h = self.trunk(idx, pos, kv_update, attn_mask, is_causal)
         else:
+            if start_pos + T > self.config.block_size:
+                raise ValueError(f"sequence of {start_pos + T} tokens exceeds the context of {self.config.block_size}")
             pos, attn_mask, is_causal = self.window(idx, start_pos)
-        h = self.trunk(idx, pos, kv_update, attn_mask, is_causal)
+            h = self.trunk(idx, pos, None, attn_mask, is_causal)
         logits = self.head(h)  # (B, T, V)
         if targets is None:
             return logits
@@ -434,23 +535,3 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """logits (B, T, V), targets (B, T) -> the mean cross entropy over targets != -100 (fp32)."""
     # flatten(0, 1) stays a view even after the vocabulary slice, so no logits copy is kept.
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-
-
-def cache_mask(T: int, start_pos: int, left_pad: torch.Tensor | None, device):
-    """(attn_mask, is_causal) for T queries at [start_pos, start_pos+T) over S = start_pos+T keys.
-
-    Without padding, a prefill from 0 is plain causal and one decoded token sees every key, so
-    SDPA gets no mask (and may use its fastest kernel); otherwise a boolean (B or 1, 1, T, S) mask.
-    """
-    S = start_pos + T
-    if left_pad is None:
-        if start_pos == 0:
-            return None, True
-        if T == 1:
-            return None, False
-    q_pos = torch.arange(start_pos, S, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
-    if left_pad is not None:
-        mask = mask & (k_pos[None, None] >= left_pad[:, None, None, None])  # (B, 1, T, S)
-    return mask, False

@@ -1,8 +1,9 @@
 """ONNX export: a full-sequence graph and a KV-cache decoder graph, int8 by ONNX Runtime, parity checks.
 
 The decoder is the functional form of the KV cache: past keys/values in, present keys/values out
-(the layout of Hugging Face Optimum's decoder-with-past exports). Torch decoding keeps its in-place,
-preallocated KVCache (gpt-fast); an ONNX graph cannot mutate its inputs, so here GPT.trunk gets a
+(the layout of Hugging Face Optimum's decoder-with-past exports). Positions and masks are the KV
+cache's (model.gpt.cache_layout, the function torch decoding and the server use); an ONNX graph cannot
+mutate its inputs, so where torch writes into the preallocated KVCache in place, GPT.trunk here gets a
 kv_update callback that concatenates past and new keys/values and records the result.
 
 Decoder inputs / outputs (L layers, Hkv kv heads, D head dim, P past length, S = P + T):
@@ -10,8 +11,11 @@ Decoder inputs / outputs (L layers, Hkv kv heads, D head dim, P past length, S =
     position            int64 (B,)      position of tokens[:, 0] in each row; a row left-padded by n
                                         slots has position -n at prefill (its first n slots are masked)
     past_key_i          float32 (B, Hkv, P, D), i = 0 .. L-1, and past_value_i the same
+    document            int64 (B,)      doc_mask models only: the position at which the document of
+                                        each row's last past token opened (0 at prefill)
  -> logits              float32 (B, T, vocab)
     present_key_i       float32 (B, Hkv, S, D), and present_value_i
+    next_document       int64 (B,)      doc_mask models only: the next call's `document`
 One tensor per layer, not one (L, ...) stack: stacking and splitting copied the whole cache twice more
 per token (onnxruntime's profiler showed Split + Concat taking most of a batch-8 step).
 Prefill is the same graph with P = 0. The tokenizer spec and the shapes travel in metadata_props,
@@ -29,13 +33,44 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from model.gpt import GPT
+from model.gpt import GPT, KVCache, cache_layout
 
 FULL, DECODER = "full", "decoder"
 # Opset 23 has a native Attention op, which the exporter emits for F.scaled_dot_product_attention and
 # onnxruntime runs as one kernel; at opset 18 the decomposed attention transposed the whole key cache
 # every step (measurably slower decode in eval.bench).
 OPSET = 23
+
+
+# The ModelConfig fields the decoder graph handles (tests/test_generate.py fails when ModelConfig gains a
+# field not listed here). The graph is GPT.trunk and GPT.head with cache_layout's positions and masks,
+# so the block's switches are handled by construction; document masking within the tokens of one call.
+DECODER_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_kv_head",
+        "n_embd",
+        "family",
+        "ffn_hidden",
+        "bias",
+        "tie_embeddings",
+        "dropout",  # exported in eval mode: off
+        "pad_vocab_multiple",  # GPT.head drops the padded rows
+        "rope_theta",
+        "norm_eps",
+        "mlp",
+        "qk_norm",
+        "zero_init_proj",  # initialisation only
+        "logit_softcap",  # GPT.head
+        "doc_mask",  # cache_layout (past_cache)
+        "doc_positions_restart",  # cache_layout
+        "eot_id",  # cache_layout
+        "extra",
+    }
+)
 
 
 def past_names(n_layer: int, prefix: str = "past") -> list[str]:
@@ -64,18 +99,19 @@ class KVDecoder(nn.Module):
         self.model = model
 
     def forward(
-        self, tokens: torch.Tensor, position: torch.Tensor, past: list[torch.Tensor]
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """past = [key_0, value_0, key_1, ...], each (B, Hkv, P, D) -> (logits (B, T, V), presents)."""
+        self,
+        tokens: torch.Tensor,
+        position: torch.Tensor,
+        past: list[torch.Tensor],
+        document: torch.Tensor | None = None,
+    ) -> tuple:
+        """past = [key_0, value_0, key_1, ...], each (B, Hkv, P, D) -> (logits (B, T, V), presents),
+        and with doc_mask document (B,) -> (logits, presents, next_document (B,))."""
         T, P = tokens.shape[1], past[0].shape[2]
-        offs = torch.arange(T, device=tokens.device)  # (T,)
-        pos = (position[:, None] + offs[None, :]).clamp_min(0)  # (B, T); padding slots get position 0
-        pad = P - position  # (B,) left-padding slots of each row
-        q_pos = (P + offs)[:, None]  # (T, 1) cache index of each query
-        k_pos = torch.arange(P + T, device=tokens.device)[None, :]  # (1, S)
-        # Causal, no padding keys; every query also sees itself, so that a padding query has a
-        # non-empty row (a fully masked softmax row is NaN in some runtimes, and NaN * 0 spreads).
-        mask = ((k_pos <= q_pos) & (k_pos >= pad[:, None, None])) | (k_pos == q_pos)  # (B, T, S)
+        # The past as a KVCache whose tensors are the inputs: the new tokens sit at slot P of every
+        # row, and a row that starts at position `position` has P - position slots of left padding.
+        start = P - position  # (B,) first real slot of each row
+        cache = past_cache(self.model, P + T, start, None if document is None else start + document)
         presents: list[torch.Tensor] = []
 
         def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):  # k, v (B, Hkv, T, D)
@@ -84,8 +120,22 @@ class KVDecoder(nn.Module):
             presents.extend((k_all, v_all))
             return k_all, v_all
 
-        h = self.model.trunk(tokens, pos, kv_update, attn_mask=mask[:, None], is_causal=False)  # (B, T, C)
-        return self.model.head(h), presents  # (B, T, V), [(B, Hkv, S, D)] * 2L
+        pos, mask, is_causal, doc, _ = cache_layout(tokens, P, cache)  # (B, T), (B, 1, T, S), (B, T)
+        h = self.model.trunk(tokens, pos, kv_update, attn_mask=mask, is_causal=is_causal)  # (B, T, C)
+        if document is None:
+            return self.model.head(h), presents  # (B, T, V), [(B, Hkv, S, D)] * 2L
+        return self.model.head(h), presents, doc[:, -1] - start
+
+
+def past_cache(model: GPT, length, start: torch.Tensor, doc_start: torch.Tensor | None) -> KVCache:
+    """The row state of a KVCache of `length` slots whose rows start at slot `start` (B,) and whose
+    current documents opened at slot `doc_start` (B,), without storage: what cache_layout reads."""
+    cache = object.__new__(KVCache)
+    cache.max_seq_len, cache.static, cache.padded = length, True, True
+    cache.start, cache.doc_start = start, start if doc_start is None else doc_start
+    cache.eot_id = model.config.eot_id if model.config.doc_mask else None
+    cache.restart = model.config.doc_positions_restart
+    return cache
 
 
 def graph_metadata(model: GPT, kind: str, metadata: dict | None = None) -> dict[str, str]:
@@ -173,10 +223,21 @@ def export_full(model: GPT, path: str | os.PathLike, metadata: dict | None = Non
 def decoder_example(model: GPT, batch: int = 2, seq: int = 3, past: int = 4):
     cfg = model.config
     shape = (batch, cfg.n_kv_head, past, cfg.head_dim)
+    document = (torch.zeros(batch, dtype=torch.long),) if cfg.doc_mask else ()
     return (
         torch.randint(0, cfg.vocab_size, (batch, seq)),
         torch.full((batch,), past, dtype=torch.long),
         [torch.randn(shape) for _ in range(2 * cfg.n_layer)],
+        *document,
+    )
+
+
+def decoder_names(cfg) -> tuple[list[str], list[str]]:
+    """(input names, output names) of the decoder graph of a model with this config, in order."""
+    doc_in, doc_out = (["document"], ["next_document"]) if cfg.doc_mask else ([], [])
+    return (
+        ["tokens", "position", *past_names(cfg.n_layer), *doc_in],
+        ["logits", *past_names(cfg.n_layer, "present"), *doc_out],
     )
 
 
@@ -190,8 +251,9 @@ def export_decoder(model: GPT, path: str | os.PathLike, metadata: dict | None = 
     T = torch.export.Dim("seq", min=1, max=cfg.block_size)
     P = torch.export.Dim("past", min=0, max=cfg.block_size)
     dyn = {"tokens": {0: B, 1: T}, "position": {0: B}, "past": [{0: B, 2: P}] * (2 * cfg.n_layer)}
-    inputs = ["tokens", "position", *past_names(cfg.n_layer)]
-    outputs = ["logits", *past_names(cfg.n_layer, "present")]
+    if cfg.doc_mask:
+        dyn["document"] = {0: B}
+    inputs, outputs = decoder_names(cfg)
     _export(KVDecoder(model), decoder_example(model), path, inputs, outputs, dyn)
     set_metadata(path, graph_metadata(model, DECODER, metadata))
     return path
@@ -285,8 +347,12 @@ def check_parity(
         empty = torch.zeros(B, cfg.n_kv_head, 0, cfg.head_dim).numpy()
         names = past_names(cfg.n_layer)
         feeds = {"tokens": idx[:, :T].numpy(), "position": (-pad).numpy(), **{n: empty for n in names}}
+        doc = {"document": torch.zeros(B, dtype=torch.long).numpy()} if cfg.doc_mask else {}
         for _ in range(3):  # the prefill, then two one-token steps
-            logits, *presents = sess.run(None, feeds)  # (B, T', V), then (B, Hkv, S, D) per layer, k and v
+            # (B, T', V), then (B, Hkv, S, D) per layer, k and v, then with doc_mask next_document (B,)
+            logits, *presents = sess.run(None, {**feeds, **doc})
+            if cfg.doc_mask:
+                doc = {"document": presents.pop()}
             S = presents[0].shape[2]
             for b in range(B):  # row b alone, unpadded, through the torch full forward
                 ref = model(idx[b : b + 1, pad[b] : S])[0]  # (S - pad_b, V)

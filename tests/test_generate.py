@@ -246,44 +246,37 @@ def test_train_sample_cli(tmp_path, capsys):
     assert err.startswith("error: cannot sample from") and len(err.strip().splitlines()) == 1
 
 
-def step_and_forward(be: TorchBackend):
-    """Greedy decoding of two left-padded rows through the backend's decode step, then through
-    GPT.forward: [(logits (11, B, V), cache)] for each."""
+def cached_and_full(be: TorchBackend) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding of two left-padded rows through the backend's cache (prefill, then ten one-token
+    steps) -> (logits (11, B, V) of the steps, the same positions from each row's no-cache forward alone)."""
     tokens, pad = torch.tensor([[0, 0, 5, 6, 7], [1, 2, 3, 4, 8]]), torch.tensor([2, 0])
-    runs = []
-    for step in (be.step, None):
-        be.step = step
-        logits = [be.prefill(tokens, pad, 20)]
-        for _ in range(10):
-            logits.append(be.decode(logits[-1].argmax(-1, keepdim=True)))
-        runs.append((torch.stack(logits), be.cache))
-    return runs
+    logits = [be.prefill(tokens, pad, 20)]
+    for _ in range(10):
+        nxt = logits[-1].argmax(-1, keepdim=True)  # (B, 1)
+        tokens = torch.cat([tokens, nxt], dim=1)
+        logits.append(be.decode(nxt))
+    ref = [be.forward(tokens[b : b + 1, p:])[0, -11:] for b, p in enumerate(pad.tolist())]  # (11, V) each
+    return torch.stack(logits), torch.stack(ref, dim=1)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "modern"])
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int8-float"])
-def test_decode_step_equals_the_model_forward(family, kind):
-    """model.decode_step (the backends' one-token step) computes what GPT.forward does with the cache:
-    same logits and same cache, left-padded rows included. int8: kernels as tuned here; int8-float:
-    every layer on its dequantized fp32 weight, which the step multiplies itself."""
-    from model.quantize import Int8Linear, quantize_model
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int8-float"])
+def test_backend_decoding_equals_the_full_forward(family, kind):
+    """The backends' cached decoding (one GPT forward, the cache's positions and masks) gives each
+    left-padded row the logits of the row alone without a cache. int8: kernels as tuned here;
+    int8-float: every layer on its dequantized fp32 weight."""
+    from model.quantize import quantize_model
 
     be = lively(backend(family, seed=3), 3.0)
-    if kind == "bf16":
-        be = TorchBackend(be.model.to(torch.bfloat16), {}, name="torch-bf16")
-    elif kind != "fp32":  # quantized from fresh float weights (the fp32 backend re-lays its own)
+    if kind != "fp32":  # quantized from fresh float weights (the fp32 backend re-lays its own)
         torch.manual_seed(3)
         q = quantize_model(GPT(be.model.config).eval(), kernel="float" if kind == "int8-float" else "auto")
         be = lively(TorchBackend(q, {}, name="int8"), 3.0)
-    assert be.step is not None
-    if kind == "int8-float":  # every layer, the float weights built or not
-        assert all(not isinstance(f, Int8Linear) for layer in be.step.layers for f in layer)
-        assert type(be.model.transformer.h[0].attn.c_attn) is Int8Linear
-    (fast, fast_cache), (ref, ref_cache) = step_and_forward(be)
-    assert len(set(ref.argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
-    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
-    for a, b in zip(fast_cache.k + fast_cache.v, ref_cache.k + ref_cache.v, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    cached, full = cached_and_full(be)
+    assert len(set(full.argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
+    # fbgemm quantizes activations per call: a row alone and in a batch round a little differently
+    tol = 1e-4 if kind != "int8" else 5e-2
+    torch.testing.assert_close(cached, full, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize(
@@ -293,41 +286,34 @@ def test_decode_step_equals_the_model_forward(family, kind):
         ("gpt2", dict(mlp="relu2", qk_norm=True, zero_init_proj=True)),
     ],
 )
-def test_decode_step_runs_the_recipe_switches(family, switches):
-    """The model's recipe switches (docs/model.md) run in the step, which computes what GPT.forward
-    computes with the cache."""
+def test_cached_decoding_runs_the_recipe_switches(family, switches):
+    """The model's recipe switches (docs/model.md) run in cached decoding, which gives the no-cache
+    forward's logits (with doc_mask: token 0 is <|endoftext|>, so row 0 opens a document after its
+    first tokens)."""
     be = lively(backend(family, seed=5, **switches), 3.0)
-    assert be.step is not None
     with torch.no_grad():  # zero_init_proj: give the projections weights, so the blocks count
         for p in be.model.parameters():
             if p.dim() == 2 and not p.any():
                 p.normal_(0, 0.5)
     be = TorchBackend(be.model, {})
-    (fast, _), (ref, _) = step_and_forward(be)
-    assert len(set(ref.argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
+    cached, full = cached_and_full(be)
+    assert len(set(full.argmax(-1).flatten().tolist())) > 2  # the tokens fed back vary
     if "logit_softcap" in switches:
-        assert ref.abs().max() <= switches["logit_softcap"]
-    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-6)
+        assert full.abs().max() <= switches["logit_softcap"]
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
 
 
-def test_decode_step_declines_what_it_does_not_implement():
-    """A config switch the step does not know, set away from its default, or a model in training mode,
-    sends the backend through GPT.forward."""
+def test_every_model_config_field_is_declared_by_the_decode_paths():
+    """Cached decoding (generation, the server, the compiled step) and the ONNX decoder graph each list
+    the ModelConfig fields they handle: a field added to the model fails here until each path says how
+    it treats it, so a new switch cannot be ignored by decoding unnoticed."""
     import dataclasses
 
-    from model.decode_step import supports, unknown_switches
+    from model.config import ModelConfig
+    from model.generation import HANDLED_FIELDS
+    from model.onnx_export import DECODER_FIELDS
 
-    be = backend()
-    assert supports(be.model) and unknown_switches(be.model.config) == []
-
-    @dataclasses.dataclass
-    class Newer(ModelConfig):
-        value_embeddings: bool = False  # a switch added to the model after decode_step was written
-
-    cfg = dataclasses.asdict(be.model.config)
-    assert unknown_switches(Newer(**cfg)) == []
-    on = Newer(**cfg, value_embeddings=True)
-    assert unknown_switches(on) == ["value_embeddings"]
-    model = GPT(on).eval()
-    assert not supports(model) and TorchBackend(model, {}).step is None
-    assert not supports(be.model.train())
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert fields - HANDLED_FIELDS == set(), "model/generation.py: say how cached decoding handles these"
+    assert fields - DECODER_FIELDS == set(), "model/onnx_export.py: say how the decoder graph handles these"
+    assert HANDLED_FIELDS - fields == set() and DECODER_FIELDS - fields == set()  # no stale names

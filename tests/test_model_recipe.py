@@ -205,22 +205,28 @@ def test_flex_attention_path_equals_sdpa_mask(family):
 
 
 def test_generation_with_doc_mask():
-    """Sampling paths run with doc_mask on and, for a prompt that is one document, give the tokens the
-    same weights give without it."""
+    """Cached generation with doc_mask and position restarts, for prompts with an <|endoftext|> inside
+    them (one left-padded), gives the tokens of the no-cache forward, which applies the mask: the text
+    after the EOT does not see the text before it. The same weights without the mask give other tokens."""
     from eval.backends import TorchBackend
-    from eval.generate import generate
+    from eval.generate import generate, generate_no_cache
 
-    prompt = [EOT, *tokens(1, 6)[0].tolist()]
-    outs = []
-    for doc_mask in (True, False):
-        model = tiny(doc_mask=doc_mask, doc_positions_restart=doc_mask, eot_id=EOT, **ALL)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.mul_(10.0)  # a lively model: tokens depend on the context
-        be = TorchBackend(model, {"tokenizer": "bytes"})
-        outs.append(generate(be, [prompt], max_new_tokens=10, temperature=0.0))
-    assert outs[0] == outs[1]
+    prompts = [
+        [*tokens(1, 6, seed=3)[0].tolist(), EOT, *tokens(1, 4, seed=4)[0].tolist()],
+        [*tokens(1, 2, seed=5)[0].tolist(), EOT, *tokens(1, 3, seed=6)[0].tolist()],
+    ]
+    model = tiny(doc_mask=True, doc_positions_restart=True, eot_id=EOT, **ALL)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)  # a lively model: tokens depend on the context
+    plain = tiny(**ALL)
+    plain.load_weights(model.state_dict())
+    want = [generate_no_cache(lambda x: model(x), p, 12, 32) for p in prompts]
+    assert all(w != generate_no_cache(lambda x: plain(x), p, 12, 32) for w, p in zip(want, prompts, strict=True))
+    be = TorchBackend(model, {"tokenizer": "bytes"})
+    assert generate(be, prompts, max_new_tokens=12, temperature=0.0) == want  # a left-padded batch
+    assert generate(be, prompts[:1], max_new_tokens=12, temperature=0.0) == want[:1]
 
 
 def test_training_fills_eot_id_from_the_dataset():
@@ -297,18 +303,34 @@ def test_onnx_full_graph_has_every_switch(tmp_path):
 
 
 def test_int8_quantization_keeps_the_switches():
-    """model/quantize.py swaps the Linears only: QK-norm gains, ReLU^2 and the cap stay in the forward."""
+    """model/quantize.py swaps the Linears only: the soft-cap and QK-norm stay in the int8 forward.
+    The head is scaled so that the cap binds (raw logits far past it): the int8 logits are
+    cap * tanh(raw / cap) of the int8 model's uncapped logits. Scaling the q and k rows of c_attn (which
+    per-row int8 scales carry exactly) leaves the int8 logits unchanged with QK-norm and changes them
+    without it."""
     from model.quantize import quantize_model
 
-    model = tiny("modern", doc_mask=True, eot_id=EOT, **ALL)
+    cap = ALL["logit_softcap"]
     idx = tokens(2, 16)
     idx[0, 7] = EOT
+
+    def int8(qk_scale: float = 1.0, **kw) -> GPT:
+        model = tiny("modern", doc_mask=True, eot_id=EOT, norm_eps=1e-12, **{**ALL, **kw})
+        cfg = model.config
+        with torch.no_grad():
+            model.lm_head.weight.mul_(200.0)
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[: (cfg.n_head + cfg.n_kv_head) * cfg.head_dim] *= qk_scale
+        return quantize_model(model, kernel="dequant")
+
     with torch.no_grad():
-        ref = model(idx)
-        q = quantize_model(tiny("modern", doc_mask=True, eot_id=EOT, **ALL), kernel="dequant")
-        got = q(idx)
-    assert got.abs().max() <= ALL["logit_softcap"]
-    torch.testing.assert_close(got, ref, atol=2e-2, rtol=0)
+        got = int8()(idx)
+        raw = int8(logit_softcap=None)(idx)
+        assert raw.abs().max() > 4 * cap  # the cap binds
+        torch.testing.assert_close(got, cap * torch.tanh(raw / cap), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(int8(qk_scale=7.0)(idx), got, atol=1e-4, rtol=1e-4)
+        no_norm = int8(qk_norm=False)(idx)
+        assert (int8(qk_scale=7.0, qk_norm=False)(idx) - no_norm).abs().max() > 1e-2
 
 
 def test_resume_accepts_a_checkpoint_from_before_the_switches(tmp_path):

@@ -91,3 +91,39 @@ def test_pt2_round_trip(exported, tmp_path):
     for shape in ((1, 9), (4, 64)):
         x = torch.randint(0, 257, shape)
         np.testing.assert_allclose(ep.module()(x).detach().numpy(), model(x).detach().numpy(), atol=1e-5)
+
+
+def test_doc_mask_decoder_carries_the_document(tmp_path):
+    """A doc_mask model's decoder graph takes and returns each row's document: prompts with an
+    <|endoftext|> inside (one left-padded) decode through ONNX Runtime, step after step, as the torch
+    no-cache forward with the mask does, also through the server's ONNX engine."""
+    from eval.batching import Seq
+    from eval.batching_onnx import OnnxEngine
+    from eval.generate import generate_no_cache
+
+    eot = 256
+    model, meta = load_model(
+        tiny_random(tmp_path / "m", family="modern", n_layer=1, doc_mask=True, doc_positions_restart=True, eot_id=eot)
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(10.0)  # a lively model: tokens depend on the context
+    dec = export_decoder(model, tmp_path / "decoder.onnx", meta)
+    be = OnnxBackend(dec)
+    assert be.documents
+    prompts = [[5, 6, 7, eot, 8, 9], [10, eot, 11]]
+    want = [generate_no_cache(lambda x: model(x), p, 10, model.config.block_size) for p in prompts]
+    assert generate(be, prompts, 10, temperature=0) == want
+    engine = OnnxEngine(be, max_batch=2).start()
+    try:
+        seqs = [Seq(p, 10, temperature=0) for p in prompts]
+        done = []
+        for s in seqs:
+            s.on_finish = lambda s, _r: done.append(s)
+        engine.submit(seqs)
+        while len(done) < 2:
+            engine.thread.join(0.05)
+    finally:
+        engine.stop()
+    assert [s.tokens for s in seqs] == want

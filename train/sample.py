@@ -1,11 +1,11 @@
-"""A small sampler for the text samples in the training log (train/ never imports eval/).
+"""The text samples in the training log: model.generation's loop on the bare model (train/ never imports
+eval/'s command modules).
 
-The sampling rule is model.sampling.sample_next, the one eval.sample uses: the same model, prompt, seed
-and settings give the training log and eval.sample the same tokens.
-
-Decodes with model.KVCache, so each new token costs one token of compute, from its own
-torch.Generator, so that sampling never moves the training RNG (exact resume depends on it).
-Every rank runs it (under FSDP / ZeRO-3 the forward is a collective); only rank 0 prints.
+The loop and the sampling rule are the ones eval.sample drives: the same model, prompt, seed and
+settings give the training log and eval.sample the same tokens. Each new token costs one token of
+compute (model.KVCache), and draws come from the loop's own torch.Generator, so that sampling never
+moves the training RNG (exact resume depends on it). Every rank runs it (under FSDP / ZeRO-3 the
+forward is a collective); only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model import KVCache
-from model.sampling import sample_next
+from model import generation
 
 
 @torch.no_grad()
@@ -29,8 +28,8 @@ def generate(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> list[int]:
-    """Prompt token ids -> the prompt's continuation (new ids only). model is the bare GPT.
-    A fixed number of tokens is drawn (no early stop), so that every rank runs the same forwards."""
+    """Prompt token ids -> the prompt's continuation (new ids only). model is the bare GPT on `device`.
+    A fixed number of tokens is drawn (no early stop, no crop), so that every rank runs the same forwards."""
     cfg = model.config
     prompt = prompt[-(cfg.block_size - 1) :] or [0]  # keep room for at least one new token
     max_new_tokens = min(max_new_tokens, cfg.block_size - len(prompt))
@@ -38,21 +37,19 @@ def generate(
         return []
     was_training = model.training
     model.eval()
-    gen = torch.Generator(device=device).manual_seed(seed)
-    dtype = next(model.parameters()).dtype
-    cache = KVCache(cfg, batch_size=1, max_seq_len=len(prompt) + max_new_tokens, device=device, dtype=dtype)
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)  # (1, T)
-    out: list[torch.Tensor] = []
-    pos = 0
     try:
-        for _ in range(max_new_tokens):
-            logits = model(idx, kv_cache=cache, start_pos=pos)[:, -1, :].float()  # (1, V)
-            pos += idx.shape[1]
-            idx = sample_next(logits, temperature, top_k, top_p, gen)[:, None]  # (1, 1)
-            out.append(idx)
+        (out,) = generation.generate(
+            generation.CachedDecoder(model, device=device),
+            [prompt],
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+        )
     finally:
         model.train(was_training)
-    return torch.cat(out, dim=1)[0].tolist()
+    return out
 
 
 def decode(tokenizer, ids: list[int], eot_id: int | None = None) -> str:

@@ -1,9 +1,10 @@
 """Continuous batching on the GPT's KV cache: sequences join and leave the running batch between steps.
 
-Every running sequence owns one row ("slot") of a cache preallocated for `max_batch` rows of the
+Every running sequence owns one row of a model.KVCache preallocated for `max_batch` rows of the
 full context. Each loop of the engine thread first prefills the sequences that are waiting (one at
 a time, into free rows: a new request never waits for the running ones to finish), then runs one
-decode step for all running rows at once, each at its own position. Rows are kept packed in
+decode step for all running rows at once, each at its own slot (GPT's cached forward with a per-row
+start_pos: the positions and masks of model.gpt.cache_layout, the ones generation uses). Rows are kept packed in
 [0, n): when a sequence leaves, the last row's cache moves into its place, so a step works on
 slices of the cache, never on a gathered copy.
 
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from eval.cli import UsageError
-from model import GPT
+from model import GPT, KVCache
 from model.sampling import sample_next  # the one sampling rule
 
 # on_token(seq, token, logprob) -> True when the sequence is finished (a stop string in its text).
@@ -99,9 +100,7 @@ class Engine:
         self.device = p.device if p is not None else torch.device("cpu")
         # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        shape = (max_batch, cfg.n_kv_head, cfg.block_size, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layer)]
-        self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.cache = KVCache(cfg, max_batch, cfg.block_size, device=self.device, dtype=dtype)
 
     def _setup(self, block_size: int, vocab_size: int, max_batch: int, max_queue: int, prefills_per_step: int):
         """What every engine has, whatever runs the model."""
@@ -238,15 +237,11 @@ class Engine:
     # ------------------------------------------- the model's side (torch here; eval/serve/batching_onnx.py)
     def _forward_prefill(self, prompt: list[int], all_positions: bool) -> torch.Tensor:
         """Run one prompt alone into the next free row's cache -> float logits (T, V) or (1, V)."""
-        row, T = len(self.rows), len(prompt)
-
-        def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # (1, Hkv, T, D)
-            self.k[layer][row : row + 1, :, :T] = k
-            self.v[layer][row : row + 1, :, :T] = v
-            return k, v
-
+        row = len(self.rows)
+        cache = self.cache.rows(row, row + 1)
+        cache.reset_row(0)
         idx = torch.tensor([prompt], device=self.device)  # (1, T)
-        h = self.model.trunk(idx, torch.arange(T, device=self.device), update)  # (1, T, C), causal
+        h = self.model.cached_trunk(idx, cache, 0)  # (1, T, C)
         return self.model.head(h if all_positions else h[:, -1:])[0].float()
 
     def _admit(self, seq: Seq) -> None:
@@ -254,21 +249,11 @@ class Engine:
         self.rows.append(seq)
 
     def _forward_decode(self) -> torch.Tensor:
-        """One token for every running row, each at its own position -> float logits (n, V)."""
+        """One token for every running row, each at its own slot -> float logits (n, V)."""
         n = len(self.rows)
         tokens = torch.tensor([[s.next_token] for s in self.rows], device=self.device)  # (n, 1)
-        pos = torch.tensor([s.pos for s in self.rows], device=self.device)  # (n,)
-        S = max(s.pos for s in self.rows) + 1
-        rows = torch.arange(n, device=self.device)
-        # Row b sees its own written keys [0, pos_b]; the rest of the slice is another row's length.
-        mask = (torch.arange(S, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # (n, 1, 1, S)
-
-        def update(layer: int, k: torch.Tensor, v: torch.Tensor):  # (n, Hkv, 1, D)
-            self.k[layer][rows, :, pos] = k[:, :, 0]
-            self.v[layer][rows, :, pos] = v[:, :, 0]
-            return self.k[layer][:n, :, :S], self.v[layer][:n, :, :S]
-
-        h = self.model.trunk(tokens, pos[:, None], update, attn_mask=mask, is_causal=False)  # (n, 1, C)
+        slot = torch.tensor([s.pos for s in self.rows], device=self.device)  # (n,)
+        h = self.model.cached_trunk(tokens, self.cache.rows(0, n), slot)  # (n, 1, C)
         return self.model.head(h)[:, -1].float()  # (n, V)
 
     def _drop_row(self, i: int) -> None:
@@ -276,8 +261,7 @@ class Engine:
         last = len(self.rows) - 1
         if i != last:
             moved = self.rows[last]
-            for cache in (*self.k, *self.v):
-                cache[i, :, : moved.pos] = cache[last, :, : moved.pos]
+            self.cache.move_row(last, i, moved.pos)
             self.rows[i] = moved
         self.rows.pop()
 

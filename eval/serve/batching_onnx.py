@@ -23,32 +23,18 @@ class OnnxEngine(Engine):
         self._setup(backend.block_size, backend.vocab_size, max_batch, max_queue, prefills_per_step)
         self.backend = backend
         self.past: list = []  # 2L arrays (n, Hkv, P, D): numpy after a join / leave, OrtValues after a step
+        self.docs = np.zeros(0, dtype=np.int64)  # (n,) each row's document (doc_mask graphs; else unused)
         self.pending: list[np.ndarray] = []  # the last prefill's presents (1, Hkv, T, D)
+        self.pending_doc = np.zeros(1, dtype=np.int64)
 
     def _numpy_past(self) -> list[np.ndarray]:
         return [p if isinstance(p, np.ndarray) else p.numpy() for p in self.past]
 
-    def _session_run(self, tokens: np.ndarray, position: np.ndarray, past: list) -> np.ndarray:
-        be = self.backend
-        io = be.sess.io_binding()
-        io.bind_cpu_input("tokens", np.ascontiguousarray(tokens, dtype=np.int64))
-        io.bind_cpu_input("position", np.ascontiguousarray(position, dtype=np.int64))
-        for name, value in zip(be.past_names, past, strict=True):
-            if isinstance(value, np.ndarray):
-                io.bind_cpu_input(name, np.ascontiguousarray(value))
-            else:
-                io.bind_ortvalue_input(name, value)
-        for name in be.output_names:
-            io.bind_output(name)
-        be.sess.run_with_iobinding(io)
-        logits, *self.presents = io.get_outputs()
-        return logits.numpy()  # (B, T, V)
-
     def _forward_prefill(self, prompt: list[int], all_positions: bool) -> torch.Tensor:
         be = self.backend
-        empty = np.zeros((1, be.n_kv_head, 0, be.head_dim), dtype=np.float32)
-        logits = self._session_run(np.array([prompt]), np.zeros(1), [empty] * (2 * be.n_layer))
-        self.pending = [p.numpy() for p in self.presents]
+        logits, presents, doc = be.run(np.array([prompt]), np.zeros(1), be.empty_past(1), np.zeros(1))
+        self.pending = [p.numpy() for p in presents]
+        self.pending_doc = np.zeros(1, dtype=np.int64) if doc is None else doc
         out = torch.from_numpy(logits[0])  # (T, V)
         return out if all_positions else out[-1:]
 
@@ -67,17 +53,20 @@ class OnnxEngine(Engine):
             self.past = [
                 np.concatenate([left_pad(a, width), left_pad(b, width)]) for a, b in zip(past, new, strict=True)
             ]
+        self.docs = np.concatenate([self.docs, self.pending_doc])
         self.rows.append(seq)
 
     def _forward_decode(self) -> torch.Tensor:
         tokens = np.array([[s.next_token] for s in self.rows])
         position = np.array([s.pos for s in self.rows])
-        logits = self._session_run(tokens, position, self.past)
-        self.past = self.presents
+        logits, self.past, doc = self.backend.run(tokens, position, self.past, self.docs)
+        if doc is not None:
+            self.docs = doc
         return torch.from_numpy(logits[:, -1])  # (n, V)
 
     def _drop_row(self, i: int) -> None:
         del self.rows[i]
+        self.docs = np.delete(self.docs, i)
         if not self.rows:
             self.past = []
             return

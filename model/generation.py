@@ -1,0 +1,197 @@
+"""The one generation loop: prefill once, then one token per step through a KV cache, sampled by the
+one rule (model/sampling.py). The training log's samples (train/sample.py), eval.sample and eval.bench
+(eval/generate.py, through a backend) drive it; the server's engine (eval/batching.py) runs the same
+cache, layout and forward, one row per request.
+
+Prompts of different lengths share a batch by left padding (KVCache's left_pad): every row's last
+prompt token sits in the same slot, so one decode step serves all rows.
+Generation goes on past the context (nanoGPT's sample.py crops and goes on): when the next token would
+not fit in the cache, the most recent `keep` tokens of every row (half the context by default) are
+prefilled again into a fresh cache, positions restarting at 0 -- correct for learned positions and
+RoPE alike, since the model then sees exactly a prompt of `keep` tokens. In a batch the crop happens
+when the padded batch (its longest row) fills the context.
+Draws come from one torch.Generator seeded by the caller, so the same seed and decoder give the same
+tokens, and sampling never moves the global RNG (a training run's exact resume depends on it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import torch
+
+from model.gpt import GPT, KVCache
+from model.sampling import sample_next
+
+# The ModelConfig fields cached decoding (GPT.forward with a KVCache, cache_layout, the compiled step,
+# the server's engine) handles. Decoding runs the model's own blocks, so a field that changes the
+# block is handled by construction; a field that changes which tokens a query sees or at which
+# position (doc_mask, doc_positions_restart, eot_id) needs cache_layout to know it.
+# tests/test_generate.py fails when ModelConfig gains a field that is not listed here.
+HANDLED_FIELDS = frozenset(
+    {
+        "vocab_size",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_kv_head",
+        "n_embd",
+        "family",
+        "ffn_hidden",
+        "bias",
+        "tie_embeddings",
+        "dropout",  # eval mode: off
+        "pad_vocab_multiple",  # GPT.head drops the padded rows
+        "rope_theta",
+        "norm_eps",
+        "mlp",
+        "qk_norm",
+        "zero_init_proj",  # initialisation only
+        "logit_softcap",  # GPT.head
+        "doc_mask",  # cache_layout: KVCache.doc_start
+        "doc_positions_restart",  # cache_layout
+        "eot_id",  # cache_layout
+        "extra",
+    }
+)
+
+# on_token(row, token) -> True to finish that row (a stop string seen in its text), else None / False.
+OnToken = Callable[[int, int], bool | None]
+
+
+class Decoder(Protocol):
+    """What the loop drives: a model and its cache (CachedDecoder), or an ONNX Runtime session."""
+
+    block_size: int
+
+    def prefill(self, tokens: torch.Tensor, left_pad: torch.Tensor, max_len: int) -> torch.Tensor:
+        """tokens (B, T) int64, left_pad (B,) -> logits of the last position (B, V); room for max_len."""
+        ...
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) int64, the next token of every row -> logits (B, V)."""
+        ...
+
+
+def decode_step(model: GPT, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """tokens (B, 1) at slot (B,) of a static cache -> logits (B, V): GPT's cached forward with the slot as a tensor
+    and every cache slot attended (masked), so its shapes do not change from one position to the next
+    and torch.compile traces it once per batch size and cache length (gpt-fast's static decode step)."""
+    return model.head(model.cached_trunk(tokens, cache, slot))[:, -1]
+
+
+class CachedDecoder:
+    """A GPT and its preallocated KVCache behind the Decoder interface (gpt-fast's design).
+
+    compile: one-token steps go through torch.compile(decode_step) on a static cache (cache lengths
+    rounded up to multiples of 256, so that a few graphs serve every call)."""
+
+    def __init__(self, model: GPT, compile: bool = False, device: torch.device | str | None = None):
+        self.model = model
+        cfg = model.config
+        self.vocab_size, self.block_size = cfg.vocab_size, cfg.block_size
+        p = next(iter(model.parameters()), None)
+        if device is None:
+            device = p.device if p is not None else "cpu"
+        self.device = torch.device(device)
+        # int8 models keep their weights in buffers; their few float parameters, activations and cache are fp32.
+        self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        self.cache: KVCache | None = None
+        self.pos = 0  # the slot the next token is written at
+        self.compiled = compile
+        self._step = torch.compile(decode_step, dynamic=False) if compile else None
+
+    @torch.inference_mode()  # a little less per-op bookkeeping per decode step than no_grad
+    def prefill(self, tokens: torch.Tensor, left_pad: torch.Tensor, max_len: int) -> torch.Tensor:
+        B, T = tokens.shape
+        if self.compiled:
+            max_len = min(self.block_size, -(-max_len // 256) * 256)
+        self.cache = KVCache(
+            self.model.config, B, max_len, self.device, self.dtype, left_pad=left_pad, static=self.compiled
+        )
+        h = self.model.cached_trunk(tokens.to(self.device), self.cache, 0)  # (B, T, C)
+        logits = self.model.head(h[:, -1:])[:, -1]  # (B, V): the head on the last position only
+        self.pos = T
+        return logits.float()
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        if self._step is not None:
+            slot = torch.full((tokens.shape[0],), self.pos, device=self.device)  # (B,)
+            logits = self._step(self.model, tokens, slot, self.cache)
+        else:
+            logits = self.model(tokens, kv_cache=self.cache, start_pos=self.pos)[:, -1]  # (B, V)
+        self.pos += 1
+        return logits.float()
+
+
+def left_pad_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (tokens (B, T) left-padded with pad_id, left_pad (B,))."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, T - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+    return tokens, torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
+
+
+@torch.no_grad()
+def generate(
+    decoder: Decoder,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_ids: Sequence[int] = (),
+    on_token: OnToken | None = None,
+    keep: int | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (a stop token ends its row and is not included).
+
+    Rows of a batch finish independently; the batch stops when all have, or after max_new_tokens.
+    A prompt may fill the context; generation past it crops to the last `keep` tokens (half the
+    context by default; see the module docstring). Arguments are checked by the callers."""
+    tokens, left_pad = left_pad_batch(prompts)  # (B, T), (B,)
+    B, T = tokens.shape
+    ctx = decoder.block_size
+    keep = ctx // 2 if keep is None else keep
+    gen = torch.Generator()
+    gen.manual_seed(seed if seed is not None else int(torch.seed()))
+    out: list[list[int]] = [[] for _ in range(B)]
+    if max_new_tokens == 0:
+        return out
+    stop = set(stop_ids)
+    done = [False] * B
+    logits = decoder.prefill(tokens, left_pad, min(T + max_new_tokens, ctx)).cpu()  # (B, V)
+    length = T  # tokens in the cache (padded columns included)
+    recent = tokens  # (B, <= ctx): the columns a crop keeps from; grows by one per step
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (B,)
+        for b, tok in enumerate(nxt.tolist()):
+            if done[b]:
+                continue
+            if tok in stop:
+                done[b] = True
+                continue
+            out[b].append(tok)
+            if on_token is not None and on_token(b, tok):
+                done[b] = True
+        if all(done) or step == max_new_tokens - 1:
+            break
+        recent = torch.cat([recent[:, -(ctx - 1) :], nxt[:, None]], dim=1)  # cheap: at most ctx columns
+        if length < ctx:
+            logits = decoder.decode(nxt[:, None]).cpu()  # finished rows keep decoding; their tokens are dropped
+            length += 1
+            continue
+        # The cache is full: prefill the last `keep` columns again; a row shorter than that keeps
+        # part of its padding (its left_pad shrinks by the columns dropped).
+        dropped = length + 1 - keep
+        left_pad = (left_pad - dropped).clamp_min(0)
+        left = max_new_tokens - 1 - step  # tokens still to sample, each but the last fed back
+        logits = decoder.prefill(recent[:, -keep:], left_pad, min(keep + left, ctx)).cpu()
+        length = keep
+    return out
