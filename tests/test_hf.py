@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from conftest import require_extra
 
 from model import GPT
 from model.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
 
-transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+transformers = require_extra("transformers", "hf")
 
 
 def small_hf_model(tie: bool = True):

@@ -17,11 +17,12 @@ import time
 
 import pytest
 import torch
+from conftest import require_extra
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+require_extra("fastapi", "serve")
+require_extra("uvicorn", "serve")
+openai = require_extra("openai", "serve")
+httpx = require_extra("httpx", "serve")
 
 from _eval_fixtures import REPO, tiny_random  # noqa: E402
 
@@ -409,7 +410,7 @@ def test_cli_serves_and_stops(tmp_path):
 def test_onnx_engine_joins_and_leaves(model, tmp_path):
     """The ONNX decoder under continuous batching: 6 greedy sequences of different lengths through 3 rows
     (so rows join a running batch, longer and shorter, and leave it) give the no-cache reference tokens."""
-    pytest.importorskip("onnxruntime")
+    require_extra("onnxruntime", "onnx")
     from eval.backends import OnnxBackend
     from eval.batching_onnx import OnnxEngine
     from model.onnx_export import export_decoder
