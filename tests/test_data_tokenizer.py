@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import tiktoken.load
+from conftest import require_extra
 
 import data.tokenizer
 from data.errors import DataError
@@ -185,7 +186,7 @@ def test_offline_without_file_says_how_to_provide_it(offline, tmp_path, monkeypa
 @pytest.mark.slow
 def test_the_wheel_ships_the_gpt2_file(tmp_path):
     """A non-editable install gets the tokenizer (and every subpackage) only if the wheel has them."""
-    pytest.importorskip("setuptools", minversion="77", reason="building the wheel offline needs setuptools>=77")
+    require_extra("setuptools", "dev", minversion="77")
     src = tmp_path / "src"  # a copy, so that the build's egg-info and build/ stay out of the checkout
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):

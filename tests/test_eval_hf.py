@@ -4,12 +4,13 @@ import json
 
 import pytest
 import torch
+from conftest import require_extra
 
 from eval.cli import run
 from eval.hf import main
 from model.io import load_model
 
-transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+transformers = require_extra("transformers", "hf")
 
 
 def hf_model(tie: bool):

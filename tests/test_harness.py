@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 from _eval_fixtures import tiny_random
+from conftest import require_extra
 
-pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
-pytest.importorskip("accelerate", reason="lm-eval's hf model needs accelerate (the eval extra)")
-lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+require_extra("transformers", "hf")
+require_extra("accelerate", "eval")
+lm_eval = require_extra("lm_eval", "eval")
 
 from lm_eval.tasks import TaskManager  # noqa: E402
 

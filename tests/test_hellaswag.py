@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _eval_fixtures import REPO, tiny_random
+from conftest import require_extra
 
 from data.errors import DataError
 from data.hellaswag import check_example, load_examples, read_jsonl, render
@@ -69,7 +70,7 @@ def llmc_reference(hf_model, enc, doc):
 
 
 def test_llmc_losses_equal_transformers_gpt2(gpt2_bpe):
-    transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    transformers = require_extra("transformers", "hf")
     from model.hf import config_to_hf, to_hf_state_dict
 
     cfg, sd, _ = load_state(gpt2_bpe)
@@ -93,7 +94,7 @@ def test_llmc_losses_equal_transformers_gpt2(gpt2_bpe):
 
 def test_harness_style_equals_lm_evals_hellaswag_task(tmp_path, capsys):
     """--style harness scores what lm-eval's own hellaswag task (its process_docs) asks our model class."""
-    lm_eval = pytest.importorskip("lm_eval", reason="the eval extra (lm-eval) is not installed")
+    lm_eval = require_extra("lm_eval", "eval")
     from lm_eval.tasks import TaskManager
 
     import eval.harness  # noqa: F401  registers the model class "gptrain"

@@ -2,11 +2,12 @@
 
 import pytest
 import torch
+from conftest import require_extra
 
 from model import GPT
 from model.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
 
-transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+transformers = require_extra("transformers", "hf")
 
 
 def small_hf_model(tie: bool = True):
@@ -57,9 +58,16 @@ def test_untied_head_round_trip():
     ours = GPT(cfg).eval()
     ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg), strict=True)
     back = to_hf_state_dict(ours.state_dict(), cfg)
-    for k, v in hf.state_dict().items():
-        if k in back:
-            torch.testing.assert_close(back[k], v, atol=0, rtol=0)
+    want = hf.state_dict()
+    assert sorted(back) == sorted(want)  # lm_head.weight included: the head is not the embedding
+    for k, v in want.items():
+        torch.testing.assert_close(back[k], v, atol=0, rtol=0, msg=k)
+    assert not torch.equal(back["lm_head.weight"], back["transformer.wte.weight"])
+    again = transformers.GPT2LMHeadModel(hf.config).eval()
+    again.load_state_dict(back, strict=True)
+    idx = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(again(idx).logits, hf(idx).logits, atol=0, rtol=0)
 
 
 def test_modern_family_has_no_hf_gpt2_equivalent():

@@ -10,8 +10,9 @@ import json
 
 import pytest
 import torch
+from conftest import require_extra
 
-transformers = pytest.importorskip("transformers")
+transformers = require_extra("transformers", "hf")
 
 from _eval_fixtures import tiny_random  # noqa: E402
 

@@ -128,12 +128,45 @@ def test_bfloat16_muon_is_torch_optim_muon_bit_for_bit(adjust):
         assert torch.equal(a, b)
 
 
-def test_newton_schulz_runs_in_float32_where_bfloat16_is_emulated():
-    model = tiny_model()
-    opt = build_optimizer(model, OptimSection(name="muon"))  # muon_ns_dtype=auto
-    want = "bfloat16" if resolve_dtype(torch.device("cpu")) == "bfloat16" else "float32"
-    assert opt.muon.param_groups[0]["ns_dtype"] == want
-    opt = build_optimizer(model, OptimSection(name="muon", muon_ns_dtype="bfloat16"))
+def newton_schulz_fp32(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Keller Jordan's quintic Newton-Schulz (github.com/KellerJordan/Muon, zeropower_via_newtonschulz5;
+    the coefficients torch.optim.Muon uses) written out in float32: the reference the auto rule must
+    produce on a CPU without bf16 units."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.T if g.size(0) > g.size(1) else g  # (k, n), k <= n
+    x = x / x.norm().clamp(min=1e-7)
+    for _ in range(steps):
+        gram = x @ x.T  # (k, k)
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if g.size(0) > g.size(1) else x
+
+
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_newton_schulz_runs_in_float32_where_bfloat16_is_emulated(monkeypatch, bf16_units):
+    """muon_ns_dtype=auto on a CPU with bf16 units (as oneDNN reports them) gives torch.optim.Muon's
+    bfloat16 update bit for bit; on one without, the float32 iteration, which differs from the bfloat16
+    one by far more than float32 rounding. The update is measured on the weights, not read back from
+    the optimizer's settings."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16_units)
+    model = tiny_model(family="gpt2")
+    lr = 0.1
+    kw = dict(lr=lr, momentum=0.0, nesterov=False, weight_decay=0.0)
+    cfg = OptimSection(name="muon", muon_lr=lr, muon_momentum=0.0, muon_nesterov=False, muon_weight_decay=0.0)
+    opt = build_optimizer(model, cfg)  # muon_ns_dtype=auto
+    w = model.transformer.h[0].mlp.c_fc.weight  # (64, 16)
+    w.grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))  # (64, 16)
+    ref = torch.nn.Parameter(w.detach().clone())
+    ref.grad = w.grad.clone()
+    torch.optim.Muon([ref], **kw).step()  # always bfloat16
+    before = w.detach().clone()
+    opt.step()
+    fp32 = before - lr * (64 / 16) ** 0.5 * newton_schulz_fp32(w.grad)  # (64, 16)
+    assert (ref.detach() - fp32).abs().max() > 1e-3  # the two dtypes are told apart
+    if bf16_units:
+        assert torch.equal(w.detach(), ref.detach())
+    else:
+        torch.testing.assert_close(w.detach(), fp32, rtol=0, atol=1e-5)
+    opt = build_optimizer(model, OptimSection(name="muon", muon_ns_dtype="bfloat16"))  # an explicit choice wins
     assert opt.muon.param_groups[0]["ns_dtype"] == "bfloat16"
 
 
@@ -199,6 +232,18 @@ def test_muon_lowers_the_loss_on_real_data(data_dir, tmp_path):
     losses = train_losses(tmp_path)
     assert losses[1] > 5.0  # ~ln(257): the bytes vocabulary, untrained
     assert sum(losses[s] for s in range(steps - 4, steps + 1)) / 5 < losses[1] - 1.5, losses
+
+
+def test_muon_alone_lowers_the_loss(data_dir, tmp_path):
+    """AdamW's learning rate at 0 (embeddings, head, norms and biases frozen at their init): the loss
+    falls only if Muon steps the blocks' matrices. With random frozen tied embeddings the floor is
+    high, so the drop is smaller than the full optimizer's."""
+    steps = 30
+    over = ["optim.name=muon", "optim.muon_lr=0.05", "optim.lr=0", f"train.max_steps={steps}"]
+    run(tiny_config(data_dir, tmp_path, *over, "schedule.warmup_steps=5"), **QUIET)
+    losses = train_losses(tmp_path)
+    assert losses[1] > 5.0  # ~ln(257): near-uniform predictions, whatever the batch
+    assert sum(losses[s] for s in range(steps - 4, steps + 1)) / 5 < losses[1] - 0.2, losses
 
 
 def test_deepspeed_refuses_muon_in_one_line(data_dir, tmp_path):

@@ -17,11 +17,12 @@ import time
 
 import pytest
 import torch
+from conftest import require_extra
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
+require_extra("fastapi", "serve")
+require_extra("uvicorn", "serve")
+openai = require_extra("openai", "serve")
+httpx = require_extra("httpx", "serve")
 
 from _eval_fixtures import REPO, tiny_random  # noqa: E402
 
@@ -121,9 +122,12 @@ def test_stop_strings(client, model):
     assert "".join(ch.choices[0].text for ch in streamed) == full[: full.index(stop)]
 
 
-def test_n_and_seed(client):
-    def ask(seed):
-        r = client.completions.create(model="tiny", prompt=["ab", "cd"], max_tokens=12, n=3, temperature=1.0, seed=seed)
+def test_n_and_seed(client, live):
+    """docs/serving.md: choice j of a request with seed s is what a one-choice request with seed s + j
+    gives, for every prompt of the request, also while other requests share the batch."""
+
+    def ask(seed, n=3, prompt=("ab", "cd")):
+        r = client.completions.create(model="tiny", prompt=list(prompt), max_tokens=12, n=n, temperature=1.0, seed=seed)
         return [(c.index, c.text) for c in r.choices]
 
     a, b, c = ask(7), ask(7), ask(8)
@@ -131,6 +135,80 @@ def test_n_and_seed(client):
     assert a == b  # same seed, same texts
     assert a != c
     assert len({t for _, t in a[:3]}) > 1  # the choices of one prompt differ from each other
+    for i, prompt in enumerate(("ab", "cd")):
+        for j in range(3):
+            assert a[i * 3 + j][1] == ask(7 + j, n=1, prompt=(prompt,))[0][1], (prompt, j)
+
+    async def under_load():
+        rng = random.Random(2)
+        noise = ["".join(rng.choice("xyz ") for _ in range(rng.randint(1, 20))) for _ in range(8)]
+        async with openai.AsyncOpenAI(base_url=live[0] + "/v1", api_key="unused", timeout=60, max_retries=0) as ac:
+            kw = dict(model="tiny", max_tokens=12, temperature=1.0)
+            jobs = [ac.completions.create(prompt=p, **kw, seed=99) for p in noise]
+            jobs += [ac.completions.create(prompt=["ab", "cd"], n=3, seed=7, **kw)]
+            jobs += [ac.completions.create(prompt="cd", n=1, seed=7 + j, **kw) for j in range(3)]
+            return await asyncio.gather(*jobs)
+
+    *_, many, s0, s1, s2 = asyncio.run(under_load())
+    assert [(ch.index, ch.text) for ch in many.choices] == a
+    assert [r.choices[0].text for r in (s0, s1, s2)] == [t for _, t in a[3:]]
+
+
+def test_n_boundary(live):
+    """n up to the engine's batch (16 here) is served; one more is a 400 that names the limit; prompts x n
+    beyond what the server holds at once (max_queue 64 + max_batch 16) is a 400, not a 429."""
+    url, server = live
+    body = {"prompt": "a", "max_tokens": 1, "temperature": 1.0, "seed": 0}
+    r = httpx.post(url + "/v1/completions", json={**body, "n": 16}, timeout=60)
+    assert r.status_code == 200 and [c["index"] for c in r.json()["choices"]] == list(range(16))
+    r = httpx.post(url + "/v1/completions", json={**body, "n": 17}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "at most 16" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={**body, "prompt": ["a"] * 6, "n": 16}, timeout=60)
+    assert r.status_code == 400 and "(80)" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={**body, "prompt": ["a"] * 5, "n": 16}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 80
+
+
+def test_prompt_of_exactly_the_context(live, model):
+    """A prompt of BLOCK tokens leaves no room to generate (400 naming the context) but can be scored
+    (max_tokens 0, echo, logprobs: lm-eval's loglikelihood); BLOCK - 1 tokens leave room for one."""
+    url, _ = live
+    ids = [int(t) for t in torch.randint(0, 256, (BLOCK,), generator=torch.Generator().manual_seed(5))]
+    r = httpx.post(url + "/v1/completions", json={"prompt": ids, "max_tokens": 1}, timeout=60)
+    assert r.status_code == 400 and str(BLOCK) in r.json()["error"]["message"]
+    r = httpx.post(
+        url + "/v1/completions", json={"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 0}, timeout=60
+    )
+    assert r.status_code == 200
+    got = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)  # (BLOCK, V)
+    assert got[0] is None and got[1:] == pytest.approx([float(ref[t, ids[t + 1]]) for t in range(BLOCK - 1)], abs=1e-4)
+    body = {"prompt": ids[:-1], "max_tokens": 1, "temperature": 0, "ignore_eos": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 1
+    assert r.json()["choices"][0]["text"] == ENC.decode([int(ref[-2].argmax())], errors="replace")
+    body["max_tokens"] = 2
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 400
+
+
+def test_eot_finishes_a_choice(client):
+    """<|endoftext|> ends a choice with finish_reason "stop" and is not in its text; ignore_eos samples
+    past it. The same seed samples the same tokens either way, so the text without ignore_eos is the
+    ignore_eos text cut where <|endoftext|> first appears."""
+    eot = ENC.decode([EOT_ID])
+    kw = dict(model="tiny", prompt="q", max_tokens=60, temperature=1.0, logprobs=0)
+    r = client.completions.create(**kw, n=16, seed=0, extra_body={"ignore_eos": True})
+    hits = [c.index for c in r.choices if eot in c.logprobs.tokens]
+    assert hits, "no choice sampled <|endoftext|>: pick another prompt or more tokens"
+    j = hits[0]
+    tokens = r.choices[j].logprobs.tokens
+    k = tokens.index(eot)
+    stopped = client.completions.create(**kw, n=1, seed=j)
+    (c,) = stopped.choices
+    assert c.finish_reason == "stop" and c.logprobs.tokens == tokens[:k]
+    assert c.text == r.choices[j].text[: r.choices[j].text.index(eot)]
+    assert stopped.usage.completion_tokens == k  # the tokens of the text; <|endoftext|> is not returned
 
 
 def test_concurrent_greedy_equals_alone(live):
@@ -216,6 +294,57 @@ def test_disconnect_frees_slot(live, monkeypatch):
         assert server.engine.running == 1
     wait_idle(server)
     assert server.engine.generated_tokens_total - before < BLOCK - 2  # it stopped early: the row was freed
+
+
+def raw_post(url: str, body: dict) -> socket.socket:
+    """POST /v1/completions on a bare socket: the test closes it to play a client that leaves."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    sock.sendall(head.encode() + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def wait_for(cond, limit=400) -> None:
+    for _ in range(limit):
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError("the engine never reached the expected state")
+
+
+def test_disconnect_from_a_non_streaming_request_frees_slot(live, monkeypatch):
+    """A client that leaves a JSON (non-streaming) request: its row is freed long before max_tokens."""
+    url, server = live
+    slow_steps(monkeypatch, server.engine, seconds=0.05)  # BLOCK - 2 steps: over 6 s if never cancelled
+    before = server.engine.generated_tokens_total
+    sock = raw_post(url, {"prompt": "x", "max_tokens": BLOCK - 2, "ignore_eos": True})
+    wait_for(lambda: server.engine.running == 1)
+    sock.close()
+    wait_idle(server)
+    assert server.engine.generated_tokens_total - before < BLOCK - 2  # it stopped early: the row was freed
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_cancelled_while_queued_leaves_the_queue(live, monkeypatch, stream):
+    """One row, busy: a queued request whose client leaves is out of the queue while the running one
+    still runs (it holds no queue place), and it never generates a token."""
+    url, server = live
+    slow_steps(monkeypatch, server.engine, seconds=0.05)
+    monkeypatch.setattr(server.engine, "max_batch", 1)
+    long = {"prompt": "x", "max_tokens": BLOCK - 2, "ignore_eos": True, "stream": True}
+    seqs_before = server.engine.sequences_total
+    with httpx.stream("POST", url + "/v1/completions", json=long, timeout=30) as resp:
+        lines = resp.iter_lines()  # held: a dropped iterator closes the connection
+        next(lines)
+        sock = raw_post(url, {"prompt": "y", "max_tokens": 5, "stream": stream})
+        wait_for(lambda: server.engine.queue_length == 1)
+        sock.close()
+        wait_for(lambda: server.engine.queue_length == 0)
+        assert server.engine.running == 1  # the long request is still running
+    wait_idle(server)
+    assert server.engine.sequences_total - seqs_before == 1  # the queued one was never prefilled
 
 
 def test_queue_full_is_429(live, monkeypatch):
@@ -319,31 +448,57 @@ def test_logprobs_and_echo_scoring(client, model):
     assert lp.token_logprobs[1:] == pytest.approx(expect, abs=1e-5)
 
 
+def scrape(url: str, **kw) -> dict[str, float]:
+    """/metrics in the Prometheus text format -> {'name{labels}': value}."""
+    text = httpx.get(url + "/metrics", **kw).text
+    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+
+
 def test_models_metrics_health(live):
-    url, _ = live
-    assert httpx.get(url + "/health").json()["status"] == "ok"
+    url, server = live
+    wait_idle(server)
+    health = httpx.get(url + "/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok", "running": 0, "waiting": 0}
     models = httpx.get(url + "/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
-    text = httpx.get(url + "/metrics").text
-    for name in ("gptrain_requests_total", "gptrain_generated_tokens_total", "gptrain_queue_length"):
-        assert name in text
-    assert "gptrain_batch_occupancy" in text and "gptrain_time_to_first_token_seconds_count" in text
-    assert httpx.get(url + "/nope").json()["error"]["message"]
+    assert models["data"][0]["max_model_len"] == BLOCK
+    before = scrape(url)
+    for name in ("gptrain_queue_length", "gptrain_batch_occupancy", "gptrain_time_to_first_token_seconds_count"):
+        assert name in before
+    assert before["gptrain_queue_length"] == 0 and before["gptrain_batch_occupancy"] == 0
+    body = {"prompt": ["abc", "de"], "n": 2, "max_tokens": 7, "ignore_eos": True}
+    assert httpx.post(url + "/v1/completions", json=body, timeout=60).status_code == 200
+    nope = httpx.get(url + "/nope")
+    assert nope.status_code == 404 and "/nope" in nope.json()["error"]["message"]
+    after = scrape(url)
+    delta = {k: after[k] - before.get(k, 0) for k in after}
+    assert delta['gptrain_requests_total{code="200"}'] == 1 and delta['gptrain_requests_total{code="404"}'] == 1
+    assert delta["gptrain_sequences_total"] == 4  # 2 prompts x n=2
+    assert delta["gptrain_prompt_tokens_total"] == 2 * (3 + 2)
+    assert delta["gptrain_generated_tokens_total"] == 4 * 7
+    assert delta["gptrain_time_to_first_token_seconds_count"] == 4
+    assert delta["gptrain_decode_rows_total"] >= 4 * 6  # the first token of each comes from its prefill
 
 
 def test_api_key(model):
     from fastapi.testclient import TestClient
 
     server = Server(Engine(model, max_batch=2).start(), ENC, "tiny", api_key="s3cret")
+    body = {"prompt": "a", "max_tokens": 1}
     try:
         with TestClient(create_app(server)) as c:
             assert c.get("/health").status_code == 200  # a load balancer's probe needs no key
-            r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
-            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-            ok = c.post(
-                "/v1/completions", json={"prompt": "a", "max_tokens": 1}, headers={"Authorization": "Bearer s3cret"}
-            )
-            assert ok.status_code == 200
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                for r in (
+                    c.post("/v1/completions", json=body, headers=headers),
+                    c.get("/v1/models", headers=headers),
+                    c.get("/metrics", headers=headers),
+                ):
+                    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", headers
+            key = {"Authorization": "Bearer s3cret"}
+            assert c.post("/v1/completions", json=body, headers=key).status_code == 200
+            assert c.get("/v1/models", headers=key).json()["data"][0]["id"] == "tiny"
+            assert "gptrain_generated_tokens_total 1" in c.get("/metrics", headers=key).text
     finally:
         server.engine.stop()
 
@@ -409,7 +564,7 @@ def test_cli_serves_and_stops(tmp_path):
 def test_onnx_engine_joins_and_leaves(model, tmp_path):
     """The ONNX decoder under continuous batching: 6 greedy sequences of different lengths through 3 rows
     (so rows join a running batch, longer and shorter, and leave it) give the no-cache reference tokens."""
-    pytest.importorskip("onnxruntime")
+    require_extra("onnxruntime", "onnx")
     from eval.backends import OnnxBackend
     from eval.serve.batching_onnx import OnnxEngine
     from model.onnx_export import export_decoder

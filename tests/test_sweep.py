@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require_extra
 from train_helpers import DEBUG_YAML, REPO, metrics, one_thread, prepared_dataset, python_env, tiny_overrides
 
-optuna = pytest.importorskip("optuna")
+optuna = require_extra("optuna", "sweep")
 from optuna.trial import TrialState  # noqa: E402
 
 from train.callbacks import TrainPruned  # noqa: E402

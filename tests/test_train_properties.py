@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_extra
 from torch.utils._python_dispatch import TorchDispatchMode
 from train_helpers import REPO, metrics, one_thread, prepared_dataset, python_env, tiny_config, train_losses
 
@@ -135,7 +136,7 @@ def test_activation_checkpointing_in_the_loop_recomputes_and_keeps_the_losses(da
 def test_activation_checkpointing_is_applied_under_sharding(strategy, tmp_path):
     """The same count on 2 gloo ranks, for the strategies that apply AC before sharding."""
     if strategy == "deepspeed":
-        pytest.importorskip("deepspeed")
+        require_extra("deepspeed", "deepspeed")
     env = {**python_env(), "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run(

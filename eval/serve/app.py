@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from eval.serve.protocol import ApiError, Choice, Server, error_body, merge_logprobs
 
+DISCONNECT_POLL_S = 0.5  # how often a JSON request checks that its client is still there
+
 
 class BearerAuth:
     """Requires `Authorization: Bearer KEY` on every path but /health. A plain ASGI middleware: Starlette's
@@ -113,13 +115,18 @@ def create_app(server: Server):
             return StreamingResponse(gen, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         texts, finish, lps = list(echo), [None] * len(choices), [[] for _ in choices]
         completion_tokens, left = 0, len(choices)
+        check_at = loop.time() + DISCONNECT_POLL_S
         try:
             while left:
                 try:
-                    ev = await asyncio.wait_for(events.get(), timeout=1.0)
+                    ev = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
                 except TimeoutError:
+                    ev = None
+                if loop.time() >= check_at:  # on a timer: tokens arriving must not hide a client that left
                     if await request.is_disconnected():
                         return None
+                    check_at = loop.time() + DISCONNECT_POLL_S
+                if ev is None:
                     continue
                 if ev[0] == "logprobs":
                     lps[ev[1]].extend(ev[2])

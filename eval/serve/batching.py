@@ -189,6 +189,12 @@ class Engine:
         for i in reversed(range(len(self.rows))):
             if self.rows[i].cancelled:
                 self._leave(i, "cancelled")
+        with self.cond:  # a cancelled waiting sequence leaves the queue now, not once a row is free
+            gone = [s for s in self.waiting if s.cancelled]
+            if gone:
+                self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for seq in gone:
+            self._finish(seq, "cancelled")
         admitted = 0
         while admitted < self.prefills_per_step and len(self.rows) < self.max_batch:
             with self.cond:
