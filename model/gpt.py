@@ -426,9 +426,25 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6N + 12·L·H·Q·T (Chowdhery et al. 2022, PaLM, appendix B)."""
+        """Model FLOPs of one trained token (forward + backward): 6·N + 12·L·H·Q·T, the one formula of
+        MFU, train.bench and train.plan (Chowdhery et al. 2022, PaLM, appendix B; torchtitan's
+        get_num_flop_per_token). Conventions (docs/benchmarks.md):
+        - N: the parameters a token's matmuls use, nanoGPT's non-embedding count (the output head is
+          in, the token and position tables, which are lookups, are out). Every Linear's weight costs
+          2 FLOPs per token forward and 4 backward, so the widths of SwiGLU / ReLU^2 / GELU MLPs and the
+          smaller K/V projections of grouped-query attention enter through N. A model whose tokens use
+          only part of the weights (mixture of experts) defines num_active_params(non_embedding=True),
+          the parameters one token passes through, and that count is N.
+        - 12·L·H·Q·T: QK^T and AV, 2·T·Q multiply-adds per head and token each, times 3 for the
+          backward. H is the query heads (GQA shares K/V heads but every query head attends). The
+          full T x T square is counted, not the causal half (PaLM and torchtitan: "we follow the
+          convention and do not account for sparsity in causal attention"); document masking is not
+          discounted either.
+        - Activation checkpointing's recomputation is not counted: these are model FLOPs (MFU), not
+          hardware FLOPs (Korthikanti et al. 2022)."""
         cfg, T = self.config, seq_len or self.config.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        count = getattr(self, "num_active_params", self.num_params)
+        return 6 * count(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     # --------------------------------------------------------------- forward
     def trunk(

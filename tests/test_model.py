@@ -129,8 +129,18 @@ def test_model_trains_fp32_and_bf16(family):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_flops_per_token_against_an_independent_count(family):
+FLOP_VARIANTS = {  # both families and the recipe switches that change the matmul widths
+    "gpt2": ("gpt2", {}),
+    "modern-gqa": ("modern", {}),
+    "gpt2-relu2": ("gpt2", dict(mlp="relu2")),
+    "modern-swiglu-wide": ("modern", dict(ffn_hidden=96, n_kv_head=1)),
+    "gpt2-swiglu-padded": ("gpt2", dict(mlp="swiglu", pad_vocab_multiple=64, tie_embeddings=False)),
+    "modern-qknorm-softcap": ("modern", dict(qk_norm=True, logit_softcap=15.0, mlp="relu2")),
+}
+
+
+@pytest.mark.parametrize("variant", FLOP_VARIANTS)
+def test_flops_per_token_against_an_independent_count(variant):
     """flops_per_token (PaLM's 6N + 12·L·H·D·T) against torch's FlopCounterMode over a real forward +
     backward. The counter counts matmuls only: 6 FLOPs per token per Linear weight (forward, grad of
     the input, grad of the weight) and the attention's two T x T products (QK^T, AV: forward plus
@@ -141,8 +151,9 @@ def test_flops_per_token_against_an_independent_count(family):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
+    family, kw = FLOP_VARIANTS[variant]
     torch.manual_seed(0)
-    model = GPT(tiny(family))
+    model = GPT(tiny(family, **kw))
     B, T = 2, 32
     x, y = torch.randint(0, 97, (B, T)), torch.randint(0, 97, (B, T))
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
@@ -158,6 +169,21 @@ def test_flops_per_token_against_an_independent_count(family):
     formula = model.flops_per_token(T)
     assert formula - counted == 6 * not_in_matmuls
     assert formula == pytest.approx(counted, rel=0.03)  # biases and gains: under 3% of this tiny model
+
+
+def test_flops_per_token_counts_a_models_active_parameters():
+    """The mixture-of-experts hook: a model that defines num_active_params (the parameters one token
+    passes through) is charged 6 FLOPs per active parameter, not per stored one."""
+
+    class HalfActive(GPT):
+        def num_active_params(self, non_embedding: bool = False) -> int:
+            return self.num_params(non_embedding) // 2
+
+    cfg = tiny("modern")
+    dense, half = GPT(cfg), HalfActive(cfg)
+    attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * 32
+    assert dense.flops_per_token(32) - attention == 6 * dense.num_params(non_embedding=True)
+    assert half.flops_per_token(32) - attention == 6 * (dense.num_params(non_embedding=True) // 2)
 
 
 def test_gpt2_init_scales_residual_projections():

@@ -66,11 +66,7 @@ SETTINGS = {
 def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torch.device) -> dict:
     """Median seconds per optimizer step of `setting` on cfg's model and batch."""
     torch.manual_seed(0)
-    V = vocab_size(cfg)
-    # Document masking splits at <|endoftext|>: the last id of both tokenizers (bytes 256, GPT-2 50256).
-    # Random tokens hit it once in V, so the masked windows hold a document or two, as real text does.
-    eot = V - 1 if cfg.model.doc_mask and cfg.model.eot_id is None else cfg.model.eot_id
-    mcfg = dataclasses.replace(cfg.model, vocab_size=V, eot_id=eot)
+    mcfg = bench_model_config(cfg)
     model = GPT(mcfg)
     seq, mb = cfg.seq_len, cfg.train.micro_batch
     accum = cfg.train.tokens_per_step // (seq * mb)
@@ -131,6 +127,15 @@ def vocab_size(cfg: Config) -> int:
         return int(read_meta(cfg.data.dir)["vocab_size"])
     except (OSError, ValueError, KeyError):  # DataError is a ValueError: missing or unreadable meta.json
         return 50257
+
+
+def bench_model_config(cfg: Config) -> ModelConfig:
+    """cfg.model with the vocabulary filled in (vocab_size's rule) and, under document masking, an
+    <|endoftext|> id: the last id of both tokenizers (bytes 256, GPT-2 50256). Random tokens hit it
+    once in V, so the masked windows hold a document or two, as real text does."""
+    V = vocab_size(cfg)
+    eot = V - 1 if cfg.model.doc_mask and cfg.model.eot_id is None else cfg.model.eot_id
+    return dataclasses.replace(cfg.model, vocab_size=V, eot_id=eot)
 
 
 def model_for_flops(mcfg: ModelConfig) -> GPT:

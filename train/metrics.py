@@ -2,9 +2,11 @@
 (console line, metrics.jsonl, TensorBoard, W&B).
 
 MFU (model FLOPs utilisation, Chowdhery et al. 2022, PaLM appendix B) = achieved model FLOPs/s over
-the device's peak. The peak comes from a table of dense bf16 tensor-core figures (vendor datasheets,
-the "with sparsity" numbers halved) matched on the CUDA device name; on the CPU, and on a GPU the
-table does not know, it is measured with a short matmul at start-up in the dtype the run uses.
+the device's peak. The peak comes from train/hardware.py's table of dense tensor-core figures (vendor
+datasheets, the "with sparsity" numbers halved) matched on the CUDA device name; on the CPU, and on a
+GPU the table does not know, it is measured with a short matmul at start-up in the dtype the run uses.
+The run's log names the peak and where it came from. The model FLOPs are GPT.flops_per_token's
+(model/gpt.py: its conventions are there and in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -20,42 +22,14 @@ from pathlib import Path
 import torch
 
 from model.files import write_text_atomic
-
-# Dense bf16 (fp16 where bf16 is absent) tensor TFLOPs per GPU, from NVIDIA datasheets. Matched on
-# torch.cuda.get_device_name() (lower case), most specific first.
-GPU_PEAK_TFLOPS: list[tuple[str, float]] = [
-    ("gh200", 989.0),
-    ("h200", 989.0),  # H200 SXM: same tensor cores as H100 SXM
-    ("h100 nvl", 835.0),
-    ("h100 pcie", 756.0),
-    ("h100", 989.0),  # H100 SXM5: 1979 with sparsity
-    ("h800", 989.0),
-    ("b200", 2250.0),
-    ("a100", 312.0),
-    ("a800", 312.0),
-    ("l40s", 362.0),
-    ("l40", 181.0),
-    ("l4", 121.0),
-    ("a10g", 125.0),  # AWS's A10 (A10 datasheet; clocks vary by instance)
-    ("a10", 125.0),
-    ("a6000", 155.0),  # RTX A6000
-    ("a40", 150.0),
-    ("rtx 4090", 165.0),  # fp32 accumulate (330 with fp16 accumulate, which torch does not use)
-    ("rtx 4080", 97.5),
-    ("rtx 3090", 71.0),
-    ("v100", 125.0),  # fp16 tensor cores, SXM2 (no bf16 on Volta)
-    ("t4", 65.0),  # fp16
-]
+from train.hardware import find_gpu, peak_tflops
 
 
 def gpu_table_peak(name: str, dtype: str) -> float | None:
-    """Peak FLOP/s of a known GPU for the run's dtype: the bf16 figure; float32 runs use TF32,
-    half of it on Ampere and later (A100 156 vs 312, H100 495 vs 989)."""
-    lname = name.lower()
-    for key, tflops in GPU_PEAK_TFLOPS:
-        if key in lname:
-            return tflops * 1e12 * (0.5 if dtype == "float32" else 1.0)
-    return None
+    """Dense peak FLOP/s of a GPU in train/hardware.py's table for the run's dtype, or None."""
+    gpu = find_gpu(name)
+    tflops = peak_tflops(gpu, dtype) if gpu is not None else None
+    return None if tflops is None else tflops * 1e12
 
 
 @functools.cache
@@ -89,8 +63,9 @@ def device_peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
         name = torch.cuda.get_device_name(device)
         peak = gpu_table_peak(name, dtype)
         if peak is not None:
-            return peak, f"{name} datasheet"
-        return measure_matmul_peak(device, tdtype, n=4096), f"{name} measured {dtype} matmul"
+            gpu = find_gpu(name)
+            return peak, f"{gpu.name} datasheet, dense {dtype}: {gpu.source}"
+        return measure_matmul_peak(device, tdtype, n=4096), f"{name} measured {dtype} matmul (not in train/hardware.py)"
     threads = torch.get_num_threads()
     peak, what = measure_matmul_peak(device, tdtype), dtype
     if dtype != "float32":

@@ -1,0 +1,281 @@
+"""What one rank holds for a training layout, computed from the real model: shapes come from GPT(cfg)
+built on the meta device, activations from a forward + backward traced on fake tensors. No parameter
+or activation formula is kept by hand, so nothing here drifts from model/gpt.py.
+
+Layout: the mesh degrees (dp_replicate x dp_shard x cp x tp x pp), or DeepSpeed's ZeRO stage over
+dp ranks, plus the micro-batch and activation checkpointing. Per rank (bytes):
+- params, grads: the rank's share of each parameter. FSDP2 shards dim 0 over dp_shard x cp, padding
+  it to a multiple of the shard count (the rank holds ceil(dim0 / n) rows, rank 0 the most); tensor
+  parallel splits the weights of torchtitan's plan (colwise: q/k/v, MLP in, the token table and the
+  head along their output rows; rowwise: the output projections along their inputs); pipeline
+  parallel gives each stage its blocks (the first also the embeddings, the last the final norm and
+  head, and a tied table lives on both).
+- optimizer: AdamW's exp_avg + exp_avg_sq (fp32) and one float32 step count per tensor; Muon's momentum
+  for its matrices (train/optim.py's muon_params). DeepSpeed adds its fp32 master partition ("master").
+- DeepSpeed (ZeRO, Rajbhandari et al. 2020, sec. 5): the engine keeps the module in the training
+  dtype and its fp32 master copy, Adam moments and reduced gradients partitioned over the dp ranks;
+  stage 3 partitions the module too and allocates its reduce bucket (reduce_bucket_size elements).
+- activations: the peak bytes of the tensors a forward + backward of one micro-batch keeps alive,
+  other than parameters and gradients (saved activations, logits, the autocast copies of weights),
+  traced on fake tensors (torch._subclasses.FakeTensorMode, which allocates nothing) with the run's
+  autocast dtype and checkpointing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from model import GPT, ModelConfig
+
+# torchtitan's Llama TP plan on this model's module names: which dim of a parameter tp splits.
+TP_SHARD_DIM = {
+    "attn.c_attn.weight": 0,  # ColwiseParallel
+    "attn.c_attn.bias": 0,
+    "attn.c_proj.weight": 1,  # RowwiseParallel (its bias is replicated)
+    "mlp.c_fc.weight": 0,
+    "mlp.c_fc.bias": 0,
+    "mlp.c_proj.weight": 1,
+    "transformer.wte.weight": 0,  # RowwiseParallel over the vocabulary
+    "lm_head.weight": 0,  # ColwiseParallel (loss parallel)
+}
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size's default (DeepSpeed docs)
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    cp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero: int = 0  # DeepSpeed ZeRO stage over dp_replicate ranks; 0: torch-native
+    micro_batch: int = 1
+    ac: bool = False  # activation checkpointing of every block
+
+    @property
+    def world(self) -> int:
+        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def shard(self) -> int:
+        """FSDP's shard group: dp_shard x cp (torchtitan's dp_shard_cp)."""
+        return self.dp_shard * self.cp
+
+
+@dataclass
+class Footprint:
+    """Bytes per rank (the most loaded rank: pipeline stage and shard with the most)."""
+
+    params: int
+    grads: int
+    optimizer: int  # moments (+ step counts) and, under DeepSpeed, the fp32 master partition
+    master: int  # the DeepSpeed master partition alone (part of optimizer)
+    activations: int  # one micro-batch's peak (times the in-flight micro-batches of pipeline stage 0)
+    temporaries: dict[str, int]  # the largest transient buffers, by name
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + sum(self.temporaries.values())
+
+    def items(self) -> dict[str, int]:
+        return {
+            "params": self.params,
+            "grads": self.grads,
+            "optimizer": self.optimizer,
+            "activations": self.activations,
+            **self.temporaries,
+        }
+
+
+def meta_model(mcfg: ModelConfig) -> GPT:
+    with torch.device("meta"):
+        return GPT(mcfg)
+
+
+def dtype_bytes(dtype: str) -> int:
+    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+
+
+def param_shares(model: GPT, layout: Layout) -> list[tuple[str, nn.Parameter, int]]:
+    """(name, parameter, elements this rank holds) for every parameter of the most loaded stage
+    (pipeline rank), after tensor parallel and FSDP sharding (rank 0's share, the largest)."""
+    cfg, pp = model.config, layout.pp
+    tied = cfg.tie_embeddings
+    stages: dict[int, list] = {s: [] for s in range(pp)}
+    for name, p in model.named_parameters():
+        if name.startswith("transformer.h."):
+            where = {int(name.split(".")[2]) * pp // cfg.n_layer}
+        elif name.startswith("transformer.wte"):
+            where = {0, pp - 1} if tied else {0}
+        elif name.startswith("transformer.wpe"):
+            where = {0}
+        else:
+            where = {pp - 1}
+        shape = list(p.shape)
+        key = ".".join(name.split(".")[-3:]) if name.startswith("transformer.h.") else name
+        dim = TP_SHARD_DIM.get(key)
+        if layout.tp > 1 and dim is not None:
+            shape[dim] = math.ceil(shape[dim] / layout.tp)
+        if layout.zero == 0 and layout.shard > 1:
+            shape[0] = math.ceil(shape[0] / layout.shard)  # FSDP2: dim 0, padded
+        for s in where:
+            stages[s].append((name, p, math.prod(shape)))
+    return max(stages.values(), key=lambda share: sum(n for _, _, n in share))
+
+
+def state_bytes(model: GPT, layout: Layout, dtype: str, optimizer: str = "adamw", accum: int = 1) -> Footprint:
+    """Parameters, gradients and optimizer state of one rank (activations filled in by the caller)."""
+    share = param_shares(model, layout)
+    elems = sum(n for _, _, n in share)
+    temps: dict[str, int] = {}
+    if layout.zero:
+        return _deepspeed_bytes(share, elems, layout, dtype, accum)
+    muon = set()
+    if optimizer == "muon":
+        from train.optim import muon_params
+
+        muon = {id(p) for p in muon_params(model)}
+    moments = sum((1 if id(p) in muon else 2) * 4 * n for _, p, n in share)
+    steps = 4 * sum(1 for _, p, _ in share if id(p) not in muon)  # AdamW's float32 step per tensor
+    params = grads = 4 * elems  # fp32 master weights and gradients; autocast casts per matmul
+    cbytes = dtype_bytes(dtype)
+    if layout.shard > 1:
+        # FSDP2 all-gathers one block's parameters in the compute dtype, and prefetches the next.
+        per_block = _largest_block_elements(model, layout)
+        temps["FSDP all-gather (2 blocks)"] = 2 * per_block * cbytes
+        if accum > 1:  # without gradient sync, unsharded gradients accumulate between micro-batches
+            temps["FSDP unsharded grads (accumulation)"] = elems * layout.shard * cbytes
+    elif layout.dp_replicate > 1:
+        temps["DDP gradient buckets"] = 4 * elems  # a bucket copy of every gradient (gradient_as_bucket_view off)
+    return Footprint(params, grads, moments + steps, 0, 0, temps)
+
+
+def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int) -> Footprint:
+    n = layout.dp
+    pbytes = 4 if dtype == "float32" else dtype_bytes(dtype)  # the engine casts the module for bf16/fp16
+    part = math.ceil(elems / n)
+    params = pbytes * (part if layout.zero == 3 else elems)
+    # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries.
+    grads = pbytes * (elems if layout.zero == 1 and accum > 1 else part)
+    master = 4 * part
+    moments = 8 * part + 4 * len(share)  # torch AdamW over the master partition (one step per tensor)
+    temps = {}
+    if layout.zero == 3:
+        temps["ZeRO-3 reduce bucket"] = DEEPSPEED_REDUCE_BUCKET * pbytes
+    return Footprint(params, grads, master + moments, master, 0, temps)
+
+
+def _largest_block_elements(model: GPT, layout: Layout) -> int:
+    """Elements of the largest FSDP unit after tensor parallel: a block, or the root (embeddings,
+    final norm, head)."""
+    blocks = [sum(p.numel() for p in b.parameters()) for b in model.transformer.h]
+    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("transformer.h."))
+    return math.ceil(max(*blocks, root) / layout.tp)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the storages that ops create and that are still alive, and their peak.
+    Storages are followed through weak references, so a freed tensor leaves the count when it dies
+    (torch.distributed._tools.mem_tracker.MemTracker's approach, without its module bookkeeping).
+    forget(t) takes a tensor's storage out of the count (a gradient landing in .grad is not an
+    activation)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = WeakIdKeyDictionary()  # UntypedStorage -> [bytes still counted]
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t.untyped_storage())
+        return out
+
+    def _add(self, st) -> None:
+        if st in self.live:
+            return
+        counted = [st.nbytes()]
+        self.live[st] = counted
+        self.now += counted[0]
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(st, self._drop, counted)
+
+    def _drop(self, counted: list[int]) -> None:
+        self.now -= counted[0]
+        counted[0] = 0
+
+    def forget(self, t: torch.Tensor) -> None:
+        counted = self.live.get(t.untyped_storage())
+        if counted is not None:
+            self._drop(counted)
+
+
+def step_peak(model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str = "cpu") -> int:
+    """Peak live bytes of the tensors that one forward + backward of `model` on idx (B, T) creates,
+    the gradients left in .grad excepted: the activation memory of a micro-batch."""
+    from train.loop import autocast_ctx
+
+    tracker = LiveBytes()
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda p: tracker.forget(p.grad))
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+    with tracker:
+        with autocast_ctx(torch.device(device_type), dtype):
+            loss = model(idx, idx)
+        loss.backward()
+    for h in hooks:
+        h.remove()
+    return tracker.peak
+
+
+def _traced(mcfg: ModelConfig, n_layer: int, batch: int, seq: int, dtype: str, ac: bool) -> int:
+    return _traced_json(json.dumps(mcfg.to_dict(), sort_keys=True), n_layer, batch, seq, dtype, ac)
+
+
+@functools.cache
+def _traced_json(mcfg_json: str, n_layer: int, batch: int, seq: int, dtype: str, ac: bool) -> int:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mcfg = ModelConfig.from_dict(json.loads(mcfg_json))
+    cfg = dataclasses.replace(mcfg, n_layer=n_layer, block_size=max(mcfg.block_size, seq))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = GPT(cfg)
+        if ac:
+            from train.ac import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
+        idx = torch.zeros(batch, seq, dtype=torch.long)
+        return step_peak(model, idx, dtype)
+
+
+def activation_bytes(mcfg: ModelConfig, batch: int, seq: int, dtype: str, ac: bool) -> tuple[int, int]:
+    """(bytes outside the blocks, bytes per block) of one micro-batch of `batch` x `seq` tokens, from
+    fake forward + backward traces of 1 and 2 blocks at batch 1 and 2, each linear in the batch."""
+
+    def at(b: int) -> tuple[int, int]:
+        one, two = _traced(mcfg, 1, b, seq, dtype, ac), _traced(mcfg, 2, b, seq, dtype, ac)
+        return one - (two - one), two - one
+
+    (f1, l1), (f2, l2) = at(1), at(2)
+    return f1 + (f2 - f1) * (batch - 1), l1 + (l2 - l1) * (batch - 1)

@@ -1,0 +1,424 @@
+"""`python -m train.plan`: will this config fit, and which layout trains it fastest? Answered before
+the launch, from the real model (train/footprint.py) and the GPU's datasheet (train/hardware.py).
+
+    python -m train.plan --config configs/gpt2-124m.yaml --gpus 8 --gpu h100-sxm
+    python -m train.plan --config configs/gpt2-350m.yaml --gpus 16 --nodes 2 --gpu a100-80g train.micro_batch=8
+
+For the config's model, sequence length and global batch (train.tokens_per_step), every candidate
+layout of the GPUs (data parallel replicate / shard, tensor, context and pipeline parallel degrees
+where the config has them, DeepSpeed ZeRO 1/2/3), micro-batch and activation checkpointing gets,
+per rank: parameters, gradients, optimizer state, activations, the largest temporary buffers and
+their total against the GPU's memory; and an estimated step time, tokens/s and MFU.
+
+The time model (docs/distributed.md, "Will it fit?"): compute = the model FLOPs of the rank's share
+of the step (GPT.flops_per_token; activation checkpointing adds one forward of the blocks) at
+--efficiency x the dense peak; each parallel dimension moves its bytes (ring collectives: a rank
+sends (n-1)/n of the buffer per all-gather or reduce-scatter, twice that per all-reduce) over
+NVLink when its group lies within a node, else over the network. FSDP and data-parallel gradient
+traffic overlaps the compute (prefetch, bucketed reduction); tensor, context and pipeline traffic
+and the pipeline bubble (1F1B: (pp - 1) / micro-batches of the compute) add to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from model.errors import UserError
+from train.config import Config, load_config
+from train.footprint import Footprint, Layout, activation_bytes, dtype_bytes, meta_model, state_bytes
+from train.hardware import BY_KEY, GPU, NETWORK_GBPS, peak_tflops
+
+GIB = 1024**3
+HEADROOM = 0.9  # the share of GPU memory a run may plan for: the caching allocator fragments, and the
+# CUDA context and NCCL buffers take a few hundred MB (PyTorch's CUDA memory notes)
+EFFICIENCY = 0.5  # the share of the dense peak the matmuls reach: a planning assumption, not a measurement;
+# --efficiency sets it (tests/gpu_check.sh prints the measured MFU beside this estimate)
+
+
+class PlanError(UserError, ValueError):
+    """A planner flag or config the user can fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    gpu: GPU
+    gpus_per_node: int
+    nodes: int
+    intra_gbps: float  # per GPU, per direction, inside a node
+    inter_gbps: float  # per GPU, per direction, between nodes
+    efficiency: float = EFFICIENCY
+
+    @property
+    def world(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def memory(self) -> float:
+        return self.gpu.memory_gib * GIB
+
+
+@dataclass
+class Estimate:
+    layout: Layout
+    accum: int
+    footprint: Footprint
+    logits: int  # bytes of one micro-batch's fp32 logits (inside the activations)
+    fits: bool
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    comm: dict[str, tuple[float, float, str]] = field(default_factory=dict)  # dim -> (bytes, s, link)
+
+
+def model_config(cfg: Config):
+    """The config's ModelConfig with the vocabulary filled in (train.bench's rule)."""
+    from train.bench import bench_model_config
+
+    return bench_model_config(cfg)
+
+
+def run_dtype(cfg: Config) -> str:
+    """The dtype a run of this config uses on a GPU: auto is bfloat16 there (train.dtype's rule)."""
+    return "bfloat16" if cfg.train.dtype in ("auto", "float16") else cfg.train.dtype
+
+
+def has_mesh(cfg: Config) -> bool:
+    return all(hasattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "tp", "cp", "pp"))
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def candidates(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:
+    """Every layout of `world` GPUs this config can run: strategies none / ddp / fsdp / deepspeed, and
+    with the device mesh every dp_replicate x dp_shard x cp x tp x pp whose tp divides the heads and
+    stays within a node, whose cp splits the sequence into 2 cp chunks, whose pp divides the blocks.
+    Then each micro-batch that divides the rank's rows, with and without activation checkpointing."""
+    m, seq = cfg.model, cfg.seq_len
+    rows = cfg.train.tokens_per_step // seq
+    meshes: list[tuple[int, int, int, int, int, int]] = []  # (rep, shard, cp, tp, pp, zero)
+    if has_mesh(cfg):
+        for tp in divisors(min(world, gpus_per_node)):
+            if m.n_head % tp or m.n_kv_head % tp:
+                continue
+            for cp in divisors(world // tp):
+                if seq % (2 * cp) and cp > 1:
+                    continue
+                for pp in divisors(world // (tp * cp)):
+                    if pp > m.n_layer:
+                        continue
+                    dp = world // (tp * cp * pp)
+                    for shard in divisors(dp):
+                        meshes.append((dp // shard, shard, cp, tp, pp, 0))
+    elif world == 1:
+        meshes.append((1, 1, 1, 1, 1, 0))
+    else:
+        meshes += [(world, 1, 1, 1, 1, 0), (1, world, 1, 1, 1, 0)]
+    if world > 1 and cfg.optim.name != "muon":  # ZeRO flattens parameters: no Muon (train/config.py)
+        meshes += [(world, 1, 1, 1, 1, z) for z in (1, 2, 3)]
+    out = []
+    for rep, shard, cp, tp, pp, zero in meshes:
+        dp = rep * shard
+        if rows % dp:
+            continue
+        for mb in divisors(rows // dp):
+            if mb & (mb - 1) and mb != rows // dp:  # powers of two, and the whole share
+                continue
+            for ac in (False, True):
+                out.append(Layout(rep, shard, cp, tp, pp, zero, mb, ac))
+    return out
+
+
+def link(layout: Layout, dim: str, hw: Hardware) -> tuple[float, str]:
+    """(GB/s, name) of the link a dimension's collectives use: the mesh is laid out with tp innermost
+    (torchtitan's order pp, dp_replicate, dp_shard, cp, tp), so a group spans its own degree times the
+    degrees inside it, and stays on NVLink while that span fits in a node."""
+    order = ["tp", "cp", "dp_shard", "dp_replicate", "pp"]
+    degrees = {
+        "tp": layout.tp,
+        "cp": layout.cp,
+        "dp_shard": layout.dp_shard,
+        "dp_replicate": layout.dp_replicate,
+        "pp": layout.pp,
+    }
+    span = math.prod(degrees[d] for d in order[: order.index(dim) + 1])
+    if span <= hw.gpus_per_node:
+        return hw.intra_gbps, "node link"
+    return hw.inter_gbps, "network"
+
+
+def estimate(cfg: Config, model, layout: Layout, hw: Hardware) -> Estimate:
+    """The footprint and step time of one layout (the module docstring gives the model)."""
+    mcfg, seq, dtype = model.config, cfg.seq_len, run_dtype(cfg)
+    rows = cfg.train.tokens_per_step // seq
+    accum = rows // (layout.dp * layout.micro_batch)
+    fp = state_bytes(model, layout, dtype, cfg.optim.name, accum)
+    local_seq = seq // layout.cp
+    fixed, per_block = activation_bytes(mcfg, layout.micro_batch, local_seq, dtype, layout.ac)
+    blocks = math.ceil(mcfg.n_layer / layout.pp)
+    in_flight = min(layout.pp, accum)  # 1F1B: stage 0 holds pp micro-batches' activations
+    fp.activations = math.ceil((fixed + per_block * blocks * in_flight) / layout.tp)
+    cbytes = dtype_bytes(dtype)
+    tokens_mb = layout.micro_batch * local_seq
+    if layout.tp > 1:  # sequence-parallel all-gather output / reduce-scatter input of a block
+        fp.temporaries["TP collective buffer"] = 2 * tokens_mb * mcfg.n_embd * cbytes
+    if layout.cp > 1:  # one layer's K and V gathered over the cp group
+        fp.temporaries["CP K/V all-gather"] = (
+            2 * tokens_mb * layout.cp * mcfg.n_kv_head * mcfg.head_dim * cbytes // layout.tp
+        )
+    logits = tokens_mb * mcfg.padded_vocab_size * 4 // layout.tp
+    fits = fp.total <= HEADROOM * hw.memory
+
+    # time
+    peak = peak_tflops(hw.gpu, dtype) * 1e12
+    flops_rank = model.flops_per_token(seq) * cfg.train.tokens_per_step / layout.world
+    if layout.ac:  # one more forward of the blocks: 2 of the 6 FLOPs per parameter, a third of the attention
+        flops_rank *= 4 / 3
+    compute = flops_rank / (peak * hw.efficiency)
+    if layout.pp > 1:
+        compute *= 1 + (layout.pp - 1) / accum
+    comm = comm_volumes(cfg, model, layout, accum, dtype)
+    overlapped = exposed = 0.0
+    timed = {}
+    for dim, (nbytes, hidden) in comm.items():
+        gbps, where = link(layout, "dp_replicate" if dim == "zero" else dim, hw)
+        seconds = nbytes / (gbps * 1e9)
+        timed[dim] = (nbytes, seconds, where)
+        if hidden:
+            overlapped += seconds
+        else:
+            exposed += seconds
+    step = max(compute, overlapped) + exposed
+    tokens_per_s = cfg.train.tokens_per_step / step
+    mfu = model.flops_per_token(seq) * tokens_per_s / (layout.world * peak)
+    return Estimate(layout, accum, fp, logits, fits, step, tokens_per_s, mfu, timed)
+
+
+def comm_volumes(cfg: Config, model, layout: Layout, accum: int, dtype: str) -> dict[str, tuple[float, bool]]:
+    """dim -> (bytes one rank sends per optimizer step, whether it overlaps the compute)."""
+    mcfg, cbytes = model.config, dtype_bytes(dtype)
+    ring = lambda n: (n - 1) / n  # noqa: E731 -- a ring all-gather / reduce-scatter's share
+    params = sum(p.numel() for p in model.parameters()) / (layout.tp * layout.pp)  # one stage's, tp-split
+    tokens_mb = layout.micro_batch * cfg.seq_len / layout.cp
+    layers = math.ceil(mcfg.n_layer / layout.pp)
+    out: dict[str, tuple[float, bool]] = {}
+    if layout.zero:
+        n, pbytes = layout.dp, 4 if dtype == "float32" else cbytes
+        # reduce-scatter of the gradients, all-gather of the updated parameters; stage 3 gathers the
+        # parameters for every micro-batch's forward and backward instead
+        gathers = 2 * accum if layout.zero == 3 else 1
+        out["zero"] = ((1 + gathers) * ring(n) * params * pbytes, True)
+        return out
+    if layout.shard > 1:  # FSDP: all-gather forward and backward per micro-batch, reduce-scatter per step
+        n = layout.shard
+        out["dp_shard"] = ((2 * accum * cbytes + 4) * ring(n) * params, True)
+    if layout.dp_replicate > 1:  # all-reduce of the (sharded) fp32 gradients
+        out["dp_replicate"] = (2 * ring(layout.dp_replicate) * 4 * params / layout.shard, True)
+    if layout.tp > 1:  # Korthikanti et al. 2022: 4 collectives of the block's activations forward, 4 backward
+        out["tp"] = (8 * ring(layout.tp) * tokens_mb * mcfg.n_embd * cbytes * layers * accum, False)
+    if layout.cp > 1:  # K and V all-gathered forward, their gradients reduce-scattered backward
+        kv = 2 * tokens_mb * layout.cp * mcfg.n_kv_head * mcfg.head_dim * cbytes / layout.tp
+        out["cp"] = (2 * ring(layout.cp) * kv * layers * accum, False)
+    if layout.pp > 1:  # the boundary activation forward and its gradient backward, per micro-batch
+        out["pp"] = (2 * tokens_mb * mcfg.n_embd * cbytes / layout.tp * accum, False)
+    return out
+
+
+def plan(cfg: Config, hw: Hardware) -> list[Estimate]:
+    """Every candidate's estimate, the fitting ones first, each group fastest first; among estimates
+    within 1% of each other, fewer accumulation steps first (larger micro-batches run the matmuls
+    nearer their peak, which the time model does not see), then torch-native before DeepSpeed, then the
+    smaller footprint."""
+    model = meta_model(model_config(cfg))
+    rows = cfg.train.tokens_per_step // cfg.seq_len
+    if rows * cfg.seq_len != cfg.train.tokens_per_step:
+        raise PlanError(
+            f"train.tokens_per_step ({cfg.train.tokens_per_step}) is not a multiple of the sequence length "
+            f"({cfg.seq_len}); make it one"
+        )
+    layouts = candidates(cfg, hw.world, hw.gpus_per_node)
+    if not layouts:
+        raise PlanError(
+            f"no layout of {hw.world} GPUs divides the {rows} sequences of a step "
+            f"(train.tokens_per_step / seq_len): use a GPU count that divides {rows}"
+        )
+    out = [estimate(cfg, model, lay, hw) for lay in layouts]
+    return sorted(
+        out, key=lambda e: (not e.fits, round(math.log(e.step_s), 2), e.accum, e.layout.zero > 0, e.footprint.total)
+    )
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def layout_name(lay: Layout) -> str:
+    if lay.zero:
+        return f"zero{lay.zero} x{lay.dp}"
+    dims = [("rep", lay.dp_replicate), ("shard", lay.dp_shard), ("cp", lay.cp), ("tp", lay.tp), ("pp", lay.pp)]
+    named = [f"{k}{v}" for k, v in dims if v > 1]
+    return " ".join(named) or "single"
+
+
+def overrides(cfg: Config, lay: Layout) -> list[str]:
+    """The config keys that select this layout."""
+    out = []
+    if lay.zero:
+        out += ["parallel.strategy=deepspeed", f"parallel.zero_stage={lay.zero}"]
+    elif has_mesh(cfg) and (lay.cp > 1 or lay.tp > 1 or lay.pp > 1 or (lay.dp_replicate > 1 and lay.dp_shard > 1)):
+        out += [
+            f"parallel.{k}={getattr(lay, k)}"
+            for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")
+            if getattr(lay, k) != getattr(cfg.parallel, k, 1)
+        ]
+    elif lay.dp_shard > 1:
+        out.append("parallel.strategy=fsdp")
+    elif lay.dp_replicate > 1:
+        out.append("parallel.strategy=ddp")
+    if lay.micro_batch != cfg.train.micro_batch:
+        out.append(f"train.micro_batch={lay.micro_batch}")
+    if lay.ac != cfg.train.activation_checkpointing:
+        out.append(f"train.activation_checkpointing={str(lay.ac).lower()}")
+    return out
+
+
+def command(config_path: str, user_overrides: list[str], cfg: Config, est: Estimate, hw: Hardware) -> str:
+    parts = ["bash launch.sh", f"--nproc {hw.gpus_per_node}", config_path, *user_overrides, *overrides(cfg, est.layout)]
+    line = " ".join(parts)
+    if hw.nodes > 1:
+        line = f"NNODES={hw.nodes} NODE_RANK=<0..{hw.nodes - 1}> MASTER_ADDR=<node 0> MASTER_PORT=29500 " + line
+    return line
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def table(ests: list[Estimate], hw: Hardware, top: int) -> str:
+    head = (
+        f"{'layout':<22} {'mb':>4} {'ac':>3} {'acc':>4} {'params':>7} {'grads':>7} {'optim':>7} {'activ':>7} "
+        f"{'temp':>7} {'total':>7} {'fits':>5} {'step ms':>9} {'tokens/s':>11} {'MFU':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for e in ests[:top]:
+        f = e.footprint
+        lines.append(
+            f"{layout_name(e.layout):<22} {e.layout.micro_batch:>4} {'on' if e.layout.ac else '-':>3} {e.accum:>4} "
+            f"{gib(f.params):>7} {gib(f.grads):>7} {gib(f.optimizer):>7} {gib(f.activations):>7} "
+            f"{gib(sum(f.temporaries.values())):>7} {gib(f.total):>7} {'yes' if e.fits else 'NO':>5} "
+            f"{1000 * e.step_s:>9.1f} {e.tokens_per_s:>11,.0f} {100 * e.mfu:>5.1f}%"
+        )
+    return "\n".join(lines)
+
+
+def detail(e: Estimate, hw: Hardware) -> str:
+    f = e.footprint
+    lines = [
+        f"per rank, {layout_name(e.layout)}, micro-batch {e.layout.micro_batch}, checkpointing "
+        f"{'on' if e.layout.ac else 'off'}, {e.accum} accumulation step(s):"
+    ]
+    for name, nbytes in f.items().items():
+        note = f" (of which logits {gib(e.logits)})" if name == "activations" else ""
+        note = f" (of which fp32 master {gib(f.master)})" if name == "optimizer" and f.master else note
+        lines.append(f"  {name:<38} {gib(nbytes):>8} GiB{note}")
+    lines.append(f"  {'total':<38} {gib(f.total):>8} GiB of {hw.gpu.memory_gib:g} GiB ({HEADROOM:.0%} usable)")
+    for dim, (nbytes, seconds, where) in e.comm.items():
+        lines.append(f"  comm {dim:<33} {nbytes / 1e9:>8.3f} GB/step over the {where}: {1000 * seconds:.1f} ms")
+    return "\n".join(lines)
+
+
+def parse_hardware(args) -> Hardware:
+    gpu = BY_KEY.get(args.gpu)
+    if gpu is None:
+        raise PlanError(f"--gpu {args.gpu!r}: choose one of {', '.join(BY_KEY)}")
+    if args.gpus < 1 or args.nodes < 1 or args.gpus % args.nodes:
+        raise PlanError(f"--gpus ({args.gpus}) must be a positive multiple of --nodes ({args.nodes})")
+    for flag in ("intra_bw", "inter_bw", "memory_gib"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise PlanError(f"--{flag.replace('_', '-')} must be > 0")
+    if not 0 < args.efficiency <= 1:
+        raise PlanError(f"--efficiency must be in (0, 1]; got {args.efficiency}")
+    if peak_tflops(gpu, "bfloat16") is None:
+        raise PlanError(f"--gpu {args.gpu} has no dense tensor peak in train/hardware.py")
+    if args.memory_gib is not None:
+        gpu = dataclasses.replace(gpu, memory_gib=args.memory_gib)
+    return Hardware(
+        gpu,
+        args.gpus // args.nodes,
+        args.nodes,
+        args.intra_bw if args.intra_bw is not None else gpu.link_gbps,
+        args.inter_bw if args.inter_bw is not None else NETWORK_GBPS,
+        args.efficiency,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m train.plan",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--config", required=True, help="a run file, e.g. configs/gpt2-124m.yaml")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ap.add_argument("--gpus", type=int, default=8, help="GPUs in all (default 8)")
+    ap.add_argument("--nodes", type=int, default=1, help="nodes they are spread over (default 1)")
+    ap.add_argument("--gpu", default="h100-sxm", help=f"one of {', '.join(BY_KEY)} (default h100-sxm)")
+    ap.add_argument("--memory-gib", type=float, help="GPU memory in GiB (default: the table's)")
+    ap.add_argument("--intra-bw", type=float, help="GB/s per GPU and direction inside a node (default: the table's)")
+    ap.add_argument(
+        "--inter-bw", type=float, help=f"GB/s per GPU and direction between nodes (default {NETWORK_GBPS:g})"
+    )
+    ap.add_argument(
+        "--efficiency",
+        type=float,
+        default=EFFICIENCY,
+        help=f"share of the peak the matmuls reach (default {EFFICIENCY})",
+    )
+    ap.add_argument("--top", type=int, default=12, help="rows of the table (default 12)")
+    args = ap.parse_args(argv)
+    hw = parse_hardware(args)
+    if not Path(args.config).is_file():
+        raise PlanError(f"--config {args.config}: no such file")
+    cfg = load_config(args.config, args.overrides)  # ConfigError is a UserError: one line, exit 2
+    ests = plan(cfg, hw)
+    m = cfg.model
+    print(
+        f"model: {m.family}, {m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads ({m.n_kv_head} kv), "
+        f"context {cfg.seq_len} | {cfg.train.tokens_per_step:,} tokens/step | {run_dtype(cfg)} | "
+        f"optimizer {cfg.optim.name}"
+    )
+    peak = peak_tflops(hw.gpu, run_dtype(cfg))
+    print(
+        f"hardware: {hw.world} x {hw.gpu.name} ({hw.gpu.memory_gib:g} GiB, {peak:g} dense "
+        f"TFLOP/s {run_dtype(cfg)}: {hw.gpu.source}) | {hw.gpus_per_node} per node over {hw.intra_gbps:g} GB/s, "
+        f"{hw.nodes} node(s), {hw.inter_gbps:g} GB/s network | compute at {hw.efficiency:.0%} of peak\n"
+    )
+    print(table(ests, hw, args.top))
+    fitting = [e for e in ests if e.fits]
+    print(f"\n{len(fitting)} of {len(ests)} candidate layouts fit in {HEADROOM:.0%} of {hw.gpu.memory_gib:g} GiB")
+    if not fitting:
+        smallest = min(ests, key=lambda e: e.footprint.total)
+        print("nothing fits; the smallest footprint:\n" + detail(smallest, hw))
+        print("try more GPUs (--gpus), a larger GPU (--gpu) or a smaller train.micro_batch / model")
+        return
+    best = fitting[0]
+    print("\nrecommended (the fastest that fits):\n" + detail(best, hw))
+    print(f"\n  {command(args.config, args.overrides, cfg, best, hw)}")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    from eval.cli import run
+
+    return run(main, argv)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(cli())
