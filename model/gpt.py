@@ -9,6 +9,7 @@ Parallelism, compile and mixed precision are applied from outside (train/).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.moe import MoE, inactive_params, take_aux_loss
 
 # kv_update(layer, k, v) -> (k_all, v_all): stores this step's keys/values and returns
 # everything the queries attend to. A static cache writes in place (KVCache); the ONNX
@@ -188,7 +190,11 @@ class Block(nn.Module):
         self.ln_1 = make_norm(cfg)
         self.attn = Attention(cfg)
         self.ln_2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe_layer(layer):  # model/moe.py; shared experts are one dense SwiGLU of their total width
+            shared = cfg.n_shared_experts * cfg.expert_hidden
+            self.mlp = MoE(cfg, layer, MLP(dataclasses.replace(cfg, ffn_hidden=shared)) if shared else None)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, kv_update=None, attn_mask=None, is_causal=True):
         x = x + self.attn(self.ln_1(x), rope, self.layer, kv_update, attn_mask, is_causal)
@@ -279,6 +285,9 @@ class GPT(nn.Module):
                 nn.init.normal_(mod.weight, mean=0.0, std=std)
             elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
                 mod.reset_parameters()
+            elif isinstance(mod, MoE):  # experts' w_down is a residual projection, as c_proj
+                proj = 0.0 if self.config.zero_init_proj else std / math.sqrt(2 * self.config.n_layer)
+                mod.init_weights(std, proj)
         if self.config.family == "modern":
             cos, sin = rope_tables(self.config, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
@@ -309,10 +318,13 @@ class GPT(nn.Module):
             )
 
     # ----------------------------------------------------------------- sizes
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Unique parameters. non_embedding drops the position table, and the token table unless it
-        is tied (then it is the output projection's weight, used in a matmul) -- nanoGPT's convention."""
+        is tied (then it is the output projection's weight, used in a matmul) -- nanoGPT's convention.
+        active counts only what one token uses: of each MoE block's routed experts, k of E."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            n -= inactive_params(self)
         if non_embedding:
             if "wpe" in self.transformer:
                 n -= self.transformer.wpe.weight.numel()
@@ -321,9 +333,10 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token: 6N + 12·L·H·Q·T (Chowdhery et al. 2022, PaLM, appendix B)."""
+        """Training FLOPs per token: 6N + 12·L·H·Q·T (Chowdhery et al. 2022, PaLM, appendix B), N the
+        active parameters (a mixture of experts runs k of its E routed experts per token)."""
         cfg, T = self.config, seq_len or self.config.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        return 6 * self.num_params(non_embedding=True, active=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     # --------------------------------------------------------------- forward
     def positions(self, T: int, start_pos: int, kv_cache: KVCache | None, device) -> torch.Tensor:
@@ -394,7 +407,9 @@ class GPT(nn.Module):
         start_pos: int = 0,
     ) -> torch.Tensor:
         """idx (B, T). Returns logits (B, T, vocab_size), or with targets (B, T) the mean cross
-        entropy over targets != -100. With kv_cache, idx holds positions [start_pos, start_pos+T)."""
+        entropy over targets != -100. With kv_cache, idx holds positions [start_pos, start_pos+T).
+        A training forward of a mixture of experts adds its weighted aux losses (model/moe.py) to the
+        loss's gradient but not to its value: the value stays the cross entropy that runs log."""
         B, T = idx.shape
         end = start_pos + T
         limit = kv_cache.max_seq_len if kv_cache is not None else self.config.block_size
@@ -412,7 +427,9 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         # flatten(0, 1) stays a view even after the vocabulary slice, so no logits copy is kept.
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        aux = take_aux_loss(self) if self.config.n_experts else None
+        return loss if aux is None else loss + (aux - aux.detach())  # value: the cross entropy exactly
 
 
 def cache_mask(T: int, start_pos: int, left_pad: torch.Tensor | None, device):

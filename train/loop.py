@@ -36,6 +36,7 @@ from model import GPT, ModelConfig
 from model.dtypes import short, torch_dtype
 from model.io import ArtifactError, load_state
 from model.loss import loss_totals
+from model.moe import after_step, routing_health
 from train import hellaswag
 from train.callbacks import EvalCallback, TrainPruned
 from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume
@@ -474,6 +475,7 @@ class Trainer:
                 batches = self.loader.next_step()
                 lr = self.set_lr(state.step)
                 loss, norm = train_step(self.model, self.strategy, batches, self.amp)
+                after_step(self.model)  # MoE: the routing biases follow this step's load (model/moe.py)
                 state.step += 1
                 state.tokens = state.step * cfg.train.tokens_per_step
                 self.meter.add(loss, norm)
@@ -519,6 +521,7 @@ class Trainer:
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * strategy.world_size),
             "ms_per_step": 1000 * seconds / steps,
             "peak_mem_gb": peak_memory_gb(strategy.device),
+            **routing_health(self.model),  # MoE: each block's expert shares, aux losses, bias range
         }
         self.metrics.write(record)
         self.log(format_line(record, cfg.train.max_steps))
