@@ -368,6 +368,7 @@ class Trainer:
         self.mcfg = model.config
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         n_params = model.num_params()
+        self.active_params = model.num_params(active=True)  # a mixture of experts runs k of E experts
         if strategy.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (nanoGPT does too)
             torch.backends.cudnn.allow_tf32 = True
@@ -424,7 +425,9 @@ class Trainer:
             f"| dtype {cfg.train.dtype} | compile {cfg.train.compile}"
         )
         self.log(
-            f"model {n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
+            f"model {n_params / 1e6:.2f}M params"
+            + (f" ({self.active_params / 1e6:.2f}M active)" if self.active_params != n_params else "")
+            + f" ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
             f"{self.mcfg.n_embd} wide) | data {self.data.label} (tokenizer {meta['tokenizer']}, "
             f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
