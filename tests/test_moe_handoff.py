@@ -65,7 +65,7 @@ def test_training_logs_routing_health_and_saves_the_moved_bias(trained):
         for r in logs:
             assert all(k in r for k in keys), sorted(r)
             assert 0 <= r[f"moe/{block}/min_share"] <= 0.25 <= r[f"moe/{block}/max_share"] <= 1
-            assert r[f"moe/{block}/balance_loss"] >= 1 - 1e-6  # Switch's loss is 1 at best
+            assert r[f"moe/{block}/balance_loss"] > 0 and r[f"moe/{block}/z_loss"] > 0
         assert logs[-1][f"moe/{block}/bias_range"] > 0  # the bias moved, by 0.01 a step
     model, _ = load_model(run_dir)
     bias = model.transformer.h[0].mlp.expert_bias
