@@ -56,10 +56,14 @@ def test_expert_compute_equals_a_per_token_reference_forward_and_gradients(kw, g
     model = tiny(**kw, moe_grouped_mm=grouped)
     m = model.transformer.h[0].mlp
     with torch.no_grad():
-        m.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1]))  # the bias changes the choice only
+        m.router.weight.normal_(std=0.3)  # scores that differ between tokens
+        m.expert_bias.copy_(torch.tensor([0.03, -0.02, 0.0, 0.01]))  # the bias changes the choice only
         m.w_down.normal_(std=0.1)
     x = torch.randn(3, 5, 32)
     x.requires_grad_(True)
+    _, _, chosen = m.route(m.router(x.detach().view(-1, 32)).float())
+    counts = torch.bincount(chosen.flatten(), minlength=4)
+    assert (counts > 0).all() and len(set(counts.tolist())) > 2  # uneven groups, none empty
     got = m(x)
     x_ref = x.detach().clone().requires_grad_(True)
     ref = naive_moe(m, x_ref.view(-1, 32)).view(3, 5, 32)
