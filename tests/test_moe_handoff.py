@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from train_helpers import REPO, TINY, metrics, prepared_dataset
 
 from eval.backends import TorchBackend
@@ -133,3 +134,27 @@ def test_int8_backend_refuses_in_one_line(trained):
     r = command("-m", "eval.sample", "--ckpt", str(trained[0]), "--backend", "int8", "--prompt", "a")
     assert r.returncode == 2 and "int8 quantization does not cover mixture-of-experts" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_continues_exactly_with_the_saved_routing_bias(tmp_path_factory, tmp_path):
+    """4 steps straight, or 2 then a resume to 4: the same losses, routing health and biases (the bias
+    is a buffer of the saved weights; the step's load counts start afresh after every step)."""
+    from train_helpers import tiny_config
+
+    from train.loop import run
+
+    data = prepared_dataset(tmp_path_factory)
+    extra = [*MOE, "checkpoint.every=2", "checkpoint.keep_last=2", "schedule.total_steps=4"]
+    run(tiny_config(data, tmp_path / "straight", *extra, "train.max_steps=4"), log=lambda *a: None)
+    run(tiny_config(data, tmp_path / "cut", *extra, "train.max_steps=2"), log=lambda *a: None)
+    run(tiny_config(data, tmp_path / "cut", *extra, "train.max_steps=4"), log=lambda *a: None)
+
+    def logged(run_dir):
+        return [{k: v for k, v in r.items() if k == "loss" or k.startswith("moe/")} for r in metrics(run_dir)[-2:]]
+
+    assert logged(tmp_path / "straight") == logged(tmp_path / "cut")
+    a, _ = load_model(tmp_path / "straight")
+    b, _ = load_model(tmp_path / "cut")
+    for block in range(2):
+        bias = a.transformer.h[block].mlp.expert_bias
+        assert bias.abs().sum() > 0 and torch.equal(bias, b.transformer.h[block].mlp.expert_bias)
