@@ -17,11 +17,20 @@ Attention, norms and embeddings map as for Llama (model/hf.py). Plain tensors an
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
 from model.config import ModelConfig
-from model.hf import _llama_names, _pad_rows, check_switches, llama_config_from_hf, llama_config_to_hf
+from model.hf import (
+    _llama_mlp_from_hf,
+    _llama_mlp_to_hf,
+    check_switches,
+    llama_config_from_hf,
+    llama_config_to_hf,
+    llama_from_hf_state_dict,
+    llama_to_hf_state_dict,
+)
 
 MOE_TYPES = ("mixtral", "qwen3_moe")
 
@@ -137,87 +146,47 @@ def _moe_prefix(cfg: ModelConfig, i: int) -> str:
 def moe_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> MixtralForCausalLM's / Qwen3MoeForCausalLM's (per-expert names)."""
     check_moe_export(cfg)
-    q, kv, V = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, cfg.vocab_size
-    out = {
-        "model.embed_tokens.weight": sd["transformer.wte.weight"][:V],
-        "model.norm.weight": sd["transformer.ln_f.weight"],
-    }
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"][:V]
-    for i in range(cfg.n_layer):
-        o, h = f"transformer.h.{i}.", f"model.layers.{i}."
-        out.update({hk: sd[ok] for ok, hk in _llama_names(i) if ".mlp." not in ok})
-        for name, w in zip("qkv", sd[o + "attn.c_attn.weight"].split([q, kv, kv]), strict=True):
-            out[h + f"self_attn.{name}_proj.weight"] = w
-        if cfg.qk_norm:
-            out[h + "self_attn.q_norm.weight"] = sd[o + "attn.q_norm.weight"]
-            out[h + "self_attn.k_norm.weight"] = sd[o + "attn.k_norm.weight"]
+
+    def mlp(i: int, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not cfg.is_moe_layer(i):
-            gate, up = sd[o + "mlp.c_fc.weight"].chunk(2)
-            out.update({h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up})
-            out[h + "mlp.down_proj.weight"] = sd[o + "mlp.c_proj.weight"]
-            continue
-        if sd[o + "mlp.expert_bias"].any():
+            return _llama_mlp_to_hf(i, sd)
+        o, prefix = f"transformer.h.{i}.mlp.", _moe_prefix(cfg, i)
+        if sd[o + "expert_bias"].any():
             raise ValueError(
                 f"block {i} has a trained routing bias (model.moe_bias_update_rate), "
                 f"which {_arch(cfg)} has no place for"
             )
-        prefix = _moe_prefix(cfg, i)
-        out[prefix + "gate.weight"] = sd[o + "mlp.router.weight"]
+        out = {prefix + "gate.weight": sd[o + "router.weight"]}
         gate_t, up_t, down_t = _expert_names(cfg, prefix)
         for e in range(cfg.n_experts):
-            gate, up = sd[o + "mlp.w_up"][e].chunk(2)
-            out.update({gate_t.format(e=e): gate, up_t.format(e=e): up, down_t.format(e=e): sd[o + "mlp.w_down"][e]})
-    return {k: v.contiguous() for k, v in out.items()}
+            gate, up = sd[o + "w_up"][e].chunk(2)
+            out.update({gate_t.format(e=e): gate, up_t.format(e=e): up, down_t.format(e=e): sd[o + "w_down"][e]})
+        return out
+
+    return llama_to_hf_state_dict(sd, cfg, mlp)
 
 
 def moe_from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """MixtralForCausalLM's / Qwen3MoeForCausalLM's state dict (per-expert or fused experts) -> ours."""
-    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}
-    used: set[str] = set()
 
-    def take(name: str) -> torch.Tensor:
-        if name not in hf_sd:
-            raise ValueError(f"the {_arch(cfg)} weights have no {name}; the files do not match config.json")
-        used.add(name)
-        return hf_sd[name]
-
-    V = cfg.padded_vocab_size
-    out = {
-        "transformer.wte.weight": _pad_rows(take("model.embed_tokens.weight"), V),
-        "transformer.ln_f.weight": take("model.norm.weight"),
-    }
-    if not cfg.tie_embeddings:
-        out["lm_head.weight"] = _pad_rows(take("lm_head.weight"), V)
-    elif "lm_head.weight" in hf_sd:
-        used.add("lm_head.weight")
-    for i in range(cfg.n_layer):
-        o, h = f"transformer.h.{i}.", f"model.layers.{i}."
-        out.update({ok: take(hk) for ok, hk in _llama_names(i) if ".mlp." not in ok})
-        out[o + "attn.c_attn.weight"] = torch.cat([take(h + f"self_attn.{p}_proj.weight") for p in "qkv"])
-        if cfg.qk_norm:
-            out[o + "attn.q_norm.weight"] = take(h + "self_attn.q_norm.weight")
-            out[o + "attn.k_norm.weight"] = take(h + "self_attn.k_norm.weight")
+    def mlp(i: int, take: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
         if not cfg.is_moe_layer(i):
-            out[o + "mlp.c_fc.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
-            out[o + "mlp.c_proj.weight"] = take(h + "mlp.down_proj.weight")
-            continue
-        prefix = h + "mlp."  # transformers 5's names (fused experts), also Qwen3-MoE's per-expert ones
+            return _llama_mlp_from_hf(i, take)
+        o, prefix = f"transformer.h.{i}.mlp.", f"model.layers.{i}.mlp."  # transformers 5's fused experts
         if prefix + "experts.gate_up_proj" in hf_sd:
-            out[o + "mlp.router.weight"] = take(prefix + "gate.weight")
-            out[o + "mlp.w_up"] = take(prefix + "experts.gate_up_proj")
-            out[o + "mlp.w_down"] = take(prefix + "experts.down_proj")
+            w_up, w_down = take(prefix + "experts.gate_up_proj"), take(prefix + "experts.down_proj")
         else:
             prefix = _moe_prefix(cfg, i)
-            out[o + "mlp.router.weight"] = take(prefix + "gate.weight")
             gate_t, up_t, down_t = _expert_names(cfg, prefix)
             experts = range(cfg.n_experts)
-            out[o + "mlp.w_up"] = torch.stack(
-                [torch.cat([take(gate_t.format(e=e)), take(up_t.format(e=e))]) for e in experts]
-            )
-            out[o + "mlp.w_down"] = torch.stack([take(down_t.format(e=e)) for e in experts])
-        out[o + "mlp.expert_bias"] = torch.zeros(cfg.n_experts)
-    extra = sorted(set(hf_sd) - used)
-    if extra:
-        raise ValueError(f"the {_arch(cfg)} weights hold tensors our MoE model has no place for: {extra[:5]}")
-    return {k: v.contiguous() for k, v in out.items()}
+            w_up = torch.stack([torch.cat([take(gate_t.format(e=e)), take(up_t.format(e=e))]) for e in experts])
+            w_down = torch.stack([take(down_t.format(e=e)) for e in experts])
+        router = take(prefix + "gate.weight")
+        return {
+            o + "router.weight": router,
+            o + "w_up": w_up,
+            o + "w_down": w_down,
+            o + "expert_bias": torch.zeros(cfg.n_experts),
+        }
+
+    return llama_from_hf_state_dict(hf_sd, cfg, _arch(cfg), mlp)

@@ -123,3 +123,20 @@ def test_a_trained_routing_bias_is_refused_by_name(tmp_path):
     art = save_artifact(tmp_path / "m", model, cfg, {"tokenizer": "bytes"})
     with pytest.raises(UsageError, match="block 1 has a trained routing bias"):
         export_hf(art, tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_transformers_5_fused_expert_tensors_import_too(kind):
+    """transformers 5 holds experts fused in memory (experts.gate_up_proj, experts.down_proj under mlp.):
+    its state_dict converts as the per-expert files do."""
+    from model.hf_moe import moe_config_from_hf, moe_from_hf_state_dict
+
+    hf = hf_model(kind)
+    sd = hf.state_dict()
+    assert "model.layers.1.mlp.experts.gate_up_proj" in sd
+    cfg = moe_config_from_hf(hf.config.to_dict())
+    ours = GPT(cfg).eval()
+    ours.load_weights(moe_from_hf_state_dict(sd, cfg))
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-4, rtol=0)
