@@ -5,8 +5,10 @@
                                             (+ vocab.json, merges.txt, tokenizer_config.json)
 
 GPT-2 family <-> GPT2LMHeadModel; modern family (RoPE, RMSNorm, SwiGLU, GQA) <-> LlamaForCausalLM, whose
-export also writes generation_config.json. Llama features the modern family lacks (RoPE scaling,
-attention / MLP biases, sliding windows, a head_dim other than hidden_size / heads) are refused by name.
+export also writes generation_config.json; with mixture-of-experts blocks <-> MixtralForCausalLM (or
+Qwen3MoeForCausalLM with QK-norm), refusing by name what those classes cannot express (model/hf_moe.py).
+Llama features the modern family lacks (RoPE scaling, attention / MLP biases, sliding windows, a head_dim
+other than hidden_size / heads) are refused by name.
 
 The imported artifact is what eval.sample / evaluate / export read and what training starts from
 (train.init_from). The exported directory loads with transformers' GPT2LMHeadModel / LlamaForCausalLM
@@ -41,6 +43,7 @@ from model.hf import (
     llama_to_hf_state_dict,
     to_hf_state_dict,
 )
+from model.hf_moe import MOE_TYPES, moe_config_from_hf, moe_config_to_hf, moe_from_hf_state_dict, moe_to_hf_state_dict
 from model.io import load_state, save_artifact
 
 
@@ -91,8 +94,11 @@ def import_hf(
         raise UsageError(f"{out} already exists; pass --force to replace it, or choose another output")
     hf_cfg, hf_sd = read_hf_dir(hf_dir)
     llama = hf_cfg.get("model_type") == "llama"
+    moe = hf_cfg.get("model_type") in MOE_TYPES  # Mixtral, Qwen3-MoE (model/hf_moe.py)
     try:
-        if llama:
+        if moe:
+            cfg = moe_config_from_hf(hf_cfg)
+        elif llama:
             cfg = llama_config_from_hf(hf_cfg)
         else:
             cfg = config_from_hf(hf_cfg)
@@ -101,7 +107,13 @@ def import_hf(
         if isinstance(e, UsageError):
             raise
         raise UsageError(f"{hf_dir}/config.json does not convert: {e}") from None
-    sd = llama_from_hf_state_dict(hf_sd, cfg) if llama else from_hf_state_dict(hf_sd, cfg)
+    if moe:
+        try:
+            sd = moe_from_hf_state_dict(hf_sd, cfg)
+        except ValueError as e:
+            raise UsageError(f"{hf_dir}: {e}") from None
+    else:
+        sd = llama_from_hf_state_dict(hf_sd, cfg) if llama else from_hf_state_dict(hf_sd, cfg)
     with torch.device("meta"):
         model = GPT(cfg)
     expected = {k for k in model.state_dict() if not (cfg.tie_embeddings and k == "lm_head.weight")}
@@ -215,7 +227,12 @@ def export_hf(ckpt: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
 
     generation = None
     try:
-        if cfg.family == "modern":
+        if cfg.n_experts:  # MixtralForCausalLM, or Qwen3MoeForCausalLM with QK-norm (model/hf_moe.py)
+            eot = tokenizer_eot(meta.get("tokenizer"))
+            hf_cfg = moe_config_to_hf(cfg, eot)
+            hf_sd = moe_to_hf_state_dict(clean_state_dict(sd), cfg)
+            generation = {"bos_token_id": eot, "eos_token_id": eot, "max_length": cfg.block_size}
+        elif cfg.family == "modern":
             eot = tokenizer_eot(meta.get("tokenizer"))
             hf_cfg = llama_config_to_hf(cfg, eot)
             hf_sd = llama_to_hf_state_dict(clean_state_dict(sd), cfg)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 FAMILIES = ("gpt2", "modern")
 MLPS = ("gelu", "swiglu", "relu2")
+MOE_ROUTERS = ("softmax", "sigmoid")
 
 
 @dataclass
@@ -56,6 +57,39 @@ class ModelConfig:
     # The <|endoftext|> id that doc_mask splits documents at; None: the dataset's (training fills it
     # in from meta.json when doc_mask is on).
     eot_id: int | None = None
+    # ---- Mixture of experts (model/moe.py; docs/model.md "Mixture of experts"). Off while n_experts is 0.
+    # Routed experts per MoE block: each is a SwiGLU FFN; a token runs through moe_top_k of them,
+    # token-choice and dropless (Shazeer et al. 2017; Fedus et al. 2022, Switch; Jiang et al. 2024, Mixtral: 8).
+    n_experts: int = 0
+    moe_top_k: int = 2  # experts per token (Mixtral 2 of 8; DeepSeek-V3 8 of 256; Qwen3-MoE 8 of 128)
+    # Always-on shared experts beside the routed ones, one SwiGLU of n_shared_experts * expert width
+    # (Dai et al. 2024, DeepSeekMoE; DeepSeek-V3: 1; Qwen2-MoE: 1 of 4x width). 0: none (Mixtral, Qwen3-MoE).
+    n_shared_experts: int = 0
+    # Which blocks are MoE: block i (0-based) is when i >= moe_first_dense and (i + 1) % moe_every == 0.
+    # moe_every is Qwen2/3-MoE's decoder_sparse_step (1: every block; 2: every other, dense between);
+    # moe_first_dense is DeepSeek-V3's first_k_dense_replace (its first 3 blocks are dense).
+    moe_every: int = 1
+    moe_first_dense: int = 0
+    moe_hidden: int | None = None  # each expert's FFN width; None: the dense MLP's (hidden_dim)
+    # "softmax": top-k of softmax(router logits) (Mixtral, Qwen3-MoE); "sigmoid": top-k of sigmoid
+    # scores, the weights normalised over the chosen k (DeepSeek-V3, Liu et al. 2024, eq. 15-16).
+    moe_router: str = "softmax"
+    # Renormalise the chosen k weights to sum to 1 (Mixtral, DeepSeek-V3; Qwen3-MoE's norm_topk_prob).
+    moe_norm_topk: bool = True
+    moe_route_scale: float = 1.0  # multiplies the routed output (DeepSeek-V3's routed_scaling_factor 2.5)
+    # Auxiliary balance loss E * sum_e f_e * P_e (Fedus et al. 2022, eq. 4): f_e the fraction of the
+    # token-expert assignments that went to e, P_e the mean router probability; 1 at a uniform load.
+    # Switch uses 0.01; DeepSeek-V3 relies on the bias update below with a tiny sequence-wise term.
+    moe_aux_loss_coef: float = 0.01
+    # Router z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022, ST-MoE, eq. 5; they use 0.001). 0: off.
+    moe_z_loss_coef: float = 0.0
+    # Auxiliary-loss-free balancing (Wang et al. 2024; DeepSeek-V3 sec. 2.1.2): a per-expert bias added to
+    # the scores for choosing experts only, moved by this rate towards balance after every optimizer step
+    # (bias_e += rate * sign(mean load - load_e)); no gradient trains it. DeepSeek-V3: 0.001. 0: off.
+    moe_bias_update_rate: float = 0.0
+    # Expert compute: True a grouped matmul (torch's grouped_mm), False a loop over experts; None: grouped
+    # on CUDA in bfloat16 (the kernel's inputs), the loop elsewhere. Both are the same function.
+    moe_grouped_mm: bool | None = None
     extra: dict = field(default_factory=dict)  # reserved; keeps model.json forward compatible
 
     def __post_init__(self) -> None:
@@ -89,6 +123,41 @@ class ModelConfig:
             raise ValueError("grouped-query attention (n_kv_head < n_head) needs model.family: modern")
         if self.family == "modern" and self.head_dim % 2:
             raise ValueError(f"RoPE needs an even head dimension, got {self.head_dim}")
+        self.check_moe()
+
+    def check_moe(self) -> None:
+        """One line per mixture-of-experts setting that cannot work."""
+        if self.n_experts < 0:
+            raise ValueError(f"model.n_experts must be >= 0 (0: dense); got {self.n_experts}")
+        if not self.n_experts:
+            return
+        if not 1 <= self.moe_top_k <= self.n_experts:
+            raise ValueError(f"model.moe_top_k must be in [1, n_experts={self.n_experts}]; got {self.moe_top_k}")
+        if self.mlp != "swiglu":
+            raise ValueError(f"MoE experts are SwiGLU FFNs; set model.mlp: swiglu (got {self.mlp})")
+        if self.moe_router not in MOE_ROUTERS:
+            raise ValueError(f"model.moe_router must be one of {', '.join(MOE_ROUTERS)}; got {self.moe_router!r}")
+        for name in ("n_shared_experts", "moe_first_dense", "moe_aux_loss_coef", "moe_z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0; got {getattr(self, name)}")
+        if self.moe_every < 1 or (self.moe_hidden is not None and self.moe_hidden < 1):
+            raise ValueError("model.moe_every and model.moe_hidden must be >= 1")
+        if not any(self.is_moe_layer(i) for i in range(self.n_layer)):
+            raise ValueError(
+                f"no block is MoE with moe_every={self.moe_every}, moe_first_dense={self.moe_first_dense} "
+                f"and n_layer={self.n_layer}; lower them"
+            )
+        if not self.moe_bias_update_rate >= 0:
+            raise ValueError(f"model.moe_bias_update_rate must be >= 0; got {self.moe_bias_update_rate}")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) has a mixture of experts in place of its MLP."""
+        return self.n_experts > 0 and layer >= self.moe_first_dense and (layer + 1) % self.moe_every == 0
+
+    @property
+    def expert_hidden(self) -> int:
+        """The FFN width of one expert (routed or shared)."""
+        return self.moe_hidden or self.hidden_dim
 
     @property
     def head_dim(self) -> int:

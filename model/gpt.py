@@ -9,6 +9,7 @@ Parallelism, compile and mixed precision are applied from outside (train/).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.moe import MoE, inactive_params, take_aux_loss
 
 # kv_update(layer, k, v) -> (k_all, v_all): stores this step's keys/values and returns
 # everything the queries attend to. A static cache writes in place (KVCache); the ONNX
@@ -194,7 +196,11 @@ class Block(nn.Module):
         self.ln_1 = make_norm(cfg)
         self.attn = Attention(cfg)
         self.ln_2 = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        if cfg.is_moe_layer(layer):  # model/moe.py; shared experts are one dense SwiGLU of their total width
+            shared = cfg.n_shared_experts * cfg.expert_hidden
+            self.mlp = MoE(cfg, layer, MLP(dataclasses.replace(cfg, ffn_hidden=shared)) if shared else None)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x, rope=None, kv_update=None, attn_mask=None, is_causal=True):
         x = x + self.attn(self.ln_1(x), rope, self.layer, kv_update, attn_mask, is_causal)
@@ -384,6 +390,9 @@ class GPT(nn.Module):
                 nn.init.normal_(mod.weight, mean=0.0, std=std)
             elif isinstance(mod, (nn.LayerNorm, nn.RMSNorm)):
                 mod.reset_parameters()
+            elif isinstance(mod, MoE):  # experts' w_down is a residual projection, as c_proj
+                proj = 0.0 if self.config.zero_init_proj else std / math.sqrt(2 * self.config.n_layer)
+                mod.init_weights(std, proj)
         if self.config.family == "modern":
             cos, sin = rope_tables(self.config, device=self.rope_cos.device)
             self.rope_cos.copy_(cos)
@@ -414,10 +423,13 @@ class GPT(nn.Module):
             )
 
     # ----------------------------------------------------------------- sizes
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self, non_embedding: bool = False, active: bool = False) -> int:
         """Unique parameters. non_embedding drops the position table, and the token table unless it
-        is tied (then it is the output projection's weight, used in a matmul) -- nanoGPT's convention."""
+        is tied (then it is the output projection's weight, used in a matmul) -- nanoGPT's convention.
+        active counts only what one token uses: of each MoE block's routed experts, k of E."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            n -= inactive_params(self)
         if non_embedding:
             if "wpe" in self.transformer:
                 n -= self.transformer.wpe.weight.numel()
@@ -433,8 +445,8 @@ class GPT(nn.Module):
           in, the token and position tables, which are lookups, are out). Every Linear's weight costs
           2 FLOPs per token forward and 4 backward, so the widths of SwiGLU / ReLU^2 / GELU MLPs and the
           smaller K/V projections of grouped-query attention enter through N. A model whose tokens use
-          only part of the weights (mixture of experts) defines num_active_params(non_embedding=True),
-          the parameters one token passes through, and that count is N.
+          only part of the weights (a mixture of experts runs k of its E routed experts) counts the
+          parameters one token passes through: num_params(non_embedding=True, active=True).
         - 12·L·H·Q·T: QK^T and AV, 2·T·Q multiply-adds per head and token each, times 3 for the
           backward. H is the query heads (GQA shares K/V heads but every query head attends). The
           full T x T square is counted, not the causal half (PaLM and torchtitan: "we follow the
@@ -443,8 +455,7 @@ class GPT(nn.Module):
         - Activation checkpointing's recomputation is not counted: these are model FLOPs (MFU), not
           hardware FLOPs (Korthikanti et al. 2022)."""
         cfg, T = self.config, seq_len or self.config.block_size
-        count = getattr(self, "num_active_params", self.num_params)
-        return 6 * count(non_embedding=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
+        return 6 * self.num_params(non_embedding=True, active=True) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * T
 
     # --------------------------------------------------------------- forward
     def trunk(
@@ -529,7 +540,9 @@ class GPT(nn.Module):
         """idx (B, T). Returns logits (B, T, vocab_size), or with targets (B, T) the mean cross
         entropy over targets != -100. With kv_cache, idx holds slots [start_pos, start_pos+T) of each
         row; start_pos is an int, or a (B,) tensor when rows stand at different slots. With sharded
-        (no cache), idx is this rank's part of a longer window (see ShardedWindow)."""
+        (no cache), idx is this rank's part of a longer window (see ShardedWindow). A training forward
+        of a mixture of experts adds its weighted aux losses (model/moe.py) to the loss's gradient but
+        not to its value: the value stays the cross entropy that runs log."""
         T = idx.shape[1]
         if kv_cache is not None:
             h = self.cached_trunk(idx, kv_cache, start_pos)
@@ -544,7 +557,9 @@ class GPT(nn.Module):
         logits = self.head(h)  # (B, T, V)
         if targets is None:
             return logits
-        return cross_entropy(logits, targets)
+        loss = cross_entropy(logits, targets)
+        aux = take_aux_loss(self) if self.config.n_experts else None
+        return loss if aux is None else loss + (aux - aux.detach())  # value: the cross entropy exactly
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ This needs no `transformers` import: it converts plain tensors and config dicts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from model.config import ModelConfig
@@ -231,13 +233,30 @@ def _llama_names(i: int) -> list[tuple[str, str]]:
         (o + "ln_1.weight", h + "input_layernorm.weight"),
         (o + "attn.c_proj.weight", h + "self_attn.o_proj.weight"),
         (o + "ln_2.weight", h + "post_attention_layernorm.weight"),
-        (o + "mlp.c_proj.weight", h + "mlp.down_proj.weight"),
     ]
 
 
-def llama_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our modern-family state dict -> LlamaForCausalLM's (fused projections split, vocabulary padding dropped)."""
-    llama_config_to_hf(cfg)
+def _llama_mlp_to_hf(i: int, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Block i's dense SwiGLU MLP as HF's gate / up / down projections."""
+    o, h = f"transformer.h.{i}.", f"model.layers.{i}."
+    gate, up = sd[o + "mlp.c_fc.weight"].chunk(2)
+    return {
+        h + "mlp.gate_proj.weight": gate,
+        h + "mlp.up_proj.weight": up,
+        h + "mlp.down_proj.weight": sd[o + "mlp.c_proj.weight"],
+    }
+
+
+def llama_to_hf_state_dict(
+    sd: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    mlp: Callable[[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Our modern-family state dict -> LlamaForCausalLM's (fused projections split, vocabulary padding dropped).
+    Llama-like classes pass their own `mlp(block, sd)` and check their config themselves (model/hf_moe.py);
+    with cfg.qk_norm the attention's q_norm / k_norm are written too (Qwen3's names)."""
+    if mlp is None:
+        llama_config_to_hf(cfg)
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     V = cfg.vocab_size
     out = {
@@ -253,19 +272,37 @@ def llama_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dic
         out.update(
             {h + "self_attn.q_proj.weight": wq, h + "self_attn.k_proj.weight": wk, h + "self_attn.v_proj.weight": wv}
         )
-        gate, up = sd[o + "mlp.c_fc.weight"].chunk(2)
-        out.update({h + "mlp.gate_proj.weight": gate, h + "mlp.up_proj.weight": up})
+        if cfg.qk_norm:
+            out[h + "self_attn.q_norm.weight"] = sd[o + "attn.q_norm.weight"]
+            out[h + "self_attn.k_norm.weight"] = sd[o + "attn.k_norm.weight"]
+        out.update((mlp or _llama_mlp_to_hf)(i, sd))
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def llama_from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM's state dict -> ours. Missing or unexpected HF names raise, naming them."""
+def _llama_mlp_from_hf(i: int, take: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Block i's dense SwiGLU MLP from HF's gate / up / down projections."""
+    o, h = f"transformer.h.{i}.", f"model.layers.{i}."
+    return {
+        o + "mlp.c_fc.weight": torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")]),
+        o + "mlp.c_proj.weight": take(h + "mlp.down_proj.weight"),
+    }
+
+
+def llama_from_hf_state_dict(
+    hf_sd: dict[str, torch.Tensor],
+    cfg: ModelConfig,
+    arch: str = "Llama",
+    mlp: Callable[[int, Callable[[str], torch.Tensor]], dict[str, torch.Tensor]] = _llama_mlp_from_hf,
+) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's state dict -> ours. Missing or unexpected HF names raise, naming them. Llama-like
+    classes (`arch`, e.g. Mixtral) reuse it with their own `mlp(block, take)` (model/hf_moe.py); with
+    cfg.qk_norm the attention's q_norm / k_norm are read too (Qwen3's names)."""
     hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith("rotary_emb.inv_freq")}  # a buffer in old files
     used: set[str] = set()
 
     def take(name: str) -> torch.Tensor:
         if name not in hf_sd:
-            raise ValueError(f"the Llama weights have no {name}; the files do not match config.json")
+            raise ValueError(f"the {arch} weights have no {name}; the files do not match config.json")
         used.add(name)
         return hf_sd[name]
 
@@ -283,8 +320,11 @@ def llama_from_hf_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -
         out.update({ok: take(hk) for ok, hk in _llama_names(i)})
         attn = [take(h + f"self_attn.{p}_proj.weight") for p in "qkv"]
         out[o + "attn.c_attn.weight"] = torch.cat(attn)
-        out[o + "mlp.c_fc.weight"] = torch.cat([take(h + "mlp.gate_proj.weight"), take(h + "mlp.up_proj.weight")])
+        if cfg.qk_norm:
+            out[o + "attn.q_norm.weight"] = take(h + "self_attn.q_norm.weight")
+            out[o + "attn.k_norm.weight"] = take(h + "self_attn.k_norm.weight")
+        out.update(mlp(i, take))
     extra = sorted(set(hf_sd) - used)
     if extra:
-        raise ValueError(f"the Llama weights hold tensors the modern family has no place for: {extra[:5]}")
+        raise ValueError(f"the {arch} weights hold tensors the modern family has no place for: {extra[:5]}")
     return {k: v.contiguous() for k, v in out.items()}

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from model.errors import UserError
 from model.gpt import GPT, KVCache, cache_layout
 
 FULL, DECODER = "full", "decoder"
@@ -188,6 +189,16 @@ def _quiet():
             logging.disable(logging.NOTSET)
 
 
+def refuse_moe(model: GPT) -> None:
+    """The MoE block sorts tokens by expert into data-dependent group sizes, which the exported graph
+    does not express: refused in one line rather than exported wrong."""
+    if model.config.n_experts:
+        raise UserError(
+            "ONNX export does not support mixture-of-experts blocks (model.n_experts > 0); "
+            "serve it with the torch backend"
+        )
+
+
 def _export(
     module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str], dynamic_shapes: dict
 ) -> None:
@@ -211,6 +222,7 @@ def _export(
 @torch.no_grad()
 def export_full(model: GPT, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Export the full-sequence graph (dynamic batch and sequence length) to `path`."""
+    refuse_moe(model)
     path = Path(path)
     model = model.float().eval()
     B, T = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=model.config.block_size)
@@ -244,6 +256,7 @@ def decoder_names(cfg) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def export_decoder(model: GPT, path: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Export the KV-cache decoder graph (dynamic batch, new length and past length) to `path`."""
+    refuse_moe(model)
     path = Path(path)
     model = model.float().eval()
     cfg = model.config

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+from model.errors import UserError
 from model.gpt import GPT
 from model.io import ArtifactError, load_state, save_artifact, to_empty
 
@@ -221,6 +222,11 @@ def quantize_model(model: GPT, head: bool = True, kernel: str = "auto") -> GPT:
 
     A tied head shares its int8 table with an Int8Embedding, so the file stores it once. The
     untied token table stays float: it is a lookup, not a matmul, and costs no decode time."""
+    if model.config.n_experts:  # experts are 3-D parameters, not Linears: they would stay float unnoticed
+        raise UserError(
+            "int8 quantization does not cover mixture-of-experts weights (model.n_experts > 0); "
+            "use the float model (--backend torch)"
+        )
     tied = model.config.tie_embeddings
     for name, mod in list(model.named_modules()):
         if isinstance(mod, nn.Linear) and name != "lm_head":

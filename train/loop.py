@@ -35,6 +35,7 @@ import torch.nn as nn
 from model import GPT
 from model.dtypes import short, torch_dtype
 from model.loss import loss_totals
+from model.moe import after_step, routing_health
 from train import hellaswag
 from train.callbacks import EvalCallback, TrainPruned
 from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume
@@ -277,6 +278,7 @@ class Trainer:
         self.mcfg = model.config
         self.flops_per_token = model.flops_per_token(cfg.seq_len)
         n_params = model.num_params()
+        self.active_params = model.num_params(active=True)  # a mixture of experts runs k of E experts
         if strategy.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (nanoGPT does too)
             torch.backends.cudnn.allow_tf32 = True
@@ -333,7 +335,9 @@ class Trainer:
             f"| dtype {cfg.train.dtype} | compile {cfg.train.compile}"
         )
         self.log(
-            f"model {n_params / 1e6:.2f}M params ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
+            f"model {n_params / 1e6:.2f}M params"
+            + (f" ({self.active_params / 1e6:.2f}M active)" if self.active_params != n_params else "")
+            + f" ({self.mcfg.family}, {self.mcfg.n_layer} layers, "
             f"{self.mcfg.n_embd} wide) | data {self.data.label} (tokenizer {meta['tokenizer']}, "
             f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
@@ -393,6 +397,7 @@ class Trainer:
                 batches = self.loader.next_step()
                 lr = self.set_lr(state.step)
                 loss, norm = train_step(self.strategy, batches, self.amp)
+                after_step(self.model)  # MoE: the routing biases follow this step's load (model/moe.py)
                 state.step += 1
                 state.tokens = state.step * cfg.train.tokens_per_step
                 self.meter.add(loss, norm)
@@ -438,6 +443,7 @@ class Trainer:
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * strategy.world_size),
             "ms_per_step": 1000 * seconds / steps,
             "peak_mem_gb": peak_memory_gb(strategy.device),
+            **routing_health(self.model),  # MoE: each block's expert shares, aux losses, bias range
         }
         self.metrics.write(record)
         self.log(format_line(record, cfg.train.max_steps))

@@ -49,12 +49,13 @@ def muon_params(model: nn.Module) -> list[nn.Parameter]:
     """The hidden weight matrices: every 2-D parameter inside the transformer blocks that is not an
     embedding table (attention q/k/v and output projections, MLP in and out). Embeddings, the head and
     the final norm live outside the blocks, so they stay with AdamW (Jordan et al. 2024: "Muon should
-    only be used for hidden weight layers"; modded-nanogpt's hidden_matrix_params)."""
+    only be used for hidden weight layers"; modded-nanogpt's hidden_matrix_params). A 3-D parameter
+    (a mixture of experts' weights, one matrix per expert) is a batch of such matrices."""
     blocks = model.transformer.h
     embedding_ids = {id(p) for m in blocks.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     out, seen = [], set()
     for p in blocks.parameters():
-        if p.requires_grad and p.dim() == 2 and id(p) not in embedding_ids and id(p) not in seen:
+        if p.requires_grad and p.dim() in (2, 3) and id(p) not in embedding_ids and id(p) not in seen:
             seen.add(id(p))
             out.append(p)
     return out
@@ -70,7 +71,13 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, adamw_groups: list[dict], muon_groups: list[dict], adamw: dict, muon: dict, ns_dtype: str):
         self.adamw = torch.optim.AdamW(adamw_groups, **adamw)
-        self.muon = torch.optim.Muon(muon_groups, **muon)
+        # torch.optim.Muon accepts 2-D parameters only; 3-D expert weights join its groups after that check.
+        batched = [[p for p in g["params"] if p.dim() == 3] for g in muon_groups]
+        self.muon = torch.optim.Muon(
+            [{**g, "params": [p for p in g["params"] if p.dim() == 2]} for g in muon_groups], **muon
+        )
+        for group, extra in zip(self.muon.param_groups, batched, strict=True):
+            group["params"].extend(extra)
         for group in self.muon.param_groups:
             group["ns_dtype"] = ns_dtype  # a name, not a torch.dtype: the state dict stays plain data
         self.n_adamw = len(self.adamw.param_groups)
@@ -106,7 +113,10 @@ class MuonAdamW(torch.optim.Optimizer):
 def newton_schulz(g: torch.Tensor, coefficients: tuple, steps: int, eps: float, dtype: torch.dtype) -> torch.Tensor:
     """The quintic Newton-Schulz iteration of torch.optim.Muon (torch/optim/_muon.py,
     _zeropower_via_newtonschulz; Jordan et al. 2024), which maps g = U S V^T to about U V^T, in
-    `dtype`: torch's always runs in bfloat16, which CPUs without bf16 units emulate (slowly)."""
+    `dtype`: torch's always runs in bfloat16, which CPUs without bf16 units emulate (slowly). A 3-D g
+    (E, m, n) is E separate matrices (a mixture of experts' weights), each orthogonalised on its own."""
+    if g.dim() == 3:
+        return torch.stack([newton_schulz(m, coefficients, steps, eps, dtype) for m in g])
     a, b, c = coefficients
     x = g.to(dtype)  # (m, n)
     tall = g.size(0) > g.size(1)
@@ -123,7 +133,7 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float
     """torch.optim.Muon's _adjust_lr: the update's scale per matrix shape (rows A, columns B):
     original: sqrt(max(1, A/B)) (Jordan et al. 2024); match_rms_adamw: 0.2 * sqrt(max(A, B)), AdamW's
     update RMS (Liu et al. 2025, "Muon is Scalable for LLM Training")."""
-    rows, cols = shape[:2]
+    rows, cols = shape[-2:]  # of each matrix: a 3-D (E, rows, cols) weight is E of them
     if adjust_lr_fn == "match_rms_adamw":
         return lr * 0.2 * math.sqrt(max(rows, cols))
     return lr * math.sqrt(max(1, rows / cols))
