@@ -111,8 +111,10 @@ class MoE(nn.Module):
         flat = x.reshape(-1, C)  # (N, C)
         logits = self.router(flat).float()  # (N, E): routing in float32 (Mixtral's router, DeepSeek-V3)
         scores, weights, experts = self.route(logits)
-        counts = torch.bincount(experts.flatten(), minlength=self.n_experts)  # (E,)
-        order = experts.flatten().argsort(stable=True)  # (N*k,) assignments sorted by expert
+        flat_e = experts.flatten()  # (N*k,)
+        # (E,) assignments per expert; index_add, not bincount, keeps the shape static for torch.compile
+        counts = flat_e.new_zeros(self.n_experts).index_add_(0, flat_e, torch.ones_like(flat_e))
+        order = flat_e.argsort(stable=True)  # (N*k,) assignments sorted by expert
         token = order // self.top_k  # (N*k,) the token of each sorted assignment
         ys = self.run_experts(flat[token], counts)  # (N*k, C)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)

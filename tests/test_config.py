@@ -34,13 +34,26 @@ MODEL_VALUES = dict(
     pad_vocab_multiple=64,
     rope_theta=500000.0,
     norm_eps=1e-6,
-    mlp="relu2",
+    mlp="swiglu",  # not the field's default (null); mixture-of-experts blocks need it
     qk_norm=True,
     zero_init_proj=True,
     logit_softcap=15.0,
     doc_mask=True,
     doc_positions_restart=True,
     eot_id=299,
+    n_experts=4,
+    moe_top_k=1,
+    n_shared_experts=1,
+    moe_every=2,
+    moe_first_dense=1,
+    moe_hidden=48,
+    moe_router="sigmoid",
+    moe_norm_topk=False,
+    moe_route_scale=2.5,
+    moe_aux_loss_coef=0.02,
+    moe_z_loss_coef=0.001,
+    moe_bias_update_rate=0.001,
+    moe_grouped_mm=False,
     extra={"note": "x"},
 )
 
@@ -97,7 +110,9 @@ def test_shipped_configs_load_and_build(path):
     assert model.num_params() > 0
     # the global batch divides into whole micro-batches on 1 and on 8 ranks
     per_rank = cfg.train.tokens_per_step // (cfg.seq_len * cfg.train.micro_batch)
-    cpu_only = path.name in ("debug.yaml", "mix-demo.yaml") or path.name.startswith("race-")  # CPU demos, the race
+    cpu_only = path.name in ("debug.yaml", "mix-demo.yaml", "moe-demo.yaml") or path.name.startswith(
+        "race-"
+    )  # CPU demos
     assert per_rank >= 1 and (cpu_only or per_rank % 8 == 0)
 
 
