@@ -23,7 +23,6 @@ from train_helpers import (
 
 from model import GPT, ModelConfig
 from train.config import Config, OptimSection
-from train.device import resolve_dtype
 from train.errors import TrainError
 from train.loop import run
 from train.optim import MUON_GROUP, MuonAdamW, apply_schedule, build_optimizer, lr_at, muon_momentum_at
