@@ -57,8 +57,8 @@ def evaluate(model, tokenizer, examples: list[dict], strategy: Strategy, cfg: Co
         examples,
         style=cfg.eval.hellaswag_style,
         batch_size=batch_size(cfg),
-        rank=strategy.rank,
-        world_size=strategy.world_size,
+        rank=strategy.dp_rank,  # the ranks of one tp / cp / pp group score the same examples together
+        world_size=strategy.dp_size,
         device=strategy.device,
         block_size=block_size,
         autocast_dtype=None if dtype == "float32" else torch_dtype(dtype),
@@ -66,7 +66,8 @@ def evaluate(model, tokenizer, examples: list[dict], strategy: Strategy, cfg: Co
     )
     # float64 counts: exact for any count below 2**53, and every backend (gloo, NCCL) sums them
     totals = torch.tensor(counts.to_list(), dtype=torch.float64, device=strategy.device)
-    return Counts.from_list(strategy.all_reduce_sum(totals).tolist())
+    copies = strategy.world_size // strategy.dp_size  # each data-parallel rank's counts, once per group member
+    return Counts.from_list((strategy.all_reduce_sum(totals) / copies).tolist())
 
 
 def record(counts: Counts) -> dict:

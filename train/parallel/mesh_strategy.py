@@ -183,6 +183,14 @@ class MeshStrategy(DistributedStrategy):
         come back whole and the loss as a plain tensor."""
         return _Gathered(self.model, self) if self.loss_parallel else self.model
 
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp_size
+
     def layout(self) -> dict:
         return {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
 
