@@ -52,6 +52,11 @@ DCP_FORMAT = "dcp"  # strategy_state["format"]: model + optimizer are DCP shards
 
 
 class MeshStrategy(DistributedStrategy):
+    """The Strategy of every mesh layout. Hooks for the dimensions that change the step (each a method
+    a subclass overrides): `parallelize` (pipeline parallel: per stage), `forward_backward` (pipeline
+    parallel: its schedule over all micro-batches), `micro_loss` (context parallel: the sequence shard),
+    `eval_model` / `sample_model` (what evaluation and sampling call)."""
+
     def __init__(
         self,
         dims: ParallelDims,
