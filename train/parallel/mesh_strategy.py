@@ -6,7 +6,7 @@ Checkpoints: every rank writes its part of model + optimizer with torch.distribu
 into the state directory it is handed, from get_state_dict's fully-qualified names (the bare GPT's,
 whatever the layout), so DCP reshards on load and a checkpoint of any mesh resumes on any other mesh
 and world size. The fp16 loss scale travels in train_state.pt. A checkpoint that DCP cannot read
-(DeepSpeed's, or one whose optimizer state sits in train_state.pt) arrives as the strategy-neutral
+(the other engine's, or one whose optimizer state sits in train_state.pt) arrives as the strategy-neutral
 form (train/portable.py): load_portable.
 """
 
@@ -53,6 +53,11 @@ DCP_FORMAT = "dcp"  # strategy_state["format"]: model + optimizer are DCP shards
 
 
 class MeshStrategy(DistributedStrategy):
+    """The Strategy of every mesh layout. Hooks for the dimensions that change the step (each a method
+    a subclass overrides): `parallelize` (pipeline parallel: per stage), `forward_backward` (pipeline
+    parallel: its schedule over all micro-batches), `micro_loss` (context parallel: the sequence shard),
+    `eval_model` / `sample_model` (what evaluation and sampling call)."""
+
     def __init__(
         self,
         dims: ParallelDims,
@@ -67,7 +72,8 @@ class MeshStrategy(DistributedStrategy):
         # what train_state.pt records: the shorthand when the layout is just that, "mesh" otherwise
         self.name = label if pure.get(label) == dims.describe() or dims.world_size == 1 else "mesh"
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.mp_policy = self.mixed_precision() if dims.uses_fsdp else None  # before any process group
+        # first: a precision error needs no process group
+        self.mp_policy = self.mixed_precision() if dims.uses_fsdp or label == "fsdp" else None
         if spec.precision == "fp16" and dims.shards_params:
             raise StrategyError(
                 f"parallel layout {dims.describe()} runs in bfloat16 or float32 (float16 needs a loss scaler "
@@ -188,6 +194,14 @@ class MeshStrategy(DistributedStrategy):
         model = _Gathered(self.model, self) if self.loss_parallel else self.model
         return model if self.cp is None else ContextParallelEval(model, self.cp)
 
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp_size
+
     def layout(self) -> dict:
         return {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
 
@@ -206,7 +220,8 @@ class MeshStrategy(DistributedStrategy):
         model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
         with _one_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state_dir))
-        out = {"format": DCP_FORMAT, "mesh": self.dims.describe()}
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        out = {"format": DCP_FORMAT, "mesh": self.dims.describe(), "param_groups": groups}
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out if self.is_main else {}
@@ -214,6 +229,13 @@ class MeshStrategy(DistributedStrategy):
     def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:
         # get_state_dict gives the current layout; DCP reads into it, resharding from whatever mesh
         # wrote the checkpoint (torchtitan's checkpoint.py does the same).
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        if saved.get("param_groups", groups) != groups:  # another optim.name (or a changed split)
+            raise StrategyError(
+                f"cannot resume from {state_dir.parent}: its optimizer state does not fit this optimizer "
+                f"(parameter groups {saved['param_groups']} saved, {groups} here); resume with the optim.name "
+                f"it was written with, or start from its weights with train.init_from={state_dir.parent}"
+            )
         model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         with _one_process_quiet():
