@@ -35,14 +35,6 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dist")
 
 
-def _run(spec: dict, nproc: int, work: Path, tag: str) -> None:
-    proc = drv.launch(spec, nproc, work / f"spec_{tag}.json")
-    # Exit code 0 from torchrun: no rank failed, and none aborted at interpreter exit.
-    assert proc.returncode == 0, (
-        f"torchrun ({tag}) exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-
-
 @pytest.fixture(scope="module")
 def ref(work) -> dict:
     """One process (parallel.strategy=none), the whole global batch per step; also saves a checkpoint."""
@@ -70,7 +62,7 @@ def ckpt(work: Path, run: str) -> str:
 @pytest.fixture(scope="module")
 def one_rank_first(work, ref) -> Path:
     out = work / "out"
-    _run(
+    drv.launch_ok(
         {
             "out": str(out),
             "scenarios": [
@@ -94,7 +86,7 @@ def one_rank_first(work, ref) -> Path:
 def two_ranks(work, ref, one_rank_first) -> Path:
     out = work / "out"
     fresh = {"seed": 5}  # resumed runs start from other weights: only load() can make them match
-    _run(
+    drv.launch_ok(
         {
             "out": str(out),
             "driver_group": True,
@@ -156,7 +148,7 @@ def two_ranks(work, ref, one_rank_first) -> Path:
 @pytest.fixture(scope="module")
 def one_rank_after(work, two_ranks) -> Path:
     out = work / "out"
-    _run(
+    drv.launch_ok(
         {
             "out": str(out),
             "scenarios": [

@@ -451,7 +451,7 @@ class Trainer:
             f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
         self.log(
-            f"batch {cfg.train.tokens_per_step:,} tokens/step = {strategy.world_size} rank(s) x "
+            f"batch {cfg.train.tokens_per_step:,} tokens/step = {self.data.world_size} data-parallel rank(s) x "
             f"{strategy.spec.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {cfg.seq_len} | "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | peak {self.peak_flops / 1e12:.3g} TFLOP/s "
             f"({peak_source})"

@@ -67,7 +67,8 @@ class MeshStrategy(DistributedStrategy):
         # what train_state.pt records: the shorthand when the layout is just that, "mesh" otherwise
         self.name = label if pure.get(label) == dims.describe() or dims.world_size == 1 else "mesh"
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.mp_policy = self.mixed_precision() if dims.uses_fsdp else None  # before any process group
+        # first: a precision error needs no process group
+        self.mp_policy = self.mixed_precision() if dims.uses_fsdp or label == "fsdp" else None
         if spec.precision == "fp16" and dims.shards_params:
             raise StrategyError(
                 f"parallel layout {dims.describe()} runs in bfloat16 or float32 (float16 needs a loss scaler "
@@ -206,7 +207,8 @@ class MeshStrategy(DistributedStrategy):
         model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
         with _one_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state_dir))
-        out = {"format": DCP_FORMAT, "mesh": self.dims.describe()}
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        out = {"format": DCP_FORMAT, "mesh": self.dims.describe(), "param_groups": groups}
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out if self.is_main else {}
@@ -214,6 +216,13 @@ class MeshStrategy(DistributedStrategy):
     def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:
         # get_state_dict gives the current layout; DCP reads into it, resharding from whatever mesh
         # wrote the checkpoint (torchtitan's checkpoint.py does the same).
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        if saved.get("param_groups", groups) != groups:  # another optim.name (or a changed split)
+            raise StrategyError(
+                f"cannot resume from {state_dir.parent}: its optimizer state does not fit this optimizer "
+                f"(parameter groups {saved['param_groups']} saved, {groups} here); resume with the optim.name "
+                f"it was written with, or start from its weights with train.init_from={state_dir.parent}"
+            )
         model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         with _one_process_quiet():
