@@ -175,8 +175,7 @@ def test_tp2_cp2_matches_one_process(tmp_path):
         {"name": f"tpcp_{f}", "strategy": "none", "options": {"tp": 2, "cp": 2}, "steps": TPCP_STEPS, "family": f}
         for f in TPCP_FAMILIES
     ]
-    proc = drv.launch({"out": str(tmp_path), "driver_group": True, "scenarios": scenarios}, 4, tmp_path / "spec.json")
-    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    drv.launch_ok({"out": str(tmp_path), "driver_group": True, "scenarios": scenarios}, 4, tmp_path, "tpcp")
     for f in TPCP_FAMILIES:
         ref = drv.run_scenario({"name": f"ref_{f}", "strategy": "none", "steps": TPCP_STEPS, "family": f}, tmp_path)
         got = drv.load_result(tmp_path, f"tpcp_{f}")
