@@ -29,8 +29,8 @@ KVUpdate = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch
 # sharded(idx) -> (pos, kv_update, attn_mask, is_causal) of a forward over idx (B, T_local), this rank's
 # part of a window split along the sequence (context parallel, train/parallel/context.py): the tokens'
 # positions in the window, a kv_update that returns the whole window's keys/values, and the mask of
-# these queries against them.
-ShardedWindow = Callable[[torch.Tensor], tuple[torch.Tensor, KVUpdate, torch.Tensor | None, bool]]
+# these queries against them (a boolean tensor or a FlexAttention BlockMask, as GPT.window gives).
+ShardedWindow = Callable[[torch.Tensor], tuple[torch.Tensor, KVUpdate, object, bool]]
 
 
 def dropout(p: float) -> nn.Module:

@@ -4,16 +4,17 @@ The window of T tokens is cut into 2*cp equal chunks and cp rank i holds chunks 
 a causal mask an early chunk attends to few keys and its mirror to many, so every rank gets the same
 share of the attention work (the load-balanced sharding of Llama 3, Dubey et al. 2024, sec. 3.3.2).
 Each attention layer all-gathers the keys and values of the whole window over the cp group and computes
-this rank's queries against them, as Llama 3 does instead of a ring: the mask is an ordinary SDPA mask
-built from the tokens' window positions (and document ids), so causal attention, the document mask,
-position restarts, GQA (only the n_kv_head heads travel), learned positions and RoPE all work, on the
-CPU (gloo) as on GPUs. The all-gather is differentiable: its backward reduce-scatters the keys' and
-values' gradients back to the ranks that own them.
+this rank's queries against them, as Llama 3 does instead of a ring: the mask is built from the tokens'
+window positions (and document ids), so causal attention, the document mask, position restarts, GQA
+(only the n_kv_head heads travel), learned positions and RoPE all work, on the CPU (gloo) as on GPUs.
+On CUDA the mask is a FlexAttention BlockMask (block-sparse; the kernel keeps no (T/cp, T) tensor for
+the backward); elsewhere a boolean SDPA mask, which SDPA keeps per layer. The all-gather is
+differentiable: its backward reduce-scatters the keys' and values' gradients to the ranks that own them.
 
 Per rank, activations are those of T/cp tokens, except each layer's gathered keys and values
-(2 * n_kv_head * head_dim * T numbers per row, short next to the queries' heads under GQA) and the
-(T/cp, T) scores; communication is one all-gather of the keys and values per layer in the forward and
-one reduce-scatter of their gradients in the backward.
+(2 * n_kv_head * head_dim * T numbers per row, short next to the queries' heads under GQA); communication
+is one all-gather of the keys and values per layer in the forward and one reduce-scatter of their
+gradients in the backward.
 
 The model stays free of collectives: GPT.forward takes a `sharded` window (model/gpt.py's
 ShardedWindow), and ContextParallel is one.
@@ -63,12 +64,30 @@ def gathered_positions(T: int, cp_size: int, device=None) -> torch.Tensor:
     return torch.cat([sequence_positions(T, r, cp_size, device) for r in range(cp_size)])
 
 
+def block_mask(q_at: torch.Tensor, k_at: torch.Tensor, doc_q: torch.Tensor | None, doc_k: torch.Tensor | None):
+    """The FlexAttention BlockMask of queries at window positions q_at (T/cp,) against keys at k_at (T,):
+    causal, and within one document when doc_q (B, T/cp) / doc_k (B, T) are given."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(b, h, q, kv):
+        return k_at[kv] <= q_at[q]
+
+    def document(b, h, q, kv):
+        return (k_at[kv] <= q_at[q]) & (doc_q[b, q] == doc_k[b, kv])
+
+    if doc_q is None:
+        return create_block_mask(causal, None, None, len(q_at), len(k_at), device=q_at.device)
+    return create_block_mask(document, doc_q.shape[0], None, len(q_at), len(k_at), device=q_at.device)
+
+
 class ContextParallel:
     """The sharded window of one cp group (model/gpt.py's ShardedWindow) and the sharding of the
     batches for it. Ranks of the group must call every forward together (each layer all-gathers)."""
 
-    def __init__(self, cfg: ModelConfig, group: dist.ProcessGroup | DeviceMesh):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, group: dist.ProcessGroup | DeviceMesh, flex: bool | None = None):
+        """flex: the mask as a FlexAttention BlockMask (default: on CUDA without dropout, GPT.window's
+        rule), else a boolean SDPA mask."""
+        self.cfg, self.flex = cfg, flex
         self.group = group.get_group() if isinstance(group, DeviceMesh) else group
         self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
 
@@ -81,19 +100,23 @@ class ContextParallel:
         T = idx.shape[1] * self.size
         q_at = sequence_positions(T, self.rank, self.size, idx.device)  # (T/cp,) this rank's queries
         k_at = gathered_positions(T, self.size, idx.device)  # (T,) the gathered keys, rank-major
+        pos, doc_q, doc_k = q_at, None, None
+        if self.cfg.doc_mask:
+            # Document ids and restarted positions depend on every EOT before a token, so they are
+            # computed over the whole window: the token ids are all-gathered (B*T integers per forward).
+            window = _gather(idx.contiguous(), 1, self.group)  # (B, T) rank-major
+            window = window[:, k_at.argsort()]  # (B, T) in window order
+            doc = document_ids(window, self.cfg.eot_id)  # (B, T)
+            doc_q, doc_k = doc[:, q_at], doc[:, k_at]  # (B, T/cp), (B, T)
+            if self.cfg.doc_positions_restart:
+                pos = document_positions(window, self.cfg.eot_id)[:, q_at]  # (B, T/cp)
+        flex = self.flex if self.flex is not None else idx.is_cuda and self.cfg.dropout == 0
+        if flex:  # block-sparse: nothing of size (T/cp) x T is kept for the backward
+            return pos, self.gather_kv, block_mask(q_at, k_at, doc_q, doc_k), False
         mask = k_at[None, :] <= q_at[:, None]  # (T/cp, T) causal
-        pos = q_at
-        if not self.cfg.doc_mask:
+        if doc_q is None:
             return pos, self.gather_kv, mask[None, None], False  # (1, 1, T/cp, T)
-        # Document ids and restarted positions depend on every EOT before a token, so they are
-        # computed over the whole window: the token ids are all-gathered (B*T integers, once per forward).
-        window = _gather(idx.contiguous(), 1, self.group)  # (B, T) rank-major
-        window = window[:, k_at.argsort()]  # (B, T) in window order
-        eot = self.cfg.eot_id
-        doc = document_ids(window, eot)  # (B, T)
-        if self.cfg.doc_positions_restart:
-            pos = document_positions(window, eot)[:, q_at]  # (B, T/cp)
-        mask = mask & (doc[:, q_at, None] == doc[:, None, k_at])  # (B, T/cp, T)
+        mask = mask & (doc_q[:, :, None] == doc_k[:, None, :])  # (B, T/cp, T)
         return pos, self.gather_kv, mask[:, None], False  # (B, 1, T/cp, T)
 
     def gather_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
