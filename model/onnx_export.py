@@ -42,37 +42,6 @@ FULL, DECODER = "full", "decoder"
 OPSET = 23
 
 
-# The ModelConfig fields the decoder graph handles (tests/test_generate.py fails when ModelConfig gains a
-# field not listed here). The graph is GPT.trunk and GPT.head with cache_layout's positions and masks,
-# so the block's switches are handled by construction; document masking within the tokens of one call.
-DECODER_FIELDS = frozenset(
-    {
-        "vocab_size",
-        "block_size",
-        "n_layer",
-        "n_head",
-        "n_kv_head",
-        "n_embd",
-        "family",
-        "ffn_hidden",
-        "bias",
-        "tie_embeddings",
-        "dropout",  # exported in eval mode: off
-        "pad_vocab_multiple",  # GPT.head drops the padded rows
-        "rope_theta",
-        "norm_eps",
-        "mlp",
-        "qk_norm",
-        "zero_init_proj",  # initialisation only
-        "logit_softcap",  # GPT.head
-        "doc_mask",  # cache_layout (past_cache)
-        "doc_positions_restart",  # cache_layout
-        "eot_id",  # cache_layout
-        "extra",
-    }
-)
-
-
 def past_names(n_layer: int, prefix: str = "past") -> list[str]:
     """past_key_0, past_value_0, past_key_1, ... (or present_...): the decoder's cache tensors in order."""
     return [f"{prefix}_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
