@@ -80,7 +80,7 @@ class KVDecoder(nn.Module):
         # The past as a KVCache whose tensors are the inputs: the new tokens sit at slot P of every
         # row, and a row that starts at position `position` has P - position slots of left padding.
         start = P - position  # (B,) first real slot of each row
-        cache = past_cache(self.model, P + T, start, None if document is None else start + document)
+        cache = KVCache.row_state(self.model.config, P + T, start, None if document is None else start + document)
         presents: list[torch.Tensor] = []
 
         def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):  # k, v (B, Hkv, T, D)
@@ -94,17 +94,6 @@ class KVDecoder(nn.Module):
         if document is None:
             return self.model.head(h), presents  # (B, T, V), [(B, Hkv, S, D)] * 2L
         return self.model.head(h), presents, doc[:, -1] - start
-
-
-def past_cache(model: GPT, length, start: torch.Tensor, doc_start: torch.Tensor | None) -> KVCache:
-    """The row state of a KVCache of `length` slots whose rows start at slot `start` (B,) and whose
-    current documents opened at slot `doc_start` (B,), without storage: what cache_layout reads."""
-    cache = object.__new__(KVCache)
-    cache.max_seq_len, cache.static, cache.padded = length, True, True
-    cache.start, cache.doc_start = start, start if doc_start is None else doc_start
-    cache.eot_id = model.config.eot_id if model.config.doc_mask else None
-    cache.restart = model.config.doc_positions_restart
-    return cache
 
 
 def graph_metadata(model: GPT, kind: str, metadata: dict | None = None) -> dict[str, str]:
