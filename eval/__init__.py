@@ -1,7 +1,7 @@
 """What reads a checkpoint: sampling, evaluation, export, benchmarks (never imports train/).
 
     backends.py   torch (fp32 / bf16, optional compiled decode step), int8, ONNX Runtime behind one interface
-    generate.py   the engine: prefill once, one token per step, left-padded batches, top-k / top-p sampling
+    generate.py   the no-cache reference loop and streamed text (the loop itself: model/generation.py)
     stops.py      stop strings and tokens: where a completion ends (eval.sample and the server)
     sample.py     `python -m eval.sample`: streamed text from a checkpoint or an exported ONNX decoder
     evaluate.py   `python -m eval.evaluate`: loss, perplexity, bits per byte on a dataset split

@@ -1,7 +1,8 @@
-"""eval's side of generation: the user-facing checks, the no-cache reference loop and streaming text.
+"""eval's side of generation: the no-cache reference loop and streaming text.
 
 The loop itself is model.generation.generate (prefill once, then one token per step through a
-backend's KV cache; crops past the context), the one the training log's samples drive too.
+backend's KV cache; crops past the context), the one the training log's samples drive too; it is
+re-exported here for eval's commands, with its argument checks (check_sampling).
 """
 
 from __future__ import annotations
@@ -11,65 +12,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from eval.backends import Backend
-from eval.cli import UsageError
-from model import generation
-from model.generation import OnToken
+from model.generation import check_sampling, generate
 
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UsageError(f"--top-k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 0:
-        raise UsageError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
-
-
-def crop_keep(block_size: int, keep: int | None) -> int:
-    """How many recent tokens survive a crop: half the context unless the caller says otherwise."""
-    keep = block_size // 2 if keep is None else keep
-    if not 1 <= keep < block_size:
-        raise UsageError(f"the tokens kept past the context must be in [1, {block_size}), got {keep}")
-    return keep
-
-
-def generate(
-    backend: Backend,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop_ids: Sequence[int] = (),
-    on_token: OnToken | None = None,
-    keep: int | None = None,
-) -> list[list[int]]:
-    """model.generation.generate on a backend, after the checks a user's arguments need (UsageError)."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise UsageError("every prompt needs at least one token (an empty prompt has nothing to continue)")
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
-    T, ctx = max(len(p) for p in prompts), backend.block_size
-    if T > ctx:
-        raise UsageError(
-            f"the prompt ({T} tokens) exceeds the model's context of {ctx} tokens; shorten it or keep its end"
-        )
-    return generation.generate(
-        backend,
-        prompts,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop_ids=stop_ids,
-        on_token=on_token,
-        keep=crop_keep(ctx, keep),
-    )
+__all__ = ["TextStream", "check_sampling", "generate", "generate_no_cache"]
 
 
 @torch.no_grad()

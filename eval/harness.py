@@ -53,7 +53,7 @@ except ImportError:  # the optional `eval` extra: the CLI says how to install it
 class GPTrainLM(TemplateLM):
     """lm-eval's model interface on one of our checkpoints: loglikelihood (batched, padded, masked to the
     continuation: model/scoring.py), loglikelihood_rolling (lm-eval's disjoint windows of the model's
-    context), generate_until (the KV-cache engine of eval/generate.py, left-padded batches). Text is
+    context), generate_until (the KV-cache loop of model/generation.py, left-padded batches). Text is
     tokenized with the checkpoint's own tokenizer; contexts too long for the model lose tokens from the left.
 
     Arguments (also as lm-eval's model_args string): ckpt (a run directory, checkpoint or artifact),

@@ -49,8 +49,8 @@ class ModelConfig:
     # Gemma 2 (Team et al. 2024) caps final logits at 30; modded-nanogpt used 30, then 15.
     logit_softcap: float | None = None
     # Attention does not cross <|endoftext|>: a token attends only to its own document inside a
-    # training window (block-diagonal causal mask; see docs/model.md for the convention). Applies to
-    # forward without a KV cache; cached decoding treats its context as one document.
+    # training window (block-diagonal causal mask; see docs/model.md for the convention). Cached
+    # decoding applies it too (model.gpt.cache_layout).
     doc_mask: bool = False
     # With doc_mask: positions (learned or RoPE) restart at 0 at each document's <|endoftext|>.
     doc_positions_restart: bool = False

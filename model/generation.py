@@ -21,13 +21,15 @@ from typing import Protocol
 
 import torch
 
+from model.errors import UserError
 from model.gpt import GPT, KVCache
 from model.sampling import sample_next
 
-# The ModelConfig fields cached decoding (GPT.forward with a KVCache, cache_layout, the compiled step,
-# the server's engine) handles. Decoding runs the model's own blocks, so a field that changes the
-# block is handled by construction; a field that changes which tokens a query sees or at which
-# position (doc_mask, doc_positions_restart, eot_id) needs cache_layout to know it.
+# The ModelConfig fields cached decoding handles: GPT.forward with a KVCache, cache_layout, the compiled
+# step, the server's engine, and the ONNX decoder graph (GPT.trunk and GPT.head on cache_layout).
+# Decoding runs the model's own blocks, so a field that changes the block is handled by construction;
+# a field that changes which tokens a query sees or at which position (doc_mask,
+# doc_positions_restart, eot_id) needs cache_layout to know it.
 # tests/test_generate.py fails when ModelConfig gains a field that is not listed here.
 HANDLED_FIELDS = frozenset(
     {
@@ -136,6 +138,21 @@ def left_pad_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[t
     return tokens, torch.tensor([T - len(p) for p in prompts], dtype=torch.long)
 
 
+class GenerationError(UserError, ValueError):
+    """Arguments a user gave that generation cannot run with; the message says what to change."""
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise GenerationError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise GenerationError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise GenerationError(f"--top-p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 0:
+        raise GenerationError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+
+
 @torch.no_grad()
 def generate(
     decoder: Decoder,
@@ -154,11 +171,20 @@ def generate(
 
     Rows of a batch finish independently; the batch stops when all have, or after max_new_tokens.
     A prompt may fill the context; generation past it crops to the last `keep` tokens (half the
-    context by default; see the module docstring). Arguments are checked by the callers."""
+    context by default; see the module docstring). Arguments a user can get wrong raise GenerationError."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("every prompt needs at least one token (an empty prompt has nothing to continue)")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens, left_pad = left_pad_batch(prompts)  # (B, T), (B,)
     B, T = tokens.shape
     ctx = decoder.block_size
+    if T > ctx:
+        raise GenerationError(
+            f"the prompt ({T} tokens) exceeds the model's context of {ctx} tokens; shorten it or keep its end"
+        )
     keep = ctx // 2 if keep is None else keep
+    if not 1 <= keep < ctx:
+        raise GenerationError(f"the tokens kept past the context must be in [1, {ctx}), got {keep}")
     gen = torch.Generator()
     gen.manual_seed(seed if seed is not None else int(torch.seed()))
     out: list[list[int]] = [[] for _ in range(B)]

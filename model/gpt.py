@@ -249,6 +249,21 @@ class KVCache:
         self.restart = cfg.doc_positions_restart
         self.static = static
 
+    @classmethod
+    def row_state(
+        cls, cfg: ModelConfig, max_seq_len, start: torch.Tensor, doc_start: torch.Tensor | None = None
+    ) -> KVCache:
+        """The row state of a static cache of max_seq_len slots, without storage: what cache_layout
+        reads, for a decoder that holds its keys and values elsewhere (the ONNX graph's past inputs).
+        start (B,) first real slots; doc_start (B,) where the current documents opened (default start)."""
+        cache = object.__new__(cls)
+        cache.max_seq_len, cache.static, cache.padded = max_seq_len, True, True
+        cache.k = cache.v = []
+        cache.start, cache.doc_start = start, start if doc_start is None else doc_start
+        cache.eot_id = cfg.eot_id if cfg.doc_mask else None
+        cache.restart = cfg.doc_positions_restart
+        return cache
+
     @property
     def left_pad(self) -> torch.Tensor | None:
         """(B,) padding slots of each row, or None when no row is padded."""

@@ -20,7 +20,7 @@ _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 
 def check_switches(cfg: ModelConfig, arch: str, mlps: tuple[str, ...]) -> None:
     """Raise ValueError (one line) for a recipe switch `arch` cannot express, rather than write a model
-    that computes something else. doc_mask passes: like our cached decoding, HF attends across
+    that computes something else. doc_mask passes: HF attends across
     <|endoftext|>, which is the same function on a window holding one document (docs/model.md)."""
     if cfg.mlp not in mlps:
         raise ValueError(f"model.mlp={cfg.mlp} has no {arch} equivalent (it has {' or '.join(mlps)})")

@@ -43,37 +43,6 @@ FULL, DECODER = "full", "decoder"
 OPSET = 23
 
 
-# The ModelConfig fields the decoder graph handles (tests/test_generate.py fails when ModelConfig gains a
-# field not listed here). The graph is GPT.trunk and GPT.head with cache_layout's positions and masks,
-# so the block's switches are handled by construction; document masking within the tokens of one call.
-DECODER_FIELDS = frozenset(
-    {
-        "vocab_size",
-        "block_size",
-        "n_layer",
-        "n_head",
-        "n_kv_head",
-        "n_embd",
-        "family",
-        "ffn_hidden",
-        "bias",
-        "tie_embeddings",
-        "dropout",  # exported in eval mode: off
-        "pad_vocab_multiple",  # GPT.head drops the padded rows
-        "rope_theta",
-        "norm_eps",
-        "mlp",
-        "qk_norm",
-        "zero_init_proj",  # initialisation only
-        "logit_softcap",  # GPT.head
-        "doc_mask",  # cache_layout (past_cache)
-        "doc_positions_restart",  # cache_layout
-        "eot_id",  # cache_layout
-        "extra",
-    }
-)
-
-
 def past_names(n_layer: int, prefix: str = "past") -> list[str]:
     """past_key_0, past_value_0, past_key_1, ... (or present_...): the decoder's cache tensors in order."""
     return [f"{prefix}_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
@@ -112,7 +81,7 @@ class KVDecoder(nn.Module):
         # The past as a KVCache whose tensors are the inputs: the new tokens sit at slot P of every
         # row, and a row that starts at position `position` has P - position slots of left padding.
         start = P - position  # (B,) first real slot of each row
-        cache = past_cache(self.model, P + T, start, None if document is None else start + document)
+        cache = KVCache.row_state(self.model.config, P + T, start, None if document is None else start + document)
         presents: list[torch.Tensor] = []
 
         def kv_update(layer: int, k: torch.Tensor, v: torch.Tensor):  # k, v (B, Hkv, T, D)
@@ -126,17 +95,6 @@ class KVDecoder(nn.Module):
         if document is None:
             return self.model.head(h), presents  # (B, T, V), [(B, Hkv, S, D)] * 2L
         return self.model.head(h), presents, doc[:, -1] - start
-
-
-def past_cache(model: GPT, length, start: torch.Tensor, doc_start: torch.Tensor | None) -> KVCache:
-    """The row state of a KVCache of `length` slots whose rows start at slot `start` (B,) and whose
-    current documents opened at slot `doc_start` (B,), without storage: what cache_layout reads."""
-    cache = object.__new__(KVCache)
-    cache.max_seq_len, cache.static, cache.padded = length, True, True
-    cache.start, cache.doc_start = start, start if doc_start is None else doc_start
-    cache.eot_id = model.config.eot_id if model.config.doc_mask else None
-    cache.restart = model.config.doc_positions_restart
-    return cache
 
 
 def graph_metadata(model: GPT, kind: str, metadata: dict | None = None) -> dict[str, str]:

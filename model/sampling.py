@@ -1,5 +1,5 @@
 """The one sampling rule: next-token logits -> a token, for the training log's samples (train/sample.py)
-and for eval/ (eval/generate.py). It lives in model/ because train/ never imports eval/.
+and for eval/ (model/generation.py's loop, and the server's engine).
 
 Temperature, then top-k (Fan et al. 2018), then top-p / nucleus (Holtzman et al. 2019, "The Curious
 Case of Neural Text Degeneration"); temperature 0 is greedy. Draws come from a torch.Generator the
