@@ -42,6 +42,7 @@ from data.sources import (
     HF_PREFIX,
     PYDOC,
     TXT_MODES,
+    exit_after_streaming,
     local_files,
     open_source,
     part_documents,
@@ -525,7 +526,8 @@ def main(argv: list[str] | None = None) -> None:
             command=shlex.join(["python", "-m", "data.prepare", *argv]),
         )
     except (DataError, OSError) as e:  # OSError: disk full, permission denied: also the user's to fix
-        raise SystemExit(f"data.prepare: error: {e}") from None
+        print(f"data.prepare: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("data.prepare: interrupted; nothing was written", file=sys.stderr)
         raise SystemExit(130) from None
@@ -538,3 +540,5 @@ if __name__ == "__main__":
     os.environ.setdefault("USE_TORCH", "0")
     os.environ.setdefault("DATASETS_VERBOSITY", "critical")
     main()
+    if any(a.removeprefix("--source=").startswith(HF_PREFIX) for a in sys.argv[1:]):
+        exit_after_streaming(0)  # the shards and meta.json are written; see exit_after_streaming
