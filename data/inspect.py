@@ -14,6 +14,7 @@ train.seed; flags override them, and must be given where the config has no value
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
             raise DataError(f"{target} names no data (data.dir or data.mix)")
         print(report(plan, windows=args.windows))
     except DataError as e:
-        raise SystemExit(f"data.inspect: error: {e}") from None
+        print(f"data.inspect: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -346,7 +346,7 @@ def test_cli_end_to_end_and_user_errors(tmp_path):
 def test_main_in_process_exits_with_message(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--source", str(tmp_path / "missing"), "--tokenizer", "bytes", "--out", str(tmp_path / "o")])
-    assert "data.prepare: error:" in str(exc.value.code)
+    assert exc.value.code == 2 and "data.prepare: error:" in capsys.readouterr().err
     # A dataset made in-process records how it was made.
     meta = prepare(tmp_path / "ds", source=["a", "b"] * 10, tokenizer="bytes", progress=False)
     assert meta["command"].startswith("data.prepare.prepare(")

@@ -105,7 +105,7 @@ def test_trials_are_training_runs_and_best_yaml_trains(data_dir, tmp_path, capsy
     assert len(load(tmp_path, "space").trials) == 3
     # another space under the same study name is refused, not mixed in
     other = space(tmp_path, "optim.lr: {float: [1.0e-3, 2.0e-3]}\n", "space2")
-    assert main(sweep_args(data_dir, tmp_path, other, "--study", "space", "--trials", "4")) == 1
+    assert main(sweep_args(data_dir, tmp_path, other, "--study", "space", "--trials", "4")) == 2
     assert "was made with another space" in capsys.readouterr().err
 
 

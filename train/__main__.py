@@ -1,9 +1,9 @@
 """`python -m train --config configs/X.yaml [section.key=value ...] [--profile]`
 
 The same command runs one process or, under torchrun (or `bash launch.sh --nproc N ...`), every rank.
-Errors a user can fix (model.errors.UserError) print one line and exit 2 (config) or 1 (anything
-else), never a traceback; under torchrun rank 0 alone prints it (every rank raises the same one) and
-every rank exits non-zero. A bug keeps its traceback. SIGTERM / Ctrl-C save a checkpoint and exit 0.
+Errors a user can fix (model.errors.UserError) print one line and exit 2, never a traceback; under
+torchrun rank 0 alone prints it (every rank raises the same one) and every rank exits non-zero.
+A bug keeps its traceback. SIGTERM / Ctrl-C save a checkpoint and exit 0.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         # Set-up problems of one rank's environment (e.g. a missing GPU) are that rank's alone to tell.
         if is_main or getattr(e, "every_rank_reports", False):
             print(f"error{'' if is_main else ' on rank ' + os.environ.get('RANK', '?')}: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted (no checkpoint written for the current step)", file=sys.stderr)
         return 130

@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         import optuna  # noqa: F401
     except ImportError:
         print("error: sweeps need Optuna: pip install -e '.[sweep]' (or pip install optuna)", file=sys.stderr)
-        return 1
+        return 2
     try:
         params = load_space(args.space)
         base = check_space(params, args.config, args.overrides, args.space)
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     except KeyboardInterrupt:
         print("interrupted: run the same command to continue the study", file=sys.stderr)
         return 130

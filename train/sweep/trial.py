@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if is_main:
             print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     if is_main:
         (run_dir / OUTCOME).write_text(json.dumps({"outcome": outcome}))
     return 0
