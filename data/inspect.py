@@ -17,7 +17,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from data.errors import DataError
@@ -67,13 +66,12 @@ def report(plan: dict, *, windows: int = 2, chars: int = 160) -> str:
         num_windows, tok_meta = [ld.num_windows], read_meta(plan["dir"])
     G = ld.windows_per_step
     enc = get_tokenizer(tok_meta["tokenizer"], sha256=tok_meta.get("tokenizer_sha256"))
+    first_src, first_win = ld.take_windows(G)  # the (source, window) pairs of the run's first step
     if isinstance(ld, MixtureLoader):
-        first_src, first_win = ld.take_windows(G)
         ld.chooser.replay(steps * G)
         drawn = ld.chooser.counts.tolist()
     else:
-        first_win = ld._take(G)  # the window indices of the run's first step
-        first_src, drawn = np.zeros(G, dtype=np.int64), [steps * G]
+        drawn = [steps * G]
     lines = [
         f"run: {steps:,} steps x {plan['tokens_per_step']:,} tokens = {steps * G:,} windows of seq_len={T} "
         f"| tokenizer {tok_meta['tokenizer']} (vocab {tok_meta['vocab_size']})"
