@@ -24,6 +24,7 @@ from data.loader import BatchLoader
 from data.mixture import MixSource, MixtureLoader, parse_mix
 from data.shards import read_meta
 from data.tokenizer import get_tokenizer
+from model.cli import run
 
 
 def plan_from_config(path: Path) -> dict:
@@ -110,28 +111,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, help="the run's seed (default: the config's train.seed, else 0)")
     parser.add_argument("--windows", type=int, default=2, help="decoded windows shown per source (default: 2)")
     args = parser.parse_args(argv)
-    try:
-        target = Path(args.target)
-        if target.suffix in (".yaml", ".yml"):
-            if not target.is_file():
-                raise DataError(f"config {target} not found")
-            plan = plan_from_config(target)
-        else:
-            plan = {"dir": str(target)}
-        flags = {
-            "seq_len": args.seq_len,
-            "tokens_per_step": args.tokens_per_step,
-            "steps": args.steps,
-            "seed": args.seed,
-        }
-        plan.update({k: v for k, v in flags.items() if v is not None})
-        if not plan.get("dir") and not plan.get("mix"):
-            raise DataError(f"{target} names no data (data.dir or data.mix)")
-        print(report(plan, windows=args.windows))
-    except DataError as e:
-        print(f"data.inspect: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml"):
+        if not target.is_file():
+            raise DataError(f"config {target} not found")
+        plan = plan_from_config(target)
+    else:
+        plan = {"dir": str(target)}
+    flags = {
+        "seq_len": args.seq_len,
+        "tokens_per_step": args.tokens_per_step,
+        "steps": args.steps,
+        "seed": args.seed,
+    }
+    plan.update({k: v for k, v in flags.items() if v is not None})
+    if not plan.get("dir") and not plan.get("mix"):
+        raise DataError(f"{target} names no data (data.dir or data.mix)")
+    print(report(plan, windows=args.windows))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, prog="data.inspect"))

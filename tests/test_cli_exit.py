@@ -38,3 +38,29 @@ def assert_user_error(proc: subprocess.CompletedProcess, says: str) -> None:
 )
 def test_a_user_error_is_one_line_and_exit_2(tmp_path, args, says):
     assert_user_error(run(*(a.replace("{tmp}", str(tmp_path)) for a in args)), says.replace("{tmp}", str(tmp_path)))
+
+
+def test_the_runner_under_torchrun_and_on_a_bug(monkeypatch, capsys):
+    """model.cli.run: rank 0 alone prints an error every rank raises; a rank's own error is printed by that
+    rank; a config error says so; a bug (not a UserError) propagates with its traceback."""
+    from model.cli import run as run_command
+    from train.errors import ConfigError, TrainError
+
+    def raising(error):
+        def main(argv):
+            raise error
+
+        return main
+
+    monkeypatch.setenv("RANK", "1")
+    assert run_command(raising(TrainError("no data"))) == 2
+    assert capsys.readouterr().err == ""
+    own = TrainError("no GPU here")
+    own.every_rank_reports = True
+    assert run_command(raising(own)) == 2
+    assert capsys.readouterr().err == "error on rank 1: no GPU here\n"
+    monkeypatch.setenv("RANK", "0")
+    assert run_command(raising(ConfigError("unknown key 'x'")), prog="p") == 2
+    assert capsys.readouterr().err == "p: config error: unknown key 'x'\n"
+    with pytest.raises(KeyError):
+        run_command(raising(KeyError("a bug")))

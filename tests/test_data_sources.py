@@ -16,6 +16,7 @@ import pytest
 from data.errors import DataError
 from data.prepare import main, prepare
 from data.shards import open_split, read_meta
+from model.cli import run
 
 README = """---
 configs:
@@ -137,9 +138,8 @@ def test_hf_errors_are_one_line(repo, tmp_path, capsys):
             tokenizer="bytes",
             progress=False,
         )
-    with pytest.raises(SystemExit) as exc:
-        main(["--source", "hf:someone/not-a-local-dir", "--out", str(tmp_path / "c"), "--quiet"])
-    assert exc.value.code == 2 and "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+    assert run(main, ["--source", "hf:someone/not-a-local-dir", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # worker processes
