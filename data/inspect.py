@@ -14,9 +14,9 @@ train.seed; flags override them, and must be given where the config has no value
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from data.errors import DataError
@@ -24,6 +24,7 @@ from data.loader import BatchLoader
 from data.mixture import MixSource, MixtureLoader, parse_mix
 from data.shards import read_meta
 from data.tokenizer import get_tokenizer
+from model.cli import run
 
 
 def plan_from_config(path: Path) -> dict:
@@ -66,13 +67,12 @@ def report(plan: dict, *, windows: int = 2, chars: int = 160) -> str:
         num_windows, tok_meta = [ld.num_windows], read_meta(plan["dir"])
     G = ld.windows_per_step
     enc = get_tokenizer(tok_meta["tokenizer"], sha256=tok_meta.get("tokenizer_sha256"))
+    first_src, first_win = ld.take_windows(G)  # the (source, window) pairs of the run's first step
     if isinstance(ld, MixtureLoader):
-        first_src, first_win = ld.take_windows(G)
         ld.chooser.replay(steps * G)
         drawn = ld.chooser.counts.tolist()
     else:
-        first_win = ld._take(G)  # the window indices of the run's first step
-        first_src, drawn = np.zeros(G, dtype=np.int64), [steps * G]
+        drawn = [steps * G]
     lines = [
         f"run: {steps:,} steps x {plan['tokens_per_step']:,} tokens = {steps * G:,} windows of seq_len={T} "
         f"| tokenizer {tok_meta['tokenizer']} (vocab {tok_meta['vocab_size']})"
@@ -111,27 +111,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, help="the run's seed (default: the config's train.seed, else 0)")
     parser.add_argument("--windows", type=int, default=2, help="decoded windows shown per source (default: 2)")
     args = parser.parse_args(argv)
-    try:
-        target = Path(args.target)
-        if target.suffix in (".yaml", ".yml"):
-            if not target.is_file():
-                raise DataError(f"config {target} not found")
-            plan = plan_from_config(target)
-        else:
-            plan = {"dir": str(target)}
-        flags = {
-            "seq_len": args.seq_len,
-            "tokens_per_step": args.tokens_per_step,
-            "steps": args.steps,
-            "seed": args.seed,
-        }
-        plan.update({k: v for k, v in flags.items() if v is not None})
-        if not plan.get("dir") and not plan.get("mix"):
-            raise DataError(f"{target} names no data (data.dir or data.mix)")
-        print(report(plan, windows=args.windows))
-    except DataError as e:
-        raise SystemExit(f"data.inspect: error: {e}") from None
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml"):
+        if not target.is_file():
+            raise DataError(f"config {target} not found")
+        plan = plan_from_config(target)
+    else:
+        plan = {"dir": str(target)}
+    flags = {
+        "seq_len": args.seq_len,
+        "tokens_per_step": args.tokens_per_step,
+        "steps": args.steps,
+        "seed": args.seed,
+    }
+    plan.update({k: v for k, v in flags.items() if v is not None})
+    if not plan.get("dir") and not plan.get("mix"):
+        raise DataError(f"{target} names no data (data.dir or data.mix)")
+    print(report(plan, windows=args.windows))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, prog="data.inspect"))

@@ -14,7 +14,11 @@ i.e. the step's windows are cut first into world_size contiguous blocks, one per
 into A micro-batches of B rows. Ranks never share a window, and the union over ranks of one step is the
 same G windows whatever world_size and micro_batch are.
 
-State. `state_dict()` is {"seed", "epoch", "windows_consumed"}: a position in the global stream
+Interface. BatchLoader (one dataset) and MixtureLoader (data/mixture.py: a weighted mix) are both a
+Loader: the step layout above, next_step, take_windows (the global stream as (source, window) pairs),
+state_dict / load_state_dict. The training loop and data.inspect use only that.
+
+State. BatchLoader's `state_dict()` is {"seed", "epoch", "windows_consumed"}: a position in the global stream
 (windows_consumed counts windows of the current epoch), identical on every rank. A run resumed with
 the same tokens_per_step, on any number of ranks and with any micro_batch, continues with exactly
 the windows it would have seen.
@@ -22,7 +26,8 @@ the windows it would have seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +40,50 @@ from data.shards import TokenStream, open_split
 _PERM_BLOCK = 1 << 16
 
 
-class BatchLoader:
-    """This rank's micro-batches of each global training step; see the module docstring for the order."""
+class Loader(ABC):
+    """This rank's micro-batches of each global training step (the module docstring's layout). A subclass
+    sets `streams` (the token streams its windows come from) and says which windows come next."""
+
+    seq_len: int  # T
+    micro_batch: int  # B
+    rank: int
+    world_size: int
+    windows_per_step: int  # G
+    grad_accum_steps: int  # A
+    device: torch.device
+    streams: list[TokenStream]
+
+    def _set_layout(
+        self, seq_len: int, tokens_per_step: int, micro_batch: int, rank: int, world_size: int, device
+    ) -> None:
+        self.windows_per_step, self.grad_accum_steps = step_layout(
+            seq_len, tokens_per_step, micro_batch, rank, world_size
+        )
+        self.seq_len, self.micro_batch, self.rank, self.world_size = seq_len, micro_batch, rank, world_size
+        self.device = torch.device(device)
+
+    def next_step(self, micro_steps: Iterable[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's grad_accum_steps micro-batches of the next step: each (x, y), (micro_batch, seq_len) int64.
+        `micro_steps`: only those micro-batches are read (the step is consumed whole either way)."""
+        src, win = self.take_windows(self.windows_per_step)  # (G,) source and window of each window of the step
+        srcs = rank_rows(src, self.rank, self.grad_accum_steps, self.micro_batch)
+        wins = rank_rows(win, self.rank, self.grad_accum_steps, self.micro_batch)
+        steps = range(len(srcs)) if micro_steps is None else micro_steps
+        return [gather(self.streams, srcs[m], wins[m], self.seq_len, self.device) for m in steps]
+
+    @abstractmethod
+    def take_windows(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `count` (source index, window index) pairs of the global stream, each (count,) int64."""
+
+    @abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abstractmethod
+    def load_state_dict(self, sd: dict) -> None: ...
+
+
+class BatchLoader(Loader):
+    """One dataset's windows in a seeded permutation per epoch; see the module docstring for the order."""
 
     def __init__(
         self,
@@ -53,12 +100,10 @@ class BatchLoader:
         vocab_size: int | None = None,
         nanogpt: bool = False,
     ):
-        windows_per_step, grad_accum_steps = step_layout(seq_len, tokens_per_step, micro_batch, rank, world_size)
-        self.seq_len, self.micro_batch, self.rank, self.world_size = seq_len, micro_batch, rank, world_size
-        self.windows_per_step = windows_per_step  # G
-        self.grad_accum_steps = grad_accum_steps  # A
-        self.device = torch.device(device)
+        self._set_layout(seq_len, tokens_per_step, micro_batch, rank, world_size, device)
+        windows_per_step = self.windows_per_step
         self.stream = open_split(data_dir, split, nanogpt=nanogpt, vocab_size=vocab_size)
+        self.streams = [self.stream]
         self.num_windows = (len(self.stream) - 1) // seq_len  # W
         if self.num_windows < windows_per_step:
             raise DataError(
@@ -69,12 +114,8 @@ class BatchLoader:
         self.seed, self.epoch, self.windows_consumed = seed, 0, 0
         self._start_epoch()
 
-    def next_step(self, micro_steps: Iterable[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's grad_accum_steps micro-batches of the next step: each (x, y), (micro_batch, seq_len) int64.
-        `micro_steps`: only those micro-batches are read (the step is consumed whole either way)."""
-        windows = self._take(self.windows_per_step)  # (G,) window indices of the global step
-        rows = rank_rows(windows, self.rank, self.grad_accum_steps, self.micro_batch)
-        return [self._batch(rows[m]) for m in (range(len(rows)) if micro_steps is None else micro_steps)]
+    def take_windows(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(count, dtype=np.int64), self._take(count)
 
     def state_dict(self) -> dict:
         return {"seed": int(self.seed), "epoch": int(self.epoch), "windows_consumed": int(self.windows_consumed)}
@@ -119,9 +160,6 @@ class BatchLoader:
             end = min(self.num_windows, start + max(n, _PERM_BLOCK))
             self._block_start, self._block, offset = start, self._perm[np.arange(start, end)], 0
         return self._block[offset : offset + n]
-
-    def _batch(self, windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        return _to_device(*_gather(self.stream, windows * self.seq_len, self.seq_len), self.device)
 
 
 def step_layout(seq_len: int, tokens_per_step: int, micro_batch: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -179,20 +217,21 @@ def val_batches(
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
     device = torch.device(device)
+    src = np.zeros(batch_size, dtype=np.int64)
     return (
-        _to_device(
-            *_gather(stream, (k * per_batch + rank * batch_size + np.arange(batch_size)) * seq_len, seq_len), device
-        )
+        gather([stream], src, k * per_batch + rank * batch_size + np.arange(batch_size), seq_len, device)
         for k in range(n_batches)
     )
 
 
-def _gather(stream: TokenStream, starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """x, y of shape (len(starts), seq_len) int64 from the windows starting at `starts`."""
-    windows = np.empty((len(starts), seq_len + 1), dtype=np.int64)  # (B, T + 1)
-    for row, start in enumerate(starts.tolist()):
-        windows[row] = stream.read(start, seq_len + 1)
-    return np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:])
+def gather(
+    streams: Sequence[TokenStream], src: np.ndarray, win: np.ndarray, seq_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, y of shape (len(win), seq_len) int64 on `device`: row i is window win[i] of streams[src[i]]."""
+    windows = np.empty((len(win), seq_len + 1), dtype=np.int64)  # (B, T + 1)
+    for row, (s, w) in enumerate(zip(src.tolist(), win.tolist(), strict=True)):
+        windows[row] = streams[s].read(w * seq_len, seq_len + 1)
+    return _to_device(np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:]), device)
 
 
 def _to_device(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

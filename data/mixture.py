@@ -23,7 +23,6 @@ another mix. Resuming on another number of ranks or micro_batch sees the same wi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 
 from data.errors import DataError
-from data.loader import _to_device, rank_rows, step_layout
+from data.loader import Loader
 from data.permutation import Permutation, _splitmix64
 from data.shards import open_split, read_meta
 
@@ -199,9 +198,9 @@ class SourceChooser:
             self.assign(min(_REPLAY_CHUNK, position - self.position))
 
 
-class MixtureLoader:
-    """BatchLoader's interface (next_step, state_dict, load_state_dict, grad_accum_steps) over a mixture:
-    this rank's micro-batches of each global step, each row from the source the module docstring picks."""
+class MixtureLoader(Loader):
+    """A Loader over a mixture (data/loader.py's step layout): this rank's micro-batches of each global step,
+    each row from the source the module docstring picks."""
 
     def __init__(
         self,
@@ -217,10 +216,7 @@ class MixtureLoader:
         device: str | torch.device = "cpu",
         vocab_size: int | None = None,
     ):
-        G, A = step_layout(seq_len, tokens_per_step, micro_batch, rank, world_size)
-        self.seq_len, self.micro_batch, self.rank, self.world_size = seq_len, micro_batch, rank, world_size
-        self.windows_per_step, self.grad_accum_steps = G, A
-        self.device = torch.device(device)
+        self._set_layout(seq_len, tokens_per_step, micro_batch, rank, world_size, device)
         self.sources = list(sources)
         self.phases = phases or [(0, np.asarray([s.weight for s in sources]) / sum(s.weight for s in sources))]
         self.meta = mix_meta(self.sources)
@@ -243,13 +239,6 @@ class MixtureLoader:
     def windows_consumed(self) -> int:
         return self.chooser.position
 
-    def next_step(self, micro_steps: Iterable[int] | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """As BatchLoader.next_step: this rank's micro-batches of the next step (only `micro_steps` if given)."""
-        src, win = self._take(self.windows_per_step)  # (G,) source and window of each window of the step
-        srcs = rank_rows(src, self.rank, self.grad_accum_steps, self.micro_batch)
-        wins = rank_rows(win, self.rank, self.grad_accum_steps, self.micro_batch)
-        return [self._batch(srcs[m], wins[m]) for m in (range(len(srcs)) if micro_steps is None else micro_steps)]
-
     def take_windows(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The next `count` (source index, window index) pairs of the global stream (for inspection)."""
         return self._take(count)
@@ -267,13 +256,6 @@ class MixtureLoader:
                 sel = epochs == e
                 win[rows[sel]] = Permutation(n, self._perm_seeds[i], int(e))[pos[sel]]
         return src, win
-
-    def _batch(self, src: np.ndarray, win: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.seq_len
-        windows = np.empty((len(src), T + 1), dtype=np.int64)
-        for row, (s, w) in enumerate(zip(src.tolist(), win.tolist(), strict=True)):
-            windows[row] = self.streams[s].read(w * T, T + 1)
-        return _to_device(np.ascontiguousarray(windows[:, :-1]), np.ascontiguousarray(windows[:, 1:]), self.device)
 
     def source_stats(self) -> dict[str, dict]:
         """Per source: windows drawn so far, completed epochs, and the share of the stream so far."""

@@ -42,6 +42,7 @@ from data.sources import (
     HF_PREFIX,
     PYDOC,
     TXT_MODES,
+    exit_after_streaming,
     local_files,
     open_source,
     part_documents,
@@ -50,6 +51,7 @@ from data.sources import (
 )
 from data.tokenizer import get_tokenizer, tokenizer_record
 from data.writer import ShardWriter, SplitRouter
+from model.cli import run
 from model.files import atomic_dir, recover
 
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -524,11 +526,8 @@ def main(argv: list[str] | None = None) -> None:
             progress=not args.quiet,
             command=shlex.join(["python", "-m", "data.prepare", *argv]),
         )
-    except (DataError, OSError) as e:  # OSError: disk full, permission denied: also the user's to fix
-        raise SystemExit(f"data.prepare: error: {e}") from None
-    except KeyboardInterrupt:
-        print("data.prepare: interrupted; nothing was written", file=sys.stderr)
-        raise SystemExit(130) from None
+    except OSError as e:  # disk full, permission denied: also the user's to fix
+        raise DataError(str(e)) from None
 
 
 if __name__ == "__main__":
@@ -537,4 +536,7 @@ if __name__ == "__main__":
     # workers; and datasets logs read errors before raising them, which we report once, ourselves.
     os.environ.setdefault("USE_TORCH", "0")
     os.environ.setdefault("DATASETS_VERBOSITY", "critical")
-    main()
+    code = run(main, prog="data.prepare", interrupted="data.prepare: interrupted; nothing was written")
+    if any(a.removeprefix("--source=").startswith(HF_PREFIX) for a in sys.argv[1:]):
+        exit_after_streaming(code)  # the shards and meta.json are written; see exit_after_streaming
+    sys.exit(code)

@@ -25,8 +25,10 @@ import gzip
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlparse
 
 from data.errors import DataError
@@ -261,6 +263,20 @@ def _rows_text(ds, text_field: str, where: str) -> Iterator[str]:
             if not isinstance(text, str):
                 raise DataError(f"field {text_field!r} in {where} holds {type(text).__name__}, not text")
             yield text
+
+
+def exit_after_streaming(code: int = 0) -> NoReturn:
+    """End a process that streamed a hub dataset, once its output is written: flush, then os._exit(code).
+
+    After the last row of a streamed parquet file, an Arrow thread-pool worker can still hold the file's
+    reader (its read cache keeps buffers of the Python file object that `datasets` opened) and release it
+    a moment later. Releasing those buffers takes the GIL; if the interpreter is finalizing by then, the
+    worker is ended with pthread_exit, whose unwinding through Arrow's noexcept destructor calls
+    std::terminate: "terminate called without an active exception" and exit -6 after the work is done
+    (apache/arrow#34314, huggingface/datasets#7566). os._exit skips the teardown that races with it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _check_hub_reachable(name: str) -> None:

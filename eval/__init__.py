@@ -11,7 +11,7 @@
     hellaswag.py  `python -m eval.hellaswag`: HellaSwag acc / acc_norm, llm.c's or lm-eval's way, under torchrun too
     harness.py    `python -m eval.harness`: lm-evaluation-harness tasks through our engine (model class "gptrain")
     bench.py      `python -m eval.bench`: decode / prefill tokens/s and sizes against the goals
-    cli.py        user errors -> one line on stderr and exit code 2
+    cli.py        UsageError and --dtype parsing; the command runner (model/cli.py) behind every eval command
     serve/        `python -m eval.serve`: the OpenAI-compatible server with continuous batching
 The transforms themselves live beside the model: model/quantize.py and model/onnx_export.py.
 """

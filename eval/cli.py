@@ -1,4 +1,5 @@
-"""What every eval CLI shares: a user error becomes one line on stderr and exit 2; a bug keeps its traceback.
+"""What every eval CLI shares: UsageError, --dtype parsing, and model/cli.py's runner (a user error becomes one
+line on stderr and exit 2; a bug keeps its traceback).
 
 A user error is a model.errors.UserError: ours (UsageError), model.io's ArtifactError, data's
 DataError. Every mistake a user can make in eval/ (a missing file or path, a bad flag value, an existing
@@ -9,9 +10,7 @@ KeyError from deep inside) is a bug or an environment failure, and its traceback
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-
+from model.cli import run as run  # the one runner; eval's commands import it from here
 from model.dtypes import short
 from model.errors import UserError
 
@@ -26,16 +25,3 @@ def dtype_flag(name: str, flag: str = "--dtype") -> str:
         return short(name)
     except ValueError as e:
         raise UsageError(f"{flag}: {e}") from None
-
-
-def run(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
-    """Run a CLI entry point; a user error prints `error: <message>` and returns 2, no traceback."""
-    try:
-        main(argv)
-    except UserError as e:
-        print(f"error: {str(e) or type(e).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0

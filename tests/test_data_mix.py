@@ -277,6 +277,7 @@ def test_training_on_a_mix_logs_each_sources_val_loss_and_resumes(tmp_path_facto
 
 def test_inspect_reports_the_runs_draw_per_source(dirs, tmp_path, capsys):
     from data.inspect import main
+    from model.cli import run
 
     cfg = tmp_path / "mix.yaml"
     weights = (0.7, 0.2, 0.1)
@@ -292,10 +293,10 @@ def test_inspect_reports_the_runs_draw_per_source(dirs, tmp_path, capsys):
         w = WINDOWS[int(name[1])]
         assert f"this run draws {stats['windows']:,} windows = {stats['windows'] / w:.2f} epochs" in out
     assert "run: 20 steps x 160 tokens = 200 windows of seq_len=16" in out and out.count("  window ") == 3
-    with pytest.raises(SystemExit, match="data.inspect: error: give --seq-len, --tokens-per-step"):
-        main([str(dirs[0])])
-    with pytest.raises(SystemExit, match="does not exist"):
-        main([str(tmp_path / "nope"), "--steps", "1"])
+    assert run(main, [str(dirs[0])], prog="data.inspect") == 2  # a user error: one line on stderr, exit code 2
+    assert "data.inspect: error: give --seq-len, --tokens-per-step" in capsys.readouterr().err
+    assert run(main, [str(tmp_path / "nope"), "--steps", "1"], prog="data.inspect") == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_train_bench_runs_on_a_mix_config_with_the_mixs_vocabulary(tmp_path, capsys):

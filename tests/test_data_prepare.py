@@ -18,6 +18,7 @@ from data.errors import DataError
 from data.prepare import main, prepare
 from data.shards import HEADER_BYTES, open_split, read_meta
 from data.tokenizer import get_tokenizer
+from model.cli import run
 from model.files import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -343,10 +344,10 @@ def test_cli_end_to_end_and_user_errors(tmp_path):
         assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_main_in_process_exits_with_message(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["--source", str(tmp_path / "missing"), "--tokenizer", "bytes", "--out", str(tmp_path / "o")])
-    assert "data.prepare: error:" in str(exc.value.code)
+def test_main_in_process_is_one_line_and_exit_2(tmp_path, capsys):
+    args = ["--source", str(tmp_path / "missing"), "--tokenizer", "bytes", "--out", str(tmp_path / "o")]
+    assert run(main, args, prog="data.prepare") == 2
+    assert "data.prepare: error:" in capsys.readouterr().err
     # A dataset made in-process records how it was made.
     meta = prepare(tmp_path / "ds", source=["a", "b"] * 10, tokenizer="bytes", progress=False)
     assert meta["command"].startswith("data.prepare.prepare(")

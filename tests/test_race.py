@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from model.cli import run as run_command
 from tests.train_helpers import REPO, one_thread
 from train.race import Point, RaceWatch, Result, crossing, main
 
@@ -92,7 +93,7 @@ def test_watch_takes_train_seconds_from_the_loop_clock_not_the_evaluations(tmp_p
 
 
 def race(capsys, *args) -> tuple[int, str, str]:
-    rc = main(list(args))
+    rc = run_command(main, list(args))
     out, err = capsys.readouterr()
     return rc, out, err
 

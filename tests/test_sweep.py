@@ -20,6 +20,7 @@ from train_helpers import DEBUG_YAML, REPO, metrics, one_thread, prepared_datase
 optuna = require_extra("optuna", "sweep")
 from optuna.trial import TrialState  # noqa: E402
 
+from model.cli import run as run_command  # noqa: E402
 from train.callbacks import TrainPruned  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.loop import run  # noqa: E402
@@ -106,7 +107,7 @@ def test_trials_are_training_runs_and_best_yaml_trains(data_dir, tmp_path, capsy
     assert len(load(tmp_path, "space").trials) == 3
     # another space under the same study name is refused, not mixed in
     other = space(tmp_path, "optim.lr: {float: [1.0e-3, 2.0e-3]}\n", "space2")
-    assert main(sweep_args(data_dir, tmp_path, other, "--study", "space", "--trials", "4")) == 1
+    assert run_command(main, sweep_args(data_dir, tmp_path, other, "--study", "space", "--trials", "4")) == 2
     assert "was made with another space" in capsys.readouterr().err
 
 
@@ -215,7 +216,7 @@ def test_nproc_trials_run_under_torchrun_and_report_through_the_storage(data_dir
 )
 def test_a_bad_space_is_one_clear_error_before_any_trial(data_dir, tmp_path, capsys, text, message):
     sp = space(tmp_path, text + "\n")
-    assert main(sweep_args(data_dir, tmp_path, sp, "--trials", "1")) == 2
+    assert run_command(main, sweep_args(data_dir, tmp_path, sp, "--trials", "1")) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "sweeps").exists()  # no study, no trial

@@ -132,7 +132,7 @@ def test_world_size_without_a_strategy_is_refused(data_dir, tmp_path, monkeypatc
 
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     proc = run_cli(["--config", str(DEBUG_YAML), f"data.dir={tmp_path / 'none'}", f"train.run_dir={tmp_path / 'r'}"])
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "python -m data.prepare" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
 

@@ -25,9 +25,11 @@ import torch
 
 from data.machine import describe_cpu
 from model import GPT, ModelConfig
+from model.cli import run
 from model.dtypes import short
-from train.config import Config, ConfigError, OptimSection, load_config
+from train.config import Config, OptimSection, load_config
 from train.device import autocast_ctx, pick_device
+from train.errors import TrainError
 from train.loop import train_step
 from train.metrics import device_peak_flops
 from train.optim import build_optimizer
@@ -162,16 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown or not names or args.steps < 1 or args.warmup < 0:
-        print(
-            f"error: --settings takes {', '.join(SETTINGS)} (got {unknown or names}); --steps >= 1, --warmup >= 0",
-            file=sys.stderr,
+        raise TrainError(
+            f"--settings takes {', '.join(SETTINGS)} (got {unknown or names}); --steps >= 1, --warmup >= 0"
         )
-        return 2
-    try:
-        cfg = load_config(args.config, (REFERENCE if args.config is None else []) + args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, (REFERENCE if args.config is None else []) + args.overrides)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -211,4 +207,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -1,4 +1,4 @@
-"""Checkpoints in the run directory: this module alone owns their layout (../shared/DESIGN.md).
+"""Checkpoints in the run directory: this module alone owns their layout (docs/checkpoints.md).
 
     RUN/checkpoints/
         step_000500/          written as .tmp-step_000500/, then renamed: never half a checkpoint
@@ -19,14 +19,7 @@ next run removes the stale `.tmp-*` directory. Every file we write is read back 
 torch.load(weights_only=True) or safetensors (another engine's own files excepted), so loading a
 checkpoint never executes pickled code.
 
-Fault injection, for the crash tests only: with GPTRAIN_FAULT=POINT@STEP in the environment, save()
-SIGKILLs its own process at that point of the step-STEP save. The points, in order:
-    state    state/, model/ and the RNG files are in the temporary directory; train_state.pt is not
-    publish  the temporary directory is complete; not yet renamed to step_N
-    latest   renamed to step_N; `latest` still names the previous checkpoint
-    prune    `latest` (and `best`) updated; older checkpoints not yet pruned
-and, at a resume that converts (load() below), with GPTRAIN_FAULT=convert@STEP (STEP: the checkpoint's):
-    convert  the neutral form of step_STEP is written under its temporary name; not yet published
+The crash tests kill a save at chosen points through train/faults.py's test-only hook (_fault below).
 
 Resuming under another layout (load): a checkpoint that the running strategy cannot read natively
 (DCP shards reshard to any mesh; the other engine's state, or the mesh's state under it, does not) is
@@ -41,7 +34,6 @@ import os
 import random
 import re
 import shutil
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,12 +44,12 @@ from model.config import ModelConfig
 from model.files import atomic_dir, publish_dir, recover, symlink_atomic, write_text_atomic
 from model.io import MODEL_DIR, ArtifactError, latest_checkpoint, save_artifact
 from train.errors import TrainError
+from train.faults import crash_point as _fault
 from train.portable import Portable, from_checkpoint
 from train.strategy import Strategy
 
 TRAIN_STATE = "train_state.pt"
 STATE_DIR = "state"
-FAULT_ENV = "GPTRAIN_FAULT"
 CONVERT_PREFIX = ".convert-"  # RUN/checkpoints/.convert-step_N: a checkpoint in the neutral form, while resuming
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
@@ -105,8 +97,8 @@ class TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
         if not isinstance(d, dict) or set(d) != names:
             raise TrainError(
-                f"{where} holds a training state of another layout (an older version of this project wrote "
-                "it: DCP or DeepSpeed files at the step level, model.json beside them); it cannot be resumed. "
+                f"{where} holds a training state of another layout (DCP or DeepSpeed files at the "
+                "step level, model.json beside them), which this code does not read; it cannot be resumed. "
                 f"Start a new run from its weights with train.init_from={where.parent / MODEL_DIR} (if it has "
                 "one), or start over with train.resume=never"
             )
@@ -173,12 +165,6 @@ def find_resume(run_dir: Path, resume: str) -> Path | None:
             "to start from a model artifact's weights use train.init_from"
         )
     return path
-
-
-def _fault(point: str, step: int) -> None:
-    """The crash tests' hook (module docstring): die here, as a power cut would, when asked to."""
-    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- the manager

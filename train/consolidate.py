@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
+from model.cli import run
 from model.config import ModelConfig
-from model.errors import UserError
 from model.files import atomic_dir
 from model.gpt import GPT
 from model.io import MODEL_DIR, ArtifactError, latest_checkpoint, save_artifact
 from train.checkpoint import STATE_DIR, TRAIN_STATE, TrainState
+from train.errors import TrainError
 from train.portable import from_checkpoint
 
 
@@ -119,12 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             out = neutral(args.path, args.neutral, args.overwrite)
         else:
             out = consolidate(args.path, args.out, args.overwrite)
-    except (UserError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except FileExistsError as e:  # the output exists: the user's to move or --overwrite
+        raise TrainError(str(e)) from None
     print(out)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -14,3 +14,5 @@ class TrainError(UserError, RuntimeError):
 
 class ConfigError(TrainError, ValueError):
     """An unknown config key, a wrong type or an invalid value; raised before any work starts."""
+
+    label = "config error"  # the runner's line: `config error: ...` (model/cli.py)

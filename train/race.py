@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from model.cli import run
 from model.errors import UserError
 from train.callbacks import TrainPruned
 from train.config import Config, load_config
@@ -296,38 +297,28 @@ def plan(args) -> tuple[list[tuple[str, Config]], float | None, int | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        racers, target, target_step = plan(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    racers, target, target_step = plan(args)
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     log = (lambda msg: None) if args.quiet else say
     say(f"race on {args.data} | host: {host_line()} | {platform.python_implementation()} {platform.python_version()}")
     say(f"evaluation every {args.eval_every} steps on the first {args.eval_tokens:,} val tokens")
     results = []
-    try:
-        for i, (name, cfg) in enumerate(racers):
-            say(f"---- {name}: training (target {'from this run' if target is None else f'{target:.4f}'})")
-            stop_step = target_step if i == 0 and target is None else None
-            r = run_one(cfg, name, target, stop_step, args.budget_s, log)
-            if target is None:
-                at = [p for p in r.points if p.step == target_step]
-                if not at:
-                    raise RaceError(f"{name} stopped ({r.stopped}) before step {target_step}: no target")
-                target = at[0].val_loss
-                say(f"target: val loss {target:.4f} = {name} after {target_step} steps")
-            results.append(r)
-            say(
-                f"---- {name}: {r.final.step} steps, stopped: {r.stopped}, {r.wall_s:.0f} s in all (set-up, evaluation)"
-            )
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    for i, (name, cfg) in enumerate(racers):
+        say(f"---- {name}: training (target {'from this run' if target is None else f'{target:.4f}'})")
+        stop_step = target_step if i == 0 and target is None else None
+        r = run_one(cfg, name, target, stop_step, args.budget_s, log)
+        if target is None:
+            at = [p for p in r.points if p.step == target_step]
+            if not at:
+                raise RaceError(f"{name} stopped ({r.stopped}) before step {target_step}: no target")
+            target = at[0].val_loss
+            say(f"target: val loss {target:.4f} = {name} after {target_step} steps")
+        results.append(r)
+        say(f"---- {name}: {r.final.step} steps, stopped: {r.stopped}, {r.wall_s:.0f} s in all (set-up, evaluation)")
     say(f"\ntime to val loss {target:.4f} (train s: evaluation excluded; steps and tokens interpolated)")
     say(table(results, target))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from model.cli import run
+
 
 def unigram_losses(data_dir: str | Path) -> tuple[float, float]:
     """(entropy of the train unigram distribution, cross entropy of val under it), nats per token."""
@@ -52,13 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("data_dir", help="a directory written by python -m data.prepare")
     ap.add_argument("--run", type=Path, help="a run directory: compare its best val loss")
     args = ap.parse_args(argv)
-    from data.errors import DataError
-
-    try:
-        entropy, cross = unigram_losses(args.data_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    entropy, cross = unigram_losses(args.data_dir)
     print(
         f"unigram model of {args.data_dir}: val cross entropy {cross:.4f} nats/token "
         f"(train unigram entropy {entropy:.4f})"
@@ -73,4 +69,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.cli import run
 from model.errors import UserError
 from train.config import Config, load_config
 from train.errors import ConfigError, TrainError
@@ -428,41 +429,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import optuna  # noqa: F401
     except ImportError:
-        print("error: sweeps need Optuna: pip install -e '.[sweep]' (or pip install optuna)", file=sys.stderr)
-        return 1
-    try:
-        params = load_space(args.space)
-        base = check_space(params, args.config, args.overrides, args.space)
-        if args.seed is None:
-            args.seed = base.train.seed
-        if args.nproc > 1 and base.parallel.strategy == "none":
-            n = args.nproc
-            raise ConfigError(f"--nproc {n} runs each trial on {n} processes: add parallel.strategy=ddp")
-        sweep = Sweep(args, params, base)
-        if args.worker_index is not None:
-            sweep.work(args.worker_index)
-            return 0
-        study = sweep.study()
-        sweep.recover(study)
-        done = sweep.counted(study)
-        sweep.say(
-            f"study {args.study} ({sweep.storage_url}): {done} of {args.trials} trials counted so far | "
-            f"objective {args.objective} ({sweep.direction}) | pruner {sweep.options['pruner']} | trials in {sweep.dir}"
-        )
-        sweep.run_workers(argv)
-        if not args.no_report:
-            sweep.report(sweep.study())
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: run the same command to continue the study", file=sys.stderr)
-        return 130
+        raise SweepError("sweeps need Optuna: pip install -e '.[sweep]' (or pip install optuna)") from None
+    params = load_space(args.space)
+    base = check_space(params, args.config, args.overrides, args.space)
+    if args.seed is None:
+        args.seed = base.train.seed
+    if args.nproc > 1 and base.parallel.strategy == "none":
+        n = args.nproc
+        raise ConfigError(f"--nproc {n} runs each trial on {n} processes: add parallel.strategy=ddp")
+    sweep = Sweep(args, params, base)
+    if args.worker_index is not None:
+        sweep.work(args.worker_index)
+        return 0
+    study = sweep.study()
+    sweep.recover(study)
+    done = sweep.counted(study)
+    sweep.say(
+        f"study {args.study} ({sweep.storage_url}): {done} of {args.trials} trials counted so far | "
+        f"objective {args.objective} ({sweep.direction}) | pruner {sweep.options['pruner']} | trials in {sweep.dir}"
+    )
+    sweep.run_workers(argv)
+    if not args.no_report:
+        sweep.report(sweep.study())
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, interrupted="interrupted: run the same command to continue the study"))

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from model.errors import UserError
+from model.cli import run
 from train.callbacks import TrainPruned
 from train.config import Config, load_config
 
@@ -61,31 +61,26 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
     is_main = int(os.environ.get("RANK", 0)) == 0
-    try:
-        cfg = load_config(run_dir / "config.yaml")
-        trial, prune = None, False
-        if is_main:
-            import optuna
+    cfg = load_config(run_dir / "config.yaml")
+    trial, prune = None, False
+    if is_main:
+        import optuna
 
-            from train.sweep.study import make_pruner, make_storage
+        from train.sweep.study import make_pruner, make_storage
 
-            options = json.loads(args.options)
-            study = optuna.load_study(
-                study_name=args.study,
-                storage=make_storage(args.storage),
-                sampler=optuna.samplers.RandomSampler(),  # nothing is sampled here: the worker did that
-                pruner=make_pruner(options),
-            )
-            trial, prune = optuna.trial.Trial(study, args.trial_id), options["pruner"] != "none"
-        outcome = train_trial(cfg, trial, prune, print)
-    except UserError as e:
-        if is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
+        options = json.loads(args.options)
+        study = optuna.load_study(
+            study_name=args.study,
+            storage=make_storage(args.storage),
+            sampler=optuna.samplers.RandomSampler(),  # nothing is sampled here: the worker did that
+            pruner=make_pruner(options),
+        )
+        trial, prune = optuna.trial.Trial(study, args.trial_id), options["pruner"] != "none"
+    outcome = train_trial(cfg, trial, prune, print)
     if is_main:
         (run_dir / OUTCOME).write_text(json.dumps({"outcome": outcome}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main))
