@@ -247,29 +247,44 @@ def test_config_takes_data_dir_or_data_mix(tmp_path):
 
 
 def test_training_on_a_mix_logs_each_sources_val_loss_and_resumes(tmp_path_factory, tmp_path):
-    from train_helpers import metrics, prepared_dataset, tiny_config
+    """Per-source val losses, windows, shares and epochs in metrics.jsonl, the mixture's state in the
+    checkpoint, and a run resumed at step 2 with the uninterrupted run's losses, exactly."""
+    import json
+
+    from train_helpers import metrics, prepared_dataset, tiny_config, train_losses
 
     from data.prepare import prepare
     from train.loop import run
 
     pydoc = prepared_dataset(tmp_path_factory)
     code = tmp_path / "code"
-    prepare(code, source=[f"def f{i}(x):\n    return x * {i}\n" for i in range(400)], tokenizer="bytes", progress=False)
-    mix = f"data.mix=[{{dir: {pydoc}, weight: 0.75, name: docs}}, {{dir: {code}, weight: 0.25}}]"
-    run_dir = tmp_path / "run"
+    texts = [f"def f{i}(x):\n    return x * {i}\n" for i in range(60)]
+    # a train split of a few windows (most is val): the run goes through it more than once
+    prepare(code, source=texts, tokenizer="bytes", progress=False, val_tokens=1500)
+    code_windows = (json.loads((code / "meta.json").read_text())["train_tokens"] - 1) // 32  # seq_len 32
+    mix = f"data.mix=[{{dir: {pydoc}, weight: 0.5, name: docs}}, {{dir: {code}, weight: 0.5}}]"
 
-    def cfg(steps):
+    def cfg(run_dir, steps):
         extra = ["data.dir=null", mix, f"train.max_steps={steps}", "train.eval_every=2", "checkpoint.every=2"]
         return tiny_config(pydoc, run_dir, *extra)  # data.dir=null: the mix replaces the dir tiny_config names
 
     torch.set_num_threads(1)
-    run(cfg(2))
-    out = run(cfg(4))  # resumes from step 2: the mixture's state goes through the checkpoint
+    run_dir, straight = tmp_path / "run", tmp_path / "straight"
+    run(cfg(run_dir, 2))
+    out = run(cfg(run_dir, 4))  # resumes from step 2: the mixture's state goes through the checkpoint
+    run(cfg(straight, 4))
+    assert train_losses(run_dir) == train_losses(straight) and sorted(train_losses(straight)) == [1, 2, 3, 4]
     evals = [r for r in metrics(run_dir) if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 2, 4]
     for r in evals:
-        assert r["val_loss"] == pytest.approx(0.75 * r["val/docs"] + 0.25 * r["val/code"])
-    assert evals[-1]["data/docs/windows"] + evals[-1]["data/code/windows"] == 4 * 256 // 32
+        assert r["val_loss"] == pytest.approx(0.5 * r["val/docs"] + 0.5 * r["val/code"])
+        drawn = r["step"] * 256 // 32  # windows so far: tokens_per_step / seq_len per step
+        assert r["data/docs/windows"] + r["data/code/windows"] == drawn
+        for name in ("docs", "code"):
+            assert r[f"data/{name}/share"] == pytest.approx(r[f"data/{name}/windows"] / max(drawn, 1))
+        assert r["data/code/epoch"] == r["data/code/windows"] // code_windows
+    assert evals[-1]["data/code/epoch"] >= 1  # the premise: the small source wrapped around
+    assert 0.4 < evals[-1]["data/code/share"] < 0.6  # ~ its weight, 0.5, over 32 windows
     assert out["val_loss"] == pytest.approx(evals[-1]["val_loss"])
     state = torch.load(run_dir / "checkpoints" / "step_000004" / "train_state.pt", weights_only=True)
     assert state["loader"]["windows_consumed"] == 32 and set(state["loader"]["sources"]) == {"docs", "code"}

@@ -144,6 +144,22 @@ def test_a_target_out_of_reach_is_reported_not_reached_and_set_overrides_every_c
     assert "not reached (6 steps, done)" in row and row.endswith("- -")  # no time, no ratios
 
 
+def test_budget_stops_each_config_at_the_first_evaluation_past_it(corpus, tmp_path, capsys):
+    """--budget-s: a config stops at the first evaluation after its train seconds pass the budget; a
+    budget below any step's time is passed by the first evaluation after step 0 (no clock is read here)."""
+    a, b = tiny(tmp_path, "a"), tiny(tmp_path, "b", lr=2e-2)
+    rc, out, err = race(
+        capsys, "--data", str(corpus), "--target", "0.01", "--configs", f"{a},{b}", "--budget-s", "1e-9",
+        "--eval-every", "2", "--eval-tokens", "256", "--out", str(tmp_path / "runs"), "--quiet",
+        "--set", "train.max_steps=8",
+    )  # fmt: skip
+    assert rc == 0, err
+    for name in ("a", "b"):
+        assert "not reached (2 steps, budget)" in " ".join(rows(out)[name])
+        recs = [json.loads(x) for x in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs if "val_loss" in r] == [0, 2]
+
+
 @pytest.mark.parametrize(
     "args, says",
     [
@@ -151,6 +167,7 @@ def test_a_target_out_of_reach_is_reported_not_reached_and_set_overrides_every_c
         (["--target", "low"], "--target takes a val loss"),
         (["--target-from-steps", "5"], "multiple of --eval-every"),
         (["--target", "auto", "--eval-tokens", "100"], "not a multiple of"),
+        (["--target", "auto", "--budget-s", "0"], "--budget-s > 0"),
     ],
 )
 def test_usage_errors_are_one_line_and_exit_2(corpus, tmp_path, capsys, args, says):

@@ -235,3 +235,34 @@ def test_resume_from_another_model_is_a_clear_error(data_dir, tmp_path):
     run(tiny_config(data_dir, run_dir, "train.max_steps=1"), **QUIET)
     with pytest.raises(TrainError, match="n_layer: 2 -> 3"):
         run(tiny_config(data_dir, run_dir, "model.n_layer=3", "train.max_steps=2"), **QUIET)
+
+
+def test_resume_from_a_checkpoint_path_continues_that_checkpoint(data_dir, tmp_path):
+    """train.resume=PATH in a new run dir: the run continues the named checkpoint (step 2, though the
+    source run also has step 4), with the losses the source run had after it, exactly."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    run(tiny_config(data_dir, src, "train.max_steps=4", "checkpoint.every=2"), **QUIET)
+    step2 = src / "checkpoints" / "step_000002"
+    assert step2.is_dir() and (src / "checkpoints" / "step_000004").is_dir()
+    out = run(tiny_config(data_dir, dst, "train.max_steps=4", f"train.resume={step2}"), **QUIET)
+    assert out["step"] == 4
+    want, got = train_losses(src), train_losses(dst)
+    assert sorted(got) == [3, 4] and got == {s: want[s] for s in (3, 4)}
+
+
+def test_an_init_from_run_that_is_interrupted_resumes_from_its_own_checkpoints(data_dir, tmp_path):
+    """A fine-tune (train.init_from) stopped at step 2 and run again resumes from its own step-2
+    checkpoint, not from init_from's weights again: its losses are the uninterrupted fine-tune's."""
+    base = tmp_path / "base"
+    run(tiny_config(data_dir, base, "train.max_steps=3", "checkpoint.every=3"), **QUIET)
+    ft = ["checkpoint.every=2", f"train.init_from={base}", "optim.lr=1e-2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(tiny_config(data_dir, straight, *ft, "train.max_steps=4"), **QUIET)
+    run(tiny_config(data_dir, split, *ft, "train.max_steps=2"), **QUIET)
+    logs: list[str] = []
+    run(tiny_config(data_dir, split, *ft, "train.max_steps=4"), log=logs.append)
+    assert any("resumed from" in m and "step_000002" in m for m in logs), logs
+    want, got = train_losses(straight), train_losses(split)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    assert got == want
+    assert want[1] < train_losses(base)[1] - 0.1  # the fine-tune did start from the trained weights

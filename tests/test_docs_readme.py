@@ -1,0 +1,5 @@
+"""Every command of README.md runs as written and prints what it shows (docs_helpers.py)."""
+
+from docs_helpers import doc_test
+
+workspace, test_doc_command_runs = doc_test("README.md")
