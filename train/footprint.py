@@ -14,7 +14,8 @@ dp ranks, plus the micro-batch and activation checkpointing. Per rank (bytes):
   for its matrices (train/optim.py's muon_params). DeepSpeed adds its fp32 master partition ("master").
 - DeepSpeed (ZeRO, Rajbhandari et al. 2020, sec. 5): the engine keeps the module in the training
   dtype and its fp32 master copy, Adam moments and reduced gradients partitioned over the dp ranks;
-  stage 3 partitions the module too and allocates its reduce bucket (reduce_bucket_size elements).
+  stage 3 partitions the module too, and allocates its gradient partition and its reduce bucket
+  (reduce_bucket_size elements) when the engine is built.
 - activations: the peak bytes of the tensors a forward + backward of one micro-batch keeps alive,
   other than parameters and gradients (saved activations, logits, the autocast copies of weights),
   traced on fake tensors (torch._subclasses.FakeTensorMode, which allocates nothing) with the run's
@@ -173,7 +174,8 @@ def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int) 
     # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries.
     grads = pbytes * (elems if layout.zero == 1 and accum > 1 else part)
     master = 4 * part
-    moments = 8 * part + 4 * len(share)  # torch AdamW over the master partition (one step per tensor)
+    moments = 8 * part + 4 * 2  # torch AdamW over the master partition: one step count per param group
+    # (train/optim.py's two groups, decay and no_decay)
     temps = {}
     if layout.zero == 3:
         temps["ZeRO-3 reduce bucket"] = DEEPSPEED_REDUCE_BUCKET * pbytes
@@ -227,6 +229,7 @@ class LiveBytes(TorchDispatchMode):
         counted = self.live.get(t.untyped_storage())
         if counted is not None:
             self._drop(counted)
+        return None  # as a tensor hook: the gradient passes unchanged
 
 
 def step_peak(model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str = "cpu") -> int:
@@ -235,11 +238,9 @@ def step_peak(model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str 
     from train.loop import autocast_ctx
 
     tracker = LiveBytes()
-    hooks = [
-        p.register_post_accumulate_grad_hook(lambda p: tracker.forget(p.grad))
-        for p in model.parameters()
-        if p.requires_grad
-    ]
+    # A parameter's gradient is the grads' item, from the moment autograd hands it to the parameter
+    # (MemTracker's GRAD): with tied weights, the partial gradients summed before that stay activations.
+    hooks = [p.register_hook(tracker.forget) for p in model.parameters() if p.requires_grad]
     with tracker:
         with autocast_ctx(torch.device(device_type), dtype):
             loss = model(idx, idx)

@@ -43,6 +43,7 @@ from train.config import Config
 from train.errors import TrainError
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
 from train.optim import apply_schedule, build_optimizer
+from train.plan import preflight_check
 from train.sample import decode, generate
 from train.strategy import Strategy, StrategySpec, env_world, make_strategy, unwrap
 
@@ -253,6 +254,7 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
     data = Data.open(cfg, rank, world_size, device)
     set_seeds(cfg.train.seed + rank)  # different dropout masks per rank, reproducible per rank
     mcfg, init_weights = build_model_config(cfg, data.meta)
+    preflight_check(cfg, mcfg, world_size, device)  # CUDA: stop a layout the planner says cannot fit
     model = GPT(mcfg)
     if init_weights is not None:
         try:
