@@ -56,11 +56,11 @@ def main() -> None:
     torch.manual_seed(0)
     model, opt = s.wrap(drv.GPT(drv.model_config()), drv.build_optimizer)
 
-    def new() -> int:  # noqa: F821 -- model and opt are bound below, before the first call
+    def new(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
         gc.collect()
         return sum(v for k, v in storages(model, opt).items() if k not in before)
 
-    res = {"after_wrap": new()}
+    res = {"after_wrap": new(model, opt)}
     x, y = drv.global_batch(1)
     rows = drv.GLOBAL_BATCH // s.world_size
     x, y = x[s.rank * rows : (s.rank + 1) * rows], y[s.rank * rows : (s.rank + 1) * rows]
@@ -70,10 +70,10 @@ def main() -> None:
             s.backward(loss)
         del loss
         if step == 1:
-            res["after_backward"] = new()
+            res["after_backward"] = new(model, opt)
         s.clip_and_step()
         s.zero_grad()
-    res["after_step"] = new()
+    res["after_step"] = new(model, opt)
     if s.rank == 0:
         with open(out, "w") as f:
             json.dump(res, f)
