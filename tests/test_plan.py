@@ -205,3 +205,14 @@ def test_preflight_names_the_biggest_item_and_a_layout_that_fits():
     assert msg is not None and "biggest item: activations" in msg
     assert "train.micro_batch=" in msg or "train.activation_checkpointing=true" in msg
     assert preflight_message(load_config(str(REPO / "configs/gpt2-124m.yaml"), []), 8, BY_KEY["h100-sxm"]) is None
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_chains_every_step(tmp_path):
+    """tests/gpu_check.sh's CPU dry run: every step runs at tiny sizes and the summary says ok."""
+    env = {**os.environ, "GPTRAIN_GPU_CHECK_DEVICE": "cpu", "GPU_CHECK_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "tests/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = r.stdout.split("step               status")[1].splitlines()[1:]
+    steps = {line.split()[0]: line.split()[1] for line in summary if line.strip()}
+    assert steps == dict.fromkeys(["cuda-tests", "train-bench", "plan-vs-measured", "race", "eval-bench"], "ok")
