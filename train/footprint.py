@@ -6,8 +6,9 @@ Layout: the mesh degrees (dp_replicate x dp_shard x cp x tp x pp), or DeepSpeed'
 dp ranks, plus the micro-batch and activation checkpointing. Per rank (bytes):
 - params, grads: the rank's share of each parameter. FSDP2 shards dim 0 over dp_shard x cp, padding
   it to a multiple of the shard count (the rank holds ceil(dim0 / n) rows, rank 0 the most); tensor
-  parallel splits the weights of torchtitan's plan (colwise: q/k/v, MLP in, the token table and the
-  head along their output rows; rowwise: the output projections along their inputs); pipeline
+  parallel splits the weights of train/parallel/parallelize.py's plan (colwise: q/k/v, MLP in, and
+  under loss parallel the head, along their output rows; rowwise: the output projections along their
+  inputs; norms and the token table whole); pipeline
   parallel gives each stage its blocks (the first also the embeddings, the last the final norm and
   head, and a tied table lives on both).
 - optimizer: AdamW's exp_avg + exp_avg_sq (fp32) and one float32 step count per tensor; Muon's momentum
@@ -39,7 +40,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from model import GPT, ModelConfig
 
-# torchtitan's Llama TP plan on this model's module names: which dim of a parameter tp splits.
+# The TP plan of train/parallel/parallelize.py (torchtitan's, on this model's module names): which dim
+# of a parameter tp splits. Norms are sequence-parallel (replicated gains), the token table stays
+# whole, and the head is split by vocabulary rows only under loss parallel (head_is_split).
 TP_SHARD_DIM = {
     "attn.c_attn.weight": 0,  # ColwiseParallel
     "attn.c_attn.bias": 0,
@@ -47,9 +50,14 @@ TP_SHARD_DIM = {
     "mlp.c_fc.weight": 0,
     "mlp.c_fc.bias": 0,
     "mlp.c_proj.weight": 1,
-    "transformer.wte.weight": 0,  # RowwiseParallel over the vocabulary
-    "lm_head.weight": 0,  # ColwiseParallel (loss parallel)
 }
+
+
+def head_is_split(cfg: ModelConfig) -> bool:
+    """Loss parallel's condition: an untied head with no padded rows to drop and no soft-capping."""
+    return not cfg.tie_embeddings and cfg.padded_vocab_size == cfg.vocab_size and cfg.logit_softcap is None
+
+
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size's default (DeepSpeed docs)
 
 
@@ -129,7 +137,7 @@ def param_shares(model: GPT, layout: Layout) -> list[tuple[str, nn.Parameter, in
             where = {pp - 1}
         shape = list(p.shape)
         key = ".".join(name.split(".")[-3:]) if name.startswith("transformer.h.") else name
-        dim = TP_SHARD_DIM.get(key)
+        dim = 0 if name == "lm_head.weight" and head_is_split(cfg) else TP_SHARD_DIM.get(key)
         if layout.tp > 1 and dim is not None:
             shape[dim] = math.ceil(shape[dim] / layout.tp)
         if layout.zero == 0 and layout.shard > 1:
@@ -171,8 +179,9 @@ def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int) 
     pbytes = 4 if dtype == "float32" else dtype_bytes(dtype)  # the engine casts the module for bf16/fp16
     part = math.ceil(elems / n)
     params = pbytes * (part if layout.zero == 3 else elems)
-    # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries.
-    grads = pbytes * (elems if layout.zero == 1 and accum > 1 else part)
+    # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries;
+    # stage 3 also hands the optimizer an fp32 copy of the partition's gradient at the step.
+    grads = pbytes * (elems if layout.zero == 1 and accum > 1 else part) + (4 * part if layout.zero == 3 else 0)
     master = 4 * part
     moments = 8 * part + 4 * 2  # torch AdamW over the master partition: one step count per param group
     # (train/optim.py's two groups, decay and no_decay)
