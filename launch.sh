@@ -89,11 +89,16 @@ from_slurm() {
     if [[ -z $NPROC && -n ${SLURM_GPUS_ON_NODE:-} ]]; then NPROC=${SLURM_GPUS_ON_NODE%%(*}; fi
 }
 
-# The parallel.strategy the config resolves to (this also reports a bad config key, exit 2).
+# The parallel.strategy the config resolves to, and "mesh" in its place when strategy is none but a mesh
+# degree (parallel.dp_replicate / dp_shard / tp / cp / pp) is not 1 (this also reports a bad config key, exit 2).
 resolved_strategy() {
-    local out
+    local out strategy
     out=$("$PYTHON" -m train --print-config "$@") || exit $?
-    sed -n 's/^  strategy: //p' <<<"$out"
+    strategy=$(sed -n 's/^  strategy: //p' <<<"$out")
+    if [[ $strategy == none ]] && grep -Eq '^  (dp_replicate|dp_shard|tp|cp|pp): (-1|[2-9]|[1-9][0-9]+)$' <<<"$out"; then
+        strategy=mesh
+    fi
+    echo "$strategy"
 }
 
 # ---------------------------------------------------------------------------- launchers

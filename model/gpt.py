@@ -146,7 +146,7 @@ class Attention(nn.Module):
         else:  # a FlexAttention BlockMask (document masking; GPT.window)
             flex = flex_attention(compiled=q.is_cuda)
             y = flex(q, k, v, block_mask=attn_mask, enable_gqa=self.n_kv_head != self.n_head)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D): H is this rank's heads under tp
         return self.resid_drop(self.c_proj(y))
 
 

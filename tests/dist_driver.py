@@ -16,6 +16,7 @@ run_scenario() also runs in the pytest process for strategy "none", the one-proc
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,6 +72,14 @@ def build_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-6, foreach=False)
 
 
+def build_muon(module: torch.nn.Module) -> torch.optim.Optimizer:
+    """The training loop's Muon + AdamW (train/optim.py), Newton-Schulz in fp32 so that layouts compare."""
+    from train.config import OptimSection
+    from train.optim import build_optimizer as build
+
+    return build(module, OptimSection(name="muon", lr=3e-3, eps=1e-6, muon_ns_dtype="float32", fused=False))
+
+
 def param_digest(model: torch.nn.Module) -> str:
     flat = torch.cat([p.detach().float().flatten().cpu() for p in unwrap(model).parameters()])
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
@@ -94,7 +103,7 @@ def run_scenario(sc: dict, out: Path) -> dict:
     # stream): wrap() must start every rank from rank 0's weights, the reference's.
     torch.manual_seed(sc.get("seed", 0) + rank)
     model = GPT(mcfg)
-    model, _ = s.wrap(model, build_optimizer)
+    model, _ = s.wrap(model, build_muon if sc.get("optim") == "muon" else build_optimizer)
     bare = unwrap(model)
     res: dict = {
         "world_size": world,
@@ -102,6 +111,12 @@ def run_scenario(sc: dict, out: Path) -> dict:
         "norms": {},
         "tied": bare.lm_head.weight is bare.transformer.wte.weight,
     }
+
+    if sc.get("record_layout"):  # what the layout did to the parameters and to the activations
+        res["layout"] = layout_of(bare)
+        seen = []
+        hook = bare.transformer.h[-1].register_forward_pre_hook(lambda m, args: seen.append(list(args[0].shape)))
+        res["block_input"] = seen
 
     start = 0
     if sc.get("expect_error"):  # a user error: every rank must raise it, before any collective
@@ -127,22 +142,22 @@ def run_scenario(sc: dict, out: Path) -> dict:
             and state.loader["nested"] == {"a": [1, 2.5, "x"]}
         )
 
-    rows = GLOBAL_BATCH // world
+    dims = getattr(s, "dims", None)  # the mesh's data-parallel rank and size; DeepSpeed: every rank
+    dp_rank, dp_size = (dims.dp_rank, dims.dp_size) if dims is not None else (rank, world)
+    rows = GLOBAL_BATCH // dp_size
     micro = rows // accum
     for step in range(start + 1, sc["steps"] + 1):
         x, y = global_batch(step)
-        x, y = x[rank * rows : (rank + 1) * rows], y[rank * rows : (rank + 1) * rows]
-        total = torch.zeros(())
+        x, y = x[dp_rank * rows : (dp_rank + 1) * rows], y[dp_rank * rows : (dp_rank + 1) * rows]
         model.train()
-        for m in range(accum):
-            xm, ym = x[m * micro : (m + 1) * micro].to(s.device), y[m * micro : (m + 1) * micro].to(s.device)
-            with s.sync_context(is_last=m == accum - 1):
-                loss = model(xm, ym)
-                s.backward(loss)
-            total += loss.detach().float().cpu()
+        batches = [
+            (x[m * micro : (m + 1) * micro].to(s.device), y[m * micro : (m + 1) * micro].to(s.device))
+            for m in range(accum)
+        ]
+        total = s.forward_backward(batches, contextlib.nullcontext()).detach().float().cpu()
         norm = s.clip_and_step()
         s.zero_grad()
-        mean = s.all_reduce_sum(total / accum) / world  # equal micro-batches: the global mean
+        mean = s.all_reduce_sum(total) / world  # equal micro-batches: the global mean
         res["losses"][step] = float(mean)
         res["norms"][step] = float(norm)
         if step == sc.get("save_at"):
@@ -151,6 +166,8 @@ def run_scenario(sc: dict, out: Path) -> dict:
             if rank == 0:
                 torch.save({k: v.detach().cpu().clone() for k, v in sd.items()}, out / f"{sc['name']}.saved_sd.pt")
 
+    if sc.get("record_layout"):
+        hook.remove()
     if dist.is_initialized() and sc.get("check_replicas"):  # replicated (not sharded) parameters
         digests = [None] * world
         dist.all_gather_object(digests, param_digest(model))
@@ -162,6 +179,22 @@ def run_scenario(sc: dict, out: Path) -> dict:
     del model, bare, sd
     s.teardown()
     return res
+
+
+def layout_of(model: torch.nn.Module) -> dict:
+    """name -> {"placements": a DTensor's placements (None: a plain tensor), "local": this rank's shape};
+    and each attention's local head counts."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        dt = isinstance(p, DTensor)
+        out[name] = {
+            "placements": [str(pl) for pl in p.placements] if dt else None,
+            "local": list(p.to_local().shape if dt else p.shape),
+        }
+    out["heads"] = [[b.attn.n_head, b.attn.n_kv_head] for b in model.transformer.h]
+    return out
 
 
 def manager(s, mcfg: ModelConfig, ckpt: str) -> CheckpointManager:
@@ -208,6 +241,15 @@ def launch(
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def launch_ok(spec: dict, nproc: int, work: Path, tag: str) -> None:
+    """launch() into work/spec_TAG.json, asserting that torchrun exited 0: no rank failed, and none
+    aborted at interpreter exit."""
+    proc = launch(spec, nproc, work / f"spec_{tag}.json")
+    assert proc.returncode == 0, (
+        f"torchrun ({tag}) exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+
+
 def load_result(out: Path, name: str) -> dict:
     res = json.loads((out / f"{name}.json").read_text())
     for key in ("losses", "norms"):
@@ -230,7 +272,7 @@ def main() -> None:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     owned = None
     if spec.get("driver_group"):
-        from train.strategies.dist import init_distributed
+        from train.parallel.world import init_distributed
 
         owned = init_distributed(spec["scenarios"][0].get("device", "cpu"), "driver")
     for sc in spec["scenarios"]:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from train.errors import TrainError
+from train.parallel.world import DistributedSetupError, StrategyError
 from train.strategies.config_builder import build_ds_config
-from train.strategies.dist import DistributedSetupError, StrategyError
 from train.strategy import StrategySpec, make_strategy
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         # Set-up problems of one rank's environment (e.g. a missing GPU) are that rank's alone to tell.
         if is_main or getattr(e, "every_rank_reports", False):
             print(f"error{'' if is_main else ' on rank ' + os.environ.get('RANK', '?')}: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ConfigError) else 1  # a layout the config asks for that cannot run
     except KeyboardInterrupt:
         print("interrupted (no checkpoint written for the current step)", file=sys.stderr)
         return 130

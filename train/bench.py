@@ -32,7 +32,7 @@ from train.config import Config, ConfigError, OptimSection, load_config
 from train.loop import autocast_ctx, pick_device, train_step
 from train.metrics import device_peak_flops
 from train.optim import build_optimizer
-from train.strategy import SingleProcess, StrategySpec
+from train.strategy import StrategySpec, make_strategy
 
 # The reference setting of docs/benchmarks.md's table.
 REFERENCE = [
@@ -74,7 +74,7 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     spec = StrategySpec(
         precision=short(setting.dtype), grad_accum_steps=accum, grad_clip=cfg.optim.grad_clip, compile=setting.compile
     )
-    strategy = SingleProcess(device, spec)
+    strategy = make_strategy("none", device, spec)
     optim_cfg = OptimSection(**{**cfg.optim.__dict__, "fused": setting.fused})
     model, _ = strategy.wrap(model, lambda m: build_optimizer(m, optim_cfg))  # compiles as training does
     g = torch.Generator().manual_seed(0)
@@ -93,7 +93,7 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     t_start = time.perf_counter()
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, _ = train_step(model, strategy, batches, amp)
+        loss, _ = train_step(strategy, batches, amp)
         loss.item()  # the sync a real loop makes at a log step
         sync()
         if i >= warmup:

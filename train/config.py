@@ -40,9 +40,10 @@ WSD_SHAPES = ("linear", "1-sqrt")
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 OPTIMIZERS = ("adamw", "muon")
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
-# Strategies that can run Muon: whole matrices on every rank (none, ddp), or DTensor shards that the
-# optimizer gathers for Newton-Schulz (fsdp; train/optim.py). DeepSpeed's ZeRO flattens them.
+# Strategies that can run Muon: the native mesh (whole matrices, or DTensor shards of FSDP and TP that
+# the optimizer gathers for Newton-Schulz: train/optim.py). DeepSpeed's ZeRO flattens them.
 MUON_STRATEGIES = ("none", "ddp", "fsdp")
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B")
 _MUON_REFUSED = {"deepspeed": "ZeRO flattens the parameters into partitioned buffers"}
 
 
@@ -173,9 +174,19 @@ class EvalSection:
 
 @dataclass
 class ParallelSection:
-    """Read by the strategy (train/strategy.py, train/strategies/); `none` needs none of it."""
+    """Read by the strategy (train/strategy.py, train/parallel/, train/strategies/). The torch-native
+    layout is a device mesh of the degrees below (their product is the world size; one may be -1, "the
+    rest"; docs/distributed.md); `strategy` none | ddp | fsdp are shorthands for meshes (ddp: dp_replicate
+    takes the rest, fsdp: dp_shard does), deepspeed the separate data-parallel engine."""
 
     strategy: str = "none"  # none | ddp | fsdp | deepspeed
+    dp_replicate: int = 1  # whole replicas (DDP; HSDP's replica groups)
+    dp_shard: int = 1  # FSDP2 sharding of parameters, gradients and optimizer state
+    tp: int = 1  # tensor parallel, with sequence parallel (Megatron-LM; Korthikanti et al. 2022)
+    cp: int = 1  # context parallel: each rank holds 2 chunks of the sequence (Llama 3's recipe)
+    pp: int = 1  # pipeline parallel stages (torch.distributed.pipelining)
+    pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B
+    pp_stages_per_rank: int = 1  # 2 or more for Interleaved1F1B
     fsdp_param_dtype: str | None = None  # FSDP2 MixedPrecisionPolicy param dtype; null = train.dtype
     fsdp_reduce_dtype: str | None = "float32"  # gradient reduce-scatter dtype
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (Rajbhandari et al. 2020)
@@ -476,6 +487,21 @@ def validate(cfg: Config) -> None:
     _choice("parallel.strategy", cfg.parallel.strategy, STRATEGIES)
     _choice("eval.hellaswag_style", cfg.eval.hellaswag_style, HELLASWAG_STYLES)
     _choice("parallel.zero_stage", cfg.parallel.zero_stage, (0, 1, 2, 3))
+    _choice("parallel.pp_schedule", cfg.parallel.pp_schedule, PP_SCHEDULES)
+    for d in ("dp_replicate", "dp_shard", "tp", "cp", "pp"):
+        v = getattr(cfg.parallel, d)
+        _check(isinstance(v, int) and (v >= 1 or v == -1), f"parallel.{d} must be >= 1 or -1 (the rest); got {v!r}")
+    _check(cfg.parallel.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank must be >= 1")
+    mesh = [
+        f"parallel.{d}={getattr(cfg.parallel, d)}"
+        for d in ("tp", "cp", "pp", "dp_shard")
+        if getattr(cfg.parallel, d) != 1
+    ]
+    _check(
+        cfg.parallel.strategy != "deepspeed" or not mesh,
+        f"parallel.strategy=deepspeed is data parallel only (ZeRO), but {', '.join(mesh)} is set: use "
+        "parallel.strategy=fsdp (the torch-native mesh) for tensor, context or pipeline parallel",
+    )
     for k in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
         if getattr(cfg.parallel, k) is not None:
             _choice(f"parallel.{k}", getattr(cfg.parallel, k), CANONICAL)
@@ -552,3 +578,6 @@ def validate(cfg: Config) -> None:
     )
     _check(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
     _model(dataclasses.asdict(m))  # the model's own checks, again on the values as they are now
+    from train.parallel.dims import check_model
+
+    check_model(cfg.parallel, m, cfg.seq_len)  # what the mesh degrees ask of the model (MeshError: a ConfigError)

@@ -1,4 +1,4 @@
-"""The training loop: one file, the same for one CPU core, one GPU and N ranks of DDP / FSDP / DeepSpeed.
+"""The training loop: one file, the same for one CPU core, one GPU and N ranks of any parallel layout.
 
 The loop knows nothing about parallelism: it calls the Strategy seam (train/strategy.py) only, and
 hands checkpoints to train/checkpoint.py. Per step, in order (Trainer.train):
@@ -43,9 +43,11 @@ from train.config import Config
 from train.errors import TrainError
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
 from train.optim import apply_schedule, build_optimizer
+from train.parallel.dims import DIMS, ParallelDims, check_model
+from train.parallel.world import env_world
 from train.plan import preflight_check
 from train.sample import decode, generate
-from train.strategy import Strategy, StrategySpec, env_world, make_strategy, unwrap
+from train.strategy import Strategy, StrategySpec, make_strategy
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -172,24 +174,14 @@ class StopFlag:
 
 
 def train_step(
-    model: nn.Module,
-    strategy: Strategy,
-    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
-    amp: contextlib.AbstractContextManager,
+    strategy: Strategy, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], amp: contextlib.AbstractContextManager
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches (each x, y: (micro_batch, seq_len) int64).
     Returns (mean loss over the micro-batches, pre-clip grad norm) as device scalars: no host sync."""
-    n = len(micro_batches)
-    loss_sum = None
-    for i, (x, y) in enumerate(micro_batches):
-        with strategy.sync_context(is_last=i == n - 1):  # DDP all-reduces only on the last micro-batch
-            with amp:
-                loss = model(x, y)  # mean cross entropy of this micro-batch
-            strategy.backward(loss)  # scales by 1/n: the accumulated gradient is the mean
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    loss = strategy.forward_backward(micro_batches, amp)
     norm = strategy.clip_and_step()
     strategy.zero_grad()
-    return loss_sum / n, norm
+    return loss, norm
 
 
 class StepMeter:
@@ -233,11 +225,7 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
     Raises TrainError (or data's DataError) for anything the user can fix or must know, TrainPruned
     when a callback stopped the run (train/callbacks.py)."""
     rank, local_rank, world_size = env_world()
-    if world_size > 1 and cfg.parallel.strategy == "none":
-        raise TrainError(
-            f"WORLD_SIZE={world_size} (torchrun) but parallel.strategy=none: set "
-            "parallel.strategy=ddp (or fsdp / deepspeed), or start a single process"
-        )
+    dims = mesh_dims(cfg, rank, world_size)
     device = pick_device(cfg.train.device, local_rank)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)  # one GPU per rank, as the strategy's process group has it
@@ -251,9 +239,12 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
         raise TrainError("this GPU has no bfloat16 support; use train.dtype=float16")
 
     # Data and model first: their user errors are the same on every rank, before any process group.
-    data = Data.open(cfg, rank, world_size, device)
-    set_seeds(cfg.train.seed + rank)  # different dropout masks per rank, reproducible per rank
+    # The loader's rank and world are the data-parallel ones: the ranks of one tp / cp / pp group read the
+    # same windows, and draw the same dropout masks.
+    data = Data.open(cfg, dims.dp_rank, dims.dp_size, device)
+    set_seeds(cfg.train.seed + dims.dp_rank)  # different dropout masks per replica, reproducible
     mcfg, init_weights = build_model_config(cfg, data.meta)
+    check_model(dims, mcfg, cfg.seq_len)
     preflight_check(cfg, mcfg, world_size, device)  # CUDA: stop a layout the planner says cannot fit
     model = GPT(mcfg)
     if init_weights is not None:
@@ -281,6 +272,38 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
         return trainer.train()
     finally:
         strategy.teardown()
+
+
+def mesh_dims(cfg: Config, rank: int, world_size: int) -> ParallelDims:
+    """The degrees of this launch (a MeshError, before any process group, when they do not fit it)."""
+    options = cfg.parallel_options()
+    if world_size > 1 and cfg.parallel.strategy == "none" and all(options.get(d, 1) == 1 for d in DIMS):
+        raise TrainError(
+            f"WORLD_SIZE={world_size} (torchrun) but parallel.strategy=none: set "
+            "parallel.strategy=ddp (or fsdp / deepspeed, or the mesh degrees), or start a single process"
+        )
+    return ParallelDims.from_options(cfg.parallel.strategy, options, world_size, rank)
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, int]:
+    """This rank's bytes of parameters and of optimizer state (a DTensor counts its local shard). The
+    optimizer's state appears at its first step: before that, AdamW's two moments and Muon's momentum
+    are counted at the parameters' size."""
+
+    def local(t: torch.Tensor) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = sum(local(p) for p in {id(p): p for p in model.parameters()}.values())
+    optim = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if state:
+                optim += sum(local(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+            else:
+                optim += (1 if group.get("name") == "muon" else 2) * local(p)
+    return params, optim
 
 
 @dataclasses.dataclass
@@ -430,7 +453,7 @@ class Trainer:
             f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
         self.log(
-            f"batch {cfg.train.tokens_per_step:,} tokens/step = {strategy.world_size} rank(s) x "
+            f"batch {cfg.train.tokens_per_step:,} tokens/step = {self.data.world_size} data-parallel rank(s) x "
             f"{strategy.spec.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {cfg.seq_len} | "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | peak {self.peak_flops / 1e12:.3g} TFLOP/s "
             f"({peak_source})"
@@ -440,6 +463,15 @@ class Trainer:
                 "note: this CPU has no bf16 matrix instructions (AVX512-BF16 / AMX): bf16 matmuls are "
                 "emulated and several times slower than float32 here; consider train.dtype=float32"
             )
+        layout = strategy.layout()
+        params, optim = local_state_bytes(self.model, self.optimizer)
+        coords = layout.get("coords", {})
+        self.log(
+            f"mesh {' x '.join(f'{d} {layout[d]}' for d in coords) or layout['strategy']} | rank {strategy.rank} at "
+            f"({', '.join(f'{d} {i}' for d, i in coords.items()) or '-'}) | per rank: parameters "
+            f"{params / 2**20:.1f} MiB, optimizer state {optim / 2**20:.1f} MiB"
+        )
+        self.metrics.write({"step": self.state.step, "mesh": layout})
         if resumed_from is not None:
             self.log(f"resumed from {resumed_from} at step {self.state.step}")
         elif cfg.train.init_from:
@@ -475,7 +507,7 @@ class Trainer:
             while state.step < max_steps:
                 batches = self.loader.next_step()
                 lr = self.set_lr(state.step)
-                loss, norm = train_step(self.model, self.strategy, batches, self.amp)
+                loss, norm = train_step(self.strategy, batches, self.amp)
                 state.step += 1
                 state.tokens = state.step * cfg.train.tokens_per_step
                 self.meter.add(loss, norm)
@@ -580,7 +612,7 @@ class Trainer:
             self.stop_if_nonfinite()
         with self.fork_rng():
             counts = hellaswag.evaluate(
-                self.model,
+                self.strategy.eval_model(),
                 self.data.tokenizer,
                 self.data.hellaswag_examples,
                 self.strategy,
@@ -595,6 +627,9 @@ class Trainer:
     def maybe_sample(self, last: bool) -> None:
         every = self.cfg.logging.sample_every
         if not (every > 0 and (self.state.step % every == 0 or last)):
+            return
+        if self.strategy.sample_model() is None:
+            self.log(f"step {self.state.step}: no sample (this parallel layout cannot decode with the KV cache)")
             return
         text = self.sample()
         self.metrics.write({"step": self.state.step, "sample": text})
@@ -644,7 +679,9 @@ class Trainer:
         for name, weight, batches in self.data.val_sets(self.mcfg.vocab_size):
             with self.fork_rng():
                 total, count = loss_totals(
-                    self.model, batches, autocast_dtype=None if dtype == "float32" else torch_dtype(dtype)
+                    self.strategy.eval_model(),
+                    batches,
+                    autocast_dtype=None if dtype == "float32" else torch_dtype(dtype),
                 )
             total, count = self.strategy.all_reduce_sum(total), self.strategy.all_reduce_sum(count)
             losses.append((name, weight, (total / count).item()))
@@ -656,7 +693,7 @@ class Trainer:
         prompt = tokenizer.encode(opts.sample_prompt, allowed_special="all")
         with self.fork_rng():
             ids = generate(
-                unwrap(self.model),
+                self.strategy.sample_model(),
                 prompt,
                 opts.sample_tokens,
                 temperature=opts.sample_temperature,

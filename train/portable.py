@@ -125,15 +125,13 @@ def from_checkpoint(ckpt: Path, state_dir: Path, saved, work: Path) -> Portable:
     `work` is an empty scratch directory (DeepSpeed's converter writes there)."""
     strategy = saved.strategy
     source = {"strategy": strategy, "world_size": saved.world_size, "step": saved.step}
-    if strategy in ("none", "ddp"):
-        p = _from_local(ckpt, saved.strategy_state)
-    elif strategy == "fsdp":
-        p = _from_dcp(state_dir, work)
-    elif strategy == "deepspeed":
+    if strategy == "deepspeed":
         p = _from_deepspeed(state_dir, work)
         source["zero_stage"] = saved.strategy_state.get("zero_stage")
+    elif "optimizer" in saved.strategy_state:  # the native layout of earlier versions: no DCP shards
+        p = _from_local(ckpt, saved.strategy_state)
     else:
-        raise PortableError(f"{ckpt}: written by unknown parallel.strategy={strategy!r}")
+        p = _from_dcp(state_dir, work)
     p.source, p.step = source, saved.step
     return p
 

@@ -1,40 +1,32 @@
 """The strategy seam: everything the training loop needs from "how is this run parallelised".
 
-The loop (train/loop.py) calls only the methods of `Strategy`; it never knows whether one
-process, DDP, FSDP2 or DeepSpeed runs underneath -- the way torchtitan keeps parallelism
-(parallelize.py) apart from the model and the loop. `SingleProcess` is the debug mode:
-one process on CPU or one GPU. The distributed strategies live in train/strategies/.
+The loop (train/loop.py) calls only the methods of `Strategy`; it never knows which layout runs
+underneath -- the way torchtitan keeps parallelism (parallelize.py) apart from the model and the loop.
+Two engines implement it: the torch-native device mesh (train/parallel/mesh_strategy.py: one process,
+DDP, FSDP2, HSDP, tensor / context / pipeline parallel, any composition) and DeepSpeed
+(train/strategies/deepspeed.py).
 
 Contract, in the order the loop uses it:
     spec = StrategySpec(precision="bf16", grad_accum_steps=4, grad_clip=1.0)   # frozen
     s = make_strategy(cfg.parallel.strategy, device, spec, **parallel_options) # process group is up
     model, opt = s.wrap(model, build_optimizer)  # build_optimizer(module) -> Optimizer
     for each step:
-        for micro in range(spec.grad_accum_steps):
-            with s.sync_context(is_last=micro == last):
-                loss = model(x, y)
-                s.backward(loss)                 # scales by 1/accum itself
+        loss = s.forward_backward(micro_batches, amp)  # mean loss of this rank's micro-batches
         norm = s.clip_and_step()                 # clips to spec.grad_clip; device tensor, no host sync
         s.zero_grad()
+    s.eval_model()                               # what evaluation and HellaSwag call: model(x[, y])
     saved = s.save_state(state_dir)              # every rank; whatever the strategy needs to resume
     s.load_state(state_dir, saved, weights)      # every rank; restores model + optimizer, when
                                                  # s.resumes_natively(saved_strategy, saved); else
     s.load_portable(portable)                    # every rank; from the strategy-neutral form
     s.teardown()
 train/checkpoint.py owns the checkpoint layout and hands the strategy its directory (`state/`).
-
-`wrap` applies the model transforms in one place, `parallelize`, in torchtitan's order: activation
-checkpointing, then torch.compile, then the strategy's sharding / wrapping. compile=True compiles each
-transformer block in place (torchtitan's per-block compile, the same for every strategy): under none,
-the blocks of the one model; under ddp, before DistributedDataParallel wraps it; under fsdp, before
-fully_shard; under deepspeed, before deepspeed.initialize. Embeddings, final norm and head stay eager.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +36,6 @@ import torch
 import torch.nn as nn
 
 from model.dtypes import SHORT
-from model.io import clean_state_dict
 from train.config import STRATEGIES
 
 BuildOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
@@ -70,21 +61,6 @@ class StrategySpec:
             raise ValueError(f"StrategySpec.grad_clip={self.grad_clip!r} must be >= 0 (0 = no clipping)")
 
 
-def parallelize(model: nn.Module, spec: StrategySpec) -> nn.Module:
-    """The model transforms, in place and in torchtitan's order: activation checkpointing, then
-    torch.compile of each block; the strategy shards or wraps afterwards. Both keep parameter names,
-    so checkpoints do not change: train/ac.py checkpoints inside each block's forward (no wrapper
-    module), and nn.Module.compile() compiles a module in place (no `_orig_mod.` prefix)."""
-    if spec.activation_checkpointing:
-        from train.ac import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    if spec.compile:
-        for block in model.transformer.h:
-            block.compile()
-    return model
-
-
 class Strategy(ABC):
     """One way of running the training step. Subclasses set rank, world_size, device in __init__."""
 
@@ -99,6 +75,7 @@ class Strategy(ABC):
 
     def __init__(self, device: torch.device, spec: StrategySpec):
         self.device, self.spec = torch.device(device), spec
+        self.model: nn.Module | None = None  # what wrap() returned: the module the step calls
 
     @property
     def is_main(self) -> bool:
@@ -113,6 +90,40 @@ class Strategy(ABC):
     def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         """Context for one micro-step's forward+backward: skips gradient sync unless is_last."""
         return contextlib.nullcontext()
+
+    def forward_backward(
+        self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], amp: contextlib.AbstractContextManager
+    ) -> torch.Tensor:
+        """Forward and backward of this rank's micro-batches (each x, y: (micro_batch, seq_len) int64),
+        accumulating the gradients of one optimizer step. Returns the mean loss over them as a device
+        scalar (no host sync)."""
+        n = len(micro_batches)
+        loss_sum = None
+        for i, (x, y) in enumerate(micro_batches):
+            with self.sync_context(is_last=i == n - 1):  # DDP all-reduces only on the last micro-batch
+                loss = self.micro_loss(x, y, amp)  # mean cross entropy of this micro-batch
+                self.backward(loss)  # scales by 1/n: the accumulated gradient is the mean
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        return loss_sum / n
+
+    def micro_loss(self, x: torch.Tensor, y: torch.Tensor, amp: contextlib.AbstractContextManager) -> torch.Tensor:
+        """One micro-batch's forward: the mean loss."""
+        with amp:
+            return self.model(x, y)
+
+    def eval_model(self) -> nn.Module:
+        """The module evaluation and HellaSwag call as model(x) -> logits / model(x, y) -> mean loss,
+        with plain (not distributed) tensors out."""
+        return self.model
+
+    def layout(self) -> dict:
+        """What runs, for the startup log and metrics.jsonl: the strategy, the world size and (the
+        mesh) each dimension's degree and this rank's coordinates."""
+        return {"strategy": self.name, "world_size": self.world_size}
+
+    def sample_model(self) -> nn.Module | None:
+        """The bare model that sampling decodes with its KV cache, or None where this layout cannot."""
+        return unwrap(self.model)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:
@@ -169,150 +180,27 @@ class Strategy(ABC):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare GPT under torch.compile's OptimizedModule, DDP's and DeepSpeed's .module."""
+    """The bare GPT under torch.compile's OptimizedModule and a wrapper's .module (DDP, an engine)."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model):
+        elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
         else:
             return model
 
 
-def _is_deepspeed_engine(model: nn.Module) -> bool:
-    # By class name, so that this module never imports deepspeed (an optional extra).
-    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
-
-
-class LocalStep:
-    """backward / clip / optimizer step for gradients that are complete on this rank (one process, or
-    DDP after its all-reduce): shared by SingleProcess and DDPStrategy by composition. fp16 autocast
-    needs loss scaling (Micikevicius et al. 2018); fp32 and bf16 do not."""
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, spec: StrategySpec, device: torch.device):
-        self.model, self.optimizer, self.spec = model, optimizer, spec
-        self.scaler = torch.amp.GradScaler(device.type) if spec.precision == "fp16" else None
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.spec.grad_accum_steps
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def clip_and_step(self) -> torch.Tensor:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        # clip_grad_norm_ with an infinite bound still returns the norm: one code path
-        max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)  # skips the step when the gradients overflowed
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        return norm
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def state_dict(self) -> dict:
-        """Optimizer (+ scaler) state: small enough for train_state.pt, the same on every rank. The
-        parameter names of each group (in the optimizer's order) name its index-keyed state, so that
-        train/portable.py can read it without this process's objects."""
-        names = {id(p): n for n, p in unwrap(self.model).named_parameters()}
-        param_names = [[names[id(p)] for p in g["params"]] for g in self.optimizer.param_groups]
-        out = {"optimizer": self.optimizer.state_dict(), "param_names": param_names}
-        if self.scaler is not None:
-            out["scaler"] = self.scaler.state_dict()
-        return out
-
-    def load_state_dict(self, saved: dict, weights: Path | None) -> None:
-        from model.io import load_state
-        from train.errors import TrainError
-
-        _, sd, _ = load_state(weights)  # the checkpoint's model artifact: the weights are not in state/
-        try:
-            unwrap(self.model).load_weights(sd)
-        except ValueError as e:
-            raise TrainError(f"cannot resume from {weights}: {e}") from None
-        try:
-            self.optimizer.load_state_dict(saved["optimizer"])
-        except ValueError as e:  # other parameter groups: another optim.name (or a changed split)
-            raise TrainError(
-                f"cannot resume from {weights.parent}: its optimizer state does not fit this optimizer ({e}); "
-                "resume with the optim.name it was written with, or start from its weights with "
-                f"train.init_from={weights}"
-            ) from None
-        if self.scaler is not None and "scaler" in saved:
-            self.scaler.load_state_dict(saved["scaler"])
-
-    def load_portable(self, portable) -> None:
-        """Weights and the name-keyed optimizer state (the fp16 loss scale starts afresh)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        bare = unwrap(self.model)
-        bare.load_weights(portable.params)  # load_state_dict casts to the parameters' dtype
-        set_optimizer_state_dict(
-            bare, self.optimizer, portable.optimizer_state_dict(), options=StateDictOptions(full_state_dict=True)
-        )
-
-
-class SingleProcess(Strategy):
-    """The debug mode: one process, CPU or one GPU, no process group."""
-
-    name = "none"
-
-    def __init__(self, device: torch.device, spec: StrategySpec, **_parallel_options):
-        # the other parallel options (fsdp / deepspeed settings) mean nothing in one process
-        super().__init__(device, spec)
-        self.model = self.optimizer = self.local = None
-
-    def wrap(self, model, build_optimizer):
-        model = parallelize(model, self.spec).to(self.device)
-        self.model, self.optimizer = model, build_optimizer(model)
-        self.local = LocalStep(model, self.optimizer, self.spec, self.device)
-        return self.model, self.optimizer
-
-    def backward(self, loss):
-        self.local.backward(loss)
-
-    def clip_and_step(self):
-        return self.local.clip_and_step()
-
-    def zero_grad(self):
-        self.local.zero_grad()
-
-    def model_state_dict(self):
-        return clean_state_dict(unwrap(self.model).state_dict())
-
-    def save_state(self, state_dir):
-        return self.local.state_dict()  # the weights are the checkpoint's model artifact
-
-    def load_state(self, state_dir, saved, weights):
-        self.local.load_state_dict(saved, weights)
-
-    def load_portable(self, portable):
-        self.local.load_portable(portable)
-
-    def teardown(self):
-        self.model = self.optimizer = self.local = None
-        super().teardown()
-
-
-def env_world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when run alone."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
-
-
 def make_strategy(name: str, device: torch.device, spec: StrategySpec | None = None, **parallel_options) -> Strategy:
-    """The strategy named by `parallel.strategy` (none | ddp | fsdp | deepspeed), built from the frozen
-    spec and the parallel section's options. Distributed ones are imported lazily from
-    train/strategies/ so that the debug mode needs neither a process group nor the deepspeed package."""
+    """The strategy that `parallel.strategy` (none | ddp | fsdp | deepspeed) and the mesh degrees in the
+    parallel section's options name, built from the frozen spec. Imported lazily, so that one process
+    needs neither a process group nor the deepspeed package."""
     spec = spec if spec is not None else StrategySpec()
-    if name == "none":
-        return SingleProcess(device, spec, **parallel_options)
-    if name in STRATEGIES:
-        import importlib
+    if name == "deepspeed":
+        from train.strategies import deepspeed
 
-        mod = importlib.import_module(f"train.strategies.{name}")
-        return mod.build(device, spec, **parallel_options)
+        return deepspeed.build(device, spec, **parallel_options)
+    if name in STRATEGIES:
+        from train.parallel.mesh_strategy import build
+
+        return build(name, device, spec, **parallel_options)
     raise ValueError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")

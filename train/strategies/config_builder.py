@@ -13,7 +13,7 @@ import copy
 import json
 from pathlib import Path
 
-from train.strategies.dist import StrategyError
+from train.parallel.world import StrategyError
 
 QUIET_STEPS = 2**31 - 1  # steps_per_print: the loop logs, not DeepSpeed
 

@@ -32,9 +32,10 @@ import torch
 import torch.nn as nn
 
 from model.io import clean_state_dict
+from train.parallel.parallelize import apply_ac_and_compile
+from train.parallel.world import DistributedSetupError, DistributedStrategy, StrategyError, check_options
 from train.strategies.config_builder import build_ds_config
-from train.strategies.dist import DistributedSetupError, DistributedStrategy, StrategyError, check_options
-from train.strategy import BuildOptimizer, StrategySpec, parallelize, unwrap
+from train.strategy import BuildOptimizer, StrategySpec, unwrap
 
 TAG = "engine"  # one engine checkpoint per checkpoint directory
 
@@ -91,7 +92,7 @@ class DeepSpeedStrategy(DistributedStrategy):
 
     def wrap(self, model: nn.Module, build_optimizer: BuildOptimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         bare = unwrap(model)
-        parallelize(bare, self.spec)
+        apply_ac_and_compile(bare, self.spec)
         self.ds_config = build_ds_config(
             path=self.config_path,
             overrides=self.overrides,
@@ -110,6 +111,7 @@ class DeepSpeedStrategy(DistributedStrategy):
         self.engine, _, _, _ = self.ds.initialize(
             model=bare, optimizer=self.optimizer, config=self.ds_config, dist_init_required=False
         )
+        self.model = self.engine
         return self.engine, self.optimizer
 
     def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:

@@ -1,5 +1,5 @@
-"""What the distributed strategies share: process-group init/teardown, the loop's collectives,
-option checking.
+"""The process group and what every distributed strategy shares: the one reader of torchrun's
+environment, process-group init/teardown, the loop's collectives, option checking.
 
 Process groups follow torchrun's environment contract (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT; https://pytorch.org/docs/stable/elastic/run.html): NCCL with one GPU per process
@@ -33,6 +33,13 @@ KNOWN_OPTIONS = frozenset(
         "deepspeed_config",
         "offload_optimizer",
         "deepspeed",
+        "dp_replicate",
+        "dp_shard",
+        "tp",
+        "cp",
+        "pp",
+        "pp_schedule",
+        "pp_stages_per_rank",
     }
 )
 
@@ -80,6 +87,13 @@ class World:
     owns_group: bool  # True when we created the process group, so teardown destroys it
 
 
+def env_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when run alone. The one
+    place that reads RANK / LOCAL_RANK / WORLD_SIZE (https://pytorch.org/docs/stable/elastic/run.html)."""
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    return tuple(_env_int(k) if k in os.environ else (1 if k == "WORLD_SIZE" else 0) for k in keys)
+
+
 def _env_int(name: str) -> int:
     try:
         return int(os.environ[name])
@@ -102,9 +116,7 @@ def init_distributed(device: torch.device | str, strategy: str, timeout_s: float
             "for one process"
         )
     rank, local_rank, world_size = (
-        (_env_int("RANK"), _env_int("LOCAL_RANK"), _env_int("WORLD_SIZE"))
-        if not missing
-        else (dist.get_rank(), dist.get_rank(), dist.get_world_size())
+        env_world() if not missing else (dist.get_rank(), dist.get_rank(), dist.get_world_size())
     )
     if not 0 <= rank < world_size:
         raise DistributedSetupError(f"RANK={rank} is outside WORLD_SIZE={world_size}; check the launcher's settings")
@@ -142,13 +154,14 @@ def init_distributed(device: torch.device | str, strategy: str, timeout_s: float
 
 
 class DistributedStrategy(Strategy):
-    """Common part of ddp / fsdp / deepspeed: the process group, the collectives and teardown."""
+    """Common part of the native mesh and deepspeed: the process group, the collectives and
+    teardown. alone=True: one process, no process group (the collectives are identities)."""
 
     name = "distributed"
 
-    def __init__(self, device: torch.device | str, spec: StrategySpec):
+    def __init__(self, device: torch.device | str, spec: StrategySpec, alone: bool = False):
         super().__init__(device, spec)
-        self.world = init_distributed(device, self.name)
+        self.world = World(0, 0, 1, torch.device(device), False) if alone else init_distributed(device, self.name)
         self.rank, self.local_rank = self.world.rank, self.world.local_rank
         self.world_size, self.device = self.world.world_size, self.world.device
         self._torn_down = False
@@ -159,6 +172,8 @@ class DistributedStrategy(Strategy):
         return t if t.device == self.device else t.to(self.device)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if not dist.is_initialized():
+            return t
         buf = self._comm(t)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         if buf is not t:
@@ -167,12 +182,15 @@ class DistributedStrategy(Strategy):
 
     def any_flag(self, flag: bool) -> bool:
         # MAX over ranks: one rank's SIGTERM makes every rank stop (and save) at the same step.
+        if not dist.is_initialized():
+            return flag
         t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
     def barrier(self) -> None:
-        dist.barrier()
+        if dist.is_initialized():
+            dist.barrier()
 
     # ---- shutdown ---------------------------------------------------------------------
     def _release(self) -> None:

@@ -1,0 +1,167 @@
+"""`parallelize`: the model transforms of a torch-native layout, in place and in torchtitan's order
+(torchtitan/models/llama3/infra/parallelize.py): tensor + sequence parallel (and loss parallel on the
+vocabulary), activation checkpointing, per-block compile, then FSDP2 (HSDP with replicas) or DDP.
+Pipeline parallel splits the blocks into stages first (train/parallel/pipeline.py) and hands each stage
+here. Every transform keeps parameter names, so checkpoints name the bare GPT's parameters whatever the
+layout: train/ac.py checkpoints inside each block's forward, nn.Module.compile() compiles in place, and
+fully_shard / parallelize_module swap parameters for DTensors under the same names.
+
+Tensor parallel (Shoeybi et al. 2019, Megatron-LM; sequence parallel: Korthikanti et al. 2022) on the
+GPT of model/gpt.py:
+    between blocks       activations are split along the sequence (Shard(1)); norms run on the slice
+    attention            input all-gathered; c_attn column-parallel; c_proj row-parallel (reduce-scatter)
+    MLP                  input all-gathered; c_fc column-parallel; c_proj row-parallel (reduce-scatter)
+    embeddings           replicated; the first block takes its sequence slice (no communication)
+    head                 column-parallel over the vocabulary with loss parallel (untied), or replicated
+                         on the all-gathered hidden states (tied to the token table)
+c_attn holds q, k and v in one matrix ([q heads | k heads | v heads]) and SwiGLU's c_fc holds [gate | up],
+so a contiguous column shard mixes them: each rank's output columns are all-gathered over tp and the
+rank keeps its own heads of q, k and v (its half of gate and up), which costs one all-gather of those
+activations per layer beyond Megatron's plan and keeps the weights' layout (and the checkpoints) the
+bare model's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from train.strategy import StrategySpec
+
+
+def apply_ac_and_compile(model: nn.Module, spec: StrategySpec) -> nn.Module:
+    """Activation checkpointing, then torch.compile of each block: the transforms every engine shares
+    (the other engine applies them before its own wrapping). Embeddings, final norm and head stay eager."""
+    if spec.activation_checkpointing:
+        from train.ac import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    if spec.compile:
+        for block in model.transformer.h:
+            block.compile()
+    return model
+
+
+def parallelize(model: nn.Module, dims, mesh, spec: StrategySpec, mp_policy=None) -> nn.Module:
+    """Apply the layout of `dims` (train/parallel/dims.py) on `mesh` to the bare GPT (or one pipeline
+    stage of it), in place. Returns the module the step calls: the model itself, or DDP's wrapper."""
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"])
+    apply_ac_and_compile(model, spec)
+    if dims.uses_fsdp:
+        apply_fsdp(model, fsdp_mesh(dims, mesh), mp_policy)
+        return model
+    if dims.dp_replicate > 1:
+        device = next(model.parameters()).device
+        device_ids = [device.index] if device.type == "cuda" else None
+        # DDP broadcasts rank 0's parameters and buffers at construction, so ranks start equal.
+        group = mesh["dp_replicate"].get_group()
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=group)
+    return model
+
+
+def fsdp_mesh(dims, mesh):
+    """FSDP shards over dp_shard x cp; with replicas, HSDP's 2-D (replicate, shard) mesh. Without cp the
+    plain dims serve (a flattened dim sliced from the root is on its way out of torch)."""
+    shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
+    return mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
+
+
+def apply_fsdp(model: nn.Module, mesh, mp_policy) -> None:
+    """Bottom-up: one all-gather / reduce-scatter group per block, then the root group holding the
+    embeddings, final norm and head. Shared parameters are managed once, so a tied lm_head stays the
+    same (sharded) tensor as wte."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+
+
+def uses_loss_parallel(model: nn.Module) -> bool:
+    """Whether the head is split over the vocabulary: untied, no padded rows to drop, no soft-capping
+    (the loss then runs on vocabulary shards under torch's loss_parallel)."""
+    cfg = model.config
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    return not tied and cfg.padded_vocab_size == cfg.vocab_size and cfg.logit_softcap is None
+
+
+def apply_tp(model: nn.Module, tp_mesh) -> None:
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    tp, cfg = tp_mesh.size(), model.config
+    blocks = model.transformer.h
+    # the embeddings' output (B, T, C) is replicated: the first block keeps its slice of the sequence
+    parallelize_module(
+        blocks[0],
+        tp_mesh,
+        PrepareModuleInput(
+            input_layouts=(Replicate(),) + (None,) * 4,  # block(x, rope, kv_update, attn_mask, is_causal)
+            desired_input_layouts=(Shard(1),) + (None,) * 4,
+            use_local_output=True,
+        ),
+    )
+    gathered = PrepareModuleInput(
+        input_layouts=(Shard(1),) + (None,) * 5,
+        desired_input_layouts=(Replicate(),) + (None,) * 5,
+        use_local_output=True,
+    )
+    for block in blocks:
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "ln_1": SequenceParallel(),
+                "attn": gathered,  # attn(x, rope, layer, kv_update, attn_mask, is_causal)
+                "attn.c_attn": ColwiseParallel(),
+                "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+                "ln_2": SequenceParallel(),
+                "mlp": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+                ),
+                "mlp.c_fc": ColwiseParallel(),
+                "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+            },
+        )
+        attn = block.attn
+        d = attn.head_dim
+        sizes = [attn.n_head * d, attn.n_kv_head * d, attn.n_kv_head * d]
+        attn.c_attn.register_forward_hook(_keep_own_parts(tp_mesh, sizes))
+        attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp  # this rank's heads
+        if block.mlp.swiglu:
+            h = cfg.hidden_dim
+            block.mlp.c_fc.register_forward_hook(_keep_own_parts(tp_mesh, [h, h]))
+    parallelize_module(model.transformer.ln_f, tp_mesh, SequenceParallel())
+    if uses_loss_parallel(model):
+        head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    else:  # the tied table stays whole: the head runs on the all-gathered hidden states
+        head = PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        )
+    parallelize_module(model.lm_head, tp_mesh, head)
+
+
+def _keep_own_parts(tp_mesh, sizes: list[int]):
+    """A forward hook for a column-parallel projection whose output concatenates parts of `sizes`
+    features ([q | k | v], [gate | up]): all-gather the columns over tp (differentiable; its backward is
+    a reduce-scatter), then keep this rank's 1/tp of each part, in the same order."""
+    from torch.distributed._functional_collectives import all_gather_single_autograd
+
+    rank, n = tp_mesh.get_local_rank(), tp_mesh.size()
+
+    def hook(module, inputs, out: torch.Tensor) -> torch.Tensor:  # out (B, T, sum(sizes) / tp)
+        full = all_gather_single_autograd(out, out.dim() - 1, tp_mesh)  # (B, T, sum(sizes))
+        return torch.cat([part.chunk(n, dim=-1)[rank] for part in full.split(sizes, dim=-1)], dim=-1)
+
+    return hook
