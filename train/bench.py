@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -88,6 +90,8 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     ]
     amp = autocast_ctx(device, setting.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     t_start = time.perf_counter()
     for i in range(warmup + steps):
@@ -111,6 +115,8 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
         "peak": peak,
         "peak_source": src,
         "warmup_s": warm_s if warmup else 0.0,
+        # CUDA's allocated peak over the steps (model, optimizer, activations); None on the CPU
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
 
@@ -160,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON (tests/gpu_check.sh reads it)")
     args = ap.parse_args(argv)
     names = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [n for n in names if n not in SETTINGS]
@@ -198,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     for name, r in results.items():
-        print(f"  {name}: peak {r['peak'] / 1e12:.3g} TFLOP/s ({r['peak_source']}); warm-up {r['warmup_s']:.1f} s")
+        mem = "" if r["peak_mem_gib"] is None else f"; peak memory {r['peak_mem_gib']:.2f} GiB"
+        print(f"  {name}: peak {r['peak'] / 1e12:.3g} TFLOP/s ({r['peak_source']}); warm-up {r['warmup_s']:.1f} s{mem}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "results": results}, indent=1))
     if "baseline" in results and len(results) > 1:
         best = max((n for n in results if n != "baseline"), key=lambda n: results[n]["tokens_per_s"])
         ratio = results[best]["tokens_per_s"] / results["baseline"]["tokens_per_s"]

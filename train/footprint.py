@@ -6,15 +6,17 @@ Layout: the mesh degrees (dp_replicate x dp_shard x cp x tp x pp), or DeepSpeed'
 dp ranks, plus the micro-batch and activation checkpointing. Per rank (bytes):
 - params, grads: the rank's share of each parameter. FSDP2 shards dim 0 over dp_shard x cp, padding
   it to a multiple of the shard count (the rank holds ceil(dim0 / n) rows, rank 0 the most); tensor
-  parallel splits the weights of torchtitan's plan (colwise: q/k/v, MLP in, the token table and the
-  head along their output rows; rowwise: the output projections along their inputs); pipeline
+  parallel splits the weights of train/parallel/parallelize.py's plan (colwise: q/k/v, MLP in, and
+  under loss parallel the head, along their output rows; rowwise: the output projections along their
+  inputs; norms and the token table whole); pipeline
   parallel gives each stage its blocks (the first also the embeddings, the last the final norm and
   head, and a tied table lives on both).
 - optimizer: AdamW's exp_avg + exp_avg_sq (fp32) and one float32 step count per tensor; Muon's momentum
   for its matrices (train/optim.py's muon_params). DeepSpeed adds its fp32 master partition ("master").
 - DeepSpeed (ZeRO, Rajbhandari et al. 2020, sec. 5): the engine keeps the module in the training
   dtype and its fp32 master copy, Adam moments and reduced gradients partitioned over the dp ranks;
-  stage 3 partitions the module too and allocates its reduce bucket (reduce_bucket_size elements).
+  stage 3 partitions the module too, and allocates its gradient partition and its reduce bucket
+  (reduce_bucket_size elements) when the engine is built.
 - activations: the peak bytes of the tensors a forward + backward of one micro-batch keeps alive,
   other than parameters and gradients (saved activations, logits, the autocast copies of weights),
   traced on fake tensors (torch._subclasses.FakeTensorMode, which allocates nothing) with the run's
@@ -38,7 +40,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from model import GPT, ModelConfig
 
-# torchtitan's Llama TP plan on this model's module names: which dim of a parameter tp splits.
+# The TP plan of train/parallel/parallelize.py (torchtitan's, on this model's module names): which dim
+# of a parameter tp splits. Norms are sequence-parallel (replicated gains), the token table stays
+# whole, and the head is split by vocabulary rows only under loss parallel (head_is_split).
 TP_SHARD_DIM = {
     "attn.c_attn.weight": 0,  # ColwiseParallel
     "attn.c_attn.bias": 0,
@@ -46,9 +50,14 @@ TP_SHARD_DIM = {
     "mlp.c_fc.weight": 0,
     "mlp.c_fc.bias": 0,
     "mlp.c_proj.weight": 1,
-    "transformer.wte.weight": 0,  # RowwiseParallel over the vocabulary
-    "lm_head.weight": 0,  # ColwiseParallel (loss parallel)
 }
+
+
+def head_is_split(cfg: ModelConfig) -> bool:
+    """Loss parallel's condition: an untied head with no padded rows to drop and no soft-capping."""
+    return not cfg.tie_embeddings and cfg.padded_vocab_size == cfg.vocab_size and cfg.logit_softcap is None
+
+
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size's default (DeepSpeed docs)
 
 
@@ -128,7 +137,7 @@ def param_shares(model: GPT, layout: Layout) -> list[tuple[str, nn.Parameter, in
             where = {pp - 1}
         shape = list(p.shape)
         key = ".".join(name.split(".")[-3:]) if name.startswith("transformer.h.") else name
-        dim = TP_SHARD_DIM.get(key)
+        dim = 0 if name == "lm_head.weight" and head_is_split(cfg) else TP_SHARD_DIM.get(key)
         if layout.tp > 1 and dim is not None:
             shape[dim] = math.ceil(shape[dim] / layout.tp)
         if layout.zero == 0 and layout.shard > 1:
@@ -170,10 +179,12 @@ def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int) 
     pbytes = 4 if dtype == "float32" else dtype_bytes(dtype)  # the engine casts the module for bf16/fp16
     part = math.ceil(elems / n)
     params = pbytes * (part if layout.zero == 3 else elems)
-    # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries.
-    grads = pbytes * (elems if layout.zero == 1 and accum > 1 else part)
+    # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries;
+    # stage 3 also hands the optimizer an fp32 copy of the partition's gradient at the step.
+    grads = pbytes * (elems if layout.zero == 1 and accum > 1 else part) + (4 * part if layout.zero == 3 else 0)
     master = 4 * part
-    moments = 8 * part + 4 * len(share)  # torch AdamW over the master partition (one step per tensor)
+    moments = 8 * part + 4 * 2  # torch AdamW over the master partition: one step count per param group
+    # (train/optim.py's two groups, decay and no_decay)
     temps = {}
     if layout.zero == 3:
         temps["ZeRO-3 reduce bucket"] = DEEPSPEED_REDUCE_BUCKET * pbytes
@@ -227,6 +238,7 @@ class LiveBytes(TorchDispatchMode):
         counted = self.live.get(t.untyped_storage())
         if counted is not None:
             self._drop(counted)
+        return None  # as a tensor hook: the gradient passes unchanged
 
 
 def step_peak(model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str = "cpu") -> int:
@@ -235,11 +247,9 @@ def step_peak(model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str 
     from train.loop import autocast_ctx
 
     tracker = LiveBytes()
-    hooks = [
-        p.register_post_accumulate_grad_hook(lambda p: tracker.forget(p.grad))
-        for p in model.parameters()
-        if p.requires_grad
-    ]
+    # A parameter's gradient is the grads' item, from the moment autograd hands it to the parameter
+    # (MemTracker's GRAD): with tied weights, the partial gradients summed before that stay activations.
+    hooks = [p.register_hook(tracker.forget) for p in model.parameters() if p.requires_grad]
     with tracker:
         with autocast_ctx(torch.device(device_type), dtype):
             loss = model(idx, idx)

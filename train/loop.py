@@ -47,6 +47,7 @@ from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_me
 from train.optim import apply_schedule, build_optimizer
 from train.parallel.dims import DIMS, ParallelDims, check_model
 from train.parallel.world import env_world
+from train.plan import preflight_check
 from train.sample import decode, generate
 from train.signals import StopFlag
 from train.strategy import Strategy, StrategySpec, make_strategy
@@ -132,6 +133,7 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
     set_seeds(cfg.train.seed + dims.dp_rank)  # different dropout masks per replica, reproducible
     mcfg, init_weights = build_model_config(cfg, data.meta)
     check_model(dims, mcfg, cfg.seq_len)
+    preflight_check(cfg, mcfg, world_size, device)  # CUDA: stop a layout the planner says cannot fit
     model = GPT(mcfg)
     if init_weights is not None:
         try:

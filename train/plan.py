@@ -255,6 +255,70 @@ def plan(cfg: Config, hw: Hardware) -> list[Estimate]:
     )
 
 
+# ----------------------------------------------------------------------------- pre-flight
+
+
+def current_layout(cfg: Config, world: int) -> Layout:
+    """The layout a config runs with on `world` ranks."""
+    p, rows_ac = cfg.parallel, dict(micro_batch=cfg.train.micro_batch, ac=cfg.train.activation_checkpointing)
+    if p.strategy == "deepspeed":
+        return Layout(dp_replicate=world, zero=p.zero_stage, **rows_ac)
+    if has_mesh(cfg) and any(getattr(p, k) not in (1, -1) for k in ("tp", "cp", "pp", "dp_replicate", "dp_shard")):
+        deg = {k: getattr(p, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")}
+        rest = world // math.prod(v for v in deg.values() if v != -1)
+        return Layout(**{k: rest if v == -1 else v for k, v in deg.items()}, **rows_ac)
+    if p.strategy == "fsdp":
+        return Layout(dp_shard=world, **rows_ac)
+    return Layout(dp_replicate=world, **rows_ac)
+
+
+def preflight_message(cfg: Config, world: int, gpu: GPU) -> str | None:
+    """None when the config's layout fits the GPU, else one line: the estimated total, the biggest
+    item, and the fastest layout of the same GPUs that fits (or that none does)."""
+    hw = Hardware(gpu, world, 1, gpu.link_gbps, NETWORK_GBPS)
+    model = meta_model(model_config(cfg))
+    mine = estimate(cfg, model, current_layout(cfg, world), hw)
+    if mine.fits:
+        return None
+    items = mine.footprint.items()
+    biggest = max(items, key=items.get)
+    head = (
+        f"this config needs ~{gib(mine.footprint.total)} GiB per GPU, more than {HEADROOM:.0%} of the "
+        f"{gpu.memory_gib:g} GiB of this {gpu.name} (the biggest item: {biggest} {gib(items[biggest])} GiB)"
+    )
+    fitting = [e for e in plan(cfg, hw) if e.fits]
+    fix = (
+        "; a layout that fits: " + " ".join(overrides(cfg, fitting[0].layout))
+        if fitting
+        else f"; no layout of {world} GPU(s) fits: use more GPUs or a smaller model"
+    )
+    return head + fix + f" (python -m train.plan for the table; {SKIP_ENV}=1 starts anyway)"
+
+
+SKIP_ENV = "GPTRAIN_NO_PREFLIGHT"
+
+
+def preflight_check(cfg: Config, mcfg, world: int, device) -> None:
+    """Stop a CUDA run that the planner says cannot fit, before any step (TrainError, one line).
+    Only on CUDA (other devices' memory is not the planner's model) and only for a GPU the table
+    knows; GPTRAIN_NO_PREFLIGHT=1 skips it."""
+    if device.type != "cuda" or os.environ.get(SKIP_ENV) == "1":
+        return
+    import torch
+
+    from train.errors import TrainError
+    from train.hardware import find_gpu
+
+    gpu = find_gpu(torch.cuda.get_device_name(device))
+    if gpu is None:
+        return
+    total = torch.cuda.get_device_properties(device).total_memory / GIB
+    gpu = dataclasses.replace(gpu, memory_gib=total)
+    msg = preflight_message(dataclasses.replace(cfg, model=mcfg), world, gpu)
+    if msg is not None:
+        raise TrainError(msg)
+
+
 # ----------------------------------------------------------------------------- output
 
 

@@ -1,0 +1,86 @@
+"""Run by torchrun from tests/test_plan.py: the bytes a real run of a layout allocates per rank.
+
+    torchrun --nproc_per_node=2 tests/plan_probe.py {fsdp|deepspeed} ZERO_STAGE PRECISION OUT.json
+
+Wraps tests/dist_driver.py's tiny GPT with make_strategy(...).wrap and the driver's AdamW, runs two
+steps through the loop's call sequence, and counts the bytes of every tensor storage that is alive
+and was not before the model was built (found through the garbage collector, plus each parameter's
+.grad and the optimizer state, which may have no Python object of their own): after wrap (the
+parameters, and DeepSpeed's fp32 master partition), after the second backward (plus the gradients)
+and after the second step (plus the optimizer state). Rank 0 writes OUT.json.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+
+import dist_driver as drv
+import torch
+import torch.distributed as dist
+
+from train.strategy import StrategySpec, make_strategy, unwrap
+
+
+def storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    found: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor) and not t.is_meta:
+            local = t.to_local() if hasattr(t, "to_local") else t
+            st = local.untyped_storage()
+            found[st.data_ptr()] = st.nbytes()
+
+    for o in gc.get_objects():
+        try:
+            add(o)
+        except Exception:  # objects that look like tensors but have no storage (fake, sparse)
+            continue
+    for p in unwrap(model).parameters():
+        add(p)
+        add(p.grad)
+    for state in optimizer.state.values():
+        for v in state.values():
+            add(v)
+    return found
+
+
+def main() -> None:
+    name, stage, precision, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    dist.init_process_group("gloo")
+    spec = StrategySpec(precision=precision, grad_accum_steps=1, grad_clip=1.0)
+    s = make_strategy(name, torch.device("cpu"), spec, **({"zero_stage": stage} if name == "deepspeed" else {}))
+    gc.collect()
+    before = set(storages(torch.nn.Module(), torch.optim.SGD([torch.zeros(1)])))
+    torch.manual_seed(0)
+    model, opt = s.wrap(drv.GPT(drv.model_config()), drv.build_optimizer)
+
+    def new(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+        gc.collect()
+        return sum(v for k, v in storages(model, opt).items() if k not in before)
+
+    res = {"after_wrap": new(model, opt)}
+    x, y = drv.global_batch(1)
+    rows = drv.GLOBAL_BATCH // s.world_size
+    x, y = x[s.rank * rows : (s.rank + 1) * rows], y[s.rank * rows : (s.rank + 1) * rows]
+    for step in range(2):
+        with s.sync_context(is_last=True):
+            loss = model(x, y)
+            s.backward(loss)
+        del loss
+        if step == 1:
+            res["after_backward"] = new(model, opt)
+        s.clip_and_step()
+        s.zero_grad()
+    res["after_step"] = new(model, opt)
+    if s.rank == 0:
+        with open(out, "w") as f:
+            json.dump(res, f)
+    del model, opt
+    gc.collect()
+    s.teardown()
+
+
+if __name__ == "__main__":
+    main()
