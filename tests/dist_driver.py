@@ -72,6 +72,14 @@ def build_optimizer(module: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-6, foreach=False)
 
 
+def build_muon(module: torch.nn.Module) -> torch.optim.Optimizer:
+    """The training loop's Muon + AdamW (train/optim.py), Newton-Schulz in fp32 so that layouts compare."""
+    from train.config import OptimSection
+    from train.optim import build_optimizer as build
+
+    return build(module, OptimSection(name="muon", lr=3e-3, eps=1e-6, muon_ns_dtype="float32", fused=False))
+
+
 def param_digest(model: torch.nn.Module) -> str:
     flat = torch.cat([p.detach().float().flatten().cpu() for p in unwrap(model).parameters()])
     return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
@@ -95,7 +103,7 @@ def run_scenario(sc: dict, out: Path) -> dict:
     # stream): wrap() must start every rank from rank 0's weights, the reference's.
     torch.manual_seed(sc.get("seed", 0) + rank)
     model = GPT(mcfg)
-    model, _ = s.wrap(model, build_optimizer)
+    model, _ = s.wrap(model, build_muon if sc.get("optim") == "muon" else build_optimizer)
     bare = unwrap(model)
     res: dict = {
         "world_size": world,
@@ -231,6 +239,15 @@ def launch(
         str(spec_path),
     ]
     return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_ok(spec: dict, nproc: int, work: Path, tag: str) -> None:
+    """launch() into work/spec_TAG.json, asserting that torchrun exited 0: no rank failed, and none
+    aborted at interpreter exit."""
+    proc = launch(spec, nproc, work / f"spec_{tag}.json")
+    assert proc.returncode == 0, (
+        f"torchrun ({tag}) exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
 
 
 def load_result(out: Path, name: str) -> dict:

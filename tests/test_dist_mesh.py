@@ -1,6 +1,6 @@
 """The device mesh against the one-process run (CPU, gloo, torchrun; tests/dist_driver.py drives the
 Strategy seam with the loop's call sequence):
-    two ranks   tp 2 (sequence parallel; loss parallel on the untied head, a replicated tied head)
+    two ranks   tp 2 (sequence parallel; loss parallel on the untied head, a replicated tied head; Muon)
     four ranks  dp_shard 2 x tp 2, dp_replicate 2 x dp_shard 2 (HSDP), and a resume of the 2 x 2
                 checkpoint on dp_shard 4, whose checkpoint one process then continues
 Losses and gradient norms equal the reference within LOSS_TOL for every step, and each layout is shown
@@ -25,20 +25,15 @@ C = 64  # dist_driver's n_embd
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("mesh")
-
-
-def _run(spec: dict, nproc: int, work: Path, tag: str) -> None:
-    proc = drv.launch(spec, nproc, work / f"spec_{tag}.json")
-    assert proc.returncode == 0, (
-        f"torchrun ({tag}) exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
+    """Checkpoints in run_*/, the driver's results (and the references') in out/."""
+    work = tmp_path_factory.mktemp("mesh")
+    (work / "out").mkdir()
+    return work
 
 
 @pytest.fixture(scope="module")
 def ref(work) -> dict:
     out = work / "out"
-    out.mkdir(exist_ok=True)
     return {
         f: drv.run_scenario({"name": f"ref_{f}", "strategy": "none", "steps": STEPS, "family": f}, out)
         for f in ("gpt2", "modern")
@@ -52,9 +47,12 @@ def two_ranks(work) -> Path:
     spec = {
         "out": str(out),
         "driver_group": True,
-        "scenarios": [{"name": f"tp2_{f}", "family": f, **tp2} for f in ("gpt2", "modern")],
+        "scenarios": [
+            *({"name": f"tp2_{f}", "family": f, **tp2} for f in ("gpt2", "modern")),
+            {"name": "tp2_muon", "family": "modern", "optim": "muon", **tp2},
+        ],
     }
-    _run(spec, 2, work, "two")
+    drv.launch_ok(spec, 2, work, "two")
     return out
 
 
@@ -97,7 +95,7 @@ def four_ranks(work) -> Path:
             },
         ],
     }
-    _run(spec, 4, work, "four")
+    drv.launch_ok(spec, 4, work, "four")
     return out
 
 
@@ -115,6 +113,11 @@ def _assert_matches(res: dict, ref: dict, steps) -> None:
 def test_tp2_equals_one_process(two_ranks, ref, family):
     res = drv.load_result(two_ranks, f"tp2_{family}")
     _assert_matches(res, ref[family], range(1, STEPS + 1))
+
+
+def test_tp2_muon_equals_one_process(two_ranks, ref):
+    """Muon under tp: each sharded matrix gathered for Newton-Schulz, its local part kept."""
+    _assert_matches(drv.load_result(two_ranks, "tp2_muon"), ref["muon"], range(1, STEPS + 1))
 
 
 def test_tp2_plan_is_applied(two_ranks):

@@ -6,7 +6,7 @@ interface with the loop's exact call sequence), in the order the checkpoints nee
     two ranks  DDP, DDP + accumulation, FSDP (fp32, accumulation + activation checkpointing,
                bf16 params), and resumes 1->2 and 2->2 for DDP and FSDP
     one rank   FSDP resumes the 2-rank checkpoint (2->1)
-The reference is the same model, data and optimizer under SingleProcess, in this process.
+The reference is the same model, data and optimizer under parallel.strategy=none, in this process.
 """
 
 from __future__ import annotations
@@ -35,17 +35,9 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dist")
 
 
-def _run(spec: dict, nproc: int, work: Path, tag: str) -> None:
-    proc = drv.launch(spec, nproc, work / f"spec_{tag}.json")
-    # Exit code 0 from torchrun: no rank failed, and none aborted at interpreter exit.
-    assert proc.returncode == 0, (
-        f"torchrun ({tag}) exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
-
-
 @pytest.fixture(scope="module")
 def ref(work) -> dict:
-    """One process (SingleProcess), the whole global batch per step; also saves a checkpoint."""
+    """One process (parallel.strategy=none), the whole global batch per step; also saves a checkpoint."""
     out = work / "out"
     out.mkdir()
     return {
@@ -70,7 +62,7 @@ def ckpt(work: Path, run: str) -> str:
 @pytest.fixture(scope="module")
 def one_rank_first(work, ref) -> Path:
     out = work / "out"
-    _run(
+    drv.launch_ok(
         {
             "out": str(out),
             "scenarios": [
@@ -94,7 +86,7 @@ def one_rank_first(work, ref) -> Path:
 def two_ranks(work, ref, one_rank_first) -> Path:
     out = work / "out"
     fresh = {"seed": 5}  # resumed runs start from other weights: only load() can make them match
-    _run(
+    drv.launch_ok(
         {
             "out": str(out),
             "driver_group": True,
@@ -156,7 +148,7 @@ def two_ranks(work, ref, one_rank_first) -> Path:
 @pytest.fixture(scope="module")
 def one_rank_after(work, two_ranks) -> Path:
     out = work / "out"
-    _run(
+    drv.launch_ok(
         {
             "out": str(out),
             "scenarios": [
@@ -225,7 +217,7 @@ def test_resume_across_world_sizes(two_ranks, one_rank_after, ref, name):
 
 
 def test_ddp_checkpoint_resumes_in_one_process(work, two_ranks, ref):
-    """A 2-rank DDP checkpoint has the single-process format: SingleProcess continues it."""
+    """A 2-rank DDP checkpoint has the a format one process (parallel.strategy=none) continues."""
     res = drv.run_scenario(
         {"name": "ddp_2to1", "strategy": "none", "steps": STEPS, "seed": 5, "load": ckpt(work, "run_d2")}, work / "out"
     )

@@ -27,7 +27,7 @@ from train_helpers import (
 from model.io import load_model
 from train.errors import TrainError
 from train.loop import run
-from train.strategy import SingleProcess
+from train.parallel.mesh_strategy import MeshStrategy
 
 QUIET = dict(log=lambda m: None)
 
@@ -87,14 +87,14 @@ def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):
 
 def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_dir, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    real_save_state = SingleProcess.save_state
+    real_save_state = MeshStrategy.save_state
 
     def crashing_save_state(self, state_dir):
         if state_dir.parent.name == ".tmp-step_000004":
             raise OSError(28, "No space left on device")  # the disk fills up while step 4 is written
         return real_save_state(self, state_dir)
 
-    monkeypatch.setattr(SingleProcess, "save_state", crashing_save_state)
+    monkeypatch.setattr(MeshStrategy, "save_state", crashing_save_state)
     cfg = tiny_config(data_dir, run_dir, "train.max_steps=6", "checkpoint.every=2")
     with pytest.raises(OSError, match="No space"):
         run(cfg, **QUIET)
@@ -112,7 +112,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_loadable(data_dir, tmp_
         "train_state.pt",
     ]
 
-    monkeypatch.setattr(SingleProcess, "save_state", real_save_state)
+    monkeypatch.setattr(MeshStrategy, "save_state", real_save_state)
     out = run(cfg, **QUIET)  # resume: auto, from step 2
     assert out["step"] == 6
     assert not list(ckpts.glob(".tmp-*"))

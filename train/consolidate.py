@@ -1,5 +1,5 @@
-"""Write a checkpoint's model artifact (model/) from its sharded FSDP state, or the strategy-neutral
-training state of any checkpoint.
+"""Write a checkpoint's model artifact (model/) from its DCP shards (any mesh layout), or the
+strategy-neutral training state of any checkpoint.
 
     python -m train.consolidate RUN_DIR            # the run's latest checkpoint
     python -m train.consolidate RUN_DIR/checkpoints/step_000500 [--out DIR] [--overwrite]
@@ -8,10 +8,11 @@ training state of any checkpoint.
 --neutral writes train/portable.py's form (docs/checkpoints.md: neutral.json + two safetensors files)
 from a checkpoint of any strategy, world size or ZeRO stage, for moving a run to another codebase.
 
-FSDP writes model/ at the best and final checkpoints only (gathering full weights costs a collective
-and rank 0's memory); this fills it in for any other, so that eval/ can open it. One process, no
-process group: torch.distributed.checkpoint reads every rank's shard of the model (not the
-optimizer) from the checkpoint's state/. The default output is <checkpoint>/model, where eval/ looks.
+A layout that shards parameters (FSDP, HSDP, tp) writes model/ at the best and final checkpoints only
+(gathering full weights costs a collective and rank 0's memory); this fills it in for any other, so
+that eval/ can open it. One process, no process group: torch.distributed.checkpoint reads every
+rank's shard of the model (not the optimizer) from the checkpoint's state/. The default output is
+<checkpoint>/model, where eval/ looks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training loop: one file, the same for one CPU core, one GPU and N ranks of DDP / FSDP / DeepSpeed.
+"""The training loop: one file, the same for one CPU core, one GPU and N ranks of any parallel layout.
 
 The loop knows nothing about parallelism: it calls the Strategy seam (train/strategy.py) only, and
 hands checkpoints to train/checkpoint.py. Per step, in order (Trainer.train):
@@ -275,8 +275,6 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
 def mesh_dims(cfg: Config, rank: int, world_size: int) -> ParallelDims:
     """The degrees of this launch (a MeshError, before any process group, when they do not fit it)."""
     options = cfg.parallel_options()
-    if cfg.parallel.strategy == "deepspeed":  # data parallel only (its build refuses the other degrees)
-        return ParallelDims(dp_replicate=world_size, world_size=world_size, rank=rank)
     if world_size > 1 and cfg.parallel.strategy == "none" and all(options.get(d, 1) == 1 for d in DIMS):
         raise TrainError(
             f"WORLD_SIZE={world_size} (torchrun) but parallel.strategy=none: set "
@@ -453,7 +451,7 @@ class Trainer:
             f"vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens)"
         )
         self.log(
-            f"batch {cfg.train.tokens_per_step:,} tokens/step = {strategy.world_size} rank(s) x "
+            f"batch {cfg.train.tokens_per_step:,} tokens/step = {self.data.world_size} data-parallel rank(s) x "
             f"{strategy.spec.grad_accum_steps} accumulation x {cfg.train.micro_batch} x {cfg.seq_len} | "
             f"{self.flops_per_token / 1e6:.1f} MFLOPs/token | peak {self.peak_flops / 1e12:.3g} TFLOP/s "
             f"({peak_source})"

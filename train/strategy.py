@@ -180,19 +180,14 @@ class Strategy(ABC):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare GPT under torch.compile's OptimizedModule, DDP's and DeepSpeed's .module."""
+    """The bare GPT under torch.compile's OptimizedModule and a wrapper's .module (DDP, an engine)."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel) or _is_deepspeed_engine(model):
+        elif isinstance(getattr(model, "module", None), nn.Module):
             model = model.module
         else:
             return model
-
-
-def _is_deepspeed_engine(model: nn.Module) -> bool:
-    # By class name, so that this module never imports deepspeed (an optional extra).
-    return any(c.__name__ == "DeepSpeedEngine" for c in type(model).__mro__)
 
 
 def make_strategy(name: str, device: torch.device, spec: StrategySpec | None = None, **parallel_options) -> Strategy:

@@ -64,10 +64,11 @@ class ParallelDims:
     @classmethod
     def from_options(cls, strategy: str, options: dict, world_size: int, rank: int = 0) -> ParallelDims:
         """The degrees of the config's parallel section. The shorthands: ddp = dp_replicate takes the
-        rest of the world, fsdp = dp_shard does; none = every degree as given (all 1 by default)."""
+        rest of the world, fsdp = dp_shard does; none = every degree as given (all 1 by default). The
+        separate data-parallel engine (parallel.strategy=deepspeed) is laid out as ddp."""
         degrees = {d: int(options.get(d, 1) if options.get(d) is not None else 1) for d in DIMS}
-        if strategy in ("ddp", "fsdp"):
-            key = "dp_replicate" if strategy == "ddp" else "dp_shard"
+        if strategy != "none":
+            key = "dp_shard" if strategy == "fsdp" else "dp_replicate"
             if degrees[key] == 1 and -1 not in degrees.values():
                 degrees[key] = -1
         stages = int(options.get("pp_stages_per_rank") or 1)

@@ -13,6 +13,7 @@ form (train/portable.py): load_portable.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -43,6 +44,10 @@ from train.parallel.world import (
 )
 from train.strategy import BuildOptimizer, StrategySpec, unwrap
 
+# Gathering a tensor sharded over two mesh dims (FSDP x tp: checkpoints, Muon) warns on every call
+# that it takes two all-gathers; that is the expected cost here.
+logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
+
 DCP_FORMAT = "dcp"  # strategy_state["format"]: model + optimizer are DCP shards in state/
 
 
@@ -61,7 +66,8 @@ class MeshStrategy(DistributedStrategy):
         # what train_state.pt records: the shorthand when the layout is just that, "mesh" otherwise
         self.name = label if pure.get(label) == dims.describe() or dims.world_size == 1 else "mesh"
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.mp_policy = self.mixed_precision() if dims.uses_fsdp else None  # before any process group
+        # first: a precision error needs no process group
+        self.mp_policy = self.mixed_precision() if dims.uses_fsdp or label == "fsdp" else None
         if spec.precision == "fp16" and dims.shards_params:
             raise StrategyError(
                 f"parallel layout {dims.describe()} runs in bfloat16 or float32 (float16 needs a loss scaler "
@@ -195,7 +201,8 @@ class MeshStrategy(DistributedStrategy):
         model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
         with _one_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state_dir))
-        out = {"format": DCP_FORMAT, "mesh": self.dims.describe()}
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        out = {"format": DCP_FORMAT, "mesh": self.dims.describe(), "param_groups": groups}
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out if self.is_main else {}
@@ -203,6 +210,13 @@ class MeshStrategy(DistributedStrategy):
     def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:
         # get_state_dict gives the current layout; DCP reads into it, resharding from whatever mesh
         # wrote the checkpoint (torchtitan's checkpoint.py does the same).
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        if saved.get("param_groups", groups) != groups:  # another optim.name (or a changed split)
+            raise StrategyError(
+                f"cannot resume from {state_dir.parent}: its optimizer state does not fit this optimizer "
+                f"(parameter groups {saved['param_groups']} saved, {groups} here); resume with the optim.name "
+                f"it was written with, or start from its weights with train.init_from={state_dir.parent}"
+            )
         model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         with _one_process_quiet():

@@ -55,15 +55,16 @@ def parallelize(model: nn.Module, dims, mesh, spec: StrategySpec, mp_policy=None
         device = next(model.parameters()).device
         device_ids = [device.index] if device.type == "cuda" else None
         # DDP broadcasts rank 0's parameters and buffers at construction, so ranks start equal.
-        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=mesh["dp"].get_group())
+        group = mesh["dp_replicate"].get_group()
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, process_group=group)
     return model
 
 
 def fsdp_mesh(dims, mesh):
-    """FSDP shards over dp_shard x cp; with replicas, HSDP's 2-D (replicate, shard) mesh."""
-    if dims.dp_replicate > 1:
-        return mesh["dp_replicate", "dp_shard_cp"]
-    return mesh["dp_shard_cp"]
+    """FSDP shards over dp_shard x cp; with replicas, HSDP's 2-D (replicate, shard) mesh. Without cp the
+    plain dims serve (a flattened dim sliced from the root is on its way out of torch)."""
+    shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"
+    return mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
 
 
 def apply_fsdp(model: nn.Module, mesh, mp_policy) -> None:
@@ -155,12 +156,12 @@ def _keep_own_parts(tp_mesh, sizes: list[int]):
     """A forward hook for a column-parallel projection whose output concatenates parts of `sizes`
     features ([q | k | v], [gate | up]): all-gather the columns over tp (differentiable; its backward is
     a reduce-scatter), then keep this rank's 1/tp of each part, in the same order."""
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    from torch.distributed._functional_collectives import all_gather_single_autograd
 
     rank, n = tp_mesh.get_local_rank(), tp_mesh.size()
 
     def hook(module, inputs, out: torch.Tensor) -> torch.Tensor:  # out (B, T, sum(sizes) / tp)
-        full = all_gather_tensor_autograd(out, gather_dim=out.dim() - 1, group=tp_mesh)  # (B, T, sum(sizes))
+        full = all_gather_single_autograd(out, out.dim() - 1, tp_mesh)  # (B, T, sum(sizes))
         return torch.cat([part.chunk(n, dim=-1)[rank] for part in full.split(sizes, dim=-1)], dim=-1)
 
     return hook

@@ -1,0 +1,44 @@
+"""A 2-D mesh through the real entry point: `bash launch.sh --nproc 4 ... parallel.dp_shard=2
+parallel.tp=2` runs `python -m train` under torchrun (fully_shard over dp_shard composed with tensor,
+sequence and loss parallel), and its losses are those of one process on the same global batches."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_env, run_cli, tiny_overrides, train_losses
+
+pytestmark = pytest.mark.slow
+
+LOSS_TOL = 1e-5  # fp32, dropout 0: only the reduction order differs
+# 258 = the bytes vocabulary (257) rounded up to a multiple of tp: the head splits evenly (loss parallel)
+MODEL = ["model.vocab_size=258", "train.max_steps=3"]
+
+
+def test_dp_shard2_x_tp2_through_launch_sh_equals_one_process(tmp_path_factory, tmp_path):
+    data = prepared_dataset(tmp_path_factory)
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "mesh"
+    ref = run_cli(["--config", str(DEBUG_YAML), *tiny_overrides(data, ref_dir, *MODEL)])
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    args = tiny_overrides(data, run_dir, *MODEL, "parallel.dp_shard=2", "parallel.tp=2")
+    proc = subprocess.run(
+        ["bash", "launch.sh", "--nproc", "4", str(DEBUG_YAML), *args],
+        cwd=REPO,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    log = proc.stdout + proc.stderr
+    assert "adding parallel.strategy=ddp" not in log  # the degrees are the layout, passed through unchanged
+    assert "mesh pp 1 x dp_replicate 1 x dp_shard 2 x cp 1 x tp 2 | rank 0 at (pp 0, dp_replicate 0, dp_shard 0" in log
+    mesh = next(r["mesh"] for r in metrics(run_dir) if "mesh" in r)
+    assert (mesh["world_size"], mesh["dp_shard"], mesh["tp"], mesh["strategy"]) == (4, 2, 2, "mesh")
+
+    want, got = train_losses(ref_dir), train_losses(run_dir)
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    for step in want:
+        assert abs(got[step] - want[step]) < LOSS_TOL, (step, got[step], want[step])
