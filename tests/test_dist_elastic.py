@@ -232,3 +232,43 @@ def test_neutral_form_is_generic_over_optimizer_state_keys(tmp_path):
     for n, q in model2.named_parameters():
         assert torch.equal(q, names[n]), n
         assert torch.equal(opt2.state[q]["momentum_buffer"], opt.state[names[n]]["momentum_buffer"]), n
+
+
+def test_an_earlier_none_checkpoint_resumes_through_the_neutral_form(tmp_path):
+    """The format that none / ddp wrote before every layout saved DCP shards (an empty state/, the
+    index-keyed optimizer state and its parameter names in train_state.pt) resumes, by name."""
+    import shutil
+
+    from model.gpt import GPT
+    from train.checkpoint import CheckpointManager, TrainState
+    from train.strategy import StrategySpec, make_strategy
+
+    mcfg = drv.model_config()
+    s = make_strategy("none", torch.device("cpu"), StrategySpec())
+    torch.manual_seed(0)
+    model, opt = s.wrap(GPT(mcfg), drv.build_optimizer)
+    x, y = drv.global_batch(1)
+    s.backward(model(x, y))
+    s.clip_and_step()
+    ckpt = CheckpointManager(tmp_path / "run", s, mcfg, keep_last=0).save(
+        TrainState(step=1, strategy="none", model_config=mcfg.to_dict())
+    )
+    # rewrite it in the earlier format
+    names = {id(p): n for n, p in model.named_parameters()}
+    raw = torch.load(ckpt / "train_state.pt", weights_only=True)
+    raw["strategy_state"] = {
+        "optimizer": opt.state_dict(),
+        "param_names": [[names[id(p)] for p in g["params"]] for g in opt.param_groups],
+    }
+    torch.save(raw, ckpt / "train_state.pt")
+    shutil.rmtree(ckpt / "state")
+    (ckpt / "state").mkdir()
+
+    fresh = make_strategy("none", torch.device("cpu"), StrategySpec())
+    torch.manual_seed(1)
+    model2, opt2 = fresh.wrap(GPT(mcfg), drv.build_optimizer)
+    CheckpointManager(tmp_path / "run", fresh, mcfg, keep_last=0).load(ckpt)
+    want = dict(model.named_parameters())
+    for n, q in model2.named_parameters():
+        assert torch.equal(q, want[n]), n
+        assert torch.equal(opt2.state[q]["exp_avg_sq"], opt.state[want[n]]["exp_avg_sq"]), n

@@ -34,10 +34,12 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ref(work) -> dict:
     out = work / "out"
-    return {
+    refs = {
         f: drv.run_scenario({"name": f"ref_{f}", "strategy": "none", "steps": STEPS, "family": f}, out)
         for f in ("gpt2", "modern")
     }
+    muon = {"name": "ref_muon", "strategy": "none", "steps": STEPS, "family": "modern", "optim": "muon"}
+    return {**refs, "muon": drv.run_scenario(muon, out)}
 
 
 @pytest.fixture(scope="module")

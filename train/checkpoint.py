@@ -2,11 +2,12 @@
 
     RUN/checkpoints/
         step_000500/          written as .tmp-step_000500/, then renamed: never half a checkpoint
-            model/            a complete model artifact (model/io.py): what eval/ opens. Always written
-                              for none / ddp / deepspeed; for fsdp at the best and final checkpoints
-                              (`python -m train.consolidate` writes it for the others)
-            state/            what the strategy needs to resume and nothing else reads: empty (none,
-                              ddp), DCP shards (fsdp), a DeepSpeed engine directory (deepspeed)
+            model/            a complete model artifact (model/io.py): what eval/ opens. Always written,
+                              except where the strategy's state holds sharded weights (weights_in_state):
+                              then at the best and final checkpoints (`python -m train.consolidate`
+                              writes it for the others)
+            state/            what the strategy needs to resume and nothing else reads: DCP shards of
+                              model + optimizer (every mesh layout), or the other engine's directory
             train_state.pt    the TrainState below, weights_only-loadable
             rng_rank00000.pt  each rank's RNG states (one file per rank)
         latest                the name of the newest complete checkpoint (replaced atomically)
@@ -15,7 +16,7 @@
 A strategy saves into and loads from the state/ directory it is handed and never names a file of this
 layout. A crash at any point of a save leaves `latest` naming the previous, complete checkpoint; the
 next run removes the stale `.tmp-*` directory. Every file we write is read back with
-torch.load(weights_only=True) or safetensors (DeepSpeed's own engine files excepted), so loading a
+torch.load(weights_only=True) or safetensors (another engine's own files excepted), so loading a
 checkpoint never executes pickled code.
 
 Fault injection, for the crash tests only: with GPTRAIN_FAULT=POINT@STEP in the environment, save()
@@ -28,8 +29,8 @@ and, at a resume that converts (load() below), with GPTRAIN_FAULT=convert@STEP (
     convert  the neutral form of step_STEP is written under its temporary name; not yet published
 
 Resuming under another layout (load): a checkpoint that the running strategy cannot read natively
-(another strategy; DeepSpeed with another world size or ZeRO stage) is converted to the
-strategy-neutral form (train/portable.py) and loaded from that. What carries over exactly is in
+(DCP shards reshard to any mesh; the other engine's state, or the mesh's state under it, does not) is
+converted to the strategy-neutral form (train/portable.py) and loaded from that. What carries over exactly is in
 docs/checkpoints.md.
 """
 
@@ -264,7 +265,7 @@ class CheckpointManager:
         self.check_same_model(ckpt, state)
         if self.strategy.resumes_natively(state.strategy, state.strategy_state):
             weights = ckpt / MODEL_DIR if (ckpt / MODEL_DIR).is_dir() else None
-            # a state/ of DCP shards or a DeepSpeed engine holds the weights; an optimizer-only state does not
+            # a state/ of DCP shards or an engine directory holds the weights; an optimizer-only state does not
             if weights is None and "optimizer" in state.strategy_state:
                 raise TrainError(
                     f"{ckpt} has no {MODEL_DIR}/ (its weights): the checkpoint is incomplete; resume another"

@@ -6,7 +6,7 @@ Checkpoints: every rank writes its part of model + optimizer with torch.distribu
 into the state directory it is handed, from get_state_dict's fully-qualified names (the bare GPT's,
 whatever the layout), so DCP reshards on load and a checkpoint of any mesh resumes on any other mesh
 and world size. The fp16 loss scale travels in train_state.pt. A checkpoint that DCP cannot read
-(DeepSpeed's, or one whose optimizer state sits in train_state.pt) arrives as the strategy-neutral
+(the other engine's, or one whose optimizer state sits in train_state.pt) arrives as the strategy-neutral
 form (train/portable.py): load_portable.
 """
 

@@ -31,7 +31,7 @@ from train.strategy import StrategySpec
 
 def apply_ac_and_compile(model: nn.Module, spec: StrategySpec) -> nn.Module:
     """Activation checkpointing, then torch.compile of each block: the transforms every engine shares
-    (DeepSpeed applies them before its initialize). Embeddings, final norm and head stay eager."""
+    (the other engine applies them before its own wrapping). Embeddings, final norm and head stay eager."""
     if spec.activation_checkpointing:
         from train.ac import apply_activation_checkpointing
 
