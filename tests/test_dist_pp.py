@@ -209,7 +209,7 @@ def test_layouts_the_pipeline_refuses():
 
     with pytest.raises(ValueError, match="set model.tie_embeddings=false"):
         pp.split_stages(GPT(ModelConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=16)), 0, 2)
-    with pytest.raises(ValueError, match="n_layer=4 is fewer blocks than the 6 pipeline stages"):
+    with pytest.raises(ValueError, match="n_layer=4 is fewer than the 6 pipeline stages"):
         pp.split_stages(GPT(model_config("modern")), 0, 3, 2)
     with pytest.raises(ValueError, match="must be a multiple of parallel.pp=2"):
         pp.check_schedule("Interleaved1F1B", 2, 2, 3)
