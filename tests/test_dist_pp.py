@@ -304,13 +304,26 @@ def test_pp2_under_train_matches_one_process_and_resumes_across_layouts(train_re
 
 @pytest.mark.slow
 def test_pp2_x_dp2_under_train_matches_one_process(train_ref, tmp_path):
-    """4 ranks: 2 stages, each sharded by FSDP over 2 data-parallel ranks (2 micro-batches of 2 rows)."""
+    """4 ranks: 2 stages, each sharded by FSDP over 2 data-parallel ranks (2 micro-batches of 2 rows).
+    The final checkpoint's model/ (full weights gathered from both stages) equals what train.consolidate
+    reads from its DCP shards in one process: the shards carry every bare name once."""
+    from safetensors.torch import load_file
+    from train_helpers import python_env
+
     data, want = train_ref
     run = tmp_path / "pp_dp"
     args = train_args(data, run, "train.max_steps=4", "train.micro_batch=2", "parallel.pp=2", "parallel.dp_shard=2")
-    proc = torchrun_train(4, args)
+    proc = torchrun_train(4, [*args, "checkpoint.every=4"])
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert_same_run(records(run), want)
+    ckpt, out = run / "checkpoints" / "step_000004", tmp_path / "consolidated"
+    cmd = [sys.executable, "-m", "train.consolidate", str(ckpt), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gathered, consolidated = load_file(ckpt / "model" / "model.safetensors"), load_file(out / "model.safetensors")
+    bare = GPT(ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False))
+    assert sorted(gathered) == sorted(consolidated) == sorted(bare.state_dict())
+    assert all(torch.equal(gathered[k], consolidated[k]) for k in gathered)
 
 
 def test_pipeline_user_errors_are_one_line(tmp_path_factory, tmp_path):
