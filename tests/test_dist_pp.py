@@ -209,7 +209,7 @@ def test_layouts_the_pipeline_refuses():
 
     with pytest.raises(ValueError, match="set model.tie_embeddings=false"):
         pp.split_stages(GPT(ModelConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=16)), 0, 2)
-    with pytest.raises(ValueError, match="n_layer=4 is fewer blocks than the 6 pipeline stages"):
+    with pytest.raises(ValueError, match="n_layer=4 is fewer than the 6 pipeline stages"):
         pp.split_stages(GPT(model_config("modern")), 0, 3, 2)
     with pytest.raises(ValueError, match="must be a multiple of parallel.pp=2"):
         pp.check_schedule("Interleaved1F1B", 2, 2, 3)
@@ -223,7 +223,15 @@ def test_layouts_the_pipeline_refuses():
 
 # ----------------------------------------------------------------------------- through `python -m train`
 
-PP_RUN = ["model.tie_embeddings=false", "train.eval_every=2", "logging.sample_every=2"]
+HELLASWAG = REPO / "tests" / "fixtures" / "hellaswag_mini.jsonl"
+PP_RUN = [
+    "model.tie_embeddings=false",
+    "train.eval_every=2",
+    "logging.sample_every=2",
+    "eval.hellaswag_every=2",
+    f"eval.hellaswag_data={HELLASWAG}",
+]
+KEYS = ("loss", "val_loss", "sample", "hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n")
 
 
 def torchrun_train(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
@@ -243,12 +251,13 @@ def records(run_dir: Path) -> dict[str, dict[int, object]]:
     from train_helpers import metrics
 
     rows = metrics(run_dir)
-    return {key: {r["step"]: r[key] for r in rows if key in r} for key in ("loss", "val_loss", "sample")}
+    return {key: {r["step"]: r[key] for r in rows if key in r} for key in KEYS}
 
 
 @pytest.fixture(scope="module")
 def train_ref(tmp_path_factory) -> tuple[Path, dict]:
-    """One process, 4 steps of 2 accumulation micro-batches, val loss and a sample every 2 steps."""
+    """One process, 4 steps of 2 accumulation micro-batches; val loss, a sample and HellaSwag (the 12
+    examples of tests/fixtures) every 2 steps."""
     from train_helpers import prepared_dataset, run_cli
 
     data, run = prepared_dataset(tmp_path_factory), tmp_path_factory.mktemp("pp_ref")
@@ -262,14 +271,19 @@ def assert_same_run(got: dict, want: dict) -> None:
     for key in ("loss", "val_loss"):
         for step, value in want[key].items():
             assert got[key][step] == pytest.approx(value, abs=TOL), (key, step)
-    assert got["sample"] == want["sample"]  # the sampler's logits come through the pipeline
+    # the sampler's and HellaSwag's logits come through the pipeline; each example is scored once
+    assert got["sample"] == want["sample"]
+    assert sorted(got["hellaswag_n"]) == sorted(want["hellaswag_n"]) == [0, 2, 4]
+    for key in ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n"):
+        assert got[key] == want[key], key
+    assert set(want["hellaswag_n"].values()) == {12}
 
 
 @pytest.mark.slow
 def test_pp2_under_train_matches_one_process_and_resumes_across_layouts(train_ref, tmp_path):
     """`torchrun -m train parallel.pp=2` (1F1B over the loop's 2 micro-batches) saves at step 2 and one
     process resumes it; one process saves at step 2 and pp 2 resumes it: both equal the uninterrupted
-    one-process run (losses, val losses, samples) -- the DCP checkpoints carry the bare names."""
+    one-process run (losses, val losses, samples, HellaSwag) -- the DCP checkpoints carry the bare names."""
     from train_helpers import run_cli
 
     data, want = train_ref
@@ -290,13 +304,26 @@ def test_pp2_under_train_matches_one_process_and_resumes_across_layouts(train_re
 
 @pytest.mark.slow
 def test_pp2_x_dp2_under_train_matches_one_process(train_ref, tmp_path):
-    """4 ranks: 2 stages, each sharded by FSDP over 2 data-parallel ranks (2 micro-batches of 2 rows)."""
+    """4 ranks: 2 stages, each sharded by FSDP over 2 data-parallel ranks (2 micro-batches of 2 rows).
+    The final checkpoint's model/ (full weights gathered from both stages) equals what train.consolidate
+    reads from its DCP shards in one process: the shards carry every bare name once."""
+    from safetensors.torch import load_file
+    from train_helpers import python_env
+
     data, want = train_ref
     run = tmp_path / "pp_dp"
     args = train_args(data, run, "train.max_steps=4", "train.micro_batch=2", "parallel.pp=2", "parallel.dp_shard=2")
-    proc = torchrun_train(4, args)
+    proc = torchrun_train(4, [*args, "checkpoint.every=4"])
     assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     assert_same_run(records(run), want)
+    ckpt, out = run / "checkpoints" / "step_000004", tmp_path / "consolidated"
+    cmd = [sys.executable, "-m", "train.consolidate", str(ckpt), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gathered, consolidated = load_file(ckpt / "model" / "model.safetensors"), load_file(out / "model.safetensors")
+    bare = GPT(ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False))
+    assert sorted(gathered) == sorted(consolidated) == sorted(bare.state_dict())
+    assert all(torch.equal(gathered[k], consolidated[k]) for k in gathered)
 
 
 def test_pipeline_user_errors_are_one_line(tmp_path_factory, tmp_path):

@@ -8,4 +8,5 @@ parallelize.py    the model transforms in torchtitan's order: TP + SP (+ loss pa
 mesh_strategy.py  MeshStrategy: the Strategy seam for every mesh layout; DCP checkpoints
 context.py        context parallel (sequence sharding, K/V all-gather attention)
 pipeline.py       pipeline parallel (torch.distributed.pipelining stages and schedules)
+pipeline_strategy.py  MeshStrategy with a pp dimension: the seam over this rank's stages
 """

@@ -41,7 +41,7 @@ def check_split(n_layer: int, tie_embeddings: bool, pp: int, stages_per_rank: in
     stages = pp * stages_per_rank
     if n_layer < stages:
         raise ValueError(
-            f"model.n_layer={n_layer} is fewer blocks than the {stages} pipeline stages "
+            f"model.n_layer={n_layer} is fewer than the {stages} pipeline stages "
             f"(parallel.pp={pp} x parallel.pp_stages_per_rank={stages_per_rank}): lower them or add layers"
         )
     if tie_embeddings:
