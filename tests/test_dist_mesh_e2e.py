@@ -1,10 +1,12 @@
 """A 2-D mesh through the real entry point: `bash launch.sh --nproc 4 ... parallel.dp_shard=2
 parallel.tp=2` runs `python -m train` under torchrun (fully_shard over dp_shard composed with tensor,
-sequence and loss parallel), and its losses are those of one process on the same global batches."""
+sequence and loss parallel), and its losses and HellaSwag counts are those of one process on the same
+global batches."""
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_env, run_cli, tiny_overrides, train_losses
@@ -12,8 +14,10 @@ from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_en
 pytestmark = pytest.mark.slow
 
 LOSS_TOL = 1e-5  # fp32, dropout 0: only the reduction order differs
-# 258 = the bytes vocabulary (257) rounded up to a multiple of tp: the head splits evenly (loss parallel)
-MODEL = ["model.vocab_size=258", "train.max_steps=3"]
+# 258 = the bytes vocabulary (257) rounded up to a multiple of tp: the head splits evenly (loss parallel);
+# HellaSwag at step 0 and the last: the ranks of one tp group score the same examples together
+HELLASWAG = REPO / "tests" / "fixtures" / "hellaswag_mini.jsonl"
+MODEL = ["model.vocab_size=258", "train.max_steps=3", "eval.hellaswag_every=3", f"eval.hellaswag_data={HELLASWAG}"]
 
 
 def test_dp_shard2_x_tp2_through_launch_sh_equals_one_process(tmp_path_factory, tmp_path):
@@ -38,6 +42,10 @@ def test_dp_shard2_x_tp2_through_launch_sh_equals_one_process(tmp_path_factory, 
     mesh = next(r["mesh"] for r in metrics(run_dir) if "mesh" in r)
     assert (mesh["world_size"], mesh["dp_shard"], mesh["tp"], mesh["strategy"]) == (4, 2, 2, "mesh")
 
+    def hellaswag(run: Path) -> dict:
+        return {r["step"]: (r["hellaswag_n"], r["hellaswag_acc"]) for r in metrics(run) if "hellaswag_n" in r}
+
+    assert hellaswag(run_dir) == hellaswag(ref_dir) and sorted(hellaswag(ref_dir)) == [0, 3]
     want, got = train_losses(ref_dir), train_losses(run_dir)
     assert sorted(got) == sorted(want) == [1, 2, 3]
     for step in want:

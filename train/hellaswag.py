@@ -51,17 +51,14 @@ def evaluate(model, tokenizer, examples: list[dict], strategy: Strategy, cfg: Co
     compiled blocks see a single shape rather than one per batch length. The forward runs under the
     run's autocast dtype, as the val loss does."""
     dtype = cfg.train.dtype
-    # the data-parallel ranks split the examples: the ranks of one tp / cp / pp group score the same ones
-    dims = getattr(strategy, "dims", None)
-    rank, world = (dims.dp_rank, dims.dp_size) if dims is not None else (strategy.rank, strategy.world_size)
     counts = hellaswag_eval(
         model,
         tokenizer,
         examples,
         style=cfg.eval.hellaswag_style,
         batch_size=batch_size(cfg),
-        rank=rank,
-        world_size=world,
+        rank=strategy.dp_rank,  # the ranks of one tp / cp / pp group score the same examples together
+        world_size=strategy.dp_size,
         device=strategy.device,
         block_size=block_size,
         autocast_dtype=None if dtype == "float32" else torch_dtype(dtype),
@@ -69,8 +66,8 @@ def evaluate(model, tokenizer, examples: list[dict], strategy: Strategy, cfg: Co
     )
     # float64 counts: exact for any count below 2**53, and every backend (gloo, NCCL) sums them
     totals = torch.tensor(counts.to_list(), dtype=torch.float64, device=strategy.device)
-    # every rank of a group holds its group's counts: divide out the copies (exact in float64)
-    return Counts.from_list((strategy.all_reduce_sum(totals) / (strategy.world_size // world)).tolist())
+    copies = strategy.world_size // strategy.dp_size  # each data-parallel rank's counts, once per group member
+    return Counts.from_list((strategy.all_reduce_sum(totals) / copies).tolist())
 
 
 def record(counts: Counts) -> dict:

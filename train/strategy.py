@@ -78,6 +78,15 @@ class Strategy(ABC):
         self.model: nn.Module | None = None  # what wrap() returned: the module the step calls
 
     @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel ranks (those that read different data)."""
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+    @property
     def is_main(self) -> bool:
         """Rank 0: the only rank that logs, prints, writes metrics and shared files."""
         return self.rank == 0

@@ -52,6 +52,11 @@ DCP_FORMAT = "dcp"  # strategy_state["format"]: model + optimizer are DCP shards
 
 
 class MeshStrategy(DistributedStrategy):
+    """The Strategy of every mesh layout. Hooks for the dimensions that change the step (each a method
+    a subclass overrides): `parallelize` (pipeline parallel: per stage), `forward_backward` (pipeline
+    parallel: its schedule over all micro-batches), `micro_loss` (context parallel: the sequence shard),
+    `eval_model` / `sample_model` (what evaluation and sampling call)."""
+
     def __init__(
         self,
         dims: ParallelDims,
@@ -182,6 +187,14 @@ class MeshStrategy(DistributedStrategy):
         """Hook (pipeline / context parallel): what evaluation calls. Under loss parallel the logits
         come back whole and the loss as a plain tensor."""
         return _Gathered(self.model, self) if self.loss_parallel else self.model
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dims.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp_size
 
     def layout(self) -> dict:
         return {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
