@@ -1,6 +1,9 @@
 """Run by torchrun from tests/test_plan.py: the bytes a real run of a layout allocates per rank.
 
-    torchrun --nproc_per_node=2 tests/plan_probe.py {fsdp|deepspeed} ZERO_STAGE PRECISION OUT.json
+    torchrun --nproc_per_node=2 tests/plan_probe.py STRATEGY OPTIONS_JSON PRECISION OUT.json [FAMILY]
+
+STRATEGY and OPTIONS_JSON are make_strategy's name and options (e.g. deepspeed '{"zero_stage": 3}',
+none '{"tp": 2}').
 
 Wraps tests/dist_driver.py's tiny GPT with make_strategy(...).wrap and the driver's AdamW, runs two
 steps through the loop's call sequence, and counts the bytes of every tensor storage that is alive
@@ -12,6 +15,8 @@ and after the second step (plus the optimizer state). Rank 0 writes OUT.json.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import json
 import sys
@@ -47,28 +52,36 @@ def storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[i
 
 
 def main() -> None:
-    name, stage, precision, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    name, options, precision, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo")
     spec = StrategySpec(precision=precision, grad_accum_steps=1, grad_clip=1.0)
-    s = make_strategy(name, torch.device("cpu"), spec, **({"zero_stage": stage} if name == "deepspeed" else {}))
+    vocab = options.pop("_vocab", drv.VOCAB)
+    s = make_strategy(name, torch.device("cpu"), spec, **options)
     gc.collect()
     before = set(storages(torch.nn.Module(), torch.optim.SGD([torch.zeros(1)])))
     torch.manual_seed(0)
-    model, opt = s.wrap(drv.GPT(drv.model_config()), drv.build_optimizer)
+    family = sys.argv[5] if len(sys.argv) > 5 else "gpt2"
+    mcfg = dataclasses.replace(drv.model_config(family), vocab_size=vocab)
+    model, opt = s.wrap(drv.GPT(mcfg), drv.build_optimizer)
 
     def new(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
         gc.collect()
         return sum(v for k, v in storages(model, opt).items() if k not in before)
 
     res = {"after_wrap": new(model, opt)}
-    x, y = drv.global_batch(1)
-    rows = drv.GLOBAL_BATCH // s.world_size
-    x, y = x[s.rank * rows : (s.rank + 1) * rows], y[s.rank * rows : (s.rank + 1) * rows]
+    x, y = (t % vocab for t in drv.global_batch(1))
+    dims = getattr(s, "dims", None)  # the mesh's: tp / cp ranks of one replica read the same rows
+    dp, dp_rank = (dims.dp_size, dims.dp_rank) if dims is not None else (s.world_size, s.rank)
+    rows = drv.GLOBAL_BATCH // dp
+    x, y = x[dp_rank * rows : (dp_rank + 1) * rows], y[dp_rank * rows : (dp_rank + 1) * rows]
     for step in range(2):
-        with s.sync_context(is_last=True):
-            loss = model(x, y)
-            s.backward(loss)
-        del loss
+        if hasattr(s, "forward_backward"):  # the mesh's seam: loss parallel needs its context
+            s.forward_backward([(x, y)], contextlib.nullcontext())
+        else:
+            with s.sync_context(is_last=True):
+                loss = model(x, y)
+                s.backward(loss)
+            del loss
         if step == 1:
             res["after_backward"] = new(model, opt)
         s.clip_and_step()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -52,11 +53,11 @@ def test_single_process_state_bytes_equal_a_real_step(optimizer):
     assert storage_bytes(state) == planned.optimizer
 
 
-def probe(tmp_path: Path, name: str, stage: int) -> dict:
-    out = tmp_path / f"{name}{stage}.json"
+def probe(tmp_path: Path, name: str, options: dict, family: str = "gpt2", nproc: int = 2) -> dict:
+    out = tmp_path / f"{name}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [str(REPO / "tests" / "plan_probe.py"), name, str(stage), "fp32", str(out)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += [str(REPO / "tests" / "plan_probe.py"), name, json.dumps(options), "fp32", str(out), family]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
@@ -64,7 +65,7 @@ def probe(tmp_path: Path, name: str, stage: int) -> dict:
 
 @pytest.mark.slow
 def test_fsdp_two_ranks_state_bytes_equal_a_real_run(tmp_path):
-    got = probe(tmp_path, "fsdp", 0)
+    got = probe(tmp_path, "fsdp", {})
     f = state_bytes(meta_model(drv.model_config()), Layout(dp_shard=2), "float32")
     assert got["after_wrap"] == pytest.approx(f.params, abs=16)  # rank 0's padded shards
     assert got["after_backward"] - got["after_step"] == f.grads
@@ -75,7 +76,7 @@ def test_fsdp_two_ranks_state_bytes_equal_a_real_run(tmp_path):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_two_ranks_state_bytes_equal_a_real_run(tmp_path, stage):
     pytest.importorskip("deepspeed")
-    got = probe(tmp_path, "deepspeed", stage)
+    got = probe(tmp_path, "deepspeed", {"zero_stage": stage})
     f = state_bytes(meta_model(drv.model_config()), Layout(dp_replicate=2, zero=stage), "float32")
     moments = f.optimizer - f.master
     if stage == 3:  # gradient buffers and the reduce bucket stay allocated from the engine's start
@@ -87,6 +88,27 @@ def test_deepspeed_two_ranks_state_bytes_equal_a_real_run(tmp_path, stage):
     # DeepSpeed's reduction bucket holds a few KB more than the partition during the backward
     assert got["after_backward"] - got["after_step"] == pytest.approx(f.grads, rel=0.06)
     assert got["after_step"] - got["after_wrap"] == pytest.approx(moments, abs=SLACK)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "options, nproc, layout",
+    [
+        ({"tp": 2}, 2, Layout(tp=2)),
+        ({"dp_shard": 2, "tp": 2}, 4, Layout(dp_shard=2, tp=2)),  # a mixed mesh: FSDP over tp shards
+    ],
+    ids=["tp2", "dp_shard2-tp2"],
+)
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+def test_mesh_state_bytes_equal_a_real_run(tmp_path, options, nproc, layout, family):
+    """The mesh's TP plan: the tied GPT-2 table stays whole; the modern family's untied head is split by
+    vocabulary rows (loss parallel). A 96-token vocabulary, so that tp 2 divides it."""
+    got = probe(tmp_path, "none", {**options, "_vocab": 96}, family, nproc)
+    mcfg = dataclasses.replace(drv.model_config(family), vocab_size=96)
+    f = state_bytes(meta_model(mcfg), layout, "float32")
+    assert got["after_wrap"] == pytest.approx(f.params, abs=16)
+    assert got["after_backward"] - got["after_step"] == f.grads
+    assert got["after_step"] - got["after_wrap"] == pytest.approx(f.optimizer, abs=SLACK)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -217,3 +239,26 @@ def test_gpu_check_dry_run_chains_every_step(tmp_path):
     summary = r.stdout.split("step               status")[1].splitlines()[1:]
     steps = {line.split()[0]: line.split()[1] for line in summary if line.strip()}
     assert steps == dict.fromkeys(["cuda-tests", "train-bench", "plan-vs-measured", "race", "eval-bench"], "ok")
+
+
+def test_launch_overrides_name_the_layout():
+    """A mixed mesh is spelled out degree by degree; the shorthands and DeepSpeed by their strategy."""
+    from train.plan import overrides
+
+    cfg = load_config(str(REPO / "configs/gpt2-124m.yaml"), [])
+    assert overrides(cfg, Layout(dp_shard=4, tp=2, micro_batch=32)) == [
+        "parallel.dp_replicate=1",
+        "parallel.dp_shard=4",
+        "parallel.cp=1",
+        "parallel.tp=2",
+        "parallel.pp=1",
+    ]
+    assert overrides(cfg, Layout(dp_shard=8, micro_batch=8, ac=True)) == [
+        "parallel.strategy=fsdp",
+        "train.micro_batch=8",
+        "train.activation_checkpointing=true",
+    ]
+    assert overrides(cfg, Layout(dp_replicate=8, zero=3, micro_batch=32))[:2] == [
+        "parallel.strategy=deepspeed",
+        "parallel.zero_stage=3",
+    ]

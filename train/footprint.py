@@ -15,8 +15,9 @@ dp ranks, plus the micro-batch and activation checkpointing. Per rank (bytes):
   for its matrices (train/optim.py's muon_params). DeepSpeed adds its fp32 master partition ("master").
 - DeepSpeed (ZeRO, Rajbhandari et al. 2020, sec. 5): the engine keeps the module in the training
   dtype and its fp32 master copy, Adam moments and reduced gradients partitioned over the dp ranks;
-  stage 3 partitions the module too, and allocates its gradient partition and its reduce bucket
-  (reduce_bucket_size elements) when the engine is built.
+  stage 3 partitions the module too, and allocates its gradient partition, its reduce bucket
+  (reduce_bucket_size elements) and an fp32 gradient buffer of the unpartitioned model (at most
+  sub_group_size elements) for the optimizer step.
 - activations: the peak bytes of the tensors a forward + backward of one micro-batch keeps alive,
   other than parameters and gradients (saved activations, logits, the autocast copies of weights),
   traced on fake tensors (torch._subclasses.FakeTensorMode, which allocates nothing) with the run's
@@ -59,6 +60,7 @@ def head_is_split(cfg: ModelConfig) -> bool:
 
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # zero_optimization.reduce_bucket_size's default (DeepSpeed docs)
+DEEPSPEED_SUB_GROUP = 1_000_000_000  # zero_optimization.sub_group_size's default (DeepSpeed docs)
 
 
 @dataclass(frozen=True)
@@ -179,9 +181,13 @@ def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int) 
     pbytes = 4 if dtype == "float32" else dtype_bytes(dtype)  # the engine casts the module for bf16/fp16
     part = math.ceil(elems / n)
     params = pbytes * (part if layout.zero == 3 else elems)
-    # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries;
-    # stage 3 also hands the optimizer an fp32 copy of the partition's gradient at the step.
-    grads = pbytes * (elems if layout.zero == 1 and accum > 1 else part) + (4 * part if layout.zero == 3 else 0)
+    # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries.
+    # Stage 3's initialize_optimizer_states (deepspeed/runtime/zero/stage3.py) also allocates an fp32
+    # gradient buffer of its largest sub-group's *unpartitioned* size (ds_numel; sub_group_size elements
+    # at most), which the optimizer steps on.
+    grads = pbytes * (elems if layout.zero == 1 and accum > 1 else part)
+    if layout.zero == 3:
+        grads += 4 * min(elems, DEEPSPEED_SUB_GROUP)
     master = 4 * part
     moments = 8 * part + 4 * 2  # torch AdamW over the master partition: one step count per param group
     # (train/optim.py's two groups, decay and no_decay)

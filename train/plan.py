@@ -96,27 +96,54 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidates(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:
-    """Every layout of `world` GPUs this config can run: strategies none / ddp / fsdp / deepspeed, and
-    with the device mesh every dp_replicate x dp_shard x cp x tp x pp whose tp divides the heads and
-    stays within a node, whose cp splits the sequence into 2 cp chunks, whose pp divides the blocks.
-    Then each micro-batch that divides the rank's rows, with and without activation checkpointing."""
-    m, seq = cfg.model, cfg.seq_len
-    rows = cfg.train.tokens_per_step // seq
+def mesh_dims_available() -> dict[str, bool]:
+    """Which mesh dimensions this checkout can run: tp comes with the mesh; cp and pp with their
+    modules (train/parallel/context.py, train/parallel/pipeline.py)."""
+    import importlib.util
+
+    def there(mod: str) -> bool:
+        try:
+            return importlib.util.find_spec(mod) is not None
+        except ModuleNotFoundError:
+            return False
+
+    return {
+        "tp": there("train.parallel.parallelize"),
+        "cp": there("train.parallel.context"),
+        "pp": there("train.parallel.pipeline"),
+    }
+
+
+def layout_ok(cfg: Config, mcfg, rep: int, shard: int, cp: int, tp: int, pp: int) -> bool:
+    """Whether the mesh accepts these degrees for this model: train/parallel/dims.py's own check."""
+    from train.parallel.dims import MeshError, ParallelDims, check_model
+
+    try:
+        dims = ParallelDims(
+            dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp, pp=pp, world_size=rep * shard * cp * tp * pp
+        )
+        check_model(dims, mcfg, cfg.seq_len)
+    except MeshError:
+        return False
+    return True
+
+
+def candidates(cfg: Config, mcfg, world: int, gpus_per_node: int) -> list[Layout]:
+    """Every layout of `world` GPUs this checkout can run for this config: strategies none / ddp / fsdp /
+    deepspeed, and with the device mesh every dp_replicate x dp_shard x cp x tp x pp that the mesh's
+    check_model accepts, with tp within a node. Then each micro-batch that divides the rank's rows (powers
+    of two, and the whole share), with and without activation checkpointing."""
+    rows = cfg.train.tokens_per_step // cfg.seq_len
     meshes: list[tuple[int, int, int, int, int, int]] = []  # (rep, shard, cp, tp, pp, zero)
     if has_mesh(cfg):
-        for tp in divisors(min(world, gpus_per_node)):
-            if m.n_head % tp or m.n_kv_head % tp:
-                continue
-            for cp in divisors(world // tp):
-                if seq % (2 * cp) and cp > 1:
-                    continue
-                for pp in divisors(world // (tp * cp)):
-                    if pp > m.n_layer:
-                        continue
+        can = mesh_dims_available()
+        for tp in divisors(min(world, gpus_per_node)) if can["tp"] else [1]:
+            for cp in divisors(world // tp) if can["cp"] else [1]:
+                for pp in divisors(world // (tp * cp)) if can["pp"] else [1]:
                     dp = world // (tp * cp * pp)
                     for shard in divisors(dp):
-                        meshes.append((dp // shard, shard, cp, tp, pp, 0))
+                        if layout_ok(cfg, mcfg, dp // shard, shard, cp, tp, pp):
+                            meshes.append((dp // shard, shard, cp, tp, pp, 0))
     elif world == 1:
         meshes.append((1, 1, 1, 1, 1, 0))
     else:
@@ -129,7 +156,7 @@ def candidates(cfg: Config, world: int, gpus_per_node: int) -> list[Layout]:
         if rows % dp:
             continue
         for mb in divisors(rows // dp):
-            if mb & (mb - 1) and mb != rows // dp:  # powers of two, and the whole share
+            if mb & (mb - 1) and mb != rows // dp:
                 continue
             for ac in (False, True):
                 out.append(Layout(rep, shard, cp, tp, pp, zero, mb, ac))
@@ -243,7 +270,7 @@ def plan(cfg: Config, hw: Hardware) -> list[Estimate]:
             f"train.tokens_per_step ({cfg.train.tokens_per_step}) is not a multiple of the sequence length "
             f"({cfg.seq_len}); make it one"
         )
-    layouts = candidates(cfg, hw.world, hw.gpus_per_node)
+    layouts = candidates(cfg, model.config, hw.world, hw.gpus_per_node)
     if not layouts:
         raise PlanError(
             f"no layout of {hw.world} GPUs divides the {rows} sequences of a step "
@@ -336,11 +363,8 @@ def overrides(cfg: Config, lay: Layout) -> list[str]:
     if lay.zero:
         out += ["parallel.strategy=deepspeed", f"parallel.zero_stage={lay.zero}"]
     elif has_mesh(cfg) and (lay.cp > 1 or lay.tp > 1 or lay.pp > 1 or (lay.dp_replicate > 1 and lay.dp_shard > 1)):
-        out += [
-            f"parallel.{k}={getattr(lay, k)}"
-            for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")
-            if getattr(lay, k) != getattr(cfg.parallel, k, 1)
-        ]
+        # every degree, so that no shorthand of the config's parallel.strategy fills one in differently
+        out += [f"parallel.{k}={getattr(lay, k)}" for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")]
     elif lay.dp_shard > 1:
         out.append("parallel.strategy=fsdp")
     elif lay.dp_replicate > 1:
@@ -353,7 +377,10 @@ def overrides(cfg: Config, lay: Layout) -> list[str]:
 
 
 def command(config_path: str, user_overrides: list[str], cfg: Config, est: Estimate, hw: Hardware) -> str:
-    parts = ["bash launch.sh", f"--nproc {hw.gpus_per_node}", config_path, *user_overrides, *overrides(cfg, est.layout)]
+    mine = overrides(cfg, est.layout)
+    keys = {o.split("=", 1)[0] for o in mine}
+    kept = [o for o in user_overrides if o.split("=", 1)[0] not in keys]  # the layout's value wins
+    parts = ["bash launch.sh", f"--nproc {hw.gpus_per_node}", config_path, *kept, *mine]
     line = " ".join(parts)
     if hw.nodes > 1:
         line = f"NNODES={hw.nodes} NODE_RANK=<0..{hw.nodes - 1}> MASTER_ADDR=<node 0> MASTER_PORT=29500 " + line
