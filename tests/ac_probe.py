@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from model import GPT, ModelConfig
 from model.gpt import MLP
-from train.strategy import StrategySpec, make_strategy
+from train.parallel.build import make_strategy
+from train.strategy import StrategySpec
 
 
 def count_calls(name: str, ac: bool) -> list[int]:

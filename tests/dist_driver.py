@@ -31,7 +31,8 @@ import torch.distributed as dist
 from model.config import ModelConfig
 from model.gpt import GPT
 from train.checkpoint import CheckpointManager, TrainState
-from train.strategy import StrategySpec, make_strategy, unwrap
+from train.parallel.build import make_strategy
+from train.strategy import StrategySpec, unwrap
 
 GLOBAL_BATCH = 8  # rows per optimizer step, whatever the world size and accumulation
 SEQ = 16

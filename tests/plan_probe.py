@@ -25,7 +25,8 @@ import dist_driver as drv
 import torch
 import torch.distributed as dist
 
-from train.strategy import StrategySpec, make_strategy, unwrap
+from train.parallel.build import make_strategy
+from train.strategy import StrategySpec, unwrap
 
 
 def storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:

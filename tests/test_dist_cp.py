@@ -270,7 +270,8 @@ def run_strategy() -> dict:
     eval_model run this rank's half of the window."""
     from model.gpt import GPT
     from model.loss import mean_loss
-    from train.strategy import StrategySpec, make_strategy, unwrap
+    from train.parallel.build import make_strategy
+    from train.strategy import StrategySpec, unwrap
 
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(drv.model_config("modern"), block_size=SEQ))

@@ -200,8 +200,9 @@ def test_neutral_form_is_generic_over_optimizer_state_keys(tmp_path):
     carries whatever keys the optimizer has, and load_portable restores them by name."""
     from model.gpt import GPT
     from train.checkpoint import CheckpointManager, TrainState
+    from train.parallel.build import make_strategy
     from train.portable import from_checkpoint
-    from train.strategy import StrategySpec, make_strategy
+    from train.strategy import StrategySpec
 
     def sgd(module):
         return torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9)
@@ -241,7 +242,8 @@ def test_an_earlier_none_checkpoint_resumes_through_the_neutral_form(tmp_path):
 
     from model.gpt import GPT
     from train.checkpoint import CheckpointManager, TrainState
-    from train.strategy import StrategySpec, make_strategy
+    from train.parallel.build import make_strategy
+    from train.strategy import StrategySpec
 
     mcfg = drv.model_config()
     s = make_strategy("none", torch.device("cpu"), StrategySpec())

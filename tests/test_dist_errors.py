@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from train.errors import TrainError
+from train.parallel.build import make_strategy
 from train.parallel.world import DistributedSetupError, StrategyError
 from train.strategies.config_builder import build_ds_config
-from train.strategy import StrategySpec, make_strategy
+from train.strategy import StrategySpec
 
 TORCHRUN_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 

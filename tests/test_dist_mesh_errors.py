@@ -68,7 +68,7 @@ def test_deepspeed_refuses_mesh_dimensions():
 def test_bad_layouts_are_one_line_from_the_cli(tmp_path_factory, tmp_path):
     data = prepared_dataset(tmp_path_factory)
     for extra, message in (
-        (["parallel.tp=2"], "error: the parallel degrees multiply to 2 (tp=2) but 1 process(es) run"),
+        (["parallel.tp=2"], "config error: the parallel degrees multiply to 2 (tp=2) but 1 process(es) run"),
         (["parallel.tp=3"], "config error: parallel.tp=3 must divide model.n_head = 4"),
     ):
         proc = run_cli(["--config", str(DEBUG_YAML), *tiny_overrides(data, tmp_path / "r", *extra)])

@@ -98,7 +98,8 @@ class CallCounter:
 def test_activation_checkpointing_recomputes_through_the_strategy():
     """make_strategy(...).wrap with activation_checkpointing=True: each block runs twice per
     forward+backward (the recomputation), once without."""
-    from train.strategy import StrategySpec, make_strategy
+    from train.parallel.build import make_strategy
+    from train.strategy import StrategySpec
 
     counts = {}
     for ac in (False, True):

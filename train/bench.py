@@ -35,7 +35,8 @@ from train.errors import TrainError
 from train.loop import train_step
 from train.metrics import device_peak_flops
 from train.optim import build_optimizer
-from train.strategy import StrategySpec, make_strategy
+from train.parallel.build import make_strategy
+from train.strategy import StrategySpec
 
 # The reference setting of docs/benchmarks.md's table.
 REFERENCE = [

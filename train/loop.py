@@ -45,12 +45,13 @@ from train.device import autocast_ctx, cpu_has_fast_bf16, pick_device, resolve_d
 from train.errors import TrainError
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
 from train.optim import apply_schedule, build_optimizer
+from train.parallel.build import make_strategy
 from train.parallel.dims import DIMS, ParallelDims, check_model
 from train.parallel.world import env_world
 from train.plan import preflight_check
 from train.sample import decode, generate
 from train.signals import StopFlag
-from train.strategy import Strategy, StrategySpec, make_strategy
+from train.strategy import Strategy, StrategySpec
 
 # ----------------------------------------------------------------------------- set-up helpers
 

@@ -8,7 +8,7 @@ DDP, FSDP2, HSDP, tensor / context / pipeline parallel, any composition) and Dee
 
 Contract, in the order the loop uses it:
     spec = StrategySpec(precision="bf16", grad_accum_steps=4, grad_clip=1.0)   # frozen
-    s = make_strategy(cfg.parallel.strategy, device, spec, **parallel_options) # process group is up
+    s = make_strategy(cfg.parallel.strategy, device, spec, **parallel_options) # train/parallel/build.py
     model, opt = s.wrap(model, build_optimizer)  # build_optimizer(module) -> Optimizer
     for each step:
         loss = s.forward_backward(micro_batches, amp)  # mean loss of this rank's micro-batches
@@ -36,7 +36,6 @@ import torch
 import torch.nn as nn
 
 from model.dtypes import SHORT
-from train.config import STRATEGIES
 
 BuildOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -197,19 +196,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def make_strategy(name: str, device: torch.device, spec: StrategySpec | None = None, **parallel_options) -> Strategy:
-    """The strategy that `parallel.strategy` (none | ddp | fsdp | deepspeed) and the mesh degrees in the
-    parallel section's options name, built from the frozen spec. Imported lazily, so that one process
-    needs neither a process group nor the deepspeed package."""
-    spec = spec if spec is not None else StrategySpec()
-    if name == "deepspeed":
-        from train.strategies import deepspeed
-
-        return deepspeed.build(device, spec, **parallel_options)
-    if name in STRATEGIES:
-        from train.parallel.mesh_strategy import build
-
-        return build(name, device, spec, **parallel_options)
-    raise ValueError(f"parallel.strategy must be one of {', '.join(STRATEGIES)}; got {name!r}")

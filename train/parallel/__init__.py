@@ -6,6 +6,7 @@ world.py          torchrun's environment, the process group, the collectives eve
 parallelize.py    the model transforms in torchtitan's order: TP + SP (+ loss parallel), activation
                   checkpointing, per-block compile, FSDP2 / HSDP / DDP
 mesh_strategy.py  MeshStrategy: the Strategy seam for every mesh layout; DCP checkpoints
+build.py          make_strategy: the config's parallel section -> MeshStrategy, PipelineStrategy or DeepSpeed
 context.py        context parallel (sequence sharding, K/V all-gather attention)
 pipeline.py       pipeline parallel (torch.distributed.pipelining stages and schedules)
 pipeline_strategy.py  MeshStrategy with a pp dimension: the seam over this rank's stages

@@ -39,9 +39,6 @@ from train.parallel.world import (
     DistributedStrategy,
     StrategyError,
     broadcast_module_,
-    check_options,
-    env_world,
-    parse_dtype,
 )
 from train.strategy import BuildOptimizer, StrategySpec, unwrap
 
@@ -303,24 +300,3 @@ def grad_norm(groups: list[list[torch.Tensor]]) -> torch.Tensor:
     if len(norms) == 1:
         return norms[0]
     return torch.stack([n.float() for n in norms]).square().sum().sqrt()
-
-
-def build(name: str, device: torch.device | str, spec: StrategySpec, **options) -> MeshStrategy:
-    """parallel.strategy (none | ddp | fsdp) and the degrees -> the mesh of this world."""
-    check_options(name, options)
-    rank, _, world_size = env_world()
-    dims = ParallelDims.from_options(name, options, world_size, rank)
-    cls, extra = MeshStrategy, {}
-    if dims.pp > 1:
-        from train.parallel.pipeline_strategy import PipelineStrategy
-
-        cls, extra = PipelineStrategy, {"schedule": options.get("pp_schedule") or "1F1B"}
-    return cls(
-        dims,
-        device,
-        spec,
-        label=name,
-        param_dtype=parse_dtype(options.get("fsdp_param_dtype"), "fsdp_param_dtype"),
-        reduce_dtype=parse_dtype(options.get("fsdp_reduce_dtype", "fp32"), "fsdp_reduce_dtype"),
-        **extra,
-    )
