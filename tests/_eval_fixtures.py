@@ -56,14 +56,12 @@ def _loop(model, opt, stream, rng, T: int, B: int, steps: int) -> None:
 
 
 def shared_trained(tmp_path_factory) -> tuple[Path, Path]:
-    """(artifact, dataset) built once per pytest session and shared by every module that asks."""
-    root = tmp_path_factory.getbasetemp() / "eval-shared"
-    art, data = root / "tiny-trained", root / "pydoc-bytes"
-    if not (art / "model.json").is_file():
-        root.mkdir(exist_ok=True)
-        if not (data / "meta.json").is_file():
-            prepare_bytes_dataset(data)
-        train_tiny(data, art, steps=400)
+    """(artifact, dataset) built once per pytest run, for every module and xdist worker that asks."""
+    from conftest import build_once, run_root
+
+    root = run_root(tmp_path_factory) / "eval-shared"
+    data = build_once(root, "pydoc-bytes", prepare_bytes_dataset)
+    art = build_once(root, "tiny-trained", lambda out: train_tiny(data, out, steps=400))
     return art, data
 
 

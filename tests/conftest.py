@@ -5,7 +5,11 @@ GPT-2 BPE ships inside the package (data/tokenizers), so nothing beside the
 checkout is needed.
 """
 
+import fcntl
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +45,28 @@ def require_extra(module: str, extra: str, minversion: str | None = None):
         if in_ci():
             pytest.fail(f"CI installs every extra, but {module} did not import: {e}", pytrace=False)
         raise
+
+
+def run_root(tmp_path_factory) -> Path:
+    """The directory of this test run that every xdist worker shares (pytest-xdist's documented recipe:
+    each worker's basetemp sits inside the run's); without xdist, the run's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(root: Path, key: str, build: Callable[[Path], None]) -> Path:
+    """root/key, made by build(root/key) (which creates it) once per test run, whichever xdist worker
+    asks first: the others wait on a file lock, then reuse it. A build that failed leaves no marker, so
+    the next asker retries."""
+    root.mkdir(parents=True, exist_ok=True)
+    out, done = root / key, root / f"{key}.done"
+    with open(root / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not done.exists():
+                shutil.rmtree(out, ignore_errors=True)  # a build that failed half-way
+                build(out)
+                done.touch()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return out

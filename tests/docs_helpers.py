@@ -33,7 +33,6 @@ The convention for whoever writes the docs:
   run this test again. test_readme_shows_the_ci_test_command checks that the two agree.
 """
 
-import fcntl
 import hashlib
 import os
 import re
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import build_once, run_root
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -224,30 +224,6 @@ def shows(output: str, shown: list[str]) -> bool:
     """Whether at least one shown output line appears in `output`."""
     got = [ln.strip() for ln in output.splitlines()]
     return any(line_pattern(s).search(g) for s in shown for g in got)
-
-
-def build_once(root: Path, key: str, build) -> Path:
-    """root/key, built by build(path) once per test run whichever xdist worker asks first (a file lock;
-    the others wait for it and reuse it)."""
-    root.mkdir(parents=True, exist_ok=True)
-    out = root / key
-    with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not (out / ".done").exists():
-                shutil.rmtree(out, ignore_errors=True)
-                out.mkdir()
-                build(out)
-                (out / ".done").touch()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return out
-
-
-def run_root(tmp_path_factory) -> Path:
-    """The directory of this test run that every xdist worker shares (pytest-xdist's documented recipe)."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def by_doc() -> dict[str, list[Command]]:

@@ -54,13 +54,14 @@ def one_thread():
 
 
 def prepared_dataset(tmp_path_factory) -> Path:
-    """The embedded pydoc corpus with the bytes tokenizer, prepared once per session (~0.5 s)."""
+    """The embedded pydoc corpus with the bytes tokenizer, prepared once per test run, for every xdist
+    worker (conftest.build_once)."""
+    from conftest import build_once, run_root
+
     from data.prepare import prepare
 
-    out = tmp_path_factory.getbasetemp() / "train-data" / "pydoc-bytes"
-    if not (out / "meta.json").is_file():
-        prepare(out, source="pydoc", tokenizer="bytes", progress=False)
-    return out
+    build = lambda out: prepare(out, source="pydoc", tokenizer="bytes", progress=False)  # noqa: E731
+    return build_once(run_root(tmp_path_factory) / "train-data", "pydoc-bytes", build)
 
 
 def tiny_overrides(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
