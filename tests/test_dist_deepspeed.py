@@ -11,10 +11,11 @@ import math
 import dist_driver as drv
 import pytest
 import torch
+from conftest import require_extra
 
 from model.io import load_model
 
-pytest.importorskip("deepspeed")
+require_extra("deepspeed", "deepspeed")
 pytestmark = pytest.mark.slow
 
 LOSS_TOL = 1e-5  # fp32; only the reduction order differs (measured ~5e-7)

@@ -18,10 +18,11 @@ from pathlib import Path
 import dist_driver as drv
 import pytest
 import torch
+from conftest import require_extra
 
 from train.portable import Portable
 
-pytest.importorskip("deepspeed")
+require_extra("deepspeed", "deepspeed")
 pytestmark = pytest.mark.slow
 
 # fp32: another world size or strategy changes only the floating-point reduction order. Stated

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require_extra
 from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_env, tiny_config, tiny_overrides
 
 from model.io import load_model
@@ -182,7 +183,7 @@ def test_fsdp_sigterm_on_one_rank_then_resume_on_one_rank(data, reference, tmp_p
 
 
 def test_deepspeed_trains_evaluates_and_checkpoints_through_the_loop(data, reference, tmp_path):
-    pytest.importorskip("deepspeed")
+    require_extra("deepspeed", "deepspeed")
     run_dir = tmp_path / "ds"
     torchrun(2, data, run_dir, "parallel.strategy=deepspeed", "parallel.zero_stage=2", EVAL_2, "train.max_steps=4")
     assert_same_curve(metrics(run_dir), reference, 4)

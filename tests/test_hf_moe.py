@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_extra
 
-transformers = pytest.importorskip("transformers")
+transformers = require_extra("transformers", "hf")
 
 from eval.cli import UsageError  # noqa: E402
 from eval.generate import generate_no_cache  # noqa: E402

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_extra
 
 from model import GPT, KVCache, ModelConfig
 from model.gpt import document_ids, document_positions
@@ -270,7 +271,7 @@ def test_hf_export_refuses_what_it_cannot_express(tmp_path, capsys, family, swit
 
 def test_hf_gpt2_relu2_round_trip():
     """relu2 is GPT2Config's activation_function 'relu2' (transformers' ReLUSquaredActivation)."""
-    transformers = pytest.importorskip("transformers")
+    transformers = require_extra("transformers", "hf")
     from model.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
 
     model = tiny(mlp="relu2", doc_mask=True, eot_id=EOT)
@@ -291,7 +292,7 @@ def test_hf_gpt2_relu2_round_trip():
 def test_onnx_full_graph_has_every_switch(tmp_path):
     """The full-sequence ONNX graph computes GPT.forward with all switches, document masking included.
     (The decoder graph is GPT.trunk and GPT.head with the cache path's mask, checked in test_onnx.py.)"""
-    pytest.importorskip("onnxruntime")
+    require_extra("onnxruntime", "onnx")
     from model.onnx_export import export_full, session
 
     model = tiny("modern", doc_mask=True, doc_positions_restart=True, eot_id=EOT, **ALL)

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from conftest import require_extra
 from train_helpers import REPO, TINY, metrics, prepared_dataset
 
 from eval.backends import TorchBackend
@@ -93,7 +94,7 @@ def test_sample_and_evaluate_commands_read_the_checkpoint(trained):
 
 
 def test_the_server_completes_greedily_as_the_reference(trained):
-    pytest.importorskip("fastapi")
+    require_extra("fastapi", "serve")
     from fastapi.testclient import TestClient
 
     from data.tokenizer import get_tokenizer

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 from _eval_fixtures import shared_trained, tiny_random
+from conftest import require_extra
 
-pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+require_extra("onnxruntime", "onnx")
 
 from eval.backends import OnnxBackend, TorchBackend  # noqa: E402
 from eval.export import export_onnx, export_pt2, val_agreement  # noqa: E402

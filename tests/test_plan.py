@@ -22,6 +22,7 @@ from pathlib import Path
 import dist_driver as drv
 import pytest
 import torch
+from conftest import require_extra
 
 from model import GPT
 from train.config import OptimSection, load_config
@@ -75,7 +76,7 @@ def test_fsdp_two_ranks_state_bytes_equal_a_real_run(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_two_ranks_state_bytes_equal_a_real_run(tmp_path, stage):
-    pytest.importorskip("deepspeed")
+    require_extra("deepspeed", "deepspeed")
     got = probe(tmp_path, "deepspeed", {"zero_stage": stage})
     f = state_bytes(meta_model(drv.model_config()), Layout(dp_replicate=2, zero=stage), "float32")
     moments = f.optimizer - f.master
