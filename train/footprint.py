@@ -92,7 +92,7 @@ class Layout:
 class Footprint:
     """Bytes per rank (the most loaded rank: pipeline stage and shard with the most)."""
 
-    params: int
+    params: int  # the rank's weights, and the buffers
     grads: int
     optimizer: int  # moments (+ step counts) and, under DeepSpeed, the fp32 master partition
     master: int  # the DeepSpeed master partition alone (part of optimizer)
@@ -155,7 +155,7 @@ def state_bytes(model: GPT, layout: Layout, dtype: str, optimizer: str = "adamw"
     elems = sum(n for _, _, n in share)
     temps: dict[str, int] = {}
     if layout.zero:
-        return _deepspeed_bytes(share, elems, layout, dtype, accum)
+        return _deepspeed_bytes(share, elems, layout, dtype, accum, buffer_bytes(model))
     muon = set()
     if optimizer == "muon":
         from train.optim import muon_params
@@ -163,7 +163,8 @@ def state_bytes(model: GPT, layout: Layout, dtype: str, optimizer: str = "adamw"
         muon = {id(p) for p in muon_params(model)}
     moments = sum((1 if id(p) in muon else 2) * 4 * n for _, p, n in share)
     steps = 4 * sum(1 for _, p, _ in share if id(p) not in muon)  # AdamW's float32 step per tensor
-    params = grads = 4 * elems  # fp32 master weights and gradients; autocast casts per matmul
+    grads = 4 * elems  # fp32 gradients; autocast casts per matmul
+    params = 4 * elems + buffer_bytes(model)  # fp32 weights, and the buffers (RoPE tables) on every rank
     cbytes = dtype_bytes(dtype)
     if layout.shard > 1:
         # FSDP2 all-gathers one block's parameters in the compute dtype, and prefetches the next.
@@ -176,11 +177,16 @@ def state_bytes(model: GPT, layout: Layout, dtype: str, optimizer: str = "adamw"
     return Footprint(params, grads, moments + steps, 0, 0, temps)
 
 
-def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int) -> Footprint:
+def buffer_bytes(model: GPT) -> int:
+    """Bytes of the model's buffers (the RoPE tables), whole on every rank, in fp32 as built."""
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int, buffers: int) -> Footprint:
     n = layout.dp
     pbytes = 4 if dtype == "float32" else dtype_bytes(dtype)  # the engine casts the module for bf16/fp16
     part = math.ceil(elems / n)
-    params = pbytes * (part if layout.zero == 3 else elems)
+    params = pbytes * (part if layout.zero == 3 else elems) + buffers * pbytes // 4  # buffers cast as the module
     # Reduced gradients: the rank's partition. Stage 1 accumulates full gradients between boundaries.
     # Stage 3's initialize_optimizer_states (deepspeed/runtime/zero/stage3.py) also allocates an fp32
     # gradient buffer of its largest sub-group's *unpartitioned* size (ds_numel; sub_group_size elements
