@@ -29,7 +29,8 @@ from train.config import OptimSection, load_config
 from train.footprint import Layout, activation_bytes, meta_model, state_bytes
 from train.hardware import BY_KEY
 from train.optim import build_optimizer
-from train.plan import main, model_config, preflight_message
+from train.plan import model_config, preflight_message
+from train.plan.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
 SLACK = 4096  # bytes: the optimizer step leaves 1-2 KiB of scalars (norms, flags) beside the state

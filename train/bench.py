@@ -15,7 +15,6 @@ tokens: throughput does not depend on their values, and no dataset is needed.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -30,6 +29,7 @@ from model import GPT, ModelConfig
 from model.cli import run
 from model.dtypes import short
 from train.config import Config, OptimSection, load_config
+from train.dataset import bench_model_config, vocab_size
 from train.device import autocast_ctx, pick_device
 from train.errors import TrainError
 from train.loop import train_step
@@ -119,32 +119,6 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
         # CUDA's allocated peak over the steps (model, optimizer, activations); None on the CPU
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
-
-
-def vocab_size(cfg: Config) -> int:
-    """model.vocab_size, else the config's dataset's or data.mix's shared one (when prepared), else GPT-2's
-    50257. The batches are random tokens, so a dataset that is not there only changes this default."""
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    try:
-        if cfg.data.mix:
-            from data.mixture import mix_meta, parse_mix
-
-            return int(mix_meta(parse_mix(cfg.data.mix)[0])["vocab_size"])
-        from data.shards import read_meta
-
-        return int(read_meta(cfg.data.dir)["vocab_size"])
-    except (OSError, ValueError, KeyError):  # DataError is a ValueError: missing or unreadable meta.json
-        return 50257
-
-
-def bench_model_config(cfg: Config) -> ModelConfig:
-    """cfg.model with the vocabulary filled in (vocab_size's rule) and, under document masking, an
-    <|endoftext|> id: the last id of both tokenizers (bytes 256, GPT-2 50256). Random tokens hit it
-    once in V, so the masked windows hold a document or two, as real text does."""
-    V = vocab_size(cfg)
-    eot = V - 1 if cfg.model.doc_mask and cfg.model.eot_id is None else cfg.model.eot_id
-    return dataclasses.replace(cfg.model, vocab_size=V, eot_id=eot)
 
 
 def model_for_flops(mcfg: ModelConfig) -> GPT:

@@ -256,7 +256,7 @@ class LiveBytes(TorchDispatchMode):
 def step_peak(model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str = "cpu") -> int:
     """Peak live bytes of the tensors that one forward + backward of `model` on idx (B, T) creates,
     the gradients left in .grad excepted: the activation memory of a micro-batch."""
-    from train.loop import autocast_ctx
+    from train.device import autocast_ctx
 
     tracker = LiveBytes()
     # A parameter's gradient is the grads' item, from the moment autograd hands it to the parameter
