@@ -1,6 +1,6 @@
 """The one generation loop: prefill once, then one token per step through a KV cache, sampled by the
 one rule (model/sampling.py). The training log's samples (train/sample.py), eval.sample and eval.bench
-(eval/generate.py, through a backend) drive it; the server's engine (eval/batching.py) runs the same
+(eval/generate.py, through a backend) drive it; the server's engine (eval/serve/batching.py) runs the same
 cache, layout and forward, one row per request.
 
 Prompts of different lengths share a batch by left padding (KVCache's left_pad): every row's last

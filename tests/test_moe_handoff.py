@@ -98,9 +98,9 @@ def test_the_server_completes_greedily_as_the_reference(trained):
     from fastapi.testclient import TestClient
 
     from data.tokenizer import get_tokenizer
-    from eval.batching import Engine
-    from eval.openai_protocol import Server
-    from eval.serve_app import create_app
+    from eval.serve.app import create_app
+    from eval.serve.batching import Engine
+    from eval.serve.protocol import Server
 
     model, _ = load_model(trained[0])
     model.eval()

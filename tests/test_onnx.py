@@ -1,6 +1,8 @@
 """ONNX export: both graphs match torch, int8 keeps the argmax and the loss, ORT generation equals
 torch generation token for token; torch.export (.pt2) round trip."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -98,9 +100,9 @@ def test_doc_mask_decoder_carries_the_document(tmp_path):
     """A doc_mask model's decoder graph takes and returns each row's document: prompts with an
     <|endoftext|> inside (one left-padded) decode through ONNX Runtime, step after step, as the torch
     no-cache forward with the mask does, also through the server's ONNX engine."""
-    from eval.batching import Seq
-    from eval.batching_onnx import OnnxEngine
     from eval.generate import generate_no_cache
+    from eval.serve.batching import Seq
+    from eval.serve.batching_onnx import OnnxEngine
 
     eot = 256
     model, meta = load_model(
@@ -123,7 +125,8 @@ def test_doc_mask_decoder_carries_the_document(tmp_path):
         for s in seqs:
             s.on_finish = lambda s, _r: done.append(s)
         engine.submit(seqs)
-        while len(done) < 2:
+        deadline = time.monotonic() + 120  # a dead engine thread must fail the test, not hang it
+        while len(done) < 2 and engine.thread.is_alive() and time.monotonic() < deadline:
             engine.thread.join(0.05)
     finally:
         engine.stop()
