@@ -54,6 +54,21 @@ HANDLED_FIELDS = frozenset(
         "doc_mask",  # cache_layout: KVCache.doc_start
         "doc_positions_restart",  # cache_layout
         "eot_id",  # cache_layout
+        # mixture of experts (model/moe.py): the block's MLP, the same in every forward; the routing
+        # bias is a buffer of the block
+        "n_experts",
+        "moe_top_k",
+        "n_shared_experts",
+        "moe_every",
+        "moe_first_dense",
+        "moe_hidden",
+        "moe_router",
+        "moe_norm_topk",
+        "moe_route_scale",
+        "moe_aux_loss_coef",  # training only: no aux loss in eval mode
+        "moe_z_loss_coef",  # training only
+        "moe_bias_update_rate",  # training only (after each optimizer step)
+        "moe_grouped_mm",
         "extra",
     }
 )

@@ -1,5 +1,7 @@
 """The GPT itself: shapes, causality, KV cache, presets, padding, training, artifacts."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -172,18 +174,16 @@ def test_flops_per_token_against_an_independent_count(variant):
 
 
 def test_flops_per_token_counts_a_models_active_parameters():
-    """The mixture-of-experts hook: a model that defines num_active_params (the parameters one token
-    passes through) is charged 6 FLOPs per active parameter, not per stored one."""
-
-    class HalfActive(GPT):
-        def num_active_params(self, non_embedding: bool = False) -> int:
-            return self.num_params(non_embedding) // 2
-
-    cfg = tiny("modern")
-    dense, half = GPT(cfg), HalfActive(cfg)
+    """A mixture of experts is charged 6 FLOPs per active parameter (the parameters one token passes
+    through: its top-k routed experts, not all of them), not per stored one."""
+    cfg = dataclasses.replace(tiny("modern"), mlp="swiglu", n_experts=4, moe_top_k=1)
+    moe = GPT(cfg)
     attention = 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * 32
-    assert dense.flops_per_token(32) - attention == 6 * dense.num_params(non_embedding=True)
-    assert half.flops_per_token(32) - attention == 6 * (dense.num_params(non_embedding=True) // 2)
+    stored, active = moe.num_params(non_embedding=True), moe.num_params(non_embedding=True, active=True)
+    # each MoE block stores 4 experts and runs 1: 3 experts' weights per block are not active
+    expert = sum(p.numel() for n, p in moe.named_parameters() if n.endswith(("w_up", "w_down")))
+    assert expert > 0 and stored - active == expert * 3 // 4
+    assert moe.flops_per_token(32) - attention == 6 * active
 
 
 def test_gpt2_init_scales_residual_projections():
