@@ -126,7 +126,9 @@ def test_ddp_skip_decided_together(data, tmp_path, monkeypatch):
     monkeypatch.setenv(SPIKE_ENV, "nan@3:1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
     cmd += ["--config", str(DEBUG_YAML), *tiny_overrides(data, tmp_path, *GUARD, "parallel.strategy=ddp")]
-    proc = subprocess.run(cmd + ["train.max_steps=4"], cwd=REPO, env=python_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        cmd + ["train.max_steps=4"], cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(r["step"], r["skipped"]) for r in metrics(tmp_path) if "skipped" in r] == [(3, "non-finite")]
     w2, w3 = (load_file(ckpt(tmp_path, s) / "model" / "model.safetensors") for s in (2, 3))
