@@ -87,6 +87,7 @@ class TrainState:
     config: dict = field(default_factory=dict)  # the run's resolved config
     artifact_metadata: dict = field(default_factory=dict)  # model/'s metadata, for train.consolidate
     strategy_state: dict = field(default_factory=dict)  # what Strategy.save_state returned on rank 0
+    guard: dict = field(default_factory=dict)  # train/guard.py's SpikeGuard.state_dict(): skips, rollbacks
 
     def to_dict(self) -> dict:
         # not dataclasses.asdict: it would deep-copy the optimizer state
@@ -95,6 +96,8 @@ class TrainState:
     @classmethod
     def from_dict(cls, d: dict, where: Path) -> TrainState:
         names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(d, dict) and names - set(d) == {"guard"}:
+            d = {**d, "guard": {}}  # written before the spike guard existed: nothing was skipped
         if not isinstance(d, dict) or set(d) != names:
             raise TrainError(
                 f"{where} holds a training state of another layout (DCP or DeepSpeed files at the "

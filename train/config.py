@@ -127,6 +127,22 @@ class TrainSection:
     init_from: str | None = None  # a model artifact / checkpoint / run dir: its weights, fresh optimizer
     eval_every: int = 250  # steps between val evaluations (and the last step); 0 = never
     eval_batches: int = 20  # val batches of micro_batch sequences per evaluation (per rank)
+    # seconds without a completed step before the hang watchdog dumps every rank's stacks and exits
+    # non-zero (train/watchdog.py); "auto": 10x the measured step time after warm-up (at least 300 s); "0": off
+    step_timeout_s: str = "1800"
+
+
+@dataclass
+class GuardSection:
+    """Loss spikes and non-finite steps (train/guard.py, docs/training.md "Spikes"). Off: a non-finite
+    loss or gradient stops the run with a clear message."""
+
+    enabled: bool = False  # skip an update whose loss or grad norm is non-finite or an outlier
+    z_threshold: float = 6.0  # skip when the loss's or the grad norm's z-score exceeds this; 0 = non-finite only
+    window: int = 128  # recent accepted steps the z-scores are measured against (llm.c's outlier window)
+    warmup: int = 32  # accepted steps before outliers are judged (non-finite steps always are)
+    rollback_skips: int = 0  # this many skips within rollback_within steps roll back; 0 = never roll back
+    rollback_within: int = 100  # the window, in steps, that rollback_skips counts over
 
 
 @dataclass
@@ -203,6 +219,7 @@ class Config:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    guard: GuardSection = field(default_factory=GuardSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     eval: EvalSection = field(default_factory=EvalSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
@@ -475,6 +492,13 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _nonneg_number(v: Any) -> bool:
+    try:
+        return float(v) >= 0
+    except (TypeError, ValueError):
+        return False
+
+
 def validate(cfg: Config) -> None:
     """Value checks that need no data and no device; the rest are made at start-up."""
     m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
@@ -577,6 +601,16 @@ def validate(cfg: Config) -> None:
         f"{max(1, round(t.tokens_per_step / (cfg.seq_len * t.micro_batch))) * cfg.seq_len * t.micro_batch}",
     )
     _check(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
+    _check(
+        t.step_timeout_s == "auto" or _nonneg_number(t.step_timeout_s),
+        f"train.step_timeout_s must be a number of seconds >= 0 (0 = off) or auto; got {t.step_timeout_s!r}",
+    )
+    g = cfg.guard
+    _check(g.z_threshold >= 0, f"guard.z_threshold must be >= 0 (0 = non-finite only); got {g.z_threshold}")
+    for key, v in (("guard.window", g.window), ("guard.rollback_within", g.rollback_within)):
+        _check(v >= 2, f"{key} must be >= 2; got {v}")
+    for key, v in (("guard.warmup", g.warmup), ("guard.rollback_skips", g.rollback_skips)):
+        _check(v >= 0, f"{key} must be >= 0; got {v}")
     _model(dataclasses.asdict(m))  # the model's own checks, again on the values as they are now
     from train.parallel.dims import check_model
 

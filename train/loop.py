@@ -38,11 +38,12 @@ from model.loss import loss_totals
 from model.moe import after_step, routing_health
 from train import hellaswag
 from train.callbacks import EvalCallback, TrainPruned
-from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume
+from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume, step_of
 from train.config import Config
 from train.dataset import build_model_config, read_dataset_meta
 from train.device import autocast_ctx, cpu_has_fast_bf16, pick_device, resolve_dtype
 from train.errors import TrainError
+from train.guard import SpikeGuard, inject
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
 from train.optim import apply_schedule, build_optimizer
 from train.parallel.build import make_strategy
@@ -52,6 +53,7 @@ from train.plan import preflight_check
 from train.sample import decode, generate
 from train.signals import StopFlag
 from train.strategy import Strategy, StrategySpec
+from train.watchdog import Watchdog, maybe_hang, write_heartbeat
 
 # ----------------------------------------------------------------------------- set-up helpers
 
@@ -63,12 +65,20 @@ def set_seeds(seed: int) -> None:
 
 
 def train_step(
-    strategy: Strategy, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], amp: contextlib.AbstractContextManager
+    strategy: Strategy,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    amp: contextlib.AbstractContextManager,
+    after_backward=None,
+    gate=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches (each x, y: (micro_batch, seq_len) int64).
-    Returns (mean loss over the micro-batches, pre-clip grad norm) as device scalars: no host sync."""
+    Returns (mean loss over the micro-batches, pre-clip grad norm) as device scalars: no host sync.
+    after_backward(): called before the step (the spike tests' hook); gate(loss, norm) -> False skips
+    the optimizer step (train/guard.py)."""
     loss = strategy.forward_backward(micro_batches, amp)
-    norm = strategy.clip_and_step()
+    if after_backward is not None:
+        after_backward()
+    norm = strategy.clip_and_step() if gate is None else strategy.clip_and_step(gate=lambda n: gate(loss, n))
     strategy.zero_grad()
     return loss, norm
 
@@ -85,8 +95,10 @@ class StepMeter:
         self.check_norm = check_norm  # the fp16 scaler skips overflowed steps by design
         self.steps, self.start, self.excluded = 0, time.perf_counter(), 0.0
 
-    def add(self, loss: torch.Tensor, norm: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, norm: torch.Tensor, skipped: bool = False) -> None:
         self.step += 1
+        if skipped:  # train/guard.py skipped its update: logged there, not averaged here
+            return
         finite = torch.isfinite(loss) & torch.isfinite(norm) if self.check_norm else torch.isfinite(loss)
         self.bad_step = torch.where((self.bad_step < 0) & ~finite, self.step, self.bad_step)
         self.loss_sum += loss.float()
@@ -288,6 +300,12 @@ class Trainer:
         self.model, self.optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
         self.amp = autocast_ctx(strategy.device, cfg.train.dtype)
         self.ckpts = CheckpointManager(self.run_dir, strategy, self.mcfg, cfg.checkpoint.keep_last)
+        self.guard = SpikeGuard(cfg.guard) if cfg.guard.enabled else None
+        if self.guard is not None and strategy.name == "deepspeed":
+            raise TrainError(
+                "guard.enabled=true needs a torch-native layout (none / ddp / fsdp / the mesh degrees): "
+                "DeepSpeed's engine steps inside engine.step(); set guard.enabled=false"
+            )
         self.state, resumed_from = self.resume_or_start()
         self.peak_flops, peak_source = device_peak_flops(strategy.device, cfg.train.dtype)
         logging = cfg.logging
@@ -322,6 +340,8 @@ class Trainer:
         else:
             state = self.ckpts.load(resume_from)  # model, optimizer, this rank's RNG
             self.loader.load_state_dict(state.loader)
+            if self.guard is not None:
+                self.guard.load_state_dict(state.guard)
         if strategy.is_main:
             if resume_from is not None:
                 truncate_metrics(self.run_dir, state.step)
@@ -393,17 +413,29 @@ class Trainer:
             disable=not (self.strategy.is_main and cfg.logging.progress_bar and sys.stderr.isatty()),
         )
         self.meter = StepMeter(self.strategy.device, state.step, check_norm=cfg.train.dtype != "float16")
+        self.heartbeat()
+        watchdog = Watchdog(
+            self.run_dir, self.strategy.rank, self.strategy.world_size, cfg.train.step_timeout_s, self.log
+        )
         profiler = self.make_profiler()
         stopped = "done"
-        with StopFlag() as stop, profiler:
+        with StopFlag() as stop, profiler, watchdog:
             while state.step < max_steps:
                 batches = self.loader.next_step()
                 lr = self.set_lr(state.step)
-                loss, norm = train_step(self.strategy, batches, self.amp)
-                after_step(self.model)  # MoE: the routing biases follow this step's load (model/moe.py)
+                loss, norm = train_step(self.strategy, batches, self.amp, *self.step_hooks(state.step + 1))
+                skipped = self.guard is not None and self.guard.last.skip
+                if not skipped:
+                    after_step(self.model)  # MoE: the routing biases follow this step's load (model/moe.py)
                 state.step += 1
                 state.tokens = state.step * cfg.train.tokens_per_step
-                self.meter.add(loss, norm)
+                self.meter.add(loss, norm, skipped)
+                watchdog.beat(state.step)
+                if skipped:
+                    self.record_skip()
+                    if self.guard.wants_rollback():
+                        self.rollback()
+                        continue
                 self.bar.update(1)
                 if cfg.logging.profile_steps > 0:
                     profiler.step()
@@ -415,6 +447,7 @@ class Trainer:
                     self.maybe_sample(last)
                     stopping = self.maybe_stop(stop, last)
                     self.maybe_save(improved, last, stopping)
+                watchdog.beat()  # evaluation, sampling and saving count as progress too
                 if stopping:
                     stopped = signal.Signals(stop.signum).name if stop.signum else "signal on another rank"
                     self.log(
@@ -425,6 +458,66 @@ class Trainer:
         self.bar.close()
         return self.finish(stopped)
 
+    def step_hooks(self, step: int) -> tuple:
+        """(after_backward, gate) for train_step at training step `step` (1-based)."""
+        guard, rank = self.guard, self.strategy.rank
+        data_step = guard.data_step(step) if guard is not None else step
+        hook = lambda: (inject(self.model, rank, data_step), maybe_hang(rank, step))  # noqa: E731 -- test-only
+        gate = (lambda loss, norm: guard.admit(self.strategy, step, loss, norm)) if guard is not None else None
+        return hook, gate
+
+    def record_skip(self) -> None:
+        v, step = self.guard.last, self.state.step
+        self.metrics.write(
+            {
+                "step": step,
+                "skipped": v.reason,
+                "skip_loss": v.loss,
+                "skip_grad_norm": v.norm,
+                "z_loss": v.z_loss,
+                "z_norm": v.z_norm,
+                "skips": self.guard.skips,
+            }
+        )
+        self.log(
+            f"step {step}: update skipped ({v.reason}) | loss {v.loss:.4g} | grad norm {v.norm:.4g} | "
+            f"z loss {v.z_loss:.2f} | z norm {v.z_norm:.2f} | {self.guard.skips} skipped so far"
+        )
+
+    def rollback(self) -> None:
+        """guard.rollback_skips skips within guard.rollback_within steps: reload the newest checkpoint from
+        before the first of them, and keep the loader where it is, so that the data in between is skipped
+        (PaLM, Chowdhery et al. 2022, section 5.1)."""
+        at, first_skip = self.state.step, min(self.guard.recent_skips)
+        ckpts = sorted(
+            (p for p in self.ckpts.root.glob("step_*") if p.is_dir() and (step_of(p) or 0) < first_skip), key=step_of
+        )
+        ckpt = ckpts[-1] if ckpts else self.ckpts.latest()
+        if ckpt is None:
+            raise TrainError(
+                f"guard: {len(self.guard.recent_skips)} skipped updates within {self.cfg.guard.rollback_within} "
+                f"steps at step {at} call for a rollback, but the run has no checkpoint to go back to: set "
+                "checkpoint.every, or guard.rollback_skips=0 to keep skipping"
+            )
+        now = self.loader.state_dict()
+        loaded = self.ckpts.load(ckpt)  # model, optimizer, this rank's RNG; the loader stays
+        for f in dataclasses.fields(loaded):  # in place: the loop holds self.state
+            setattr(self.state, f.name, getattr(loaded, f.name))
+        self.guard.load_state_dict(self.state.guard, history=False)
+        record = self.guard.rolled_back(at, self.state.step, self.state.loader, now)
+        self.metrics.write({"step": at, "rollback": record})
+        w0, w1 = record["windows"]
+        self.log(
+            f"step {at}: rolled back to {ckpt.name} (step {self.state.step}); skipping the data windows "
+            f"[{w0}, {w1}) of epoch {record['epoch']} (the batches of steps {self.state.step + 1}-{at})"
+        )
+        self.meter = StepMeter(self.strategy.device, self.state.step, check_norm=self.meter.check_norm)
+        self.bar.n = self.state.step
+
+    def heartbeat(self) -> None:
+        if self.strategy.is_main:  # train/watchdog.py: what an outside scheduler reads
+            write_heartbeat(self.run_dir, self.state.step, self.strategy.world_size, self.cfg.train.max_steps)
+
     def set_lr(self, step: int) -> float:
         cfg = self.cfg
         return apply_schedule(self.optimizer, step, cfg.optim, cfg.schedule, cfg.train.max_steps)
@@ -434,6 +527,8 @@ class Trainer:
         if not (step % cfg.logging.log_every == 0 or last):
             return
         self.stop_if_nonfinite()
+        if self.meter.steps == 0:  # every step since the last line was skipped (train/guard.py logged each)
+            return
         mean_loss, steps, seconds = self.meter.take()
         tokens_per_s = cfg.train.tokens_per_step * steps / seconds
         record = {
@@ -449,6 +544,7 @@ class Trainer:
             **routing_health(self.model),  # MoE: each block's expert shares, aux losses, bias range
         }
         self.metrics.write(record)
+        self.heartbeat()
         self.log(format_line(record, cfg.train.max_steps))
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
 
@@ -551,6 +647,7 @@ class Trainer:
         self.stop_if_nonfinite()  # never write a non-finite state
         self.state.loader = self.loader.state_dict()
         self.state.config = self.cfg.to_dict()
+        self.state.guard = self.guard.state_dict() if self.guard is not None else {}
         self.state.artifact_metadata = {
             "tokenizer": self.data.meta["tokenizer"],
             "tokenizer_sha256": self.data.meta.get("tokenizer_sha256"),

@@ -13,6 +13,9 @@ Contract, in the order the loop uses it:
     for each step:
         loss = s.forward_backward(micro_batches, amp)  # mean loss of this rank's micro-batches
         norm = s.clip_and_step()                 # clips to spec.grad_clip; device tensor, no host sync
+                                                 # clip_and_step(gate): the torch-native layouts call
+                                                 # gate(norm) before the optimizer step and skip it on
+                                                 # False (train/guard.py); every rank calls the gate
         s.zero_grad()
     s.eval_model()                               # what evaluation and HellaSwag call: model(x[, y])
     saved = s.save_state(state_dir)              # every rank; whatever the strategy needs to resume

@@ -166,12 +166,16 @@ class MeshStrategy(DistributedStrategy):
         loss = loss / self.spec.grad_accum_steps
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def clip_and_step(self) -> torch.Tensor:
+    def clip_and_step(self, gate=None) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = [p for p in self.bare.parameters() if p.grad is not None]
         groups = _by_mesh(params)
         norm = grad_norm(groups)
+        if gate is not None and not gate(norm):  # train/guard.py: skip this update on every rank
+            if self.scaler is not None:
+                self.scaler.update()  # closes the unscale_ above; the scale stays as it was
+            return norm
         if self.spec.grad_clip > 0:
             for group in groups:
                 torch.nn.utils.clip_grads_with_norm_(group, self.spec.grad_clip, norm, foreach=True)

@@ -85,9 +85,11 @@ class PipelineStrategy(MeshStrategy):
         with amp:
             return pipeline_step(self.schedule, micro_batches, self.pp_group)
 
-    def clip_and_step(self) -> torch.Tensor:
+    def clip_and_step(self, gate=None) -> torch.Tensor:
         max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
         norm = clip_grad_norm_(self.bare.parameters(), max_norm, self.pp_group)
+        if gate is not None and not gate(norm):  # train/guard.py: skip this update on every rank
+            return norm
         self.optimizer.step()
         return norm
 
