@@ -211,7 +211,8 @@ class PipelineModel(GPT):
 
     def trunk(self, idx, pos, kv_update=None, attn_mask=None, is_causal=True):
         """The last stage's output on its rank -- the logits (B, T, V), head included, since a stage
-        runs as one module call -- and None on the other ranks."""
+        runs as one module call -- and an empty (B, T, 0) placeholder on the other ranks, which head()
+        replaces by the broadcast logits (callers may slice positions first, as GPT.head's are)."""
         pp, me = self.group.size(), self.group.rank()
         B, T = idx.shape
         local = {m.stage_index: m for m in self.stages}
@@ -226,7 +227,7 @@ class PipelineModel(GPT):
             x = local[s](x, **window)
             if s < self.n_stages - 1:
                 dist.send(x.float().contiguous(), group=self.group, group_dst=(s + 1) % pp)
-        return x if me == last_rank(self.group) else None
+        return x if me == last_rank(self.group) else idx.new_empty(B, T, 0, dtype=torch.float32)
 
     def head(self, logits):
         """Logits (B, T, V) in fp32 on every pp rank: the last stage's (trunk's output there), broadcast."""
