@@ -33,6 +33,7 @@ from data.hellaswag import STYLES as HELLASWAG_STYLES
 from model.config import ModelConfig
 from model.dtypes import CANONICAL
 from train.errors import ConfigError
+from train.parallel.dims import DIMS, check_model
 
 TRAIN_DTYPES = ("auto", *CANONICAL)
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -56,8 +57,31 @@ def _model_section() -> ModelConfig:
     return ModelConfig(**_CONFIG_DEFAULTS["model"])
 
 
+class _Section:
+    """A section of the training config. check() tests the section's own values (one ConfigError naming
+    `section.field`); checks that read two sections sit in _cross_checks. The key names come from the
+    fields: `self._key("lr")` is "optim.lr" in the optim section."""
+
+    def check(self) -> None:
+        """The section's own value checks (none by default)."""
+
+    def _key(self, name: str) -> str:
+        section = next(s for s, cls in _sections().items() if cls is type(self))
+        return f"{section}.{name}"
+
+    def _choose(self, name: str, choices: tuple) -> None:
+        _choice(self._key(name), getattr(self, name), choices)
+
+    def _bound(self, op: str, lo: float, *names: str, allow_null: bool = False) -> None:
+        """Each named field `op` lo (op: '>' or '>='); allow_null: null passes too."""
+        for name in names:
+            v = getattr(self, name)
+            ok = (v is None and allow_null) or (v is not None and (v > lo if op == ">" else v >= lo))
+            _check(ok, f"{self._key(name)} must be {op} {lo}{' or null' if allow_null else ''}; got {v}")
+
+
 @dataclass
-class DataSection:
+class DataSection(_Section):
     dir: str | None = "datasets/pydoc-bytes"  # a directory written by `python -m data.prepare`
     seq_len: int | None = None  # tokens per training sequence; null = model.block_size
     # Instead of dir, a weighted mixture of such directories (data/mixture.py):
@@ -66,9 +90,15 @@ class DataSection:
     # Weights from a step on, e.g. an annealing phase: [{step: 900, weights: {web: 0.3, code: 0.7}}]
     mix_schedule: list[dict] = field(default_factory=list)
 
+    def check(self) -> None:
+        _check(
+            not self.mix_schedule or bool(self.mix),
+            "data.mix_schedule changes the weights of data.mix, which is not set",
+        )
+
 
 @dataclass
-class OptimSection:
+class OptimSection(_Section):
     """AdamW (Loshchilov & Hutter 2019). Defaults: GPT-3 (Brown et al. 2020, appendix B) / nanoGPT.
     Or Muon for the hidden matrices beside AdamW for the rest (train/optim.py; Jordan et al. 2024,
     https://kellerjordan.github.io/posts/muon/; defaults from there and from modded-nanogpt)."""
@@ -98,9 +128,26 @@ class OptimSection:
     # (as train.dtype=auto), else float32 (CPUs without them emulate bf16 matmuls, far slower) | bfloat16 | float32
     muon_ns_dtype: str = "auto"
 
+    def check(self) -> None:
+        self._choose("name", OPTIMIZERS)
+        self._choose("muon_adjust_lr", MUON_ADJUST_LR)
+        self._choose("muon_ns_dtype", ("auto", "bfloat16", "float32"))
+        self._bound(">=", 0, "lr", "weight_decay", "grad_clip", "muon_lr", "muon_weight_decay")
+        self._bound(">=", 0, "muon_momentum_warmup_steps")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1); got {self.betas}",
+        )
+        for name in ("muon_momentum", "muon_momentum_start"):
+            v = getattr(self, name)
+            _check(0 <= v < 1, f"{self._key(name)} must be in [0, 1); got {v}")
+        # torch.optim.Muon refuses 100 or more (its Newton-Schulz loop is meant to be short)
+        n = self.muon_ns_steps
+        _check(1 <= n < 100, f"optim.muon_ns_steps must be in [1, 99]; got {n}")
+
 
 @dataclass
-class ScheduleSection:
+class ScheduleSection(_Section):
     name: str = "cosine"  # cosine | wsd | constant (all after a linear warmup)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * optim.lr (Chinchilla, Hoffmann et al. 2022: 10x decay)
@@ -108,9 +155,18 @@ class ScheduleSection:
     decay_frac: float = 0.2  # wsd: the final fraction of total_steps spent decaying (Hägele et al. 2024)
     wsd_shape: str = "linear"  # wsd decay: linear | 1-sqrt (Hägele et al. 2024 found 1-sqrt slightly better)
 
+    def check(self) -> None:
+        self._choose("name", SCHEDULES)
+        self._choose("wsd_shape", WSD_SHAPES)
+        self._bound(">=", 0, "warmup_steps")
+        for name in ("min_lr_ratio", "decay_frac"):
+            v = getattr(self, name)
+            _check(0 <= v <= 1, f"{self._key(name)} must be in [0, 1]; got {v}")
+        _check(self.total_steps is None or self.total_steps > 0, "schedule.total_steps must be > 0 or null")
+
 
 @dataclass
-class TrainSection:
+class TrainSection(_Section):
     run_dir: str | None = None  # null: runs/<config file name without .yaml>
     max_steps: int = 1000  # optimizer steps
     tokens_per_step: int = 524288  # global batch in tokens; gradient accumulation makes up the rest
@@ -131,9 +187,23 @@ class TrainSection:
     # non-zero (train/watchdog.py); "auto": 10x the measured step time after warm-up (at least 300 s); "0": off
     step_timeout_s: str = "1800"
 
+    def check(self) -> None:
+        self._choose("dtype", TRAIN_DTYPES)
+        _check(
+            re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device) is not None,
+            f"train.device must be auto, cpu, cuda or cuda:N; got {self.device!r}",
+        )
+        self._bound(">", 0, "max_steps", "tokens_per_step", "micro_batch", "eval_batches")
+        self._bound(">=", 0, "eval_every")
+        _check(bool(self.resume), "train.resume must be auto, never or a checkpoint path")
+        _check(
+            self.step_timeout_s == "auto" or _nonneg_number(self.step_timeout_s),
+            f"train.step_timeout_s must be a number of seconds >= 0 (0 = off) or auto; got {self.step_timeout_s!r}",
+        )
+
 
 @dataclass
-class GuardSection:
+class GuardSection(_Section):
     """Loss spikes and non-finite steps (train/guard.py, docs/training.md "Spikes"). Off: a non-finite
     loss or gradient stops the run with a clear message."""
 
@@ -144,17 +214,25 @@ class GuardSection:
     rollback_skips: int = 0  # this many skips within rollback_within steps roll back; 0 = never roll back
     rollback_within: int = 100  # the window, in steps, that rollback_skips counts over
 
+    def check(self) -> None:
+        _check(self.z_threshold >= 0, f"guard.z_threshold must be >= 0 (0 = non-finite only); got {self.z_threshold}")
+        self._bound(">=", 2, "window", "rollback_within")
+        self._bound(">=", 0, "warmup", "rollback_skips")
+
 
 @dataclass
-class CheckpointSection:
+class CheckpointSection(_Section):
     every: int = 1000  # steps between checkpoints; 0 = only the final one (and on SIGTERM)
     keep_last: int = 3  # newest checkpoints kept; 0 = keep all
     keep_best: bool = True  # also save at an eval that improves val loss, and keep that one (`best`)
     save_final: bool = True  # save at the last step
 
+    def check(self) -> None:
+        self._bound(">=", 0, "every", "keep_last")
+
 
 @dataclass
-class LoggingSection:
+class LoggingSection(_Section):
     log_every: int = 10  # steps between console / metrics.jsonl lines (the only host syncs)
     progress_bar: bool = True  # tqdm bar on a terminal
     sample_every: int = 0  # steps between text samples in the log; 0 = never
@@ -168,9 +246,17 @@ class LoggingSection:
     wandb_run_name: str | None = None
     profile_steps: int = 0  # > 0: torch.profiler trace of that many steps (after 3 warm-up steps)
 
+    def check(self) -> None:
+        self._bound(">", 0, "log_every")
+        self._bound(">=", 0, "sample_every", "profile_steps", "sample_tokens", "sample_temperature")
+        _check(
+            self.sample_top_k is None or self.sample_top_k >= 1,
+            f"logging.sample_top_k must be >= 1 or null (all tokens); got {self.sample_top_k}",
+        )
+
 
 @dataclass
-class EvalSection:
+class EvalSection(_Section):
     """Downstream evaluation during training (docs/evaluation.md, "During training"): HellaSwag
     (Zellers et al. 2019) scored by eval/hellaswag_score.py, the same code as `python -m eval.hellaswag`."""
 
@@ -187,9 +273,18 @@ class EvalSection:
     """Examples per forward pass (4 rows each); null = train.micro_batch // 4 (at least 1), so that the
     scoring batch has the training batch's rows (with train.compile, rows are padded to block_size too)."""
 
+    def check(self) -> None:
+        self._choose("hellaswag_style", HELLASWAG_STYLES)
+        self._bound(">=", 0, "hellaswag_every")
+        self._bound(">=", 1, "hellaswag_limit", "hellaswag_batch_size", allow_null=True)
+        _check(
+            bool(self.hellaswag_data.strip()),
+            "eval.hellaswag_data is empty: give a rowanz/hellaswag JSONL file or hf:Rowan/hellaswag",
+        )
+
 
 @dataclass
-class ParallelSection:
+class ParallelSection(_Section):
     """Read by the strategy (train/strategy.py, train/parallel/, train/strategies/). The torch-native
     layout is a device mesh of the degrees below (their product is the world size; one may be -1, "the
     rest"; docs/distributed.md); `strategy` none | ddp | fsdp are shorthands for meshes (ddp: dp_replicate
@@ -209,6 +304,24 @@ class ParallelSection:
     deepspeed_config: str | None = None  # a DeepSpeed JSON config; overrides what we derive
     offload_optimizer: bool = False  # DeepSpeed ZeRO-Offload of the optimizer to CPU
     deepspeed: dict = field(default_factory=dict)  # free-form keys merged into the DeepSpeed config
+
+    def check(self) -> None:
+        self._choose("strategy", STRATEGIES)
+        self._choose("zero_stage", (0, 1, 2, 3))
+        self._choose("pp_schedule", PP_SCHEDULES)
+        for d in DIMS:
+            v = getattr(self, d)
+            _check(isinstance(v, int) and (v >= 1 or v == -1), f"parallel.{d} must be >= 1 or -1 (the rest); got {v!r}")
+        _check(self.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank must be >= 1")
+        mesh = [f"parallel.{d}={getattr(self, d)}" for d in DIMS if d != "dp_replicate" and getattr(self, d) != 1]
+        _check(
+            self.strategy != "deepspeed" or not mesh,
+            f"parallel.strategy=deepspeed is data parallel only (ZeRO), but {', '.join(mesh)} is set: use "
+            "parallel.strategy=fsdp (the torch-native mesh) for tensor, context or pipeline parallel",
+        )
+        for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
+            if getattr(self, name) is not None:
+                self._choose(name, CANONICAL)
 
 
 @dataclass
@@ -473,8 +586,6 @@ def _data_source(cfg: Config, kw: dict[str, dict]) -> None:
         cfg.data.dir = None
     elif cfg.data.dir is None:
         raise ConfigError("no training data: set data.dir to a prepared dataset, or data.mix to a list of them")
-    if cfg.data.mix_schedule and not cfg.data.mix:
-        raise ConfigError("data.mix_schedule changes the weights of data.mix, which is not set")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -500,118 +611,36 @@ def _nonneg_number(v: Any) -> bool:
 
 
 def validate(cfg: Config) -> None:
-    """Value checks that need no data and no device; the rest are made at start-up."""
-    m, t, o, s = cfg.model, cfg.train, cfg.optim, cfg.schedule
-    _choice("train.dtype", t.dtype, TRAIN_DTYPES)
-    _choice("schedule.name", s.name, SCHEDULES)
-    _choice("optim.name", o.name, OPTIMIZERS)
-    _choice("optim.muon_adjust_lr", o.muon_adjust_lr, MUON_ADJUST_LR)
-    _choice("optim.muon_ns_dtype", o.muon_ns_dtype, ("auto", "bfloat16", "float32"))
-    _choice("schedule.wsd_shape", s.wsd_shape, WSD_SHAPES)
-    _choice("parallel.strategy", cfg.parallel.strategy, STRATEGIES)
-    _choice("eval.hellaswag_style", cfg.eval.hellaswag_style, HELLASWAG_STYLES)
-    _choice("parallel.zero_stage", cfg.parallel.zero_stage, (0, 1, 2, 3))
-    _choice("parallel.pp_schedule", cfg.parallel.pp_schedule, PP_SCHEDULES)
-    for d in ("dp_replicate", "dp_shard", "tp", "cp", "pp"):
-        v = getattr(cfg.parallel, d)
-        _check(isinstance(v, int) and (v >= 1 or v == -1), f"parallel.{d} must be >= 1 or -1 (the rest); got {v!r}")
-    _check(cfg.parallel.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank must be >= 1")
-    mesh = [
-        f"parallel.{d}={getattr(cfg.parallel, d)}"
-        for d in ("tp", "cp", "pp", "dp_shard")
-        if getattr(cfg.parallel, d) != 1
-    ]
+    """Value checks that need no data and no device (each section's own, then the cross-section ones);
+    the rest are made at start-up."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if isinstance(section, ModelConfig):
+            _model(dataclasses.asdict(section))  # the model's own checks, again on the values as they are now
+        else:
+            section.check()
+    _cross_checks(cfg)
+
+
+def _cross_checks(cfg: Config) -> None:
+    """What one section asks of another: Muon of the strategy, the sequence of the model and the batch,
+    the mesh degrees of the model."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
     _check(
-        cfg.parallel.strategy != "deepspeed" or not mesh,
-        f"parallel.strategy=deepspeed is data parallel only (ZeRO), but {', '.join(mesh)} is set: use "
-        "parallel.strategy=fsdp (the torch-native mesh) for tensor, context or pipeline parallel",
-    )
-    for k in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
-        if getattr(cfg.parallel, k) is not None:
-            _choice(f"parallel.{k}", getattr(cfg.parallel, k), CANONICAL)
-    _check(
-        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
-        f"train.device must be auto, cpu, cuda or cuda:N; got {t.device!r}",
-    )
-    for key, v in (
-        ("train.max_steps", t.max_steps),
-        ("train.tokens_per_step", t.tokens_per_step),
-        ("train.micro_batch", t.micro_batch),
-        ("train.eval_batches", t.eval_batches),
-        ("logging.log_every", cfg.logging.log_every),
-    ):
-        _check(v > 0, f"{key} must be > 0; got {v}")
-    for key, v in (
-        ("train.eval_every", t.eval_every),
-        ("checkpoint.every", cfg.checkpoint.every),
-        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-        ("schedule.warmup_steps", s.warmup_steps),
-        ("logging.sample_every", cfg.logging.sample_every),
-        ("optim.lr", o.lr),
-        ("optim.weight_decay", o.weight_decay),
-        ("optim.grad_clip", o.grad_clip),
-        ("optim.muon_lr", o.muon_lr),
-        ("optim.muon_weight_decay", o.muon_weight_decay),
-        ("optim.muon_momentum_warmup_steps", o.muon_momentum_warmup_steps),
-        ("logging.profile_steps", cfg.logging.profile_steps),
-        ("logging.sample_tokens", cfg.logging.sample_tokens),
-        ("logging.sample_temperature", cfg.logging.sample_temperature),
-        ("eval.hellaswag_every", cfg.eval.hellaswag_every),
-    ):
-        _check(v >= 0, f"{key} must be >= 0; got {v}")
-    _check(
-        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-        f"optim.betas must be two numbers in [0, 1); got {o.betas}",
-    )
-    for key, v in (("optim.muon_momentum", o.muon_momentum), ("optim.muon_momentum_start", o.muon_momentum_start)):
-        _check(0 <= v < 1, f"{key} must be in [0, 1); got {v}")
-    # torch.optim.Muon refuses 100 or more (its Newton-Schulz loop is meant to be short)
-    _check(1 <= o.muon_ns_steps < 100, f"optim.muon_ns_steps must be in [1, 99]; got {o.muon_ns_steps}")
-    _check(
-        o.name != "muon" or cfg.parallel.strategy in MUON_STRATEGIES,
-        f"optim.name=muon is not supported under parallel.strategy={cfg.parallel.strategy}: "
-        f"{_MUON_REFUSED.get(cfg.parallel.strategy, 'its optimizer does not see whole matrices')}, and Muon's "
+        cfg.optim.name != "muon" or p.strategy in MUON_STRATEGIES,
+        f"optim.name=muon is not supported under parallel.strategy={p.strategy}: "
+        f"{_MUON_REFUSED.get(p.strategy, 'its optimizer does not see whole matrices')}, and Muon's "
         "Newton-Schulz step needs each weight matrix whole; use parallel.strategy=ddp or fsdp (or none), "
         "or optim.name=adamw",
     )
     _check(
-        cfg.logging.sample_top_k is None or cfg.logging.sample_top_k >= 1,
-        f"logging.sample_top_k must be >= 1 or null (all tokens); got {cfg.logging.sample_top_k}",
-    )
-    for key, v in (
-        ("eval.hellaswag_limit", cfg.eval.hellaswag_limit),
-        ("eval.hellaswag_batch_size", cfg.eval.hellaswag_batch_size),
-    ):
-        _check(v is None or v >= 1, f"{key} must be >= 1 or null; got {v}")
-    _check(
-        bool(cfg.eval.hellaswag_data.strip()),
-        "eval.hellaswag_data is empty: give a rowanz/hellaswag JSONL file or hf:Rowan/hellaswag",
-    )
-    _check(0 <= s.min_lr_ratio <= 1, f"schedule.min_lr_ratio must be in [0, 1]; got {s.min_lr_ratio}")
-    _check(0 <= s.decay_frac <= 1, f"schedule.decay_frac must be in [0, 1]; got {s.decay_frac}")
-    _check(s.total_steps is None or s.total_steps > 0, "schedule.total_steps must be > 0 or null")
-    _check(
         cfg.seq_len <= m.block_size,
         f"data.seq_len ({cfg.seq_len}) exceeds model.block_size ({m.block_size}); lower it or raise block_size",
     )
+    rows = cfg.seq_len * t.micro_batch
     _check(
-        t.tokens_per_step % (cfg.seq_len * t.micro_batch) == 0,
+        t.tokens_per_step % rows == 0,
         f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of seq_len * micro_batch "
-        f"({cfg.seq_len} * {t.micro_batch} = {cfg.seq_len * t.micro_batch}); e.g. "
-        f"{max(1, round(t.tokens_per_step / (cfg.seq_len * t.micro_batch))) * cfg.seq_len * t.micro_batch}",
+        f"({cfg.seq_len} * {t.micro_batch} = {rows}); e.g. {max(1, round(t.tokens_per_step / rows)) * rows}",
     )
-    _check(bool(t.resume), "train.resume must be auto, never or a checkpoint path")
-    _check(
-        t.step_timeout_s == "auto" or _nonneg_number(t.step_timeout_s),
-        f"train.step_timeout_s must be a number of seconds >= 0 (0 = off) or auto; got {t.step_timeout_s!r}",
-    )
-    g = cfg.guard
-    _check(g.z_threshold >= 0, f"guard.z_threshold must be >= 0 (0 = non-finite only); got {g.z_threshold}")
-    for key, v in (("guard.window", g.window), ("guard.rollback_within", g.rollback_within)):
-        _check(v >= 2, f"{key} must be >= 2; got {v}")
-    for key, v in (("guard.warmup", g.warmup), ("guard.rollback_skips", g.rollback_skips)):
-        _check(v >= 0, f"{key} must be >= 0; got {v}")
-    _model(dataclasses.asdict(m))  # the model's own checks, again on the values as they are now
-    from train.parallel.dims import check_model
-
-    check_model(cfg.parallel, m, cfg.seq_len)  # what the mesh degrees ask of the model (MeshError: a ConfigError)
+    check_model(p, m, cfg.seq_len)  # what the mesh degrees ask of the model (MeshError: a ConfigError)
