@@ -34,8 +34,9 @@ class Backend:
         """tokens (B, T) int64, left_pad (B,) -> logits of the last position (B, V); room for max_len."""
         raise NotImplementedError
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, 1) int64, the next token of every row -> logits (B, V)."""
+    def decode(self, tokens: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, 1) int64, the next token of every row -> logits (B, V); slot (B,): each row's cache
+        slot, None: the batch's next (model.generation.Decoder)."""
         raise NotImplementedError
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -163,9 +164,11 @@ class OnnxBackend(Backend):
         self.pos = T
         return torch.from_numpy(logits[:, -1])  # (B, V)
 
-    def decode(self, tokens):
-        logits, self.past, self.doc = self.run(tokens.cpu().numpy(), self.pos - self.pad, self.past, self.doc)
-        self.pos += 1
+    def decode(self, tokens, slot=None):
+        at = self.pos if slot is None else slot.cpu().numpy()
+        logits, self.past, self.doc = self.run(tokens.cpu().numpy(), at - self.pad, self.past, self.doc)
+        if slot is None:
+            self.pos += 1
         return torch.from_numpy(logits[:, -1])  # (B, V)
 
     def forward(self, idx):

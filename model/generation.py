@@ -1,7 +1,8 @@
 """The one generation loop: prefill once, then one token per step through a KV cache, sampled by the
 one rule (model/sampling.py). The training log's samples (train/sample.py), eval.sample and eval.bench
-(eval/generate.py, through a backend) drive it; the server's engine (eval/serve/batching.py) runs the same
-cache, layout and forward, one row per request.
+(eval/generate.py, through a backend) drive `generate`; the server's engine (eval/serve/batching.py)
+drives the same step: `decode_next` (one batched decode step over the running rows, each row's next
+token by its Sampling) after `prefill_row` (one prompt into a free row of the decoder's cache).
 
 Prompts of different lengths share a batch by left padding (KVCache's left_pad): every row's last
 prompt token sits in the same slot, so one decode step serves all rows.
@@ -17,6 +18,7 @@ tokens, and sampling never moves the global RNG (a training run's exact resume d
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -86,9 +88,70 @@ class Decoder(Protocol):
         """tokens (B, T) int64, left_pad (B,) -> logits of the last position (B, V); room for max_len."""
         ...
 
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, 1) int64, the next token of every row -> logits (B, V)."""
+    def decode(self, tokens: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (n, 1) int64, the next token of rows [0, n) -> logits (n, V). slot (n,): the cache slot
+        of each row (continuous batching); None: every row at the batch's next slot."""
         ...
+
+
+class RowDecoder(Decoder, Protocol):
+    """A Decoder whose rows are sequences that come and go (the server's continuous batching): rows
+    [0, n) run, each at its own slot; a leaving row's place goes to the last row, so rows stay packed."""
+
+    vocab_size: int
+
+    def open_rows(self, rows: int) -> None:
+        """Room for `rows` sequences of the full context."""
+        ...
+
+    def prefill_row(self, row: int, prompt: Sequence[int], all_positions: bool) -> torch.Tensor:
+        """One prompt alone into row `row` (the first free one) -> float logits (T, V), or (1, V) of the
+        last position unless all_positions."""
+        ...
+
+    def drop_row(self, row: int, lengths: Sequence[int]) -> None:
+        """Row `row` leaves; the last row, of lengths[-1] written slots, takes its place (lengths: each
+        running row's written slots, before the drop)."""
+        ...
+
+
+@dataclass
+class Sampling:
+    """One rule's settings and the generator its draws come from (model/sampling.py)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def seeded(cls, temperature: float, top_k: int | None, top_p: float | None, seed: int | None) -> Sampling:
+        """A generator seeded with `seed` (a fresh random seed when None); greedy decoding draws nothing."""
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(seed if seed is not None else int(torch.seed()))
+        return cls(temperature, top_k, top_p, gen)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) -> next tokens (B,)."""
+        return sample_next(logits, self.temperature, self.top_k, self.top_p, self.generator)
+
+
+def choose(logits: torch.Tensor, rules: Sampling | Sequence[Sampling]) -> torch.Tensor:
+    """logits (n, V) -> next tokens (n,): one rule for every row (one draw over the batch), or one per row."""
+    if isinstance(rules, Sampling):
+        return rules(logits)
+    return torch.cat([rule(logits[i : i + 1]) for i, rule in enumerate(rules)])
+
+
+def decode_next(
+    decoder: Decoder, tokens: torch.Tensor, rules: Sampling | Sequence[Sampling], slot: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one decode step: feed tokens (n,) of rows [0, n) (at slot (n,) each, or the batch's next
+    slot) and choose each row's next token -> (next tokens (n,), float logits (n, V) on the CPU)."""
+    logits = decoder.decode(tokens[:, None], slot).cpu()
+    return choose(logits, rules), logits
 
 
 def decode_step(model: GPT, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -115,7 +178,8 @@ class CachedDecoder:
         # int8 models keep their weights in buffers; their few float parameters, activations and cache are fp32.
         self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         self.cache: KVCache | None = None
-        self.pos = 0  # the slot the next token is written at
+        self.rows_total = 0  # the cache's rows
+        self.pos = 0  # the slot the next token is written at (generate's batch: every row at once)
         self.compiled = compile
         self._step = torch.compile(decode_step, dynamic=False) if compile else None
 
@@ -127,21 +191,44 @@ class CachedDecoder:
         self.cache = KVCache(
             self.model.config, B, max_len, self.device, self.dtype, left_pad=left_pad, static=self.compiled
         )
-        h = self.model.cached_trunk(tokens.to(self.device), self.cache, 0)  # (B, T, C)
-        logits = self.model.head(h[:, -1:])[:, -1]  # (B, V): the head on the last position only
+        self.rows_total = B
         self.pos = T
-        return logits.float()
+        return self._prefill(tokens, self.cache, False)[:, -1]
+
+    def _prefill(self, tokens: torch.Tensor, cache: KVCache, all_positions: bool) -> torch.Tensor:
+        """tokens (B, T) from slot 0 of cache -> float logits (B, T, V), or (B, 1, V) of the last position."""
+        h = self.model.cached_trunk(tokens.to(self.device), cache, 0)  # (B, T, C)
+        return self.model.head(h if all_positions else h[:, -1:]).float()  # the head on what is asked only
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
         tokens = tokens.to(self.device)
-        if self._step is not None:
-            slot = torch.full((tokens.shape[0],), self.pos, device=self.device)  # (B,)
-            logits = self._step(self.model, tokens, slot, self.cache)
+        n = tokens.shape[0]
+        cache = self.cache if n == self.rows_total else self.cache.rows(0, n)
+        if slot is not None:
+            at: int | torch.Tensor = slot.to(self.device)
+        elif self._step is not None:
+            at = torch.full((n,), self.pos, device=self.device)  # (n,): a tensor, so one graph serves every slot
         else:
-            logits = self.model(tokens, kv_cache=self.cache, start_pos=self.pos)[:, -1]  # (B, V)
-        self.pos += 1
-        return logits.float()
+            at = self.pos
+        if slot is None:
+            self.pos += 1
+        return (self._step or decode_step)(self.model, tokens, at, cache).float()
+
+    def open_rows(self, rows: int) -> None:
+        self.cache = KVCache(self.model.config, rows, self.block_size, self.device, self.dtype)
+        self.rows_total = rows
+
+    @torch.inference_mode()
+    def prefill_row(self, row: int, prompt: Sequence[int], all_positions: bool = False) -> torch.Tensor:
+        cache = self.cache.rows(row, row + 1)
+        cache.reset_row(0)
+        return self._prefill(torch.tensor([list(prompt)]), cache, all_positions)[0]
+
+    def drop_row(self, row: int, lengths: Sequence[int]) -> None:
+        last = len(lengths) - 1
+        if row != last:
+            self.cache.move_row(last, row, lengths[last])
 
 
 def left_pad_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,18 +287,16 @@ def generate(
     keep = ctx // 2 if keep is None else keep
     if not 1 <= keep < ctx:
         raise GenerationError(f"the tokens kept past the context must be in [1, {ctx}), got {keep}")
-    gen = torch.Generator()
-    gen.manual_seed(seed if seed is not None else int(torch.seed()))
+    rule = Sampling.seeded(temperature, top_k, top_p, seed)  # one generator: the batch's draws in one call
     out: list[list[int]] = [[] for _ in range(B)]
     if max_new_tokens == 0:
         return out
     stop = set(stop_ids)
     done = [False] * B
-    logits = decoder.prefill(tokens, left_pad, min(T + max_new_tokens, ctx)).cpu()  # (B, V)
+    nxt = choose(decoder.prefill(tokens, left_pad, min(T + max_new_tokens, ctx)).cpu(), rule)  # (B,)
     length = T  # tokens in the cache (padded columns included)
     recent = tokens  # (B, <= ctx): the columns a crop keeps from; grows by one per step
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, gen)  # (B,)
         for b, tok in enumerate(nxt.tolist()):
             if done[b]:
                 continue
@@ -225,7 +310,7 @@ def generate(
             break
         recent = torch.cat([recent[:, -(ctx - 1) :], nxt[:, None]], dim=1)  # cheap: at most ctx columns
         if length < ctx:
-            logits = decoder.decode(nxt[:, None]).cpu()  # finished rows keep decoding; their tokens are dropped
+            nxt, _ = decode_next(decoder, nxt, rule)  # finished rows keep decoding; their tokens are dropped
             length += 1
             continue
         # The cache is full: prefill the last `keep` columns again; a row shorter than that keeps
@@ -233,6 +318,6 @@ def generate(
         dropped = length + 1 - keep
         left_pad = (left_pad - dropped).clamp_min(0)
         left = max_new_tokens - 1 - step  # tokens still to sample, each but the last fed back
-        logits = decoder.prefill(recent[:, -keep:], left_pad, min(keep + left, ctx)).cpu()
+        nxt = choose(decoder.prefill(recent[:, -keep:], left_pad, min(keep + left, ctx)).cpu(), rule)
         length = keep
     return out

@@ -1,20 +1,20 @@
 """Continuous batching on the GPT's KV cache: sequences join and leave the running batch between steps.
 
-Every running sequence owns one row of a model.KVCache preallocated for `max_batch` rows of the
-full context. Each loop of the engine thread first prefills the sequences that are waiting (one at
-a time, into free rows: a new request never waits for the running ones to finish), then runs one
-decode step for all running rows at once, each at its own slot (GPT's cached forward with a per-row
-start_pos: the positions and masks of model.gpt.cache_layout, the ones generation uses). Rows are kept packed in
-[0, n): when a sequence leaves, the last row's cache moves into its place, so a step works on
-slices of the cache, never on a gathered copy.
+Every running sequence owns one row of a decoder (model.generation's RowDecoder: the GPT's
+CachedDecoder, or the ONNX decoder of eval/serve/batching_onnx.py) with room for `max_batch` rows of
+the full context. Each loop of the engine thread first prefills the sequences that are waiting (one
+at a time, into free rows: a new request never waits for the running ones to finish), then runs the
+one decode step of model/generation.py (decode_next) for all running rows at once, each at its own
+slot (the positions and masks of model.gpt.cache_layout, the ones `generate` uses). Rows are kept
+packed in [0, n): when a sequence leaves, the last row's cache moves into its place, so a step works
+on slices of the cache, never on a gathered copy.
 
 The decode step always takes the same path whatever the batch holds (a per-row mask over the
 written part of the cache), and a prefill always runs one sequence alone, so what a greedy request
 gets does not depend on its neighbours (tests/test_serve.py checks 16 concurrent == each alone).
 Sampling is per sequence: its own temperature / top-k / top-p and its own seeded generator.
 
-Engine is the scheduler plus four model operations on the torch GPT (_forward_prefill, _admit,
-_forward_decode, _drop_row); eval/serve/batching_onnx.py implements the same four on the ONNX decoder.
+Engine is the scheduler only: which sequences join, step and leave; the decoder runs the model.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from eval.cli import UsageError
-from model import GPT, KVCache
-from model.sampling import sample_next  # the one sampling rule
+from model.generation import CachedDecoder, RowDecoder, Sampling, choose, decode_next
 
 # on_token(seq, token, logprob) -> True when the sequence is finished (a stop string in its text).
 # logprob is None unless the sequence asked for logprobs: (chosen log-prob, [(token, log-prob)] top-k).
@@ -73,10 +72,7 @@ class Seq:
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.stop_ids = frozenset(stop_ids)
         self.on_token, self.on_finish, self.on_prompt_logprobs = on_token, on_finish, on_prompt_logprobs
-        self.generator = None
-        if temperature > 0:
-            self.generator = torch.Generator()
-            self.generator.manual_seed(seed if seed is not None else int(torch.seed()))
+        self.sampling = Sampling.seeded(temperature, top_k, top_p, seed)
         self.tokens: list[int] = []  # generated so far
         self.pos = 0  # cache index of the next token to feed
         self.next_token = -1
@@ -92,21 +88,19 @@ class Seq:
 class Engine:
     """The scheduler and its thread. submit() from any thread; results arrive through each Seq's callbacks."""
 
-    def __init__(self, model: GPT, max_batch: int = 16, max_queue: int = 256, prefills_per_step: int = 4):
-        cfg = model.config
-        self._setup(cfg.block_size, cfg.vocab_size, max_batch, max_queue, prefills_per_step)
-        self.model = model.eval()
-        p = next(iter(model.parameters()), None)
-        self.device = p.device if p is not None else torch.device("cpu")
-        # int8 models have (almost) no float parameters: their activations, and so the cache, are fp32.
-        dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-        self.cache = KVCache(cfg, max_batch, cfg.block_size, device=self.device, dtype=dtype)
-
-    def _setup(self, block_size: int, vocab_size: int, max_batch: int, max_queue: int, prefills_per_step: int):
-        """What every engine has, whatever runs the model."""
+    def __init__(
+        self,
+        model: torch.nn.Module | RowDecoder,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        prefills_per_step: int = 4,
+    ):
+        """model: a GPT (run by a CachedDecoder), or any RowDecoder."""
         if max_batch < 1 or max_queue < 0:
             raise UsageError(f"--max-batch must be >= 1 and --max-queue >= 0 (got {max_batch}, {max_queue})")
-        self.block_size, self.vocab_size = block_size, vocab_size
+        self.decoder = CachedDecoder(model.eval()) if isinstance(model, torch.nn.Module) else model
+        self.decoder.open_rows(max_batch)
+        self.block_size, self.vocab_size = self.decoder.block_size, self.decoder.vocab_size
         self.max_batch, self.max_queue = max_batch, max_queue
         # Several waiting prompts are prefilled per step when rows are free, but not all: a burst of
         # new requests delays the running ones by a bounded amount.
@@ -213,7 +207,8 @@ class Engine:
         T = len(seq.prompt)
         if T == 0 or T + seq.max_tokens > self.block_size:  # the server checks first; this is a bug guard
             raise ValueError(f"sequence of {T} + {seq.max_tokens} tokens does not fit {self.block_size}")
-        logits = self._forward_prefill(seq.prompt, seq.prompt_logprobs)  # (T or 1, V): t predicts t + 1
+        row = len(self.rows)
+        logits = self.decoder.prefill_row(row, seq.prompt, seq.prompt_logprobs)  # (T or 1, V): t predicts t + 1
         self.sequences_total += 1
         self.prompt_tokens_total += T
         if seq.prompt_logprobs:
@@ -222,61 +217,31 @@ class Engine:
             if seq.on_prompt_logprobs is not None:
                 seq.on_prompt_logprobs(seq, lps)
         seq.pos = T
+        self.rows.append(seq)  # seq takes the row its prefill wrote
         if seq.max_tokens == 0:
-            self._finish(seq, "length")
+            self._leave(row, "length")
             return
-        self._admit(seq)
-        if self._emit(seq, logits[-1]):
-            self._leave(len(self.rows) - 1, seq.finish_reason)
+        last = logits[-1:].cpu()  # (1, V)
+        if self._emit(seq, int(choose(last, seq.sampling)[0]), last[0]):
+            self._leave(row, seq.finish_reason)
 
     def _decode(self) -> None:
         n = len(self.rows)
-        logits = self._forward_decode()  # (n, V)
+        tokens = torch.tensor([s.next_token for s in self.rows])  # (n,)
+        slot = torch.tensor([s.pos for s in self.rows])  # (n,): each row at its own length
+        nxt, logits = decode_next(self.decoder, tokens, [s.sampling for s in self.rows], slot)  # (n,), (n, V)
         self.steps_total += 1
         self.occupancy_sum += n
         for s in self.rows:
             s.pos += 1
-        done = [i for i, s in enumerate(self.rows) if self._emit(s, logits[i])]
+        done = [
+            i for i, (s, tok) in enumerate(zip(self.rows, nxt.tolist(), strict=True)) if self._emit(s, tok, logits[i])
+        ]
         for i in reversed(done):
             self._leave(i, self.rows[i].finish_reason)
 
-    # ------------------------------------------- the model's side (torch here; eval/serve/batching_onnx.py)
-    def _forward_prefill(self, prompt: list[int], all_positions: bool) -> torch.Tensor:
-        """Run one prompt alone into the next free row's cache -> float logits (T, V) or (1, V)."""
-        row = len(self.rows)
-        cache = self.cache.rows(row, row + 1)
-        cache.reset_row(0)
-        idx = torch.tensor([prompt], device=self.device)  # (1, T)
-        h = self.model.cached_trunk(idx, cache, 0)  # (1, T, C)
-        return self.model.head(h if all_positions else h[:, -1:])[0].float()
-
-    def _admit(self, seq: Seq) -> None:
-        """seq takes the row its prefill wrote."""
-        self.rows.append(seq)
-
-    def _forward_decode(self) -> torch.Tensor:
-        """One token for every running row, each at its own slot -> float logits (n, V)."""
-        n = len(self.rows)
-        tokens = torch.tensor([[s.next_token] for s in self.rows], device=self.device)  # (n, 1)
-        slot = torch.tensor([s.pos for s in self.rows], device=self.device)  # (n,)
-        h = self.model.cached_trunk(tokens, self.cache.rows(0, n), slot)  # (n, 1, C)
-        return self.model.head(h)[:, -1].float()  # (n, V)
-
-    def _drop_row(self, i: int) -> None:
-        """Row i leaves; the last row moves into it (its cache up to its length), keeping rows packed."""
-        last = len(self.rows) - 1
-        if i != last:
-            moved = self.rows[last]
-            self.cache.move_row(last, i, moved.pos)
-            self.rows[i] = moved
-        self.rows.pop()
-
-    def _emit(self, seq: Seq, logits: torch.Tensor) -> bool:
-        """Choose seq's next token from logits (V,), report it; True when seq is finished."""
-        if seq.temperature == 0:
-            tok = int(logits.argmax())
-        else:
-            tok = int(sample_next(logits[None], seq.temperature, seq.top_k, seq.top_p, seq.generator)[0])
+    def _emit(self, seq: Seq, tok: int, logits: torch.Tensor) -> bool:
+        """Report seq's next token tok, chosen from logits (V,); True when seq is finished."""
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
             self.ttft_sum += seq.first_token_at - seq.submitted
@@ -298,7 +263,9 @@ class Engine:
 
     def _leave(self, i: int, reason: str | None) -> None:
         seq = self.rows[i]
-        self._drop_row(i)
+        self.decoder.drop_row(i, [s.pos for s in self.rows])
+        self.rows[i] = self.rows[-1]
+        self.rows.pop()
         self._finish(seq, reason or "stop")
 
     def _finish(self, seq: Seq, reason: str) -> None:
