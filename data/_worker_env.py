@@ -1,4 +1,4 @@
-"""Imported first by the forkserver of data.prepare's worker processes, and by nothing else.
+"""Imported first by the forkserver of data.prepare's worker processes (data/encode_files.py), and by nothing else.
 
 The workers only read rows and tokenize them; they never hand tensors to torch. Without this, `datasets`
 imports torch (seconds) in every worker at its first streaming dataset, to look for DataLoader workers.

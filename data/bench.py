@@ -64,11 +64,11 @@ def run_prepare_child(source: str, out: str, tokenizer: str, workers: int | None
     os.environ.setdefault("USE_TORCH", "0")  # as the CLI does: datasets need not import torch
     import datasets  # noqa: F401  (imported before the clock starts: a one-off cost, not throughput)
 
-    import data.prepare
+    import data.encode_files
     from data.prepare import prepare
 
     if per_file:
-        data.prepare._PARALLEL_MIN_BYTES = 0
+        data.encode_files._PARALLEL_MIN_BYTES = 0
 
     started, cpu = time.perf_counter(), tree_cpu_seconds()
     meta = prepare(out, source=source, tokenizer=tokenizer, workers=workers, progress=False)

@@ -4,11 +4,11 @@
     python -m data.prepare --source 'corpus/**/*.jsonl' --text-field content --tokenizer gpt2
     python -m data.prepare --source hf:HuggingFaceFW/fineweb-edu --hf-config sample-10BT --out datasets/edu
 
-Documents are tokenized in parallel by a pool of threads (tiktoken releases the GIL while it encodes), or,
-for a large source of several files (a sharded hub dataset), by a process per file (see _write_shards_parallel),
-each one prefixed by <|endoftext|> as llm.c does, and streamed to disk: at most a few batches of
-documents are in flight, so memory does not grow with the corpus. The first --val-tokens tokens become
-the val shards (default: min(10,485,760, 10% of the corpus)), the rest the train shards.
+Documents are tokenized in parallel by a pool of threads (data/encode.py), or, for a large source of
+several files (a sharded hub dataset), by a process per file (data/encode_files.py), each one prefixed by
+<|endoftext|> as llm.c does, and streamed to disk: at most a few batches of documents are in flight, so
+memory does not grow with the corpus. The first --val-tokens tokens become the val shards (default:
+min(10,485,760, 10% of the corpus)), the rest the train shards.
 
 Everything is written into a hidden temporary directory beside --out, meta.json last, and published
 by model.files.atomic_dir: an interrupted run leaves no dataset behind, and an existing dataset is
@@ -21,21 +21,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import multiprocessing
 import os
 import shlex
 import sys
-import threading
 import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-import tiktoken
-from tqdm import tqdm
-
+from data.encode import write_shards
+from data.encode_files import remote_hub, start_worker_server, worth_processes, write_shards_files
 from data.errors import DataError
 from data.shards import MAX_SHARD_TOKENS, META_NAME, SHARD_RE, dtype_name, token_dtype
 from data.sources import (
@@ -43,24 +37,15 @@ from data.sources import (
     PYDOC,
     TXT_MODES,
     exit_after_streaming,
-    local_files,
     open_source,
-    part_documents,
     source_parts,
     source_slug,
 )
 from data.tokenizer import get_tokenizer, tokenizer_record
-from data.writer import ShardWriter, SplitRouter
 from model.cli import run
 from model.files import atomic_dir, recover
 
 DEFAULT_SHARD_TOKENS = 100_000_000
-_BATCH_CHARS = 1 << 17  # characters per tokenization task: large enough to amortize the hand-off
-_BATCH_DOCS = 1024
-_SPOOL_NAME = "stream.spool"
-_SPOOL_READ_TOKENS = 1 << 22  # tokens of a worker's spool routed at a time (8 MB of uint16)
-_HEAD_START_FILES = None  # files the main process may tokenize while the workers start (None: no limit)
-_PARALLEL_MIN_BYTES = 32 << 20  # a multi-file source this large is read by a process per file
 
 
 def prepare(
@@ -96,9 +81,9 @@ def prepare(
     recover(out)  # a dataset that a killed --force had moved aside goes back before it is looked at
     _check_out(out, force)
     # a source of several files is read and tokenized by processes, one file each
-    parallel = isinstance(source, str) and workers > 1 and txt_mode in TXT_MODES and _worth_processes(source)
-    if parallel and not _remote_hub(source):  # (a remote one may yet be unreachable: no server for nothing)
-        _start_worker_server()  # its imports run while this process loads the tokenizer and resolves the source
+    parallel = isinstance(source, str) and workers > 1 and txt_mode in TXT_MODES and worth_processes(source)
+    if parallel and not remote_hub(source):  # (a remote one may yet be unreachable: no server for nothing)
+        start_worker_server()  # its imports run while this process loads the tokenizer and resolves the source
     enc = get_tokenizer(tokenizer)
     spec, spec_sha = tokenizer_record(tokenizer)
     parts = None
@@ -116,11 +101,11 @@ def prepare(
     started = time.perf_counter()
     with atomic_dir(out, overwrite=True) as tmp:  # _check_out allowed replacing what is there
         if parts is not None:
-            shards, n_docs = _write_shards_parallel(
+            shards, n_docs = write_shards_files(
                 parts, tokenizer, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress, max_documents
             )
         else:
-            shards, n_docs = _write_shards(
+            shards, n_docs = write_shards(
                 docs, enc, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress
             )
         train = sum(s["tokens"] for s in shards if s["split"] == "train")
@@ -157,266 +142,6 @@ def prepare(
             file=sys.stderr,
         )
     return meta
-
-
-def encode_documents(enc: tiktoken.Encoding, texts: list[str], dtype: np.dtype) -> np.ndarray:
-    """The tokens of `texts`, each document prefixed by <|endoftext|> (llm.c's convention), as one array.
-
-    Special-token text inside a document is encoded as ordinary text, so the only eot ids in a dataset
-    are the delimiters.
-    """
-    encoded = [_encode_ordinary(enc, text) for text in texts]
-    tokens = np.empty(len(texts) + sum(len(e) for e in encoded), dtype=dtype)  # (n_tokens,)
-    pos = 0
-    for e in encoded:
-        tokens[pos] = enc.eot_token
-        tokens[pos + 1 : pos + 1 + len(e)] = e
-        pos += 1 + len(e)
-    return tokens
-
-
-def _encode_ordinary(enc: tiktoken.Encoding, text: str) -> np.ndarray:
-    # encode_to_numpy skips building a Python int per token; with nothing allowed or disallowed it is
-    # encode_ordinary. Lone surrogates (from JSON escapes) are replaced as encode_ordinary does.
-    try:
-        return enc.encode_to_numpy(text, disallowed_special=())
-    except UnicodeEncodeError:
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        return enc.encode_to_numpy(text, disallowed_special=())
-
-
-def _write_shards(
-    docs: Iterator[str],
-    enc: tiktoken.Encoding,
-    directory: Path,
-    prefix: str,
-    shard_tokens: int,
-    val_tokens: int | None,
-    workers: int,
-    progress: bool,
-) -> tuple[list[dict], int]:
-    dtype = token_dtype(enc.n_vocab)
-    router = SplitRouter(ShardWriter(directory, prefix, dtype, shard_tokens), val_tokens, directory / _SPOOL_NAME)
-    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
-    try:
-        n_docs = _encode_into(router, docs, enc, workers, bar)
-        shards = router.close()
-    except BaseException:
-        router.abort()
-        raise
-    finally:
-        bar.close()
-    return shards, n_docs
-
-
-def _encode_into(router: SplitRouter, docs: Iterator[str], enc: tiktoken.Encoding, workers: int, bar: tqdm) -> int:
-    """Tokenize `docs` on `workers` threads (tiktoken releases the GIL while it encodes) into `router`, in
-    order; returns the number of documents."""
-    dtype = token_dtype(enc.n_vocab)
-    n_docs = 0
-    # In order: futures are drained oldest first, so the token stream follows the document order; at most
-    # 2 * workers batches wait, which bounds memory and keeps every thread busy.
-    pending: deque = deque()
-    with ThreadPoolExecutor(workers, thread_name_prefix="tokenize") as pool:
-        try:
-            for batch in _batches(docs):
-                pending.append((pool.submit(encode_documents, enc, batch, dtype), len(batch)))
-                while len(pending) >= 2 * workers or (pending and pending[0][0].done()):
-                    n_docs += _drain(pending, router, bar, n_docs)
-            while pending:
-                n_docs += _drain(pending, router, bar, n_docs)
-        except BaseException:
-            for future, _ in pending:
-                future.cancel()
-            raise
-    return n_docs
-
-
-def _write_shards_parallel(
-    parts: list[tuple],
-    tokenizer: str,
-    directory: Path,
-    prefix: str,
-    shard_tokens: int,
-    val_tokens: int | None,
-    workers: int,
-    progress: bool,
-    max_documents: int | None,
-) -> tuple[list[dict], int]:
-    """_write_shards for a source of several files: a process per file reads and tokenizes it into a
-    spool file (parsing rows is Python work that threads would serialize on the GIL); the spools are
-    routed in file order, so the shards are byte-identical to one stream's. At most 2 * workers spools wait.
-
-    Starting the processes takes seconds (the forkserver imports datasets, each worker loads the tokenizer):
-    until they are ready, this process tokenizes the first files itself, by threads, so no core waits."""
-    enc = get_tokenizer(tokenizer)
-    dtype = token_dtype(enc.n_vocab)
-    router = SplitRouter(ShardWriter(directory, prefix, dtype, shard_tokens), val_tokens, directory / _SPOOL_NAME)
-    bar = tqdm(desc=f"tokenizing {len(parts)} files", unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
-    todo = iter(enumerate(parts))
-    pending: deque = deque()
-    n_procs = min(workers, len(parts) - 1)
-    n_docs = 0
-    with ProcessPoolExecutor(n_procs, mp_context=_worker_context()) as pool:
-
-        def submit(n: int) -> None:
-            for i, part in itertools.islice(todo, n):
-                spool = str(directory / f".part-{i:06d}.tok")
-                pending.append(pool.submit(_tokenize_part, part, tokenizer, spool, max_documents))
-
-        def start() -> None:  # pool.submit waits for a process to start: in a thread, so that this one works
-            try:
-                for future in [pool.submit(_warm_worker, tokenizer, enc) for _ in range(n_procs)]:
-                    future.result()
-            except BaseException as e:  # raised in the main thread below
-                failed.append(e)
-            finally:
-                ready.set()
-
-        ready, failed = threading.Event(), []
-        starter = threading.Thread(target=start, name="start-workers", daemon=True)
-        try:
-            starter.start()
-            head_start = itertools.islice(todo, _HEAD_START_FILES)  # (the rest stays in todo, for the workers)
-            while not ready.is_set() and (max_documents is None or n_docs < max_documents):
-                _, part = next(head_start, (None, None))
-                if part is None:
-                    break
-                docs = part_documents(part)
-                if max_documents is not None:
-                    docs = itertools.islice(docs, max_documents - n_docs)
-                n_docs += _encode_into(router, docs, enc, workers, bar)
-            starter.join()
-            if failed:
-                raise failed[0]
-            submit(2 * workers)
-            while pending and (max_documents is None or n_docs < max_documents):
-                spool, count = pending.popleft().result()
-                submit(1)
-                take = count if max_documents is None else min(count, max_documents - n_docs)
-                n_tokens = _route_spool(router, Path(spool), dtype, enc.eot_token, take if take < count else None)
-                Path(spool).unlink()
-                n_docs += take
-                bar.set_postfix_str(f"docs={n_docs:,}", refresh=False)
-                bar.update(n_tokens)
-            for future in pending:
-                future.cancel()
-            shards = router.close()
-        except BaseException:
-            starter.join()
-            for future in pending:
-                future.cancel()
-            router.abort()
-            raise
-        finally:
-            bar.close()
-    for spool in directory.glob(".part-*.tok"):  # those of files after --max-documents was reached
-        spool.unlink()
-    return shards, n_docs
-
-
-_WORKER_ENCODINGS: dict[str, tiktoken.Encoding] = {}  # in a worker process: spec -> the main process's encoding
-
-
-def _warm_worker(tokenizer: str, enc: tiktoken.Encoding) -> None:
-    """In a worker process, before its first file: keep the main process's encoding, sent pickled (its ranks,
-    rebuilt by tiktoken), which is cheaper than parsing the .tiktoken file again (base64, line by line); a
-    worker that gets no such task parses the file at its first file."""
-    _WORKER_ENCODINGS[tokenizer] = enc
-
-
-def _route_spool(router: SplitRouter, spool: Path, dtype: np.dtype, eot: int, cut_before_doc: int | None) -> int:
-    """A worker's spool file into `router`, _SPOOL_READ_TOKENS at a time (a hub file can hold a billion tokens:
-    never all in memory), up to the start of document `cut_before_doc` when given; returns the tokens routed."""
-    if spool.stat().st_size == 0:
-        return 0
-    tokens = np.memmap(spool, dtype=dtype, mode="r")  # (n_tokens,): read by the page, not loaded
-    end = len(tokens)
-    if cut_before_doc is not None:  # every document starts with eot: cut at the (cut_before_doc + 1)-th eot
-        seen = 0
-        for start in range(0, len(tokens), _SPOOL_READ_TOKENS):
-            eots = np.flatnonzero(tokens[start : start + _SPOOL_READ_TOKENS] == eot)
-            if seen + len(eots) > cut_before_doc:
-                end = start + int(eots[cut_before_doc - seen])
-                break
-            seen += len(eots)
-    for start in range(0, end, _SPOOL_READ_TOKENS):
-        router.write(np.asarray(tokens[start : min(start + _SPOOL_READ_TOKENS, end)]))
-    del tokens  # unmapped before the caller deletes the file
-    return end
-
-
-def _worth_processes(source: str) -> bool:
-    """Whether reading the files of `source` in processes pays: a remote hub dataset always; local files once
-    there are several and they hold _PARALLEL_MIN_BYTES (below that, starting the processes costs more than
-    it saves). Cheap (file sizes only) and never raises: a bad source is reported when it is opened."""
-    if source == PYDOC:
-        return False
-    if _remote_hub(source):
-        return True
-    try:
-        files = local_files(source.removeprefix(HF_PREFIX))  # a local hub repository: its data files
-        return len(files) > 1 and sum(f.stat().st_size for f in files) >= _PARALLEL_MIN_BYTES
-    except (DataError, OSError):
-        return False
-
-
-def _remote_hub(source: str) -> bool:
-    return source.startswith(HF_PREFIX) and not Path(source.removeprefix(HF_PREFIX)).expanduser().is_dir()
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """forkserver, not fork: datasets and pyarrow may already run threads in this process; the server
-    (started once per process) preloads these modules, so that a worker starts without importing them."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["data._worker_env", "data.prepare", "data.sources", "datasets"])
-    return ctx
-
-
-def _start_worker_server() -> None:
-    """Start the forkserver now, in the background (its preloading takes seconds), not at the first task."""
-    from multiprocessing import forkserver
-
-    _worker_context()
-    forkserver.ensure_running()
-
-
-def _tokenize_part(part: tuple, tokenizer: str, spool: str, max_documents: int | None) -> tuple[str, int]:
-    """In a worker process: one file's documents -> tokens (eot-prefixed) in `spool`; (spool, documents)."""
-    enc = _WORKER_ENCODINGS.get(tokenizer) or get_tokenizer(tokenizer)
-    dtype = token_dtype(enc.n_vocab)
-    docs = part_documents(part)
-    if max_documents is not None:
-        docs = itertools.islice(docs, max_documents)
-    n = 0
-    with open(spool, "wb") as f:
-        for batch in _batches(docs):
-            f.write(encode_documents(enc, batch, dtype).data)
-            n += len(batch)
-    return spool, n
-
-
-def _drain(pending: deque, router: SplitRouter, bar: tqdm, n_docs: int) -> int:
-    future, count = pending.popleft()
-    tokens = future.result()
-    router.write(tokens)
-    bar.set_postfix_str(f"docs={n_docs + count:,}", refresh=False)
-    bar.update(len(tokens))
-    return count
-
-
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    batch, chars = [], 0
-    for doc in docs:
-        if not isinstance(doc, str):
-            raise DataError(f"documents must be str, got {type(doc).__name__}")
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 def _check_out(out: Path, force: bool) -> None:

@@ -146,17 +146,18 @@ def test_hf_errors_are_one_line(repo, tmp_path, capsys):
 def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tmp_path, monkeypatch):
     """workers > 1 on a source of several files: one process per file (the first files by threads while they
     start), shards byte-identical to one stream's, --max-documents cutting inside a file included."""
+    import data.encode_files
     import data.prepare
 
-    monkeypatch.setattr(data.prepare, "_PARALLEL_MIN_BYTES", 0)  # these files are tiny: use processes anyway
-    monkeypatch.setattr(data.prepare, "_SPOOL_READ_TOKENS", 7)  # spools routed in many pieces, cuts across them
-    serial = data.prepare._write_shards
+    monkeypatch.setattr(data.encode_files, "_PARALLEL_MIN_BYTES", 0)  # these files are tiny: use processes anyway
+    monkeypatch.setattr(data.encode_files, "_SPOOL_READ_TOKENS", 7)  # spools routed in many pieces, cuts across them
+    serial = data.prepare.write_shards
 
     def only_one_worker(*args):
         assert args[6] == 1, "with workers > 1 the files go to processes, not to the one-stream path"
         return serial(*args)
 
-    monkeypatch.setattr(data.prepare, "_write_shards", only_one_worker)
+    monkeypatch.setattr(data.prepare, "write_shards", only_one_worker)
     root, docs, _, jsonl = repo
     # (source, files first tokenized by the main process while the workers start)
     cases = [
@@ -165,7 +166,7 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
         (dict(source=str(jsonl / "data"), text_field="content", max_documents=7), 1),  # local files
     ]
     for i, (case, head_start) in enumerate(cases):
-        monkeypatch.setattr(data.prepare, "_HEAD_START_FILES", head_start)
+        monkeypatch.setattr(data.encode_files, "_HEAD_START_FILES", head_start)
         metas = [
             prepare(tmp_path / f"{i}-{w}", tokenizer="bytes", val_tokens=50, workers=w, progress=False, **case)
             for w in (1, 2)
