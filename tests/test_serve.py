@@ -230,6 +230,40 @@ def test_concurrent_greedy_equals_alone(live):
     assert (server.engine.occupancy_sum - rows) / (server.engine.steps_total - steps) > 2  # they did share steps
 
 
+def test_engine_and_generate_sample_the_same_tokens(model):
+    """The engine drives generate's step and sampling rule: a sampled sequence (temperature, top-k, top-p)
+    with seed s gets the tokens generate gives its prompt alone with seed s, also while other rows share
+    its steps and join and leave around it."""
+    from model.generation import CachedDecoder, generate
+
+    kw = dict(temperature=0.9, top_k=20, top_p=0.95)
+    prompts = [[5, 6, 7], [70, 71, 72, 73, 74, 75, 76], [9], [100, 101]]
+    lengths = [24, 9, 30, 5]
+    expected = [
+        generate(CachedDecoder(model), [p], n, seed=40 + i, **kw)[0]
+        for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+    ]
+    eng = Engine(model, max_batch=2).start()  # 4 sequences through 2 rows: rows join and leave mid-run
+    try:
+        results, all_done = {}, threading.Event()
+
+        def on_finish(s, reason):
+            results[s.id] = list(s.tokens)
+            if len(results) == len(prompts):
+                all_done.set()
+
+        seqs = [
+            Seq(p, n, seed=40 + i, on_finish=on_finish, **kw)
+            for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
+        ]
+        eng.submit(seqs)
+        assert all_done.wait(60)
+    finally:
+        eng.stop()
+    assert [results[s.id] for s in seqs] == expected
+    assert eng.occupancy_sum > eng.steps_total  # rows did share steps
+
+
 def test_engine_joins_between_steps(model):
     """A short request that arrives while a long one runs finishes first (it did not wait for a free batch)."""
     eng = Engine(model, max_batch=4).start()
