@@ -2,7 +2,7 @@
 
 Each document is prefixed by <|endoftext|> as llm.c does, and the tokens go to a SplitRouter (data/writer.py)
 as they come: at most 2 * workers batches of documents are in flight, so memory does not grow with the corpus.
-data.prepare uses this for one stream of documents; data/encode_files.py (a process per file) uses
+data.prepare uses this for one stream of documents (encode_stream); data/encode_files.py (a process per file) uses
 encode_documents and batches in its workers and encode_into for the files it tokenizes itself.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import tiktoken
@@ -19,11 +18,10 @@ from tqdm import tqdm
 
 from data.errors import DataError
 from data.shards import token_dtype
-from data.writer import ShardWriter, SplitRouter
+from data.writer import SplitRouter
 
 BATCH_CHARS = 1 << 17  # characters per tokenization task: large enough to amortize the hand-off
 BATCH_DOCS = 1024
-SPOOL_NAME = "stream.spool"
 
 
 def encode_documents(enc: tiktoken.Encoding, texts: list[str], dtype: np.dtype) -> np.ndarray:
@@ -52,28 +50,15 @@ def _encode_ordinary(enc: tiktoken.Encoding, text: str) -> np.ndarray:
         return enc.encode_to_numpy(text, disallowed_special=())
 
 
-def write_shards(
-    docs: Iterator[str],
-    enc: tiktoken.Encoding,
-    directory: Path,
-    prefix: str,
-    shard_tokens: int,
-    val_tokens: int | None,
-    workers: int,
-    progress: bool,
-) -> tuple[list[dict], int]:
-    dtype = token_dtype(enc.n_vocab)
-    router = SplitRouter(ShardWriter(directory, prefix, dtype, shard_tokens), val_tokens, directory / SPOOL_NAME)
+def encode_stream(
+    router: SplitRouter, docs: Iterator[str], enc: tiktoken.Encoding, workers: int, progress: bool
+) -> int:
+    """One stream of documents into `router`, tokenized by `workers` threads; returns the number of documents."""
     bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
     try:
-        n_docs = encode_into(router, docs, enc, workers, bar)
-        shards = router.close()
-    except BaseException:
-        router.abort()
-        raise
+        return encode_into(router, docs, enc, workers, bar)
     finally:
         bar.close()
-    return shards, n_docs
 
 
 def encode_into(router: SplitRouter, docs: Iterator[str], enc: tiktoken.Encoding, workers: int, bar: tqdm) -> int:

@@ -2,7 +2,7 @@
 
 Parsing rows is Python work that threads would serialize on the GIL, so each worker process reads one file
 and tokenizes it (data/encode.py's encode_documents) into a spool file; the spools are routed in file
-order, so the shards are byte-identical to one stream's (data/encode.py). data.prepare picks this path
+order, so the shards are byte-identical to one stream's (data/encode.py's encode_stream). data.prepare picks this path
 for a remote hub dataset, and for local files once they hold _PARALLEL_MIN_BYTES (_worth_processes).
 """
 
@@ -19,38 +19,36 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from data.encode import SPOOL_NAME, batches, encode_documents, encode_into
+from data.encode import batches, encode_documents, encode_into
 from data.errors import DataError
 from data.shards import token_dtype
 from data.sources import HF_PREFIX, PYDOC, local_files, part_documents
 from data.tokenizer import get_tokenizer
-from data.writer import ShardWriter, SplitRouter
+from data.writer import SplitRouter
 
 _SPOOL_READ_TOKENS = 1 << 22  # tokens of a worker's spool routed at a time (8 MB of uint16)
 _HEAD_START_FILES = None  # files the main process may tokenize while the workers start (None: no limit)
 _PARALLEL_MIN_BYTES = 32 << 20  # a multi-file source this large is read by a process per file
 
 
-def write_shards_files(
+def encode_files(
+    router: SplitRouter,
+    directory: Path,
     parts: list[tuple],
     tokenizer: str,
-    directory: Path,
-    prefix: str,
-    shard_tokens: int,
-    val_tokens: int | None,
     workers: int,
     progress: bool,
     max_documents: int | None,
-) -> tuple[list[dict], int]:
-    """data/encode.py's write_shards for a source of several files: a process per file reads and tokenizes it into a
-    spool file (parsing rows is Python work that threads would serialize on the GIL); the spools are
-    routed in file order, so the shards are byte-identical to one stream's. At most 2 * workers spools wait.
+) -> int:
+    """The files of a source (`parts`) into `router`; returns the number of documents. A process per file
+    reads and tokenizes it into a spool file in `directory` (parsing rows is Python work that threads
+    would serialize on the GIL); the spools are routed in file order, so the shards are byte-identical to
+    one stream's. At most 2 * workers spools wait.
 
     Starting the processes takes seconds (the forkserver imports datasets, each worker loads the tokenizer):
     until they are ready, this process tokenizes the first files itself, by threads, so no core waits."""
     enc = get_tokenizer(tokenizer)
     dtype = token_dtype(enc.n_vocab)
-    router = SplitRouter(ShardWriter(directory, prefix, dtype, shard_tokens), val_tokens, directory / SPOOL_NAME)
     bar = tqdm(desc=f"tokenizing {len(parts)} files", unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
     todo = iter(enumerate(parts))
     pending: deque = deque()
@@ -100,18 +98,16 @@ def write_shards_files(
                 bar.update(n_tokens)
             for future in pending:
                 future.cancel()
-            shards = router.close()
         except BaseException:
             starter.join()
             for future in pending:
                 future.cancel()
-            router.abort()
             raise
         finally:
             bar.close()
     for spool in directory.glob(".part-*.tok"):  # those of files after --max-documents was reached
         spool.unlink()
-    return shards, n_docs
+    return n_docs
 
 
 _WORKER_ENCODINGS: dict[str, tiktoken.Encoding] = {}  # in a worker process: spec -> the main process's encoding

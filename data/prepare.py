@@ -28,8 +28,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from data.encode import write_shards
-from data.encode_files import remote_hub, start_worker_server, worth_processes, write_shards_files
+from data.encode import encode_stream
+from data.encode_files import encode_files, remote_hub, start_worker_server, worth_processes
 from data.errors import DataError
 from data.shards import MAX_SHARD_TOKENS, META_NAME, SHARD_RE, dtype_name, token_dtype
 from data.sources import (
@@ -42,10 +42,12 @@ from data.sources import (
     source_slug,
 )
 from data.tokenizer import get_tokenizer, tokenizer_record
+from data.writer import ShardWriter, SplitRouter
 from model.cli import run
 from model.files import atomic_dir, recover
 
 DEFAULT_SHARD_TOKENS = 100_000_000
+_SPOOL_NAME = "stream.spool"  # SplitRouter's spool: tokens wait there until the default val size is known
 
 
 def prepare(
@@ -100,14 +102,17 @@ def prepare(
 
     started = time.perf_counter()
     with atomic_dir(out, overwrite=True) as tmp:  # _check_out allowed replacing what is there
-        if parts is not None:
-            shards, n_docs = write_shards_files(
-                parts, tokenizer, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress, max_documents
-            )
-        else:
-            shards, n_docs = write_shards(
-                docs, enc, tmp, source_slug(source), shard_tokens, val_tokens, workers, progress
-            )
+        writer = ShardWriter(tmp, source_slug(source), token_dtype(enc.n_vocab), shard_tokens)
+        router = SplitRouter(writer, val_tokens, tmp / _SPOOL_NAME)
+        try:
+            if parts is not None:
+                n_docs = encode_files(router, tmp, parts, tokenizer, workers, progress, max_documents)
+            else:
+                n_docs = encode_stream(router, docs, enc, workers, progress)
+            shards = router.close()
+        except BaseException:
+            router.abort()
+            raise
         train = sum(s["tokens"] for s in shards if s["split"] == "train")
         val = sum(s["tokens"] for s in shards if s["split"] == "val")
         if n_docs == 0:

@@ -151,13 +151,13 @@ def test_files_are_tokenized_in_parallel_processes_with_the_same_output(repo, tm
 
     monkeypatch.setattr(data.encode_files, "_PARALLEL_MIN_BYTES", 0)  # these files are tiny: use processes anyway
     monkeypatch.setattr(data.encode_files, "_SPOOL_READ_TOKENS", 7)  # spools routed in many pieces, cuts across them
-    serial = data.prepare.write_shards
+    serial = data.prepare.encode_stream
 
     def only_one_worker(*args):
-        assert args[6] == 1, "with workers > 1 the files go to processes, not to the one-stream path"
+        assert args[3] == 1, "with workers > 1 the files go to processes, not to the one-stream path"
         return serial(*args)
 
-    monkeypatch.setattr(data.prepare, "write_shards", only_one_worker)
+    monkeypatch.setattr(data.prepare, "encode_stream", only_one_worker)
     root, docs, _, jsonl = repo
     # (source, files first tokenized by the main process while the workers start)
     cases = [
