@@ -154,10 +154,11 @@ def decode_next(
     return choose(logits, rules), logits
 
 
-def decode_step(model: GPT, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """tokens (B, 1) at slot (B,) of a static cache -> logits (B, V): GPT's cached forward with the slot as a tensor
-    and every cache slot attended (masked), so its shapes do not change from one position to the next
-    and torch.compile traces it once per batch size and cache length (gpt-fast's static decode step)."""
+def decode_step(model: GPT, tokens: torch.Tensor, slot: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """tokens (B, 1) at slot (an int, or (B,) per row) of cache -> logits (B, V): GPT's cached forward,
+    the head on the one position. With the slot as a tensor on a static cache every cache slot is
+    attended (masked), so its shapes do not change from one position to the next and torch.compile
+    traces it once per batch size and cache length (gpt-fast's static decode step)."""
     return model.head(model.cached_trunk(tokens, cache, slot))[:, -1]
 
 
