@@ -1,20 +1,19 @@
 """Expert parallelism (and tensor parallelism) for the mixture-of-experts blocks of model/moe.py.
 
-Expert parallel (Lepikhin et al. 2020, GShard; Fedus et al. 2022, Switch Transformer): the ep ranks of
-a group each hold n_experts / ep experts of every MoE block, their w_up / w_down a DTensor Shard(0) over
+Expert parallel (Lepikhin et al. 2020, GShard; Fedus et al. 2022, Switch Transformer): the ep ranks of a
+group each hold n_experts / ep experts of every MoE block, their w_up / w_down a DTensor Shard(0) over
 the group (so that DCP reshards them across ep degrees like any other dimension). Each rank routes its
 own tokens, sends every (token, expert) row to the rank that holds the expert with one all_to_all, runs
 its experts over what it received, and sends the results back with a second all_to_all: torchtitan's
-token dispatch (torchtitan/distributed/expert_parallel.py). Dropless, so the split sizes change every
-step: the counts are exchanged first (one small all_to_all and a host sync). The gradient flows back
-through the autograd of torch's functional all_to_all.
+AllToAllTokenDispatcher (torchtitan/models/common/token_dispatcher.py). Dropless, so the split sizes
+change every step: the counts are exchanged first (one small all_to_all and a host sync). The gradient
+flows back through the autograd of torch's functional all_to_all.
 
 ep borrows its ranks from dp_shard x cp (train/parallel/dims.py): that flat group of S ranks splits into
 S / ep replicas x ep, ep innermost. The expert mesh (pp, edp, ep) names, for each rank, its ep group and
 its edp group: every rank that holds the same experts (dp_replicate x S / ep x tp). The experts stay out
-of FSDP; their gradients are summed over edp and divided by the data-parallel size, which is the mean
-FSDP forms for every other parameter (torchtitan divides by the same factor through FSDP's
-gradient_divide_factor).
+of FSDP (whole on each rank of edp; torchtitan also shards them over it, its "efsdp"); their gradients
+are summed over edp and divided by the data-parallel size: the mean FSDP forms for every other parameter.
 
 Tensor parallel: a MoE block routes this rank's slice of the sequence (the sequence-parallel activation
 between blocks), so the tp ranks see different tokens as data-parallel ranks do. Its replicated
