@@ -168,3 +168,11 @@ def test_bad_ep_layouts_are_one_line_from_the_cli(tmp_path_factory, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: parallel.ep=2 must divide dp_shard x cp = 1"), lines
+
+
+def test_ep_is_the_innermost_split_of_dp_shard_x_cp():
+    """Ranks of one ep group differ in dp_shard x cp only, ep innermost: with dp_shard 2 x cp 2 x tp 2,
+    ranks 0, 2, 4, 6 (tp 0) take ep ranks 0, 1, 0, 1; tp does not change it."""
+    ranks = [ParallelDims(dp_shard=2, cp=2, tp=2, ep=2, world_size=8, rank=r).ep_rank for r in range(8)]
+    assert ranks == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert [ParallelDims(dp_shard=4, ep=4, world_size=4, rank=r).ep_rank for r in range(4)] == [0, 1, 2, 3]

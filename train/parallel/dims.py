@@ -136,6 +136,12 @@ class ParallelDims:
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
 
     @property
+    def ep_rank(self) -> int:
+        """This rank's index in its ep group: ep is the innermost factor of dp_shard x cp (expert.py)."""
+        c = self.coords()
+        return (c["dp_shard"] * self.cp + c["cp"]) % self.ep
+
+    @property
     def cp_rank(self) -> int:
         return self.coords()["cp"]
 

@@ -206,7 +206,10 @@ class MeshStrategy(DistributedStrategy):
         return self.dims.dp_size
 
     def layout(self) -> dict:
-        return {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
+        out = {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
+        if self.dims.ep > 1:  # expert parallel, a split of dp_shard x cp: shown after the mesh's own dims
+            out["ep"], out["coords"]["ep"] = self.dims.ep, self.dims.ep_rank
+        return out
 
     def sample_model(self) -> nn.Module | None:
         # under tp each attention holds this rank's heads only, which the full-size KV cache does not fit;
