@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from model.config import ModelConfig
 from model.moe import MoE, inactive_params, take_aux_loss
@@ -574,7 +575,12 @@ class GPT(nn.Module):
             return logits
         loss = cross_entropy(logits, targets)
         aux = take_aux_loss(self) if self.config.n_experts else None
-        return loss if aux is None else loss + (aux - aux.detach())  # value: the cross entropy exactly
+        if aux is None:
+            return loss
+        aux = aux - aux.detach()  # zero: the value stays the cross entropy exactly
+        if isinstance(loss, DTensor):  # tensor parallel's loss parallel: a replicated DTensor (a zero is)
+            aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
+        return loss + aux
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from model.config import ModelConfig
 
@@ -73,6 +74,11 @@ class MoE(nn.Module):
         self.last_load: torch.Tensor | None = None  # (E,) the previous step's, for routing_health
         self.aux_loss: torch.Tensor | None = None  # weighted balance + z-loss of the last training forward
         self.balance_loss = self.z_loss = None  # their unweighted values, detached
+        # Set by a parallel layout from outside (train/parallel/expert.py); one process leaves them as is.
+        self.dispatch = None  # (moe, xs, counts) -> ys: run_experts over an expert-parallel group
+        self.load_group = None  # the process group whose loads after_step sums (None: the whole world)
+        self.grad_sync = None  # (moe) -> None: the gradient reductions the layout owes this block
+        self.aux_weight = 1.0  # 1/tp where the tp ranks route slices of one sequence (mean, not sum)
 
     @torch.no_grad()
     def init_weights(self, std: float, proj_std: float) -> None:
@@ -95,15 +101,17 @@ class MoE(nn.Module):
 
     def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs (M, C) sorted by expert, counts (E,) rows per expert -> (M, C): each row through its expert."""
+        # this rank's experts: all of them, or under expert parallelism its Shard(0) slice (E_local, ., .)
+        w_up, w_down = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w_up, self.w_down))
         if use_grouped_mm(self.grouped, xs):
             offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") and xs.is_cuda else xs.dtype
-            gate, up = grouped_mm(xs.to(dtype), self.w_up.to(dtype), offs).chunk(2, dim=-1)  # (M, H) each
-            return grouped_mm(F.silu(gate) * up, self.w_down.to(dtype), offs)  # (M, C)
+            gate, up = grouped_mm(xs.to(dtype), w_up.to(dtype), offs).chunk(2, dim=-1)  # (M, H) each
+            return grouped_mm(F.silu(gate) * up, w_down.to(dtype), offs)  # (M, C)
         out = []
         for e, rows in enumerate(xs.split(counts.tolist())):  # (count_e, C) each
-            gate, up = F.linear(rows, self.w_up[e]).chunk(2, dim=-1)  # (count_e, H) each
-            out.append(F.linear(F.silu(gate) * up, self.w_down[e]))  # (count_e, C)
+            gate, up = F.linear(rows, w_up[e]).chunk(2, dim=-1)  # (count_e, H) each
+            out.append(F.linear(F.silu(gate) * up, w_down[e]))  # (count_e, C)
         return torch.cat(out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +124,8 @@ class MoE(nn.Module):
         counts = flat_e.new_zeros(self.n_experts).index_add_(0, flat_e, torch.ones_like(flat_e))
         order = flat_e.argsort(stable=True)  # (N*k,) assignments sorted by expert
         token = order // self.top_k  # (N*k,) the token of each sorted assignment
-        ys = self.run_experts(flat[token], counts)  # (N*k, C)
+        xs = flat[token]  # (N*k, C) sorted by expert
+        ys = self.run_experts(xs, counts) if self.dispatch is None else self.dispatch(self, xs, counts)  # (N*k, C)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         out = torch.zeros_like(flat, dtype=ys.dtype).index_add(0, token, ys).to(x.dtype)  # (N, C)
         if self.shared is not None:
@@ -133,7 +142,7 @@ class MoE(nn.Module):
         frac = counts.float() / (N * self.top_k)  # (E,) f_e: share of the assignments, no gradient
         balance = self.n_experts * (frac * probs.mean(dim=0)).sum()  # Switch eq. 4; 1 when uniform
         z = logits.logsumexp(dim=-1).square().mean()  # ST-MoE eq. 5
-        self.aux_loss = self.aux_coef * balance + self.z_coef * z
+        self.aux_loss = self.aux_weight * (self.aux_coef * balance + self.z_coef * z)
         self.balance_loss, self.z_loss = balance.detach(), z.detach()
         with torch.no_grad():
             self.load = counts.float() if self.load is None else self.load + counts
@@ -158,14 +167,15 @@ def take_aux_loss(model: nn.Module) -> torch.Tensor | None:
 def after_step(model: nn.Module) -> None:
     """Call after every optimizer step. Moves each routing bias towards balance by the step's load
     (DeepSeek-V3 sec. 2.1.2: b_e -= rate if e is overloaded, += rate if underloaded), the load summed
-    over all ranks first so that every rank makes the same move; then starts the next step's count.
-    A no-op for dense models."""
+    first over the ranks that route different tokens through these blocks (the blocks' load_group: a
+    pipeline stage's ranks; the whole world by default) so that every rank makes the same move; then
+    starts the next step's count. A no-op for dense models."""
     layers = [m for m in moe_layers(model) if m.load is not None]
     if not layers:
         return
     loads = torch.stack([m.load for m in layers])  # (L, E)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(loads)
+        dist.all_reduce(loads, group=layers[0].load_group)
     for m, load in zip(layers, loads, strict=True):
         if m.bias_rate > 0:
             m.expert_bias += m.bias_rate * torch.sign(load.mean() - load).to(m.expert_bias.dtype)

@@ -17,6 +17,7 @@ run_scenario() also runs in the pytest process for strategy "none", the one-proc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from model.config import ModelConfig
 from model.gpt import GPT
+from model.moe import after_step
 from train.checkpoint import CheckpointManager, TrainState
 from train.parallel.build import make_strategy
 from train.strategy import StrategySpec, unwrap
@@ -41,6 +43,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def model_config(family: str = "gpt2") -> ModelConfig:
+    if family == "moe":  # the modern GPT with a mixture of experts in every block (model/moe.py)
+        return dataclasses.replace(
+            model_config("modern"),
+            n_experts=4,
+            moe_top_k=2,
+            n_shared_experts=1,
+            moe_hidden=32,
+            moe_aux_loss_coef=0.0,  # the balance loss of a batch is not the mean of its parts' (nonlinear)
+            moe_z_loss_coef=1e-3,
+            moe_bias_update_rate=1e-3,
+        )
     if family == "modern":
         return ModelConfig(
             vocab_size=VOCAB,
@@ -118,6 +131,16 @@ def run_scenario(sc: dict, out: Path) -> dict:
         seen = []
         hook = bare.transformer.h[-1].register_forward_pre_hook(lambda m, args: seen.append(list(args[0].shape)))
         res["block_input"] = seen
+        # rows this rank sends by the differentiable all_to_all (expert parallel's dispatch and combine)
+        import torch.distributed._functional_collectives as funcol
+
+        a2a, a2a_rows = funcol.all_to_all_single_autograd, []
+
+        def counting(x, *args, **kwargs):
+            a2a_rows.append(x.shape[0])
+            return a2a(x, *args, **kwargs)
+
+        funcol.all_to_all_single_autograd = counting
 
     start = 0
     if sc.get("expect_error"):  # a user error: every rank must raise it, before any collective
@@ -158,6 +181,7 @@ def run_scenario(sc: dict, out: Path) -> dict:
         total = s.forward_backward(batches, contextlib.nullcontext()).detach().float().cpu()
         norm = s.clip_and_step()
         s.zero_grad()
+        after_step(bare)  # MoE routing biases, as the loop (a no-op for dense models)
         mean = s.all_reduce_sum(total) / world  # equal micro-batches: the global mean
         res["losses"][step] = float(mean)
         res["norms"][step] = float(norm)
@@ -169,6 +193,8 @@ def run_scenario(sc: dict, out: Path) -> dict:
 
     if sc.get("record_layout"):
         hook.remove()
+        res["all_to_all_rows"] = a2a_rows
+        funcol.all_to_all_single_autograd = a2a
     if dist.is_initialized() and sc.get("check_replicas"):  # replicated (not sharded) parameters
         digests = [None] * world
         dist.all_gather_object(digests, param_digest(model))

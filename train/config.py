@@ -298,6 +298,9 @@ class ParallelSection(_Section):
     pp: int = 1  # pipeline parallel stages (torch.distributed.pipelining)
     pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B
     pp_stages_per_rank: int = 1  # 2 or more for Interleaved1F1B
+    # expert parallel: each rank holds n_experts / ep experts of every MoE block, tokens travel by
+    # all-to-all; borrowed from dp_shard x cp, which it must divide (train/parallel/expert.py)
+    ep: int = 1
     fsdp_param_dtype: str | None = None  # FSDP2 MixedPrecisionPolicy param dtype; null = train.dtype
     fsdp_reduce_dtype: str | None = "float32"  # gradient reduce-scatter dtype
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (Rajbhandari et al. 2020)
@@ -313,11 +316,13 @@ class ParallelSection(_Section):
             v = getattr(self, d)
             _check(isinstance(v, int) and (v >= 1 or v == -1), f"parallel.{d} must be >= 1 or -1 (the rest); got {v!r}")
         _check(self.pp_stages_per_rank >= 1, "parallel.pp_stages_per_rank must be >= 1")
-        mesh = [f"parallel.{d}={getattr(self, d)}" for d in DIMS if d != "dp_replicate" and getattr(self, d) != 1]
+        mesh = [
+            f"parallel.{d}={getattr(self, d)}" for d in (*DIMS, "ep") if d != "dp_replicate" and getattr(self, d) != 1
+        ]
         _check(
             self.strategy != "deepspeed" or not mesh,
             f"parallel.strategy=deepspeed is data parallel only (ZeRO), but {', '.join(mesh)} is set: use "
-            "parallel.strategy=fsdp (the torch-native mesh) for tensor, context or pipeline parallel",
+            "parallel.strategy=fsdp (the torch-native mesh) for tensor, context, pipeline or expert parallel",
         )
         for name in ("fsdp_param_dtype", "fsdp_reduce_dtype"):
             if getattr(self, name) is not None:

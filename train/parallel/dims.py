@@ -7,6 +7,9 @@ Dimensions, outermost first (torchtitan's ParallelDims, torchtitan/distributed/p
     cp            context parallel: each rank holds a slice of the sequence (train/parallel/context.py)
     tp            tensor parallel (Megatron-style, with sequence parallel); innermost, so that its heavy
                   per-layer collectives stay inside a node
+    ep            expert parallel (train/parallel/expert.py): not a dimension of its own but a split of
+                  dp_shard x cp into (ranks holding the same experts) x ep, as torchtitan borrows it;
+                  each ep rank holds n_experts / ep experts of every MoE block
 A rank's coordinates follow from its global rank alone (row-major over the dims above), so the loader
 can be told its data-parallel rank before any process group exists. Every dimension is kept in the
 mesh, degree 1 included (torchtitan does the same), so submesh names never depend on the layout.
@@ -38,6 +41,7 @@ class ParallelDims:
     world_size: int = 1
     rank: int = 0  # this process's global rank: the coordinates below are its
     pp_stages_per_rank: int = 1  # pipeline stages each pp rank holds (2 for interleaved 1F1B)
+    ep: int = 1  # expert parallel degree, borrowed from dp_shard x cp (not a factor of the world size)
 
     def __post_init__(self) -> None:
         degrees = {d: getattr(self, d) for d in DIMS}
@@ -60,6 +64,19 @@ class ParallelDims:
                 f"the parallel degrees multiply to {fixed} ({self.describe()}) but {self.world_size} process(es) "
                 f"run; make their product the world size, or set one of them to -1 (the rest)"
             )
+        self.check_ep()
+
+    def check_ep(self) -> None:
+        """ep splits dp_shard x cp (torchtitan's rule before it let ep take tp ranks as well)."""
+        if not isinstance(self.ep, int) or self.ep < 1:
+            raise MeshError(f"parallel.ep={self.ep}: the expert parallel degree is a positive integer")
+        if (self.dp_shard * self.cp) % self.ep:
+            raise MeshError(
+                f"parallel.ep={self.ep} must divide dp_shard x cp = {self.dp_shard * self.cp} (expert parallel "
+                "borrows its ranks from the sharded data-parallel ones); raise parallel.dp_shard or lower parallel.ep"
+            )
+        if self.ep > 1 and self.pp > 1:
+            raise MeshError(f"parallel.ep={self.ep} with parallel.pp={self.pp} is not supported; set one of them to 1")
 
     @classmethod
     def from_options(cls, strategy: str, options: dict, world_size: int, rank: int = 0) -> ParallelDims:
@@ -72,10 +89,12 @@ class ParallelDims:
             if degrees[key] == 1 and -1 not in degrees.values():
                 degrees[key] = -1
         stages = int(options.get("pp_stages_per_rank") or 1)
-        return cls(world_size=world_size, rank=rank, pp_stages_per_rank=stages, **degrees)
+        ep = int(options.get("ep") or 1)
+        return cls(world_size=world_size, rank=rank, pp_stages_per_rank=stages, ep=ep, **degrees)
 
     def describe(self, skip: str | None = None) -> str:
-        return " x ".join(f"{d}={getattr(self, d)}" for d in DIMS if d != skip and getattr(self, d) != 1) or "1"
+        dims = [f"{d}={getattr(self, d)}" for d in DIMS if d != skip and getattr(self, d) != 1]
+        return " x ".join(dims + ([f"ep={self.ep}"] if self.ep > 1 else [])) or "1"
 
     # ---- sizes --------------------------------------------------------------------------
     @property
@@ -117,6 +136,12 @@ class ParallelDims:
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
 
     @property
+    def ep_rank(self) -> int:
+        """This rank's index in its ep group: ep is the innermost factor of dp_shard x cp (expert.py)."""
+        c = self.coords()
+        return (c["dp_shard"] * self.cp + c["cp"]) % self.ep
+
+    @property
     def cp_rank(self) -> int:
         return self.coords()["cp"]
 
@@ -141,12 +166,26 @@ class ParallelDims:
         return mesh
 
 
+def check_ep(dims, cfg) -> None:
+    """Expert parallel shards the experts of a mixture of experts over the torch-native mesh."""
+    ep = getattr(dims, "ep", 1) or 1
+    if ep == 1:
+        return
+    if not cfg.n_experts:
+        raise MeshError(f"parallel.ep={ep} shards experts but the model is dense; set model.n_experts or parallel.ep=1")
+    if cfg.n_experts % ep:
+        raise MeshError(
+            f"parallel.ep={ep} must divide model.n_experts={cfg.n_experts} (each ep rank holds n_experts / ep)"
+        )
+
+
 def check_model(dims, cfg, seq_len: int) -> None:
     """What the degrees (a ParallelDims, or the config's parallel section) ask of the model (a
     ModelConfig) and the sequence, one line each: tensor parallel splits heads, MLP width and the
     vocabulary; context parallel cuts the sequence into 2 x cp chunks (the load-balanced causal layout);
     pipeline parallel needs a block per stage. A degree of -1 (not known before launch) is not checked."""
     tp, cp = dims.tp, dims.cp
+    check_ep(dims, cfg)
     if tp > 1:
         sizes = [
             ("model.n_head", cfg.n_head),

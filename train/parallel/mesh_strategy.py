@@ -34,6 +34,7 @@ from model.dtypes import torch_dtype
 from model.io import clean_state_dict
 from train.parallel.context import ContextParallel, ContextParallelEval
 from train.parallel.dims import DIMS, ParallelDims
+from train.parallel.expert import sync_moe_grads
 from train.parallel.parallelize import parallelize, uses_loss_parallel
 from train.parallel.world import (
     DistributedStrategy,
@@ -169,6 +170,7 @@ class MeshStrategy(DistributedStrategy):
     def clip_and_step(self, gate=None) -> torch.Tensor:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        sync_moe_grads(self.bare)  # expert / tensor parallel MoE blocks (train/parallel/expert.py)
         params = [p for p in self.bare.parameters() if p.grad is not None]
         groups = _by_mesh(params)
         norm = grad_norm(groups)
@@ -204,11 +206,15 @@ class MeshStrategy(DistributedStrategy):
         return self.dims.dp_size
 
     def layout(self) -> dict:
-        return {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
+        out = {**super().layout(), **{d: getattr(self.dims, d) for d in DIMS}, "coords": self.dims.coords()}
+        if self.dims.ep > 1:  # expert parallel, a split of dp_shard x cp: shown after the mesh's own dims
+            out["ep"], out["coords"]["ep"] = self.dims.ep, self.dims.ep_rank
+        return out
 
     def sample_model(self) -> nn.Module | None:
-        # under tp each attention holds this rank's heads only, which the full-size KV cache does not fit
-        return None if self.dims.tp > 1 else self.bare
+        # under tp each attention holds this rank's heads only, which the full-size KV cache does not fit;
+        # under ep a forward needs the whole ep group
+        return None if self.dims.tp > 1 or self.dims.ep > 1 else self.bare
 
     # ---- checkpoints ------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from train.parallel.expert import apply_moe, tp_plan
 from train.strategy import StrategySpec
 
 
@@ -47,9 +48,10 @@ def parallelize(model: nn.Module, dims, mesh, spec: StrategySpec, mp_policy=None
     stage of it), in place. Returns the module the step calls: the model itself, or DDP's wrapper."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
+    experts = apply_moe(model, dims, mesh)  # train/parallel/expert.py: MoE under ep and tp
     apply_ac_and_compile(model, spec)
     if dims.uses_fsdp:
-        apply_fsdp(model, fsdp_mesh(dims, mesh), mp_policy)
+        apply_fsdp(model, fsdp_mesh(dims, mesh), mp_policy, ignored=set(experts))
         return model
     if dims.dp_replicate > 1:
         device = next(model.parameters()).device
@@ -67,13 +69,15 @@ def fsdp_mesh(dims, mesh):
     return mesh["dp_replicate", shard] if dims.dp_replicate > 1 else mesh[shard]
 
 
-def apply_fsdp(model: nn.Module, mesh, mp_policy) -> None:
+def apply_fsdp(model: nn.Module, mesh, mp_policy, ignored: set | None = None) -> None:
     """Bottom-up: one all-gather / reduce-scatter group per block, then the root group holding the
     embeddings, final norm and head. Shared parameters are managed once, so a tied lm_head stays the
-    same (sharded) tensor as wte."""
+    same (sharded) tensor as wte. `ignored`: parameters FSDP leaves alone (experts sharded over ep)."""
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
+    if ignored:
+        kwargs["ignored_params"] = ignored
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
@@ -118,6 +122,14 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         use_local_output=True,
     )
     for block in blocks:
+        mlp = {
+            "mlp": PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+            ),
+            "mlp.c_fc": ColwiseParallel(),
+            "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+        }
+        moe = not hasattr(block.mlp, "c_fc")  # a mixture of experts routes its slice (train/parallel/expert.py)
         parallelize_module(
             block,
             tp_mesh,
@@ -127,11 +139,7 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
                 "attn.c_attn": ColwiseParallel(),
                 "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
                 "ln_2": SequenceParallel(),
-                "mlp": PrepareModuleInput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-                ),
-                "mlp.c_fc": ColwiseParallel(),
-                "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+                **(tp_plan() if moe else mlp),
             },
         )
         attn = block.attn
@@ -139,7 +147,7 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         sizes = [attn.n_head * d, attn.n_kv_head * d, attn.n_kv_head * d]
         attn.c_attn.register_forward_hook(_keep_own_parts(tp_mesh, sizes))
         attn.n_head, attn.n_kv_head = attn.n_head // tp, attn.n_kv_head // tp  # this rank's heads
-        if block.mlp.swiglu:
+        if not moe and block.mlp.swiglu:
             h = cfg.hidden_dim
             block.mlp.c_fc.register_forward_hook(_keep_own_parts(tp_mesh, [h, h]))
     parallelize_module(model.transformer.ln_f, tp_mesh, SequenceParallel())

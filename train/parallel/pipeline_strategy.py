@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from model.io import clean_state_dict
+from train.parallel.expert import sync_moe_grads
 from train.parallel.mesh_strategy import MeshStrategy
 from train.parallel.parallelize import parallelize
 from train.parallel.pipeline import (
@@ -87,6 +88,7 @@ class PipelineStrategy(MeshStrategy):
 
     def clip_and_step(self, gate=None) -> torch.Tensor:
         max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
+        sync_moe_grads(self.bare)  # MoE blocks under tp (train/parallel/expert.py)
         norm = clip_grad_norm_(self.bare.parameters(), max_norm, self.pp_group)
         if gate is not None and not gate(norm):  # train/guard.py: skip this update on every rank
             return norm

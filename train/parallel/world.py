@@ -37,6 +37,7 @@ KNOWN_OPTIONS = frozenset(
         "dp_shard",
         "tp",
         "cp",
+        "ep",
         "pp",
         "pp_schedule",
         "pp_stages_per_rank",
