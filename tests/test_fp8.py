@@ -108,7 +108,12 @@ def test_fp8_refusals_are_one_line(data_dir, tmp_path):
     """Without fp8 tensor cores (here: a CPU) and without emulation: one line, exit 2. Layouts fp8
     does not compose with, and a bad recipe, are config errors."""
     proc = run_cli(
-        ["--config", str(DEBUG_YAML), *tiny_overrides(data_dir, tmp_path / "r", "train.fp8=tensorwise")], timeout=120
+        [
+            "--config",
+            str(DEBUG_YAML),
+            *tiny_overrides(data_dir, tmp_path / "r", "train.fp8=tensorwise", "train.max_steps=2"),
+        ],
+        timeout=120,
     )
     assert proc.returncode == 2, proc.stderr
     err = [line for line in proc.stderr.splitlines() if line.strip() and "Failed to load" not in line]
