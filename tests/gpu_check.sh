@@ -27,7 +27,7 @@ if [[ $DEVICE == cuda ]]; then
     PYTEST_ARGS=(-m gpu -q -x)
     RACE_SET=(--set train.max_steps=200 --set train.dtype=bfloat16 --set train.device=cuda)
     RACE_ARGS=(--eval-every 50 --budget-s 60)
-    EVAL_ARGS=(--models demo --batch-sizes 1,8 --repeats 1)
+    EVAL_ARGS=(--models demo --batch-sizes 1,8 --repeats 1 --device cuda)
     PLAN_GPU=h100-sxm
 else  # the dry run: the same steps at sizes a CPU core runs in seconds
     BENCH_ARGS=(--settings baseline --steps 1 --warmup 1 --device cpu model.n_layer=2 model.n_embd=64
