@@ -11,7 +11,16 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import require_extra
-from train_helpers import DEBUG_YAML, one_thread, prepared_dataset, run_cli, tiny_config, tiny_overrides, train_losses
+from train_helpers import (
+    DEBUG_YAML,
+    REPO,
+    one_thread,
+    prepared_dataset,
+    run_cli,
+    tiny_config,
+    tiny_overrides,
+    train_losses,
+)
 
 from model import GPT, ModelConfig
 from train.config import load_config
@@ -130,17 +139,30 @@ def test_fp8_refusals_are_one_line(data_dir, tmp_path):
 
 
 def test_fp8_mfu_uses_the_fp8_peak():
-    """A real fp8 run measures MFU against the table's dense fp8 peak (twice bf16's on an H100); an
-    emulated one against train.dtype's."""
-    from train.loop import Trainer
+    """A real fp8 run (and the planner's estimate of one) is measured against the table's dense fp8 peak
+    (twice bf16's on an H100); an emulated one against train.dtype's."""
+    from train.footprint import Layout, meta_model
+    from train.fp8 import peak_dtype
+    from train.hardware import BY_KEY
     from train.metrics import gpu_table_peak
+    from train.plan import Hardware, estimate, model_config
 
-    assert gpu_table_peak("NVIDIA H100 80GB HBM3", "float8") == 2 * gpu_table_peak("NVIDIA H100 80GB HBM3", "bfloat16")
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert gpu_table_peak(h100, "float8") == 2 * gpu_table_peak(h100, "bfloat16")
     for fp8, emulate, want in (
         ("tensorwise", False, "float8"),
         ("rowwise", False, "float8"),
         ("tensorwise", True, "bfloat16"),
         ("none", False, "bfloat16"),
     ):
-        train = types.SimpleNamespace(fp8=fp8, fp8_emulate=emulate, dtype="bfloat16")
-        assert Trainer.peak_dtype.fget(types.SimpleNamespace(cfg=types.SimpleNamespace(train=train))) == want
+        assert peak_dtype(types.SimpleNamespace(fp8=fp8, fp8_emulate=emulate, dtype="bfloat16")) == want
+
+    gpu = BY_KEY["h100-sxm"]
+    est = {}
+    for fp8 in ("none", "tensorwise"):
+        cfg = load_config(REPO / "configs" / "gpt2-124m.yaml", ["train.dtype=bfloat16", f"train.fp8={fp8}"])
+        one_gpu = Hardware(gpu, 1, 1, gpu.link_gbps, 50.0)
+        est[fp8] = estimate(cfg, meta_model(model_config(cfg)), Layout(micro_batch=8), one_gpu)
+    # one GPU, nothing to communicate: the modelled step is compute at the peak, twice as fast in fp8
+    assert est["tensorwise"].tokens_per_s == pytest.approx(2 * est["none"].tokens_per_s)
+    assert est["tensorwise"].mfu == pytest.approx(est["none"].mfu)

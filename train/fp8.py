@@ -60,6 +60,12 @@ def check_device(device: torch.device, emulate: bool) -> None:
         )
 
 
+def peak_dtype(train) -> str:
+    """The dtype whose peak a run's MFU is measured against (a TrainSection): fp8's where the matmuls
+    run on fp8 units; an emulated run computes in train.dtype, so that is its peak."""
+    return "float8" if train.fp8 != "none" and not train.fp8_emulate else train.dtype
+
+
 def keep_linear(module: nn.Module, fqn: str) -> bool:
     """torchao's module_filter_fn: True for the Linear layers that run in fp8."""
     if not isinstance(module, nn.Linear) or fqn.split(".")[-1] in SKIP:

@@ -43,6 +43,7 @@ from train.config import Config
 from train.dataset import build_model_config, read_dataset_meta
 from train.device import autocast_ctx, cpu_has_fast_bf16, pick_device, resolve_dtype
 from train.errors import TrainError
+from train.fp8 import peak_dtype as fp8_peak_dtype
 from train.guard import SpikeGuard, inject
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
 from train.optim import apply_schedule, build_optimizer
@@ -312,7 +313,7 @@ class Trainer:
                 "DeepSpeed's engine steps inside engine.step(); set guard.enabled=false"
             )
         self.state, resumed_from = self.resume_or_start()
-        self.peak_flops, peak_source = device_peak_flops(strategy.device, self.peak_dtype)
+        self.peak_flops, peak_source = device_peak_flops(strategy.device, fp8_peak_dtype(cfg.train))
         if cfg.train.fp8 != "none" and cfg.train.fp8_emulate:
             peak_source += f"; fp8 emulated in {cfg.train.dtype}, so not the fp8 peak"
         logging = cfg.logging
@@ -343,13 +344,6 @@ class Trainer:
         fp8.check_device(self.strategy.device, t.fp8_emulate)
         dims = getattr(self.strategy, "dims", None)
         return fp8.convert(model, t.fp8, t.fp8_emulate, fsdp=dims is not None and dims.uses_fsdp)
-
-    @property
-    def peak_dtype(self) -> str:
-        """The dtype whose peak MFU is measured against: fp8's where the matmuls run on fp8 units (an
-        emulated run computes in train.dtype, so that is its peak)."""
-        t = self.cfg.train
-        return "float8" if t.fp8 != "none" and not t.fp8_emulate else t.dtype
 
     def resume_or_start(self) -> tuple[TrainState, Path | None]:
         cfg, strategy = self.cfg, self.strategy

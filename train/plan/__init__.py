@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from model.errors import UserError
 from train.config import Config
 from train.footprint import Footprint, Layout, activation_bytes, dtype_bytes, meta_model, state_bytes
+from train.fp8 import peak_dtype
 from train.hardware import GPU, NETWORK_GBPS, peak_tflops
 from train.parallel.dims import DIMS, ParallelDims
 
@@ -195,7 +196,8 @@ def estimate(cfg: Config, model, layout: Layout, hw: Hardware) -> Estimate:
     fits = fp.total <= HEADROOM * hw.memory
 
     # time
-    peak = peak_tflops(hw.gpu, dtype) * 1e12
+    # an fp8 run's matmuls at the fp8 peak; a GPU without fp8 units refuses fp8 at start-up (train/fp8.py)
+    peak = (peak_tflops(hw.gpu, peak_dtype(cfg.train)) or peak_tflops(hw.gpu, dtype)) * 1e12
     flops_rank = model.flops_per_token(seq) * cfg.train.tokens_per_step / layout.world_size
     if layout.ac:  # one more forward of the blocks: 2 of the 6 FLOPs per parameter, a third of the attention
         flops_rank *= 4 / 3
