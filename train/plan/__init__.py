@@ -197,7 +197,8 @@ def estimate(cfg: Config, model, layout: Layout, hw: Hardware) -> Estimate:
 
     # time
     # an fp8 run's matmuls at the fp8 peak; a GPU without fp8 units refuses fp8 at start-up (train/fp8.py)
-    peak = (peak_tflops(hw.gpu, peak_dtype(cfg.train)) or peak_tflops(hw.gpu, dtype)) * 1e12
+    fp8_peak = peak_tflops(hw.gpu, "float8") if peak_dtype(cfg.train) == "float8" else None
+    peak = (fp8_peak or peak_tflops(hw.gpu, dtype)) * 1e12
     flops_rank = model.flops_per_token(seq) * cfg.train.tokens_per_step / layout.world_size
     if layout.ac:  # one more forward of the blocks: 2 of the 6 FLOPs per parameter, a third of the attention
         flops_rank *= 4 / 3
