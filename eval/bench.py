@@ -10,7 +10,8 @@ sizes; then the goals:
   KV-cache decode >= 10x the no-cache loop (nanoGPT's generate re-runs the whole context per token),
   ONNX Runtime decode >= 1.5x torch eager fp32, int8 decode >= 2x fp32 on gpt2,
   int8 Linear weights >= 3.5x smaller, int8 val loss within 1% (with --models ckpt --data).
-The no-cache loop is timed on --nocache-steps steps spread evenly over the same context lengths and
+--device cuda runs the torch backends (torch, bf16, compile, nocache) on the GPU; int8 and ONNX are
+CPU backends here. The no-cache loop is timed on --nocache-steps steps spread evenly over the same context lengths and
 extrapolated to --new-tokens steps (its cost grows with the context; running all of them on gpt2 takes
 minutes). Every figure is the fastest of --repeats rounds that each visit every backend once.
 Last, weight streaming: batch-1 decode reads every weight once per token, so its tokens/s times the
@@ -37,6 +38,7 @@ from model import GPT, ModelConfig
 
 ALL_BACKENDS = ("torch", "bf16", "int8", "onnx", "onnx-int8", "nocache", "compile")
 DEFAULT_BACKENDS = ALL_BACKENDS[:-1]  # compile: minutes of inductor time on a small CPU, and slower here
+CUDA_BACKENDS = ("torch", "bf16", "nocache", "compile")  # int8 kernels and ONNX Runtime run on the CPU here
 DEMO = dict(vocab_size=257, block_size=512, n_layer=4, n_head=4, n_embd=256)
 
 
@@ -62,33 +64,45 @@ def dir_size(p: Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
+def sync() -> None:
+    """Wait for queued CUDA kernels, so that a timer sees their time (a no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_decode(backend: Backend, batch: int, prompt_len: int, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens - 1 one-token steps), greedy."""
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, backend.vocab_size, (batch, prompt_len), generator=g)
     pad = torch.zeros(batch, dtype=torch.long)
+    sync()
     t0 = time.perf_counter()
     logits = backend.prefill(prompt, pad, prompt_len + new_tokens)  # (B, V)
+    sync()
     t1 = time.perf_counter()
     for _ in range(new_tokens - 1):
         logits = backend.decode(logits.argmax(-1, keepdim=True))  # (B, 1) -> (B, V)
+    sync()
     return t1 - t0, time.perf_counter() - t1
 
 
 def time_nocache(model: GPT, prompt_len: int, new_tokens: int, steps: int) -> float:
     """Estimated seconds for new_tokens greedy steps of the no-cache loop at batch 1."""
-    x = torch.randint(0, model.config.vocab_size, (1, prompt_len + new_tokens))
+    device = next(model.parameters()).device
+    x = torch.randint(0, model.config.vocab_size, (1, prompt_len + new_tokens)).to(device)
     lengths = torch.linspace(prompt_len, prompt_len + new_tokens - 1, min(steps, new_tokens)).round().long().tolist()
 
     def step(n: int) -> torch.Tensor:  # like nanoGPT's forward at inference: the head on the last position only
-        h = model.trunk(x[:, :n], torch.arange(n))  # (1, n, C)
+        h = model.trunk(x[:, :n], torch.arange(n, device=device))  # (1, n, C)
         return model.head(h[:, -1:])[:, -1].argmax(-1)
 
     with torch.inference_mode():
         step(prompt_len)  # warm-up
+        sync()
         t0 = time.perf_counter()
         for n in lengths:
             step(n)
+        sync()
         spent = time.perf_counter() - t0
     return spent / len(lengths) * new_tokens
 
@@ -116,11 +130,11 @@ def bench_model(name: str, args, tmp: Path) -> dict:
     backends: dict[str, Backend] = {}
     for b in args.backends:  # each backend gets its own copy: TorchBackend re-lays fp32 weights for decoding
         if b == "torch":
-            backends[b] = TorchBackend(copy.deepcopy(model), meta, "torch fp32")
+            backends[b] = TorchBackend(copy.deepcopy(model).to(args.device), meta, "torch fp32")
         elif b == "compile":
-            backends[b] = TorchBackend(copy.deepcopy(model), meta, "torch compile", compile=True)
+            backends[b] = TorchBackend(copy.deepcopy(model).to(args.device), meta, "torch compile", compile=True)
         elif b == "bf16":
-            backends[b] = TorchBackend(copy.deepcopy(model).to(torch.bfloat16), meta, "torch bf16")
+            backends[b] = TorchBackend(copy.deepcopy(model).to(args.device, torch.bfloat16), meta, "torch bf16")
         elif b == "int8":
             q = quantize_model(copy.deepcopy(model))
             save_quantized(tmp / f"{name}-int8", q, meta)
@@ -172,8 +186,9 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         # prefill once per backend, at the first batch size: a long prompt is already a big matmul
         timers[key, args.batch_sizes[0], "prefill"] = prefill_timer(be, args.batch_sizes[0])
     if "nocache" in args.backends:
+        nocache_model = model.to(args.device)  # the last use of the CPU master copy
         timers["nocache", 1, "decode"] = lambda: (
-            time_nocache(model, args.prompt_len, args.new_tokens, args.nocache_steps) / args.new_tokens
+            time_nocache(nocache_model, args.prompt_len, args.new_tokens, args.nocache_steps) / args.new_tokens
         )
     best = dict.fromkeys(timers, float("inf"))
     for _ in range(args.repeats):
@@ -260,7 +275,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--models", default="demo,gpt2", help="comma list of demo, gpt2, ckpt")
     p.add_argument("--ckpt", help="checkpoint benched as model 'ckpt'")
-    p.add_argument("--backends", default=",".join(DEFAULT_BACKENDS), help=f"comma list of {', '.join(ALL_BACKENDS)}")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help=f"comma list of {', '.join(ALL_BACKENDS)} (default: all but compile; on cuda: {', '.join(CUDA_BACKENDS)})",
+    )
+    p.add_argument("--device", default="cpu", help="cpu | cuda (the torch backends on the GPU)")
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -274,10 +294,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads (default: all cores)")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
-    args.backends = [b for b in args.backends.split(",") if b]
+    if args.device not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu or cuda; got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
+    default = CUDA_BACKENDS[:-1] if args.device == "cuda" else DEFAULT_BACKENDS
+    args.backends = [b for b in (args.backends or ",".join(default)).split(",") if b]
     bad = [b for b in args.backends if b not in ALL_BACKENDS]
     if bad:
         raise UsageError(f"unknown backend(s) {bad}; choose from {', '.join(ALL_BACKENDS)}")
+    cpu_only = [b for b in args.backends if b not in CUDA_BACKENDS]
+    if args.device == "cuda" and cpu_only:
+        raise UsageError(f"--device cuda runs {', '.join(CUDA_BACKENDS)}; {', '.join(cpu_only)} run on the CPU only")
     try:
         args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     except ValueError:
@@ -297,8 +325,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     print(
-        f"# eval.bench: torch {torch.__version__}, {torch.get_num_threads()} threads, {describe_cpu()}, "
+        f"# eval.bench: torch {torch.__version__}{gpu}, {torch.get_num_threads()} threads, {describe_cpu()}, "
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}; greedy decode of {args.new_tokens} tokens "
         f"after a {args.prompt_len}-token prompt; prefill of {args.prefill_len} tokens"
     )

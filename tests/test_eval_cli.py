@@ -255,3 +255,11 @@ def test_bench_runs_on_a_checkpoint(trained, capsys):
     assert "[ok] int8 Linear weights" in out and "int8 val loss" in out
     assert "weight streaming at batch 1" in out and "KV-cache >= 10x the no-cache loop needs" in out
     assert "avx512_bf16/amx: " in out  # which CPU: speeds differ by whether it has bf16 units
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_bench_device_cuda_without_a_gpu_is_one_line(capsys):
+    from eval import bench
+
+    one_line_error(*cli(capsys, bench.main, "--device", "cuda", "--models", "demo")[::2], "no CUDA device")
+    one_line_error(*cli(capsys, bench.main, "--device", "tpu")[::2], "--device must be cpu or cuda")

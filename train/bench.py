@@ -57,6 +57,7 @@ class Setting:
     dtype: str
     fused: bool
     compile: bool
+    fp8: str = "none"  # train.fp8's recipe (train/fp8.py): CUDA with fp8 tensor cores only
 
 
 SETTINGS = {
@@ -65,7 +66,9 @@ SETTINGS = {
     "bf16": Setting("bf16 autocast, fused AdamW", "bfloat16", True, False),
     "compile": Setting("fp32 compile, fused AdamW", "float32", True, True),
     "bf16-compile": Setting("bf16 autocast + compile, fused AdamW", "bfloat16", True, True),
+    "fp8-compile": Setting("fp8 tensorwise + bf16 + compile, fused", "bfloat16", True, True, "tensorwise"),
 }
+DEFAULT = [n for n, s in SETTINGS.items() if s.fp8 == "none"]  # fp8 needs fp8 tensor cores: asked for by name
 
 
 def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torch.device) -> dict:
@@ -73,6 +76,11 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     torch.manual_seed(0)
     mcfg = bench_model_config(cfg)
     model = GPT(mcfg)
+    if setting.fp8 != "none":  # before the layout's transforms, as the loop does
+        from train import fp8
+
+        fp8.check_device(device, emulate=False)
+        fp8.convert(model, setting.fp8, emulate=False, fsdp=False)
     seq, mb = cfg.seq_len, cfg.train.micro_batch
     accum = cfg.train.tokens_per_step // (seq * mb)
     spec = StrategySpec(
@@ -107,7 +115,7 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     strategy.teardown()
     sec = statistics.median(times)
     tokens = cfg.train.tokens_per_step / sec
-    peak, src = device_peak_flops(device, setting.dtype)
+    peak, src = device_peak_flops(device, "float8" if setting.fp8 != "none" else setting.dtype)
     flops = model_for_flops(mcfg).flops_per_token(seq)
     return {
         "ms": 1000 * sec,
@@ -137,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="measured steps per setting (default 10)")
     ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation; default 3)")
     ap.add_argument(
-        "--settings", default=",".join(SETTINGS), help=f"comma-separated, from {', '.join(SETTINGS)} (default: all)"
+        "--settings",
+        default=",".join(DEFAULT),
+        help=f"comma-separated, from {', '.join(SETTINGS)} (default: all but fp8)",
     )
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")

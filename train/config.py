@@ -40,6 +40,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 WSD_SHAPES = ("linear", "1-sqrt")
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 OPTIMIZERS = ("adamw", "muon")
+FP8_RECIPES = ("none", "tensorwise", "rowwise")  # train/fp8.py (torchao's float8 recipes)
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn
 # Strategies that can run Muon: the native mesh (whole matrices, or DTensor shards of FSDP and TP that
 # the optimizer gathers for Newton-Schulz: train/optim.py). DeepSpeed's ZeRO flattens them.
@@ -177,6 +178,12 @@ class TrainSection(_Section):
     # float32 elsewhere
     dtype: str = "float32"
     compile: bool = False  # torch.compile the model
+    # FP8 matmuls in the Linear layers through torchao (train/fp8.py): none | tensorwise (one scale per
+    # tensor; fp8 FSDP all-gather) | rowwise (one per row: closer to bf16, slower). A switch beside
+    # train.dtype, not a value of it: the rest of the model (attention, norms, head) still runs in
+    # train.dtype (bfloat16 is the pairing torchao and torchtitan use). Needs fp8 tensor cores (CUDA 8.9+).
+    fp8: str = "none"
+    fp8_emulate: bool = False  # torchao's emulation of the fp8 matmuls in high precision: any device, no speed-up
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, one more forward
     seed: int = 1337
     resume: str = "auto"  # auto: from run_dir's latest checkpoint if any | never | a checkpoint path
@@ -648,4 +655,24 @@ def _cross_checks(cfg: Config) -> None:
         f"train.tokens_per_step ({t.tokens_per_step}) must be a multiple of seq_len * micro_batch "
         f"({cfg.seq_len} * {t.micro_batch} = {rows}); e.g. {max(1, round(t.tokens_per_step / rows)) * rows}",
     )
+    _validate_fp8(cfg)
     check_model(p, m, cfg.seq_len)  # what the mesh degrees ask of the model (MeshError: a ConfigError)
+
+
+def _validate_fp8(cfg: Config) -> None:
+    """train.fp8: the recipe, and the layouts it composes with (FSDP2, DDP, pipeline, compile)."""
+    t, p = cfg.train, cfg.parallel
+    _choice("train.fp8", t.fp8, FP8_RECIPES)
+    if t.fp8 == "none":
+        _check(not t.fp8_emulate, "train.fp8_emulate=true needs a recipe: set train.fp8=tensorwise or rowwise")
+        return
+    _check(
+        p.strategy != "deepspeed",
+        f"train.fp8={t.fp8} runs on the torch-native layouts: use parallel.strategy=fsdp or ddp (or none), "
+        "not deepspeed",
+    )
+    _check(
+        p.tp == 1,
+        f"train.fp8={t.fp8} with parallel.tp={p.tp} is not supported (tensor parallel needs torchao's float8 "
+        "TP plans); set parallel.tp=1 and shard with dp_shard",
+    )

@@ -40,6 +40,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from model import GPT, ModelConfig
+from train.parallel.dims import DIMS, ParallelDims
 
 # The TP plan of train/parallel/parallelize.py (torchtitan's, on this model's module names): which dim
 # of a parameter tp splits. Norms are sequence-parallel (replicated gains), the token table stays
@@ -64,28 +65,23 @@ DEEPSPEED_SUB_GROUP = 1_000_000_000  # zero_optimization.sub_group_size's defaul
 
 
 @dataclass(frozen=True)
-class Layout:
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    cp: int = 1
-    tp: int = 1
-    pp: int = 1
+class Layout(ParallelDims):
+    """A layout the planner weighs: the mesh degrees as the run's ParallelDims (train/parallel/dims.py,
+    the one place of their arithmetic: dp_size, shard_size, uses_fsdp, ...) over the world they multiply
+    to, plus what varies beside the mesh."""
+
     zero: int = 0  # DeepSpeed ZeRO stage over dp_replicate ranks; 0: torch-native
     micro_batch: int = 1
     ac: bool = False  # activation checkpointing of every block
 
-    @property
-    def world(self) -> int:
-        return self.dp_replicate * self.dp_shard * self.cp * self.tp * self.pp
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "world_size", math.prod(getattr(self, d) for d in DIMS))
+        super().__post_init__()
 
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def shard(self) -> int:
-        """FSDP's shard group: dp_shard x cp (torchtitan's dp_shard_cp)."""
-        return self.dp_shard * self.cp
+    @classmethod
+    def of(cls, dims: ParallelDims, **rest) -> Layout:
+        """The layout of a run's resolved dims (its -1 filled in), with the planner's other fields."""
+        return cls(**{d: getattr(dims, d) for d in DIMS}, **rest)
 
 
 @dataclass
@@ -142,8 +138,8 @@ def param_shares(model: GPT, layout: Layout) -> list[tuple[str, nn.Parameter, in
         dim = 0 if name == "lm_head.weight" and head_is_split(cfg) else TP_SHARD_DIM.get(key)
         if layout.tp > 1 and dim is not None:
             shape[dim] = math.ceil(shape[dim] / layout.tp)
-        if layout.zero == 0 and layout.shard > 1:
-            shape[0] = math.ceil(shape[0] / layout.shard)  # FSDP2: dim 0, padded
+        if layout.zero == 0 and layout.shard_size > 1:
+            shape[0] = math.ceil(shape[0] / layout.shard_size)  # FSDP2: dim 0, padded
         for s in where:
             stages[s].append((name, p, math.prod(shape)))
     return max(stages.values(), key=lambda share: sum(n for _, _, n in share))
@@ -166,12 +162,12 @@ def state_bytes(model: GPT, layout: Layout, dtype: str, optimizer: str = "adamw"
     grads = 4 * elems  # fp32 gradients; autocast casts per matmul
     params = 4 * elems + buffer_bytes(model)  # fp32 weights, and the buffers (RoPE tables) on every rank
     cbytes = dtype_bytes(dtype)
-    if layout.shard > 1:
+    if layout.shard_size > 1:
         # FSDP2 all-gathers one block's parameters in the compute dtype, and prefetches the next.
         per_block = _largest_block_elements(model, layout)
         temps["FSDP all-gather (2 blocks)"] = 2 * per_block * cbytes
         if accum > 1:  # without gradient sync, unsharded gradients accumulate between micro-batches
-            temps["FSDP unsharded grads (accumulation)"] = elems * layout.shard * cbytes
+            temps["FSDP unsharded grads (accumulation)"] = elems * layout.shard_size * cbytes
     elif layout.dp_replicate > 1:
         temps["DDP gradient buckets"] = 4 * elems  # a bucket copy of every gradient (gradient_as_bucket_view off)
     return Footprint(params, grads, moments + steps, 0, 0, temps)
@@ -183,7 +179,7 @@ def buffer_bytes(model: GPT) -> int:
 
 
 def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int, buffers: int) -> Footprint:
-    n = layout.dp
+    n = layout.dp_size
     pbytes = 4 if dtype == "float32" else dtype_bytes(dtype)  # the engine casts the module for bf16/fp16
     part = math.ceil(elems / n)
     params = pbytes * (part if layout.zero == 3 else elems) + buffers * pbytes // 4  # buffers cast as the module

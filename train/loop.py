@@ -43,6 +43,7 @@ from train.config import Config
 from train.dataset import build_model_config, read_dataset_meta
 from train.device import autocast_ctx, cpu_has_fast_bf16, pick_device, resolve_dtype
 from train.errors import TrainError
+from train.fp8 import peak_dtype as fp8_peak_dtype
 from train.guard import SpikeGuard, inject
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
 from train.optim import apply_schedule, build_optimizer
@@ -70,15 +71,19 @@ def train_step(
     amp: contextlib.AbstractContextManager,
     after_backward=None,
     gate=None,
+    after_step=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches (each x, y: (micro_batch, seq_len) int64).
     Returns (mean loss over the micro-batches, pre-clip grad norm) as device scalars: no host sync.
     after_backward(): called before the step (the spike tests' hook); gate(loss, norm) -> False skips
-    the optimizer step (train/guard.py)."""
+    the optimizer step (train/guard.py); after_step(): called after the optimizer step (fp8's weight
+    scales, train/fp8.py)."""
     loss = strategy.forward_backward(micro_batches, amp)
     if after_backward is not None:
         after_backward()
     norm = strategy.clip_and_step() if gate is None else strategy.clip_and_step(gate=lambda n: gate(loss, n))
+    if after_step is not None:
+        after_step()
     strategy.zero_grad()
     return loss, norm
 
@@ -297,6 +302,7 @@ class Trainer:
         if strategy.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (nanoGPT does too)
             torch.backends.cudnn.allow_tf32 = True
+        self.fp8_layers, self.after_step = self.convert_fp8(model)
         self.model, self.optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
         self.amp = autocast_ctx(strategy.device, cfg.train.dtype)
         self.ckpts = CheckpointManager(self.run_dir, strategy, self.mcfg, cfg.checkpoint.keep_last)
@@ -307,7 +313,9 @@ class Trainer:
                 "DeepSpeed's engine steps inside engine.step(); set guard.enabled=false"
             )
         self.state, resumed_from = self.resume_or_start()
-        self.peak_flops, peak_source = device_peak_flops(strategy.device, cfg.train.dtype)
+        self.peak_flops, peak_source = device_peak_flops(strategy.device, fp8_peak_dtype(cfg.train))
+        if cfg.train.fp8 != "none" and cfg.train.fp8_emulate:
+            peak_source += f"; fp8 emulated in {cfg.train.dtype}, so not the fp8 peak"
         logging = cfg.logging
         self.metrics = MetricsWriter(
             self.run_dir,
@@ -325,6 +333,18 @@ class Trainer:
             (self.bar.write if self.bar is not None and not self.bar.disable else self._log)(msg)
 
     # ------------------------------------------------------------------ set-up
+    def convert_fp8(self, model: GPT) -> tuple[int, object]:
+        """train.fp8: the bare model's Linear layers to torchao's Float8Linear, before the layout's
+        transforms (train/fp8.py). Returns (layers converted, the after-step hook or None)."""
+        t = self.cfg.train
+        if t.fp8 == "none":
+            return 0, None
+        from train import fp8
+
+        fp8.check_device(self.strategy.device, t.fp8_emulate)
+        dims = getattr(self.strategy, "dims", None)
+        return fp8.convert(model, t.fp8, t.fp8_emulate, fsdp=dims is not None and dims.uses_fsdp)
+
     def resume_or_start(self) -> tuple[TrainState, Path | None]:
         cfg, strategy = self.cfg, self.strategy
         resume_from = find_resume(self.run_dir, cfg.train.resume)
@@ -357,6 +377,13 @@ class Trainer:
             f"run dir {self.run_dir} | device {device} x {strategy.world_size} | strategy {cfg.parallel.strategy} "
             f"| dtype {cfg.train.dtype} | compile {cfg.train.compile}"
         )
+        if self.fp8_layers:
+            emulated = " (emulated by torchao in high precision)" if cfg.train.fp8_emulate else ""
+            self.log(
+                f"fp8 {cfg.train.fp8}: {self.fp8_layers} Linear layers run in float8{emulated}; the head and "
+                f"layers whose dims are not multiples of 16 stay in {cfg.train.dtype}"
+                + (" | fp8 FSDP all-gather" if self.after_step is not None else "")
+            )
         self.log(
             f"model {n_params / 1e6:.2f}M params"
             + (f" ({self.active_params / 1e6:.2f}M active)" if self.active_params != n_params else "")
@@ -423,7 +450,9 @@ class Trainer:
             while state.step < max_steps:
                 batches = self.loader.next_step()
                 lr = self.set_lr(state.step)
-                loss, norm = train_step(self.strategy, batches, self.amp, *self.step_hooks(state.step + 1))
+                loss, norm = train_step(
+                    self.strategy, batches, self.amp, *self.step_hooks(state.step + 1), after_step=self.after_step
+                )
                 skipped = self.guard is not None and self.guard.last.skip
                 if not skipped:
                     after_step(self.model)  # MoE: the routing biases follow this step's load (model/moe.py)

@@ -40,9 +40,13 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024,
     g = torch.Generator(device=device).manual_seed(0)  # its own generator: the training RNG stays put
     a = torch.randn(n, n, device=device, generator=g).to(dtype)
     b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    mm = lambda: a @ b  # noqa: E731
+    if dtype == torch.float8_e4m3fn:  # fp8 tensor cores through torch._scaled_mm (b column-major, unit scales)
+        b, one = b.t().contiguous().t(), torch.ones((), device=device)
+        mm = lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    a @ b  # warm-up: thread pool, kernel selection
+    mm()  # warm-up: thread pool, kernel selection
     sync()
     first = time.perf_counter() - t0
     if first > 0.1:  # an emulated dtype (bf16 on a CPU without bf16 units): one more sample is enough
@@ -50,15 +54,16 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 1024,
     best, deadline = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter()
-        a @ b
+        mm()
         sync()
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best
 
 
 def device_peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
-    """(peak FLOP/s of one device for `dtype`, where the number comes from)."""
-    tdtype = getattr(torch, dtype)
+    """(peak FLOP/s of one device for `dtype`, where the number comes from). dtype "float8": the fp8
+    tensor-core peak of an fp8 run (train/fp8.py), measured with torch._scaled_mm off the table."""
+    tdtype = torch.float8_e4m3fn if dtype == "float8" else getattr(torch, dtype)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = gpu_table_peak(name, dtype)

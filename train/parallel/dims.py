@@ -106,16 +106,21 @@ class ParallelDims:
         return self.dp_size * self.cp
 
     @property
+    def shard_size(self) -> int:
+        """The ranks FSDP shards over: dp_shard x cp (the "dp_shard_cp" submesh)."""
+        return self.dp_shard * self.cp
+
+    @property
     def shards_params(self) -> bool:
         """Whether a rank holds only part of some parameter (FSDP or TP): the weights live in state/."""
-        return self.dp_shard * self.cp > 1 or self.tp > 1
+        return self.shard_size > 1 or self.tp > 1
 
     @property
     def uses_fsdp(self) -> bool:
         """FSDP2 over dp_shard_cp (HSDP when dp_replicate > 1); pure replication otherwise. DDP cannot
         compose with another mesh dimension (torchtitan neither), so tp / cp / pp with replicas only
         use fully_shard on a replicate x shard mesh whose shard degree may be 1."""
-        return self.dp_shard * self.cp > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
+        return self.shard_size > 1 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1))
 
     # ---- this rank's place, from the global rank alone ----------------------------------
     def coords(self, rank: int | None = None) -> dict[str, int]:

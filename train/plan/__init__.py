@@ -30,7 +30,9 @@ from dataclasses import dataclass, field
 from model.errors import UserError
 from train.config import Config
 from train.footprint import Footprint, Layout, activation_bytes, dtype_bytes, meta_model, state_bytes
+from train.fp8 import peak_dtype
 from train.hardware import GPU, NETWORK_GBPS, peak_tflops
+from train.parallel.dims import DIMS, ParallelDims
 
 GIB = 1024**3
 HEADROOM = 0.9  # the share of GPU memory a run may plan for: the caching allocator fragments, and the
@@ -114,13 +116,10 @@ def mesh_dims_available() -> dict[str, bool]:
 
 def layout_ok(cfg: Config, mcfg, rep: int, shard: int, cp: int, tp: int, pp: int) -> bool:
     """Whether the mesh accepts these degrees for this model: train/parallel/dims.py's own check."""
-    from train.parallel.dims import MeshError, ParallelDims, check_model
+    from train.parallel.dims import MeshError, check_model
 
     try:
-        dims = ParallelDims(
-            dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp, pp=pp, world_size=rep * shard * cp * tp * pp
-        )
-        check_model(dims, mcfg, cfg.seq_len)
+        check_model(Layout(dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp, pp=pp), mcfg, cfg.seq_len)
     except MeshError:
         return False
     return True
@@ -157,7 +156,9 @@ def candidates(cfg: Config, mcfg, world: int, gpus_per_node: int) -> list[Layout
             if mb & (mb - 1) and mb != rows // dp:
                 continue
             for ac in (False, True):
-                out.append(Layout(rep, shard, cp, tp, pp, zero, mb, ac))
+                out.append(
+                    Layout(dp_replicate=rep, dp_shard=shard, cp=cp, tp=tp, pp=pp, zero=zero, micro_batch=mb, ac=ac)
+                )
     return out
 
 
@@ -165,15 +166,8 @@ def link(layout: Layout, dim: str, hw: Hardware) -> tuple[float, str]:
     """(GB/s, name) of the link a dimension's collectives use: the mesh is laid out with tp innermost
     (torchtitan's order pp, dp_replicate, dp_shard, cp, tp), so a group spans its own degree times the
     degrees inside it, and stays on NVLink while that span fits in a node."""
-    order = ["tp", "cp", "dp_shard", "dp_replicate", "pp"]
-    degrees = {
-        "tp": layout.tp,
-        "cp": layout.cp,
-        "dp_shard": layout.dp_shard,
-        "dp_replicate": layout.dp_replicate,
-        "pp": layout.pp,
-    }
-    span = math.prod(degrees[d] for d in order[: order.index(dim) + 1])
+    order = DIMS[::-1]  # innermost first
+    span = math.prod(getattr(layout, d) for d in order[: order.index(dim) + 1])
     if span <= hw.gpus_per_node:
         return hw.intra_gbps, "node link"
     return hw.inter_gbps, "network"
@@ -183,7 +177,7 @@ def estimate(cfg: Config, model, layout: Layout, hw: Hardware) -> Estimate:
     """The footprint and step time of one layout (the module docstring gives the model)."""
     mcfg, seq, dtype = model.config, cfg.seq_len, run_dtype(cfg)
     rows = cfg.train.tokens_per_step // seq
-    accum = rows // (layout.dp * layout.micro_batch)
+    accum = rows // (layout.dp_size * layout.micro_batch)
     fp = state_bytes(model, layout, dtype, cfg.optim.name, accum)
     local_seq = seq // layout.cp
     fixed, per_block = activation_bytes(mcfg, layout.micro_batch, local_seq, dtype, layout.ac)
@@ -202,8 +196,10 @@ def estimate(cfg: Config, model, layout: Layout, hw: Hardware) -> Estimate:
     fits = fp.total <= HEADROOM * hw.memory
 
     # time
-    peak = peak_tflops(hw.gpu, dtype) * 1e12
-    flops_rank = model.flops_per_token(seq) * cfg.train.tokens_per_step / layout.world
+    # an fp8 run's matmuls at the fp8 peak; a GPU without fp8 units refuses fp8 at start-up (train/fp8.py)
+    fp8_peak = peak_tflops(hw.gpu, "float8") if peak_dtype(cfg.train) == "float8" else None
+    peak = (fp8_peak or peak_tflops(hw.gpu, dtype)) * 1e12
+    flops_rank = model.flops_per_token(seq) * cfg.train.tokens_per_step / layout.world_size
     if layout.ac:  # one more forward of the blocks: 2 of the 6 FLOPs per parameter, a third of the attention
         flops_rank *= 4 / 3
     compute = flops_rank / (peak * hw.efficiency)
@@ -222,7 +218,7 @@ def estimate(cfg: Config, model, layout: Layout, hw: Hardware) -> Estimate:
             exposed += seconds
     step = max(compute, overlapped) + exposed
     tokens_per_s = cfg.train.tokens_per_step / step
-    mfu = model.flops_per_token(seq) * tokens_per_s / (layout.world * peak)
+    mfu = model.flops_per_token(seq) * tokens_per_s / (layout.world_size * peak)
     return Estimate(layout, accum, fp, logits, fits, step, tokens_per_s, mfu, timed)
 
 
@@ -235,17 +231,17 @@ def comm_volumes(cfg: Config, model, layout: Layout, accum: int, dtype: str) -> 
     layers = math.ceil(mcfg.n_layer / layout.pp)
     out: dict[str, tuple[float, bool]] = {}
     if layout.zero:
-        n, pbytes = layout.dp, 4 if dtype == "float32" else cbytes
+        n, pbytes = layout.dp_size, 4 if dtype == "float32" else cbytes
         # reduce-scatter of the gradients, all-gather of the updated parameters; stage 3 gathers the
         # parameters for every micro-batch's forward and backward instead
         gathers = 2 * accum if layout.zero == 3 else 1
         out["zero"] = ((1 + gathers) * ring(n) * params * pbytes, True)
         return out
-    if layout.shard > 1:  # FSDP: all-gather forward and backward per micro-batch, reduce-scatter per step
-        n = layout.shard
+    if layout.shard_size > 1:  # FSDP: all-gather forward and backward per micro-batch, reduce-scatter per step
+        n = layout.shard_size
         out["dp_shard"] = ((2 * accum * cbytes + 4) * ring(n) * params, True)
     if layout.dp_replicate > 1:  # all-reduce of the (sharded) fp32 gradients
-        out["dp_replicate"] = (2 * ring(layout.dp_replicate) * 4 * params / layout.shard, True)
+        out["dp_replicate"] = (2 * ring(layout.dp_replicate) * 4 * params / layout.shard_size, True)
     if layout.tp > 1:  # Korthikanti et al. 2022: 4 collectives of the block's activations forward, 4 backward
         out["tp"] = (8 * ring(layout.tp) * tokens_mb * mcfg.n_embd * cbytes * layers * accum, False)
     if layout.cp > 1:  # K and V all-gathered forward, their gradients reduce-scattered backward
@@ -284,17 +280,12 @@ def plan(cfg: Config, hw: Hardware) -> list[Estimate]:
 
 
 def current_layout(cfg: Config, world: int) -> Layout:
-    """The layout a config runs with on `world` ranks."""
-    p, rows_ac = cfg.parallel, dict(micro_batch=cfg.train.micro_batch, ac=cfg.train.activation_checkpointing)
-    if p.strategy == "deepspeed":
-        return Layout(dp_replicate=world, zero=p.zero_stage, **rows_ac)
-    if has_mesh(cfg) and any(getattr(p, k) not in (1, -1) for k in ("tp", "cp", "pp", "dp_replicate", "dp_shard")):
-        deg = {k: getattr(p, k) for k in ("dp_replicate", "dp_shard", "cp", "tp", "pp")}
-        rest = world // math.prod(v for v in deg.values() if v != -1)
-        return Layout(**{k: rest if v == -1 else v for k, v in deg.items()}, **rows_ac)
-    if p.strategy == "fsdp":
-        return Layout(dp_shard=world, **rows_ac)
-    return Layout(dp_replicate=world, **rows_ac)
+    """The layout a config runs with on `world` ranks: the run's own ParallelDims.from_options (the
+    shorthands and the -1 degree resolved there), DeepSpeed's ZeRO stage laid out over dp_replicate."""
+    p = cfg.parallel
+    dims = ParallelDims.from_options(p.strategy, cfg.parallel_options(), world)
+    zero = p.zero_stage if p.strategy == "deepspeed" else 0
+    return Layout.of(dims, zero=zero, micro_batch=cfg.train.micro_batch, ac=cfg.train.activation_checkpointing)
 
 
 def preflight_message(cfg: Config, world: int, gpu: GPU) -> str | None:
@@ -349,7 +340,7 @@ def preflight_check(cfg: Config, mcfg, world: int, device) -> None:
 
 def layout_name(lay: Layout) -> str:
     if lay.zero:
-        return f"zero{lay.zero} x{lay.dp}"
+        return f"zero{lay.zero} x{lay.dp_size}"
     dims = [("rep", lay.dp_replicate), ("shard", lay.dp_shard), ("cp", lay.cp), ("tp", lay.tp), ("pp", lay.pp)]
     named = [f"{k}{v}" for k, v in dims if v > 1]
     return " ".join(named) or "single"

@@ -1,0 +1,168 @@
+"""FP8 training (train/fp8.py) on the CPU, through torchao's emulation: which layers convert, that the
+casts really happen, that a run trains, checkpoints, resumes bit for bit and leaves a plain artifact
+that eval/ reads, and the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import require_extra
+from train_helpers import (
+    DEBUG_YAML,
+    REPO,
+    one_thread,
+    prepared_dataset,
+    run_cli,
+    tiny_config,
+    tiny_overrides,
+    train_losses,
+)
+
+from model import GPT, ModelConfig
+from train.config import load_config
+from train.errors import ConfigError
+
+FP8 = ["train.fp8=tensorwise", "train.fp8_emulate=true", "train.dtype=bfloat16"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return prepared_dataset(tmp_path_factory)
+
+
+def test_conversion_skips_the_head_and_unaligned_layers_and_really_casts():
+    """The head and every Linear with a dim that is not a multiple of 16 stay nn.Linear; the others
+    become Float8Linear, whose output differs from the float32 layer's by fp8 rounding (a few percent),
+    for both recipes."""
+    require_extra("torchao", "fp8")
+    from train import fp8
+    from train.errors import TrainError
+
+    unaligned = ModelConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2, n_embd=40, family="gpt2", bias=False)
+    with pytest.raises(TrainError, match="multiples of 16"):  # c_attn 40x120, c_fc 40x160, ...: none fits
+        fp8.convert(GPT(unaligned), "tensorwise", emulate=True, fsdp=False)
+
+    cfg = ModelConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32, family="gpt2", bias=False)
+    for recipe in ("tensorwise", "rowwise"):
+        torch.manual_seed(0)
+        model = GPT(cfg)
+        model.transformer.h[0].attn.extra = nn.Linear(32, 72, bias=False)  # 72 % 16 != 0: stays high precision
+        keys = set(model.state_dict())
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        converted, hook = fp8.convert(model, recipe, emulate=True, fsdp=False)
+        kinds = {n: type(m).__name__ for n, m in model.named_modules() if n in linears}
+        assert kinds.pop("lm_head") == "Linear"
+        assert kinds.pop("transformer.h.0.attn.extra") == "Linear"
+        assert set(kinds.values()) == {"Float8Linear"} and converted == len(kinds) == 8
+        assert hook is None  # no FSDP: no fp8 all-gather, no scale precompute
+        assert set(model.state_dict()) == keys  # same names: checkpoints and artifacts are the plain model's
+        layer = model.transformer.h[1].mlp.c_fc
+        x = torch.randn(8, 32)
+        exact = x @ layer.weight.detach().T  # (8, 128) in float32
+        err = ((layer(x) - exact).norm() / exact.norm()).item()
+        assert 1e-4 < err < 0.1, (recipe, err)  # rounded to fp8 (e4m3: 3 mantissa bits), not exact
+
+
+def test_fp8_run_trains_resumes_exactly_and_exports_plain_weights(data_dir, tmp_path, capsys):
+    """Emulated fp8 (tensorwise, bf16 elsewhere): the loss falls; resuming from the step-4 checkpoint
+    gives the straight run's losses bit for bit; the artifact holds the plain model's float32 tensors
+    (no fp8 state) and eval.evaluate / eval.sample read it."""
+    require_extra("torchao", "fp8")
+    from safetensors import safe_open
+
+    from eval import evaluate, sample
+    from train.loop import run
+
+    common = ["train.max_steps=8", "checkpoint.every=4", "optim.lr=1e-2", *FP8]
+    lines: list[str] = []
+    straight = tmp_path / "straight"
+    run(tiny_config(data_dir, straight, *common), log=lines.append)
+    assert any("fp8 tensorwise: 8 Linear layers run in float8 (emulated" in line for line in lines), lines
+    peak = [line for line in lines if "TFLOP/s" in line]
+    assert "measured" in peak[0] and "fp8 emulated in bfloat16, so not the fp8 peak" in peak[0], peak
+    losses = train_losses(straight)
+    assert sorted(losses) == list(range(1, 9))
+    assert sum(losses[s] for s in (6, 7, 8)) / 3 < losses[1] - 0.5, losses
+
+    resumed = tmp_path / "resumed"
+    ckpt = straight / "checkpoints" / "step_000004"
+    run(tiny_config(data_dir, resumed, *common, f"train.resume={ckpt}"), log=lambda m: None)
+    assert train_losses(resumed) == {s: losses[s] for s in range(5, 9)}
+
+    art = straight / "checkpoints" / "step_000008" / "model"
+    with safe_open(str(art / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}
+    cfg = ModelConfig.from_dict(json.loads((art / "model.json").read_text())["config"])
+    assert set(dtypes) == set(GPT(cfg).state_dict()) - {"lm_head.weight"}  # tied head saved once
+    assert set(dtypes.values()) == {torch.float32}
+
+    capsys.readouterr()
+    evaluate.main(["--ckpt", str(straight), "--data", str(data_dir), "--max-batches", "2", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert 0 < out["loss"] < losses[1]
+    sample.main(["--ckpt", str(straight), "--prompt", "def ", "--max-new-tokens", "8", "--seed", "1"])
+    assert capsys.readouterr().out.startswith("def ")
+
+
+def test_fp8_refusals_are_one_line(data_dir, tmp_path):
+    """Without fp8 tensor cores (here: a CPU) and without emulation: one line, exit 2. Layouts fp8
+    does not compose with, and a bad recipe, are config errors."""
+    proc = run_cli(
+        [
+            "--config",
+            str(DEBUG_YAML),
+            *tiny_overrides(data_dir, tmp_path / "r", "train.fp8=tensorwise", "train.max_steps=2"),
+        ],
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    err = [line for line in proc.stderr.splitlines() if line.strip() and "Failed to load" not in line]
+    assert len(err) == 1 and "fp8 tensor cores" in err[0] and "train.fp8_emulate=true" in err[0], proc.stderr
+
+    for extra, msg in (
+        (["train.fp8=fp4"], "train.fp8"),
+        (["train.fp8_emulate=true"], "needs a recipe"),
+        (["train.fp8=rowwise", "parallel.strategy=deepspeed"], "not deepspeed"),
+        (["train.fp8=tensorwise", "parallel.strategy=fsdp", "parallel.tp=2"], "parallel.tp=2"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(DEBUG_YAML, tiny_overrides(data_dir, tmp_path / "c", *extra))
+
+
+def test_fp8_mfu_uses_the_fp8_peak():
+    """A real fp8 run (and the planner's estimate of one) is measured against the table's dense fp8 peak
+    (twice bf16's on an H100); an emulated one against train.dtype's."""
+    from train.footprint import Layout, meta_model
+    from train.fp8 import peak_dtype
+    from train.hardware import BY_KEY
+    from train.metrics import gpu_table_peak
+    from train.plan import Hardware, estimate, model_config
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert gpu_table_peak(h100, "float8") == 2 * gpu_table_peak(h100, "bfloat16")
+    for fp8, emulate, want in (
+        ("tensorwise", False, "float8"),
+        ("rowwise", False, "float8"),
+        ("tensorwise", True, "bfloat16"),
+        ("none", False, "bfloat16"),
+    ):
+        assert peak_dtype(types.SimpleNamespace(fp8=fp8, fp8_emulate=emulate, dtype="bfloat16")) == want
+
+    gpu = BY_KEY["h100-sxm"]
+    est = {}
+    for fp8 in ("none", "tensorwise"):
+        cfg = load_config(REPO / "configs" / "gpt2-124m.yaml", ["train.dtype=bfloat16", f"train.fp8={fp8}"])
+        one_gpu = Hardware(gpu, 1, 1, gpu.link_gbps, 50.0)
+        est[fp8] = estimate(cfg, meta_model(model_config(cfg)), Layout(micro_batch=8), one_gpu)
+    # one GPU, nothing to communicate: the modelled step is compute at the peak, twice as fast in fp8
+    assert est["tensorwise"].tokens_per_s == pytest.approx(2 * est["none"].tokens_per_s)
+    assert est["tensorwise"].mfu == pytest.approx(est["none"].mfu)
