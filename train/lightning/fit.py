@@ -194,7 +194,7 @@ def run(cfg: Config, log=print) -> dict:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if cfg.train.eval_every > 0 and module.val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.save_checkpoint(run_dir / LAST)
+    trainer.save_checkpoint(run_dir / LAST, weights_only=False)  # the full state: resumable
     artifact = run_dir / MODEL
     if trainer.is_global_zero:
         to_artifact(run_dir / LAST, artifact)
