@@ -184,3 +184,20 @@ def test_without_lightning_one_line_says_how_to_install(monkeypatch, capsys):
     assert run(main, ["--config", str(DEBUG_YAML)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install -e ".[lightning]"' in err
+
+
+def test_what_lightning_does_not_run_is_one_line(capsys):
+    """Checked before any data is read: Lightning's FSDP and DeepSpeed strategies need CUDA, and the mesh
+    degrees are gptrain's own loop's."""
+    require_extra("lightning", "lightning")
+    from model.cli import run
+    from train.lightning.__main__ import main
+
+    for override, says in [
+        ("parallel.strategy=fsdp", "needs CUDA GPUs"),
+        ("parallel.strategy=deepspeed", "needs CUDA GPUs"),
+        ("parallel.tp=2", "gptrain's own loop's"),
+    ]:
+        assert run(main, ["--config", str(DEBUG_YAML), "train.device=cpu", override]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err

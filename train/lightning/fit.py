@@ -71,7 +71,15 @@ def check_supported(cfg: Config) -> None:
         )
     if cfg.guard.enabled:
         raise TrainError("guard.enabled=true is gptrain's own loop's (python -m train); set guard.enabled=false")
-    if cfg.optim.name == "muon" and cfg.parallel.strategy in ("fsdp", "deepspeed"):
+    sharded = cfg.parallel.strategy in ("fsdp", "deepspeed")
+    if sharded and pick_device(cfg.train.device).type != "cuda":
+        raise TrainError(
+            f"parallel.strategy={cfg.parallel.strategy} under Lightning needs CUDA GPUs (Lightning's "
+            f"{'FSDPStrategy' if cfg.parallel.strategy == 'fsdp' else 'DeepSpeedStrategy'} does not run on "
+            f"{pick_device(cfg.train.device).type}); use parallel.strategy=ddp, or python -m train for fsdp / "
+            "deepspeed on the CPU"
+        )
+    if cfg.optim.name == "muon" and sharded:
         raise TrainError(
             f"optim.name=muon under Lightning's {cfg.parallel.strategy} is not supported (its flat sharded "
             "parameters are not matrices); use parallel.strategy=ddp or optim.name=adamw"
