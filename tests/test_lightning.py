@@ -177,10 +177,14 @@ def test_two_rank_ddp_matches_gptrains_ddp(data, tmp_path):
 
 
 def test_without_lightning_one_line_says_how_to_install(monkeypatch, capsys):
-    from model.cli import run
-    from train.lightning.__main__ import main
+    import importlib
 
-    monkeypatch.setitem(sys.modules, "lightning", None)  # import lightning raises ImportError
+    from model.cli import run
+
+    monkeypatch.setitem(sys.modules, "lightning", None)  # import lightning (and lightning.*) raises ImportError
+    for name in [m for m in sys.modules if m == "train.lightning" or m.startswith("train.lightning.")]:
+        monkeypatch.delitem(sys.modules, name)  # imported afresh, without lightning
+    main = importlib.import_module("train.lightning.__main__").main
     assert run(main, ["--config", str(DEBUG_YAML)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and 'pip install -e ".[lightning]"' in err
