@@ -1,6 +1,7 @@
 """`python -m train.lightning` (train/lightning/) against gptrain's own loop, on the CPU, fp32, dropout 0.
 
-    one process   Lightning's losses and val losses are `python -m train`'s, step for step
+    one process   Lightning's losses and val losses are `python -m train`'s, step for step (GPT-2 family
+                  with AdamW and cosine; the modern family with Muon + AdamW and WSD)
     resume        a run resumed from its step-5 ModelCheckpoint continues the uninterrupted run's losses
     hand-back     the artifact the run writes samples through eval.sample, and eval.evaluate gives the
                   val loss Lightning logged
@@ -42,6 +43,15 @@ STEPS = 10
 # A schedule whose length does not depend on train.max_steps, so that a shorter run that is resumed
 # follows the reference's learning rates; validation every 5 steps (2 batches of 4).
 COMMON = [f"schedule.total_steps={STEPS}", "train.eval_every=5", "optim.grad_clip=1.0"]
+MUON = [
+    "model.family=modern",
+    "model.bias=false",
+    "model.tie_embeddings=false",
+    "optim.name=muon",
+    "optim.muon_ns_dtype=float32",
+    "schedule.name=wsd",
+    "schedule.decay_frac=0.5",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,6 +105,10 @@ def runs(data, tmp_path_factory) -> dict:
     ckpt = stopped / "checkpoints" / "step_000005.ckpt"
     assert ckpt.is_file()
     lightning(tiny_config(data, stopped, *COMMON, f"train.max_steps={STEPS}", f"train.resume={ckpt}"), log=quiet)
+    # The other family and the other optimizer: modern (RoPE, RMSNorm, SwiGLU, untied) with Muon + AdamW, WSD.
+    muon = [*COMMON, "train.max_steps=4", "train.eval_every=0", *MUON]
+    gptrain(tiny_config(data, root / "gptrain-muon", *muon), log=quiet)
+    lightning(tiny_config(data, root / "muon", *muon), log=quiet)
     return {"root": root, "full": full}
 
 
@@ -104,6 +118,13 @@ def test_one_process_matches_gptrain(runs):
     assert len(want_losses) == STEPS and sorted(want_vals) == [5, 10]
     assert_close(losses, want_losses)
     assert_close(vals, want_vals)
+
+
+def test_modern_family_with_muon_matches_gptrain(runs):
+    losses, _ = lightning_curves(runs["root"] / "muon")
+    want, _ = gptrain_curves(runs["root"] / "gptrain-muon")
+    assert len(want) == 4
+    assert_close(losses, want)
 
 
 def test_resumed_run_continues_the_uninterrupted_losses(runs):
