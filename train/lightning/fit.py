@@ -32,9 +32,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from model import GPT
 from train.config import Config
-from train.dataset import build_model_config
+from train.dataset import build_model, build_model_config
 from train.device import pick_device, resolve_dtype
 from train.errors import TrainError
 from train.lightning.artifact import LAST, MODEL, to_artifact
@@ -173,12 +172,7 @@ def run(cfg: Config, log=print) -> dict:
     data = Data.open(cfg, rank, world_size, torch.device("cpu"))
     set_seeds(cfg.train.seed + rank)  # the weights of train/loop.py's run (DDP broadcasts rank 0's)
     mcfg, init_weights = build_model_config(cfg, data.meta)
-    model = GPT(mcfg)
-    if init_weights is not None:
-        try:
-            model.load_weights(init_weights)
-        except ValueError as e:
-            raise TrainError(f"train.init_from={cfg.train.init_from}: {e}") from None
+    model = build_model(cfg, mcfg, init_weights)
     grad_accum = data.train_loader(mcfg.vocab_size).grad_accum_steps
     metadata = {
         "tokenizer": data.meta["tokenizer"],
