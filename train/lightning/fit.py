@@ -180,7 +180,7 @@ def run(cfg: Config, log=print) -> dict:
         "eot_id": data.meta.get("eot_id"),
         "dataset": data.label,
     }
-    weights = [w for _, w, _ in data.val_sets(mcfg.vocab_size)]
+    weights = [s.weight for s in data.mix[0]] if data.mix else [1.0]  # Data.val_sets' order
     module = GPTModule(cfg, model, metadata, weights)
     datamodule = GPTDataModule(data, mcfg.vocab_size, grad_accum)
     loggers = [CSVLogger(run_dir, name="lightning")]
