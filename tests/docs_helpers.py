@@ -66,7 +66,7 @@ OVERRIDES = [
     (r"-m train\.race\b", ["--set", "train.max_steps=4", "--eval-every", "2", "--eval-tokens", "2048", "--quiet"], {}),
     (r"-m train\.sweep\b", ["--trials", "2", "train.max_steps=2", "train.eval_every=1", "train.eval_batches=2"], {}),
 ]
-TRAINS = r"(-m train(\s|$)|launch\.sh)"  # python -m train, torchrun -m train, bash launch.sh
+TRAINS = r"(-m train(\.lightning)?(\s|$)|launch\.sh)"  # python -m train (.lightning), torchrun -m train, bash launch.sh
 
 
 @dataclass

@@ -123,6 +123,51 @@ def violations(g: dict[str, set[str]], commands: set[str]) -> list[str]:
     return bad
 
 
+# Optional extras whose imports stay inside one subpackage of ours, so that everything else runs without them:
+# the extra -> the subpackage that alone may import it (and that nothing outside it imports).
+EXTRA_HOMES = {"lightning": "train.lightning", "pytorch_lightning": "train.lightning"}
+
+
+def extra_violations(root: Path = REPO) -> list[str]:
+    g, _ = graph(root)
+    bad = []
+    for m, path in sorted(modules(root).items()):
+        for home in sorted(set(EXTRA_HOMES.values())):
+            inside = m == home or m.startswith(home + ".")
+            if not inside and any(d == home or d.startswith(home + ".") for d in g[m]):
+                bad.append(f"{m} imports {home}, which needs an optional extra")
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names = [node.module]
+            for name in names:
+                home = EXTRA_HOMES.get(name.split(".")[0])
+                if home and not (m == home or m.startswith(home + ".")):
+                    bad.append(f"{m} imports {name}: only {home} may (an optional extra)")
+    return bad
+
+
+def test_only_their_subpackage_imports_optional_extras(tmp_path):
+    assert extra_violations() == []
+    files = {
+        "model/__init__.py": "",
+        "data/__init__.py": "",
+        "eval/__init__.py": "",
+        "train/__init__.py": "",
+        "train/loop.py": "def f():\n    import lightning.pytorch as pl\n",
+        "train/bench.py": "from train.lightning.fit import run\n",
+        "train/lightning/__init__.py": "",
+        "train/lightning/fit.py": "import lightning as L\n",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert extra_violations(tmp_path) == [
+        "train.bench imports train.lightning, which needs an optional extra",
+        "train.loop imports lightning.pytorch: only train.lightning may (an optional extra)",
+    ]
+
+
 def test_the_import_rules_hold():
     g, commands = graph()
     assert violations(g, commands) == []

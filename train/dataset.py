@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from model import ModelConfig
+from model import GPT, ModelConfig
 from model.io import ArtifactError, load_state
 from train.config import Config
 from train.errors import TrainError
@@ -57,6 +57,17 @@ def build_model_config(cfg: Config, meta: dict) -> tuple[ModelConfig, dict | Non
     if fields["doc_mask"] and fields["eot_id"] is None:  # document masking splits at the dataset's EOT
         fields["eot_id"] = meta.get("eot_id")
     return ModelConfig(**{**fields, "vocab_size": vocab}), None
+
+
+def build_model(cfg: Config, mcfg: ModelConfig, init_weights: dict | None) -> GPT:
+    """The GPT to train: freshly initialised (from the torch RNG as seeded), or with train.init_from's weights."""
+    model = GPT(mcfg)
+    if init_weights is not None:
+        try:
+            model.load_weights(init_weights)
+        except ValueError as e:
+            raise TrainError(f"train.init_from={cfg.train.init_from}: {e}") from None
+    return model
 
 
 def vocab_size(cfg: Config) -> int:

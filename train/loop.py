@@ -40,7 +40,7 @@ from train import hellaswag
 from train.callbacks import EvalCallback, TrainPruned
 from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume, step_of
 from train.config import Config
-from train.dataset import build_model_config, read_dataset_meta
+from train.dataset import build_model, build_model_config, read_dataset_meta
 from train.device import autocast_ctx, cpu_has_fast_bf16, pick_device, resolve_dtype
 from train.errors import TrainError
 from train.fp8 import peak_dtype as fp8_peak_dtype
@@ -152,12 +152,7 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
     mcfg, init_weights = build_model_config(cfg, data.meta)
     check_model(dims, mcfg, cfg.seq_len)
     preflight_check(cfg, mcfg, world_size, device)  # CUDA: stop a layout the planner says cannot fit
-    model = GPT(mcfg)
-    if init_weights is not None:
-        try:
-            model.load_weights(init_weights)
-        except ValueError as e:
-            raise TrainError(f"train.init_from={cfg.train.init_from}: {e}") from None
+    model = build_model(cfg, mcfg, init_weights)
     loader = data.train_loader(mcfg.vocab_size)
     spec = StrategySpec(
         precision=short(cfg.train.dtype),
