@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from model.config import ModelConfig
+from model.dtensor import is_dtensor
 from model.moe import MoE, inactive_params, take_aux_loss
 
 # kv_update(layer, k, v) -> (k_all, v_all): stores this step's keys/values and returns
@@ -578,7 +578,9 @@ class GPT(nn.Module):
         if aux is None:
             return loss
         aux = aux - aux.detach()  # zero: the value stays the cross entropy exactly
-        if isinstance(loss, DTensor):  # tensor parallel's loss parallel: a replicated DTensor (a zero is)
+        if is_dtensor(loss):  # tensor parallel's loss parallel: a replicated DTensor (a zero is)
+            from torch.distributed.tensor import DTensor
+
             aux = DTensor.from_local(aux, loss.device_mesh, loss.placements, run_check=False)
         return loss + aux
 

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor
 
 from model.config import ModelConfig
+from model.dtensor import is_dtensor
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ class MoE(nn.Module):
     def run_experts(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs (M, C) sorted by expert, counts (E,) rows per expert -> (M, C): each row through its expert."""
         # this rank's experts: all of them, or under expert parallelism its Shard(0) slice (E_local, ., .)
-        w_up, w_down = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w_up, self.w_down))
+        w_up, w_down = (w.to_local() if is_dtensor(w) else w for w in (self.w_up, self.w_down))
         if use_grouped_mm(self.grouped, xs):
             offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's rows
             dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") and xs.is_cuda else xs.dtype

@@ -252,3 +252,15 @@ def test_the_readme_tree_names_every_module():
     assert missing == [], f"README.md's file tree does not name {missing}"
     stale = [f"{pkg}/{f}" for pkg, names in listed.items() for f in names if not (REPO / pkg / f).is_file()]
     assert stale == [], f"README.md's file tree names files that do not exist: {stale}"
+
+
+def test_commands_that_build_no_mesh_do_not_import_dtensor():
+    # torch.distributed.tensor is a large share of a command's start-up; a top-level import of it in a
+    # module every command loads (model/gpt.py, model/moe.py, train/optim.py) would cost every one
+    import subprocess
+    import sys
+
+    mods = "model.gpt, model.generation, train.loop, train.__main__, eval.sample, eval.evaluate, data.prepare"
+    code = f"import sys, {mods}; print('torch.distributed.tensor' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"

@@ -19,8 +19,8 @@ import math
 
 import torch
 import torch.nn as nn
-from torch.distributed.tensor import DTensor, distribute_tensor
 
+from model.dtensor import is_dtensor
 from train.config import OptimSection, ScheduleSection
 
 MUON_GROUP = "muon"  # the `name` of the param group that Muon steps; every other group is AdamW's
@@ -156,10 +156,12 @@ def muon_step(group: dict, state: dict) -> None:
         buf = st["momentum_buffer"]
         buf.lerp_(grad, 1 - momentum)
         update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-        sharded = isinstance(update, DTensor)
+        sharded = is_dtensor(update)
         full = update.full_tensor() if sharded else update  # (out, in)
         ortho = newton_schulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
         if sharded:
+            from torch.distributed.tensor import distribute_tensor
+
             ortho = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
         p.mul_(1 - lr * wd)
         p.add_(ortho, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
