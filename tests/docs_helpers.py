@@ -76,6 +76,9 @@ RUN_BY = {
     "bash launch.sh --nproc 2 configs/debug.yaml": "tests/test_launch.py",
     "bash launch.sh --nproc 4 configs/debug.yaml parallel.dp_shard=2 parallel.tp=2 model.vocab_size=258 "
     "train.run_dir=runs/mesh": "tests/test_dist_mesh_e2e.py",
+    "bash launch.sh --nproc 2 configs/debug.yaml parallel.strategy=fsdp train.run_dir=runs/fsdp": (
+        "tests/test_dist_loop.py"
+    ),
     "bash launch.sh --nproc 2 configs/debug.yaml parallel.cp=2 train.run_dir=runs/cp2": "tests/test_dist_cp.py",
     "DS_ACCELERATOR=cpu bash launch.sh --nproc 2 --deepspeed configs/debug.yaml train.run_dir=runs/zero2": (
         "tests/test_dist_loop.py"
@@ -256,6 +259,17 @@ def documented(command: str) -> list[str]:
     shown = [c for cmds in by_doc().values() for c in cmds if split_comment(c.text)[0] == command]
     assert shown, f"no document shows {command!r} any more: update RUN_BY and {RUN_BY[command]}"
     return shlex.split(command)
+
+
+def run_documented(command: str, extra: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """documented(command) with `extra` appended (later flags win), run from the repository root in the
+    tests' environment (train_helpers.python_env); asserts that it exited 0."""
+    from train_helpers import python_env
+
+    argv = ["env", *documented(command), *extra]  # env: the document may start with VAR=value
+    proc = subprocess.run(argv, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
 
 
 def runnable(cmd: Command) -> bool:

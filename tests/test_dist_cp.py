@@ -22,9 +22,9 @@ from pathlib import Path
 import dist_driver as drv
 import pytest
 import torch
-from docs_helpers import documented
+from docs_helpers import run_documented
 from test_dist_loop import COMMON, EVAL_1, assert_same_curve
-from train_helpers import REPO, metrics, prepared_dataset, python_env, tiny_config, tiny_overrides
+from train_helpers import metrics, prepared_dataset, tiny_config, tiny_overrides
 
 from train.loop import run
 from train.parallel.context import chunk_order, sequence_positions, shard_sequence
@@ -150,16 +150,7 @@ def test_cp2_through_the_loop_matches_one_process(data, tmp_path, case):
     (every 4 steps) are written by DCP on both ranks."""
     extra = [*LOOP_CASES[case], EVAL_1, f"train.max_steps={LOOP_STEPS}"]
     run(tiny_config(data, tmp_path / "ref", *COMMON, *extra), log=lambda m: None)
-    # docs/distributed.md's command, tiny overrides appended
-    proc = subprocess.run(
-        [*documented(DOC_COMMAND), *tiny_overrides(data, tmp_path / "cp2", *COMMON, *extra)],
-        cwd=REPO,
-        env={**python_env(), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"launch.sh exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_documented(DOC_COMMAND, tiny_overrides(data, tmp_path / "cp2", *COMMON, *extra))  # tiny overrides appended
     got = metrics(tmp_path / "cp2")
     assert_same_curve(got, metrics(tmp_path / "ref"), LOOP_STEPS)
     assert any("val_loss" in r for r in got)

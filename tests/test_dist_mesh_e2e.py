@@ -5,12 +5,11 @@ losses and HellaSwag counts are those of one process on the same global batches.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
-from docs_helpers import documented
-from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_env, run_cli, tiny_overrides, train_losses
+from docs_helpers import documented, run_documented
+from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, run_cli, tiny_overrides, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -33,15 +32,7 @@ def test_dp_shard2_x_tp2_through_launch_sh_equals_one_process(tmp_path_factory, 
 
     shown = documented(DOC_COMMAND)
     assert {"--nproc", "4", "parallel.dp_shard=2", "parallel.tp=2", "model.vocab_size=258"} <= set(shown)
-    proc = subprocess.run(
-        [*shown, *tiny_overrides(data, run_dir, *MODEL)],
-        cwd=REPO,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    proc = run_documented(DOC_COMMAND, tiny_overrides(data, run_dir, *MODEL))
     log = proc.stdout + proc.stderr
     assert "adding parallel.strategy=ddp" not in log  # the degrees are the layout, passed through unchanged
     assert "mesh pp 1 x dp_replicate 1 x dp_shard 2 x cp 1 x tp 2 | rank 0 at (pp 0, dp_replicate 0, dp_shard 0" in log
