@@ -31,6 +31,9 @@ The convention for whoever writes the docs:
   directory every worker sees, and the others start from a copy of the result.
 - The test command that .ci/run runs and README.md shows is not run here: CI runs it, and it would
   run this test again. test_readme_shows_the_ci_test_command checks that the two agree.
+- A multi-process launch that a test file runs as the document shows it (its own overrides appended,
+  as here) and checks against one process is left to that file (RUN_BY below): the file takes the
+  command from the document (`documented`), so the document cannot drift from what runs.
 """
 
 import hashlib
@@ -67,6 +70,20 @@ OVERRIDES = [
     (r"-m train\.sweep\b", ["--trials", "2", "train.max_steps=2", "train.eval_every=1", "train.eval_batches=2"], {}),
 ]
 TRAINS = r"(-m train(\.lightning)?(\s|$)|launch\.sh)"  # python -m train (.lightning), torchrun -m train, bash launch.sh
+
+# A documented command (as shown, its trailing comment aside) -> the test file that runs it (documented()).
+RUN_BY = {
+    "bash launch.sh --nproc 2 configs/debug.yaml": "tests/test_launch.py",
+    "bash launch.sh --nproc 4 configs/debug.yaml parallel.dp_shard=2 parallel.tp=2 model.vocab_size=258 "
+    "train.run_dir=runs/mesh": "tests/test_dist_mesh_e2e.py",
+    "bash launch.sh --nproc 2 configs/debug.yaml parallel.strategy=fsdp train.run_dir=runs/fsdp": (
+        "tests/test_dist_loop.py"
+    ),
+    "bash launch.sh --nproc 2 configs/debug.yaml parallel.cp=2 train.run_dir=runs/cp2": "tests/test_dist_cp.py",
+    "DS_ACCELERATOR=cpu bash launch.sh --nproc 2 --deepspeed configs/debug.yaml train.run_dir=runs/zero2": (
+        "tests/test_dist_loop.py"
+    ),
+}
 
 
 @dataclass
@@ -230,8 +247,33 @@ def by_doc() -> dict[str, list[Command]]:
     return {str(d.relative_to(REPO)): commands(d) for d in DOCS}
 
 
+def run_by(cmd: Command) -> str | None:
+    """The test file that runs this command (RUN_BY), if another file does."""
+    return RUN_BY.get(split_comment(cmd.text)[0])
+
+
+def documented(command: str) -> list[str]:
+    """The argv of a command that README.md or docs/ shows (a RUN_BY key), for the test file that runs it;
+    fails when no document shows it any more."""
+    assert command in RUN_BY, f"{command!r} is not in tests/docs_helpers.py's RUN_BY"
+    shown = [c for cmds in by_doc().values() for c in cmds if split_comment(c.text)[0] == command]
+    assert shown, f"no document shows {command!r} any more: update RUN_BY and {RUN_BY[command]}"
+    return shlex.split(command)
+
+
+def run_documented(command: str, extra: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """documented(command) with `extra` appended (later flags win), run from the repository root in the
+    tests' environment (train_helpers.python_env); asserts that it exited 0."""
+    from train_helpers import python_env
+
+    argv = ["env", *documented(command), *extra]  # env: the document may start with VAR=value
+    proc = subprocess.run(argv, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
 def runnable(cmd: Command) -> bool:
-    return not cmd.needs and cmd.text != ci_test_command()
+    return not cmd.needs and cmd.text != ci_test_command() and run_by(cmd) is None
 
 
 def shared_prefixes(docs: dict[str, list[Command]]) -> set[tuple[str, ...]]:
@@ -348,6 +390,8 @@ def doc_test(doc: str):
             pytest.skip(f"needs {', '.join(cmd.needs)}: {cmd.text}")
         if cmd.text == ci_test_command():
             pytest.skip("the test command: CI runs it (test_readme_shows_the_ci_test_command)")
+        if run_by(cmd):
+            pytest.skip(f"{run_by(cmd)} runs it and checks it against one process")
         workspace.run(cmd)
 
     return workspace, test_doc_command_runs

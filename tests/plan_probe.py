@@ -1,16 +1,17 @@
-"""Run by torchrun from tests/test_plan.py: the bytes a real run of a layout allocates per rank.
+"""Run by torchrun from tests/test_plan.py: the bytes a real run of each layout allocates per rank.
 
-    torchrun --nproc_per_node=2 tests/plan_probe.py STRATEGY OPTIONS_JSON PRECISION OUT.json [FAMILY]
+    torchrun --nproc_per_node=2 tests/plan_probe.py CASES.json OUT_DIR
 
-STRATEGY and OPTIONS_JSON are make_strategy's name and options (e.g. deepspeed '{"zero_stage": 3}',
-none '{"tp": 2}').
+CASES.json is a list of {"name", "strategy", "options", "family"}: make_strategy's name and options
+(e.g. deepspeed {"zero_stage": 3}, none {"tp": 2}); the cases run one after the other in one process
+group, so that one launch measures every layout of a world size.
 
-Wraps tests/dist_driver.py's tiny GPT with make_strategy(...).wrap and the driver's AdamW, runs two
-steps through the loop's call sequence, and counts the bytes of every tensor storage that is alive
-and was not before the model was built (found through the garbage collector, plus each parameter's
-.grad and the optimizer state, which may have no Python object of their own): after wrap (the
-parameters, and DeepSpeed's fp32 master partition), after the second backward (plus the gradients)
-and after the second step (plus the optimizer state). Rank 0 writes OUT.json.
+Each case wraps tests/dist_driver.py's tiny GPT with make_strategy(...).wrap and the driver's AdamW,
+runs two steps through the loop's call sequence, and counts the bytes of every tensor storage that is
+alive and was not before the model was built (found through the garbage collector, plus each
+parameter's .grad and the optimizer state, which may have no Python object of their own): after wrap
+(the parameters, and DeepSpeed's fp32 master partition), after the second backward (plus the
+gradients) and after the second step (plus the optimizer state). Rank 0 writes OUT_DIR/NAME.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import dataclasses
 import gc
 import json
 import sys
+from pathlib import Path
 
 import dist_driver as drv
 import torch
@@ -52,16 +54,14 @@ def storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[i
     return found
 
 
-def main() -> None:
-    name, options, precision, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo")
+def measure(name: str, options: dict, family: str, precision: str = "fp32") -> dict:
     spec = StrategySpec(precision=precision, grad_accum_steps=1, grad_clip=1.0)
+    options = dict(options)
     vocab = options.pop("_vocab", drv.VOCAB)
     s = make_strategy(name, torch.device("cpu"), spec, **options)
     gc.collect()
     before = set(storages(torch.nn.Module(), torch.optim.SGD([torch.zeros(1)])))
     torch.manual_seed(0)
-    family = sys.argv[5] if len(sys.argv) > 5 else "gpt2"
     mcfg = dataclasses.replace(drv.model_config(family), vocab_size=vocab)
     model, opt = s.wrap(drv.GPT(mcfg), drv.build_optimizer)
 
@@ -88,12 +88,21 @@ def main() -> None:
         s.clip_and_step()
         s.zero_grad()
     res["after_step"] = new(model, opt)
-    if s.rank == 0:
-        with open(out, "w") as f:
-            json.dump(res, f)
     del model, opt
     gc.collect()
     s.teardown()
+    return res
+
+
+def main() -> None:
+    cases, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    for case in cases:
+        res = measure(case["strategy"], case.get("options", {}), case.get("family", "gpt2"))
+        if dist.get_rank() == 0:
+            (out / f"{case['name']}.json").write_text(json.dumps(res))
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from pathlib import Path
 import dist_driver as drv
 import pytest
 import torch
-from test_dist_loop import COMMON, EVAL_1, assert_same_curve, torchrun
-from train_helpers import metrics, prepared_dataset, tiny_config
+from docs_helpers import run_documented
+from test_dist_loop import COMMON, EVAL_1, assert_same_curve
+from train_helpers import metrics, prepared_dataset, tiny_config, tiny_overrides
 
 from train.loop import run
 from train.parallel.context import chunk_order, sequence_positions, shard_sequence
@@ -132,6 +133,7 @@ LOOP_CASES = {
     ],
 }
 LOOP_STEPS = 10
+DOC_COMMAND = "bash launch.sh --nproc 2 configs/debug.yaml parallel.cp=2 train.run_dir=runs/cp2"
 
 
 @pytest.fixture(scope="module")
@@ -142,12 +144,13 @@ def data(tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", LOOP_CASES)
 def test_cp2_through_the_loop_matches_one_process(data, tmp_path, case):
-    """python -m train under torchrun, parallel.cp=2 (FSDP over dp_shard x cp = 2): every step's loss
+    """docs/distributed.md's `bash launch.sh --nproc 2 ... parallel.cp=2` (python -m train under torchrun,
+    FSDP over dp_shard x cp = 2) with tiny overrides: every step's loss
     and the evaluations (eval_every=4, and the last step) equal the one-process run's; checkpoints
     (every 4 steps) are written by DCP on both ranks."""
     extra = [*LOOP_CASES[case], EVAL_1, f"train.max_steps={LOOP_STEPS}"]
     run(tiny_config(data, tmp_path / "ref", *COMMON, *extra), log=lambda m: None)
-    torchrun(2, data, tmp_path / "cp2", "parallel.cp=2", *extra)
+    run_documented(DOC_COMMAND, tiny_overrides(data, tmp_path / "cp2", *COMMON, *extra))  # tiny overrides appended
     got = metrics(tmp_path / "cp2")
     assert_same_curve(got, metrics(tmp_path / "ref"), LOOP_STEPS)
     assert any("val_loss" in r for r in got)

@@ -1,10 +1,12 @@
 """FSDP and DeepSpeed through the real `python -m train` under torchrun (2 gloo ranks on the CPU):
 prepared data, the LR schedule, evaluation and the checkpoint manager, against the one-process loop.
 
-    FSDP       2 ranks; SIGTERM reaches ONE rank mid-run: every rank saves the same step and exits 0;
+    FSDP       2 ranks (docs/distributed.md's launch.sh command); SIGTERM reaches ONE rank mid-run: every
+               rank saves the same step and exits 0;
                then 1 rank (torchrun --nproc_per_node=1) resumes that checkpoint: the losses continue
                those of the uninterrupted one-process run
-    DeepSpeed  2 ranks (ZeRO-2), eval and checkpoints: the one-process run's losses
+    DeepSpeed  2 ranks (ZeRO-2), eval and checkpoints: the one-process run's losses; the command is
+               docs/distributed.md's (`DS_ACCELERATOR=cpu bash launch.sh --nproc 2 --deepspeed ...`)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_extra
+from docs_helpers import documented, run_documented
 from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_env, tiny_config, tiny_overrides
 
 from model.io import load_model
@@ -36,6 +39,10 @@ REF_STEPS = 40
 # train.eval_batches counts per rank (rank r takes the r-th micro-batch of each window of the val
 # split): 2 ranks x 2 batches evaluate exactly the 4 batches of one process.
 EVAL_1, EVAL_2 = "train.eval_batches=4", "train.eval_batches=2"
+FSDP_DOC_COMMAND = "bash launch.sh --nproc 2 configs/debug.yaml parallel.strategy=fsdp train.run_dir=runs/fsdp"
+DEEPSPEED_DOC_COMMAND = (
+    "DS_ACCELERATOR=cpu bash launch.sh --nproc 2 --deepspeed configs/debug.yaml train.run_dir=runs/zero2"
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +147,10 @@ def test_fsdp_sigterm_on_one_rank_then_resume_on_one_rank(data, reference, tmp_p
     log_out, log_err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     # max_steps far beyond where the signal lands: the run only ends by the signal
     with open(log_out, "w") as fo, open(log_err, "w") as fe:
+        # docs/distributed.md's FSDP command, tiny overrides appended; bash execs the launcher, so the
+        # ranks are proc's children
         proc = subprocess.Popen(
-            torchrun_cmd(2, data, run_dir, "parallel.strategy=fsdp", EVAL_2, "train.max_steps=100000"),
+            [*documented(FSDP_DOC_COMMAND), *tiny_overrides(data, run_dir, *COMMON, EVAL_2, "train.max_steps=100000")],
             cwd=REPO,
             env=python_env(),
             stdout=fo,
@@ -185,7 +194,11 @@ def test_fsdp_sigterm_on_one_rank_then_resume_on_one_rank(data, reference, tmp_p
 def test_deepspeed_trains_evaluates_and_checkpoints_through_the_loop(data, reference, tmp_path):
     require_extra("deepspeed", "deepspeed")
     run_dir = tmp_path / "ds"
-    torchrun(2, data, run_dir, "parallel.strategy=deepspeed", "parallel.zero_stage=2", EVAL_2, "train.max_steps=4")
+    # docs/distributed.md's command (ZeRO-2, the default stage), tiny overrides appended
+    shown = documented(DEEPSPEED_DOC_COMMAND)
+    assert shown[0] == "DS_ACCELERATOR=cpu" and "--deepspeed" in shown
+    proc = run_documented(DEEPSPEED_DOC_COMMAND, tiny_overrides(data, run_dir, *COMMON, EVAL_2, "train.max_steps=4"))
+    assert "parallel.strategy=deepspeed" in proc.stderr and "zero_stage" not in " ".join(shown)
     assert_same_curve(metrics(run_dir), reference, 4)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000004"
     model, meta = load_model(run_dir)

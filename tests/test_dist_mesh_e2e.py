@@ -1,15 +1,15 @@
-"""A 2-D mesh through the real entry point: `bash launch.sh --nproc 4 ... parallel.dp_shard=2
-parallel.tp=2` runs `python -m train` under torchrun (fully_shard over dp_shard composed with tensor,
-sequence and loss parallel), and its losses and HellaSwag counts are those of one process on the same
-global batches."""
+"""A 2-D mesh through the real entry point: docs/distributed.md's `bash launch.sh --nproc 4 ...
+parallel.dp_shard=2 parallel.tp=2` (taken from the document, tiny overrides appended) runs `python -m train`
+under torchrun (fully_shard over dp_shard composed with tensor, sequence and loss parallel), and its
+losses and HellaSwag counts are those of one process on the same global batches."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
-from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_env, run_cli, tiny_overrides, train_losses
+from docs_helpers import documented, run_documented
+from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, run_cli, tiny_overrides, train_losses
 
 pytestmark = pytest.mark.slow
 
@@ -17,6 +17,10 @@ LOSS_TOL = 1e-5  # fp32, dropout 0: only the reduction order differs
 # 258 = the bytes vocabulary (257) rounded up to a multiple of tp: the head splits evenly (loss parallel);
 # HellaSwag at step 0 and the last: the ranks of one tp group score the same examples together
 HELLASWAG = REPO / "tests" / "fixtures" / "hellaswag_mini.jsonl"
+DOC_COMMAND = (
+    "bash launch.sh --nproc 4 configs/debug.yaml parallel.dp_shard=2 parallel.tp=2 model.vocab_size=258 "
+    "train.run_dir=runs/mesh"
+)
 MODEL = ["model.vocab_size=258", "train.max_steps=3", "eval.hellaswag_every=3", f"eval.hellaswag_data={HELLASWAG}"]
 
 
@@ -26,16 +30,9 @@ def test_dp_shard2_x_tp2_through_launch_sh_equals_one_process(tmp_path_factory, 
     ref = run_cli(["--config", str(DEBUG_YAML), *tiny_overrides(data, ref_dir, *MODEL)])
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    args = tiny_overrides(data, run_dir, *MODEL, "parallel.dp_shard=2", "parallel.tp=2")
-    proc = subprocess.run(
-        ["bash", "launch.sh", "--nproc", "4", str(DEBUG_YAML), *args],
-        cwd=REPO,
-        env=python_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    shown = documented(DOC_COMMAND)
+    assert {"--nproc", "4", "parallel.dp_shard=2", "parallel.tp=2", "model.vocab_size=258"} <= set(shown)
+    proc = run_documented(DOC_COMMAND, tiny_overrides(data, run_dir, *MODEL))
     log = proc.stdout + proc.stderr
     assert "adding parallel.strategy=ddp" not in log  # the degrees are the layout, passed through unchanged
     assert "mesh pp 1 x dp_replicate 1 x dp_shard 2 x cp 1 x tp 2 | rank 0 at (pp 0, dp_replicate 0, dp_shard 0" in log

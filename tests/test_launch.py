@@ -1,9 +1,11 @@
 """launch.sh: the argument handling and the multi-node / SLURM mapping, with a stand-in torchrun
 that records its arguments; then the real torchrun: `--nproc 2` on one node, and two "nodes" on this
-machine (two launch.sh invocations, NNODES=2) that must train exactly like it."""
+machine (two launch.sh invocations, NNODES=2) that must train exactly like it; one process resumes the
+`--nproc 2` run's checkpoint; a user error under torchrun is one line."""
 
 from __future__ import annotations
 
+import re
 import socket
 import stat
 import subprocess
@@ -11,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_helpers import DEBUG_YAML, REPO, prepared_dataset, python_env, tiny_overrides, train_losses
+from docs_helpers import documented
+from train_helpers import DEBUG_YAML, REPO, prepared_dataset, python_env, tiny_config, tiny_overrides, train_losses
 
 
 def fake_torchrun(tmp_path: Path) -> tuple[Path, Path]:
@@ -106,11 +109,12 @@ def launch_env() -> dict:
 @pytest.fixture(scope="module")
 def nproc2_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path, Path]:
     """`bash launch.sh --nproc 2` on the CPU: two gloo ranks of DDP on one node (also the multi-node
-    test's reference)."""
+    test's reference); the command docs/distributed.md and docs/training.md show, tiny overrides appended."""
     data = prepared_dataset(tmp_path_factory)
     run_dir = tmp_path_factory.mktemp("launch") / "nproc2"
+    shown = documented("bash launch.sh --nproc 2 configs/debug.yaml")[2:]  # after `bash launch.sh`
     proc = run_launch(
-        ["--nproc", "2", str(DEBUG_YAML), *tiny_overrides(data, run_dir, "train.max_steps=3", "checkpoint.every=2")],
+        [*shown, *tiny_overrides(data, run_dir, "train.max_steps=3", "checkpoint.every=2")],
         launch_env(),
         timeout=300,
     )
@@ -129,8 +133,8 @@ def test_launch_nproc2_end_to_end(nproc2_run):
 
 @pytest.mark.slow
 def test_a_user_error_under_launch_sh_is_one_line_and_no_traceback(nproc2_run, tmp_path):
-    """The step does not split over 2 ranks: every rank raises the same DataError, rank 0 alone prints it,
-    the launch exits non-zero, and nothing prints a Python traceback (no rank, and not torchrun's agent:
+    """The step does not split over 2 ranks: every rank raises the same DataError, rank 0 alone prints it
+    and exits 2, the launch exits non-zero, and nothing prints a Python traceback (no rank, and not torchrun's agent:
     train/torchrun.py ends its ChildFailedError with one line)."""
     _, _, data = nproc2_run
     run_dir = tmp_path / "r"
@@ -139,8 +143,14 @@ def test_a_user_error_under_launch_sh_is_one_line_and_no_traceback(nproc2_run, t
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "does not divide into micro_batch" in errors[0], proc.stderr[-3000:]
+    assert errors[0].startswith("error: tokens_per_step=128") and "rank 1" not in errors[0]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "rank(s) failed" in proc.stderr.splitlines()[-1]
+    last = proc.stderr.splitlines()[-1]
+    assert "rank(s) failed" in last
+    codes = re.search(r"\(exit code ([-\d, ]+)\)", last)
+    assert codes and "2" in codes.group(1).split(", "), (
+        last
+    )  # a rank exited with our code (torchrun may stop the other first)
     assert not (run_dir / "checkpoints").exists()
 
 
@@ -193,3 +203,26 @@ def test_two_nodes_on_one_machine_train_like_one_node_with_two_processes(nproc2_
         # the same 2 ranks and gloo reductions; only the rendezvous differs
         assert abs(got[step] - want[step]) < 1e-6, (step, got[step], want[step])
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000003"
+
+
+@pytest.mark.slow
+def test_the_ddp_checkpoint_resumes_in_one_process(nproc2_run, tmp_path):
+    """End to end through the real loop: the step-2 checkpoint of `--nproc 2` (DDP, 2 ranks) resumed by
+    one process (parallel.strategy=none) to step 4: every loss is the uninterrupted one-process run's
+    (same global batch; the loader continues the global stream)."""
+    from train.loop import run
+
+    proc, two_ranks, data = nproc2_run
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (two_ranks / "checkpoints" / "step_000002" / "model" / "model.safetensors").is_file()
+    ref_dir, resumed = tmp_path / "ref", tmp_path / "resumed"
+    run(tiny_config(data, ref_dir, "train.max_steps=4"), log=lambda m: None)
+    said = []
+    ckpt = two_ranks / "checkpoints" / "step_000002"
+    run(tiny_config(data, resumed, "train.max_steps=4", f"train.resume={ckpt}"), log=said.append)
+    assert any(f"resumed from {ckpt}" in line for line in said), said
+    want, got = train_losses(ref_dir), {**train_losses(two_ranks), **train_losses(resumed)}
+    assert sorted(train_losses(resumed)) == [3, 4] and sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        # fp32, dropout 0: only the reduction order differs (2 ranks x 1 micro-batch vs 1 x 2)
+        assert abs(got[step] - want[step]) < 1e-5, (step, got[step], want[step])

@@ -2,7 +2,7 @@
 
 - Parameter, gradient and optimizer bytes per rank: the planner's numbers for a meta model against
   the storages a real run allocates: one process (AdamW and Muon), FSDP on 2 ranks, DeepSpeed ZeRO
-  1, 2 and 3 on 2 ranks (tests/plan_probe.py under torchrun, gloo).
+  1, 2 and 3 on 2 ranks (tests/plan_probe.py under torchrun, gloo: one launch per world size).
 - Activations: the planner's estimate (fake-tensor traces of 1 and 2 blocks at batch 1 and 2,
   extrapolated) against the peak that torch's MemTracker measures on a real forward + backward of
   the whole model at the real micro-batch (gradients preallocated, so that the peak less parameters,
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -55,19 +56,61 @@ def test_single_process_state_bytes_equal_a_real_step(optimizer):
     assert storage_bytes(state) == planned.optimizer
 
 
-def probe(tmp_path: Path, name: str, options: dict, family: str = "gpt2", nproc: int = 2) -> dict:
-    out = tmp_path / f"{name}.json"
+MESH_CASES = [
+    pytest.param({"tp": 2}, 2, Layout(tp=2), id="tp2"),
+    pytest.param({"dp_shard": 2, "tp": 2}, 4, Layout(dp_shard=2, tp=2), id="dp_shard2-tp2"),  # FSDP over tp shards
+]
+FAMILIES = ["gpt2", "modern"]
+
+
+def probe_cases(nproc: int) -> list[dict]:
+    """Every layout of one world size, measured in one launch (tests/plan_probe.py). The mesh cases get
+    a 96-token vocabulary, so that tp 2 divides it."""
+    cases = []
+    if nproc == 2:
+        cases.append({"name": "fsdp", "strategy": "fsdp", "options": {}})
+        if importlib.util.find_spec("deepspeed") is not None:
+            cases += [{"name": f"zero{z}", "strategy": "deepspeed", "options": {"zero_stage": z}} for z in (1, 2, 3)]
+    for p in MESH_CASES:
+        options, n, _ = p.values
+        if n == nproc:
+            for family in FAMILIES:
+                options = {**options, "_vocab": 96}
+                cases.append(
+                    {"name": mesh_name(options, family), "strategy": "none", "options": options, "family": family}
+                )
+    return cases
+
+
+def mesh_name(options: dict, family: str) -> str:
+    return "-".join([*(f"{k}{v}" for k, v in options.items() if k != "_vocab"), family])
+
+
+def probe_launch(tmp_path_factory, nproc: int) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp(f"plan_probe{nproc}")
+    cases = probe_cases(nproc)
+    (out / "cases.json").write_text(json.dumps(cases))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd += [str(REPO / "tests" / "plan_probe.py"), name, json.dumps(options), "fp32", str(out), family]
+    cmd += [str(REPO / "tests" / "plan_probe.py"), str(out / "cases.json"), str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(out.read_text())
+    return {c["name"]: json.loads((out / f"{c['name']}.json").read_text()) for c in cases}
+
+
+@pytest.fixture(scope="module")
+def probes2(tmp_path_factory) -> dict[str, dict]:
+    return probe_launch(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def probes4(tmp_path_factory) -> dict[str, dict]:
+    return probe_launch(tmp_path_factory, 4)
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_state_bytes_equal_a_real_run(tmp_path):
-    got = probe(tmp_path, "fsdp", {})
+def test_fsdp_two_ranks_state_bytes_equal_a_real_run(probes2):
+    got = probes2["fsdp"]
     f = state_bytes(meta_model(drv.model_config()), Layout(dp_shard=2), "float32")
     assert got["after_wrap"] == pytest.approx(f.params, abs=16)  # rank 0's padded shards
     assert got["after_backward"] - got["after_step"] == f.grads
@@ -76,9 +119,9 @@ def test_fsdp_two_ranks_state_bytes_equal_a_real_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_deepspeed_two_ranks_state_bytes_equal_a_real_run(tmp_path, stage):
+def test_deepspeed_two_ranks_state_bytes_equal_a_real_run(probes2, stage):
     require_extra("deepspeed", "deepspeed")
-    got = probe(tmp_path, "deepspeed", {"zero_stage": stage})
+    got = probes2[f"zero{stage}"]
     f = state_bytes(meta_model(drv.model_config()), Layout(dp_replicate=2, zero=stage), "float32")
     moments = f.optimizer - f.master
     if stage == 3:  # gradient buffers and the reduce bucket stay allocated from the engine's start
@@ -93,19 +136,13 @@ def test_deepspeed_two_ranks_state_bytes_equal_a_real_run(tmp_path, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "options, nproc, layout",
-    [
-        ({"tp": 2}, 2, Layout(tp=2)),
-        ({"dp_shard": 2, "tp": 2}, 4, Layout(dp_shard=2, tp=2)),  # a mixed mesh: FSDP over tp shards
-    ],
-    ids=["tp2", "dp_shard2-tp2"],
-)
-@pytest.mark.parametrize("family", ["gpt2", "modern"])
-def test_mesh_state_bytes_equal_a_real_run(tmp_path, options, nproc, layout, family):
+@pytest.mark.parametrize("options, nproc, layout", MESH_CASES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mesh_state_bytes_equal_a_real_run(request, options, nproc, layout, family):
     """The mesh's TP plan: the tied GPT-2 table stays whole; the modern family's untied head is split by
     vocabulary rows (loss parallel). A 96-token vocabulary, so that tp 2 divides it."""
-    got = probe(tmp_path, "none", {**options, "_vocab": 96}, family, nproc)
+    probes = request.getfixturevalue(f"probes{nproc}")
+    got = probes[mesh_name(options, family)]
     mcfg = dataclasses.replace(drv.model_config(family), vocab_size=96)
     f = state_bytes(meta_model(mcfg), layout, "float32")
     assert got["after_wrap"] == pytest.approx(f.params, abs=16)

@@ -176,9 +176,11 @@ def one_process(data_dir, tmp_path_factory) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["fsdp"])
 def test_torchrun_two_ranks_sum_to_one_process(data_dir, one_process, tmp_path, strategy):
-    """2 gloo ranks through `python -m train`: the counts of every evaluation equal one process's."""
+    """2 gloo ranks through `python -m train`: the counts of every evaluation equal one process's. FSDP:
+    the rank split and the sum are the strategy's data-parallel rank and all-reduce whatever the layout,
+    and FSDP's forward also needs both ranks to take part in every batch (11 examples: 6 and 5)."""
     two = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
     cmd += ["--config", str(DEBUG_YAML), *tiny_overrides(data_dir, two, *DIST, f"parallel.strategy={strategy}")]
