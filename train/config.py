@@ -143,6 +143,7 @@ class GuardSection:
     warmup: int = 32  # accepted steps before outliers are judged (non-finite steps always are)
     rollback_skips: int = 0  # this many skips within rollback_within steps roll back; 0 = never roll back
     rollback_within: int = 100  # the window, in steps, that rollback_skips counts over
+    max_rollbacks: int = 5  # the run stops (exit code 2) when one more rollback than this is called for; 0 = no cap
 
 
 @dataclass
@@ -151,6 +152,9 @@ class CheckpointSection:
     keep_last: int = 3  # newest checkpoints kept; 0 = keep all
     keep_best: bool = True  # also save at an eval that improves val loss, and keep that one (`best`)
     save_final: bool = True  # save at the last step
+    # write checkpoints in a background thread while training goes on (docs/checkpoints.md, "Asynchronous
+    # saves"); `async` itself is a Python keyword
+    async_save: bool = False
 
 
 @dataclass
@@ -609,7 +613,11 @@ def validate(cfg: Config) -> None:
     _check(g.z_threshold >= 0, f"guard.z_threshold must be >= 0 (0 = non-finite only); got {g.z_threshold}")
     for key, v in (("guard.window", g.window), ("guard.rollback_within", g.rollback_within)):
         _check(v >= 2, f"{key} must be >= 2; got {v}")
-    for key, v in (("guard.warmup", g.warmup), ("guard.rollback_skips", g.rollback_skips)):
+    for key, v in (
+        ("guard.warmup", g.warmup),
+        ("guard.rollback_skips", g.rollback_skips),
+        ("guard.max_rollbacks", g.max_rollbacks),
+    ):
         _check(v >= 0, f"{key} must be >= 0; got {v}")
     _model(dataclasses.asdict(m))  # the model's own checks, again on the values as they are now
     from train.parallel.dims import check_model
