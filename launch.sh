@@ -171,7 +171,12 @@ shift
 [[ -z $NPROC || $NPROC =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$NPROC'"
 [[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "--max-restarts must be an integer >= 0, got '$MAX_RESTARTS'"
 RESTARTS=()
-(( MAX_RESTARTS > 0 )) && RESTARTS=(--max-restarts="$MAX_RESTARTS")
+if (( MAX_RESTARTS > 0 )); then
+    RESTARTS=(--max-restarts="$MAX_RESTARTS")
+    # The workers' process group must not share the rendezvous' TCP store: a restarted group would read
+    # the dead attempt's addresses from it and fail to connect (https://github.com/pytorch/pytorch/issues/135712).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 
 (( DEEPSPEED )) && set -- "$@" parallel.strategy=deepspeed
 from_slurm

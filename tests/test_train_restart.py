@@ -84,12 +84,13 @@ def test_sbatch_checkpoints_and_requeues_on_usr1(tmp_path, requeued, want_requeu
 
 def fake_torchrun(tmp_path: Path) -> tuple[Path, Path]:
     log = tmp_path / "torchrun_args.txt"
-    stub(tmp_path / "torchrun", f"printf '%s\\n' \"$@\" > {log}\n")
+    stub(tmp_path / "torchrun", f'printf \'%s\\n\' "$@" "store=${{TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-}}" > {log}\n')
     return tmp_path / "torchrun", log
 
 
 def launch(args: list[str], env: dict) -> subprocess.CompletedProcess:
     base = {k: v for k, v in python_env().items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_"))}
+    base.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
     return subprocess.run(
         ["bash", "launch.sh", *args],
         cwd=REPO,
@@ -106,6 +107,7 @@ def test_max_restarts_reaches_torchrun(tmp_path):
     assert proc.returncode == 0, proc.stderr
     args = log.read_text().split("\n")  # one process of strategy none: under torchrun all the same
     assert "--max-restarts=2" in args and "--nproc_per_node=1" in args and "--standalone" in args
+    assert "store=1" in args  # a restarted group must not read the dead attempt's addresses from the shared store
     env = {"TORCHRUN": str(exe), "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "SLURM_JOB_ID": "5"}
     proc = launch(["--max-restarts=1", "--nproc", "4", str(DEBUG_YAML)], env)
     assert proc.returncode == 0, proc.stderr
