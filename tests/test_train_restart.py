@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_launch import run_launch
 from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_env, tiny_overrides, train_losses
 
 SBATCH = REPO / "configs" / "slurm-2node.sbatch"
@@ -89,16 +90,8 @@ def fake_torchrun(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def launch(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in python_env().items() if not k.startswith(("SLURM_", "NNODES", "NODE_RANK", "MASTER_"))}
-    base.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
-    return subprocess.run(
-        ["bash", "launch.sh", *args],
-        cwd=REPO,
-        env={**base, "PYTHON": sys.executable, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """launch.sh as tests/test_launch.py runs it, with no TORCH_DISABLE_SHARE_RDZV_TCP_STORE of the caller's."""
+    return run_launch(args, {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "", **env})
 
 
 def test_max_restarts_reaches_torchrun(tmp_path):
