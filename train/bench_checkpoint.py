@@ -103,18 +103,24 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.train.tokens_per_step:,} tokens/step | cpu, {torch.get_num_threads()} threads | "
         f"torch {torch.__version__}"
     )
-    print(describe_cpu())
+    print(describe_cpu(), flush=True)
     loop_seconds(strategy, batches, amp, None, 3, 1)  # warm-up: the allocator and the optimizer's state
     steps = args.every * args.cycles
     plain = loop_seconds(strategy, batches, amp, None, args.every, args.cycles)
-    print(f"{steps} steps, a checkpoint every {args.every}: step {1000 * plain / steps:.1f} ms without checkpoints")
+    print(
+        f"{steps} steps, a checkpoint every {args.every}: step {1000 * plain / steps:.1f} ms without checkpoints",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name, asynchronous in (("blocking", False), ("async", True)):
             ckpts = CheckpointManager(f"{tmp}/{name}", strategy, mcfg, keep_last=2, asynchronous=asynchronous)
             ckpts.root.mkdir(parents=True)
             total = loop_seconds(strategy, batches, amp, ckpts, args.every, args.cycles)
             cost = (total - plain) / args.cycles
-            print(f"  {name:<8} checkpoint: {1000 * cost:7.1f} ms per checkpoint ({1000 * total / steps:.1f} ms/step)")
+            print(
+                f"  {name:<8} checkpoint: {1000 * cost:7.1f} ms per checkpoint ({1000 * total / steps:.1f} ms/step)",
+                flush=True,
+            )
     without, with_guard = guard_step_ms(strategy, batches, amp, cfg, steps)
     print(f"guard: step {without:.1f} ms without, {with_guard:.1f} ms with its decision (median of {steps})")
     strategy.teardown()
