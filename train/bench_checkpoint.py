@@ -6,10 +6,10 @@
 
 Runs the real step (train.loop.train_step) on random tokens through the real CheckpointManager of
 parallel.strategy=none (DCP shards + the model artifact), in three loops of cycles x every steps: no
-checkpoint, a blocking checkpoint every `every` steps, an asynchronous one. The cost of one checkpoint
-is the loop's extra wall time over the no-checkpoint loop, per checkpoint; an asynchronous save still
-pays its copy to CPU memory and whatever its writer thread takes from the step (the GIL, memory
-bandwidth, cores). The last line: the median step with and without the guard's decision (one
+checkpoint, a blocking checkpoint every `every` steps, an asynchronous one. Per mode: how long each
+save() call holds the loop (blocking: the whole write; async: the copy to CPU memory, plus any wait
+for the previous save) and the median step, which shows what the writer thread takes from the steps
+(the GIL, memory bandwidth, cores). The last line: the median step with and without the guard's decision (one
 all-reduce and one .item() of the loss and grad norm per step: SpikeGuard.admit).
 """
 
@@ -56,18 +56,24 @@ def build(cfg):
     return strategy, batches, autocast_ctx(device, dtype), mcfg
 
 
-def loop_seconds(strategy, batches, amp, ckpts: CheckpointManager | None, every: int, cycles: int) -> float:
-    """Wall seconds of cycles x every steps, with a save after each `every` (and the last one awaited)."""
-    t0 = time.perf_counter()
+def measure(strategy, batches, amp, ckpts: CheckpointManager | None, every: int, cycles: int) -> tuple[float, float]:
+    """(median ms of a step, mean ms that one save() call holds the loop) over cycles x every steps with
+    a save after each `every`. Medians and per-call times, not a loop's total: a shared machine's bursts
+    of load would swamp a difference of totals."""
+    steps, saves = [], []
     for c in range(cycles):
         for _ in range(every):
+            t0 = time.perf_counter()
             loss, _ = train_step(strategy, batches, amp)
             loss.item()
+            steps.append(time.perf_counter() - t0)
         if ckpts is not None:
+            t0 = time.perf_counter()  # async: includes waiting for the previous save, if still in flight
             ckpts.save(TrainState(step=(c + 1) * every, model_config=ckpts.model_config.to_dict()), with_model=True)
+            saves.append(time.perf_counter() - t0)
     if ckpts is not None:
         ckpts.wait()
-    return time.perf_counter() - t0
+    return 1000 * statistics.median(steps), 1000 * statistics.mean(saves) if saves else 0.0
 
 
 def guard_step_ms(strategy, batches, amp, cfg, steps: int) -> tuple[float, float]:
@@ -104,21 +110,19 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}"
     )
     print(describe_cpu(), flush=True)
-    loop_seconds(strategy, batches, amp, None, 3, 1)  # warm-up: the allocator and the optimizer's state
+    measure(strategy, batches, amp, None, 3, 1)  # warm-up: the allocator and the optimizer's state
     steps = args.every * args.cycles
-    plain = loop_seconds(strategy, batches, amp, None, args.every, args.cycles)
-    print(
-        f"{steps} steps, a checkpoint every {args.every}: step {1000 * plain / steps:.1f} ms without checkpoints",
-        flush=True,
-    )
+    plain, _ = measure(strategy, batches, amp, None, args.every, args.cycles)
+    print(f"{steps} steps, a checkpoint every {args.every}: step {plain:.1f} ms without checkpoints", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, asynchronous in (("blocking", False), ("async", True)):
             ckpts = CheckpointManager(f"{tmp}/{name}", strategy, mcfg, keep_last=2, asynchronous=asynchronous)
             ckpts.root.mkdir(parents=True)
-            total = loop_seconds(strategy, batches, amp, ckpts, args.every, args.cycles)
-            cost = (total - plain) / args.cycles
+            step_ms, save_ms = measure(strategy, batches, amp, ckpts, args.every, args.cycles)
+            size = sum(f.stat().st_size for f in ckpts.latest().rglob("*") if f.is_file())
             print(
-                f"  {name:<8} checkpoint: {1000 * cost:7.1f} ms per checkpoint ({1000 * total / steps:.1f} ms/step)",
+                f"  {name:<8} the loop waits {save_ms:7.1f} ms per checkpoint ({size / 2**20:.1f} MiB); "
+                f"step {step_ms:.1f} ms (median)",
                 flush=True,
             )
     without, with_guard = guard_step_ms(strategy, batches, amp, cfg, steps)
