@@ -27,6 +27,8 @@ COMMON = ["checkpoint.every=1", "checkpoint.keep_last=3", f"train.max_steps={STE
 ASYNC = [*COMMON, "checkpoint.async_save=true"]
 POINTS = ["state", "publish", "latest", "prune"]  # train/faults.py, in the order of a save
 
+pytestmark = pytest.mark.slow  # two `python -m train` processes
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():

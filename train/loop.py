@@ -643,7 +643,8 @@ class Trainer:
             "dataset": self.data.label,
         }
         path = self.ckpts.save(self.state, is_best=is_best, with_model=is_best or final)
-        self.log(f"saved checkpoint {path}" + (" (best)" if is_best else ""))
+        done = "writing checkpoint {} in the background" if self.ckpts.asynchronous else "saved checkpoint {}"
+        self.log(done.format(path) + (" (best)" if is_best else ""))
         return path
 
     def evaluate(self) -> float:
