@@ -17,6 +17,10 @@
 #                                                          MASTER_ADDR, MASTER_PORT and the GPUs per node come
 #                                                          from SLURM's variables (one task per node)
 #   bash launch.sh --deepspeed configs/X.yaml [...]        parallel.strategy=deepspeed
+#   bash launch.sh --max-restarts K configs/X.yaml [...]   restart the job up to K times when a rank fails
+#                                                          (torchrun's elastic restarts, also for one process;
+#                                                          each restart resumes from the latest checkpoint;
+#                                                          multi-node: c10d rendezvous at MASTER_ADDR)
 #
 # Environment: PYTHON (default python), TORCHRUN (default: PYTHON -m train.torchrun, torchrun less its own
 # traceback when a rank fails), and for multi-node NNODES, NODE_RANK,
@@ -112,13 +116,20 @@ launch() {
             exec "$PYTHON" -m train --config "$config" "$@"
             ;;
         torchrun)
-            echo "+ torchrun --standalone --nproc_per_node=$nproc -m train --config $config $*" >&2
-            exec "${TORCHRUN_CMD[@]}" --standalone --nproc_per_node="$nproc" -m train --config "$config" "$@"
+            local opts=(--standalone --nproc_per_node="$nproc" "${RESTARTS[@]}")
+            echo "+ torchrun ${opts[*]} -m train --config $config $*" >&2
+            exec "${TORCHRUN_CMD[@]}" "${opts[@]}" -m train --config "$config" "$@"
             ;;
         multinode)
-            # Static rendezvous at MASTER_ADDR:MASTER_PORT; every node runs this same line.
+            # Static rendezvous at MASTER_ADDR:MASTER_PORT; every node runs this same line. Restarts need
+            # the c10d rendezvous: a static one cannot re-form the group after a node's workers failed.
             local rdzv=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
                         --master_port="$MASTER_PORT" --nproc_per_node="$nproc")
+            if (( MAX_RESTARTS > 0 )); then
+                rdzv=(--nnodes="$NNODES" --nproc_per_node="$nproc" --rdzv-backend=c10d
+                      --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="${SLURM_JOB_ID:-gptrain}"
+                      "${RESTARTS[@]}")
+            fi
             echo "+ torchrun ${rdzv[*]} -m train --config $config $*" >&2
             exec "${TORCHRUN_CMD[@]}" "${rdzv[@]}" -m train --config "$config" "$@"
             ;;
@@ -132,12 +143,15 @@ launch() {
 MODE=run
 NPROC=""
 DEEPSPEED=0
+MAX_RESTARTS=0
 while (( $# )); do
     case $1 in
         --demo) MODE=demo; shift ;;
         --deepspeed) DEEPSPEED=1; shift ;;
         --nproc) [[ $# -ge 2 ]] || die "--nproc needs a number"; NPROC=$2; shift 2 ;;
         --nproc=*) NPROC=${1#*=}; shift ;;
+        --max-restarts) [[ $# -ge 2 ]] || die "--max-restarts needs a number"; MAX_RESTARTS=$2; shift 2 ;;
+        --max-restarts=*) MAX_RESTARTS=${1#*=}; shift ;;
         -h|--help) usage; exit 0 ;;
         --) shift; break ;;
         -*) die "unknown option $1 (see bash launch.sh --help)" ;;
@@ -155,6 +169,14 @@ CONFIG=$1
 shift
 [[ -f $CONFIG ]] || die "config file $CONFIG not found (see configs/)"
 [[ -z $NPROC || $NPROC =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, got '$NPROC'"
+[[ $MAX_RESTARTS =~ ^[0-9]+$ ]] || die "--max-restarts must be an integer >= 0, got '$MAX_RESTARTS'"
+RESTARTS=()
+if (( MAX_RESTARTS > 0 )); then
+    RESTARTS=(--max-restarts="$MAX_RESTARTS")
+    # The workers' process group must not share the rendezvous' TCP store: a restarted group would read
+    # the dead attempt's addresses from it and fail to connect (https://github.com/pytorch/pytorch/issues/135712).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+fi
 
 (( DEEPSPEED )) && set -- "$@" parallel.strategy=deepspeed
 from_slurm
@@ -178,6 +200,6 @@ if (( NPROC * NNODES > 1 )) && [[ $STRATEGY == none ]]; then
 fi
 # A distributed strategy needs torchrun's environment even for one process.
 if (( NNODES > 1 )); then LAUNCHER=multinode
-elif [[ $STRATEGY == none ]]; then LAUNCHER=single
+elif [[ $STRATEGY == none ]] && (( MAX_RESTARTS == 0 )); then LAUNCHER=single  # restarts need torchrun
 else LAUNCHER=torchrun; fi
 launch "$LAUNCHER" "$NPROC" "$CONFIG" "$@"

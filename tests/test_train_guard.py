@@ -133,3 +133,17 @@ def test_ddp_skip_decided_together(data, tmp_path, monkeypatch):
     assert [(r["step"], r["skipped"]) for r in metrics(tmp_path) if "skipped" in r] == [(3, "non-finite")]
     w2, w3 = (load_file(ckpt(tmp_path, s) / "model" / "model.safetensors") for s in (2, 3))
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
+
+
+def test_rollback_cap_stops_the_run(data, tmp_path, monkeypatch):
+    """guard.max_rollbacks=1: the NaN pair at data steps 7-8 rolls back once; the pair at data steps 11-12
+    (training steps 9-10, after the 2 skipped data steps) calls for a second rollback, which stops the run
+    with one line naming the last good checkpoint (a TrainError: exit code 2) and a metrics record."""
+    monkeypatch.setenv(SPIKE_ENV, "nan@7,8,11,12")
+    lines = []
+    with pytest.raises(TrainError, match=r"step 10 calls for rollback 2, over guard.max_rollbacks=1") as err:
+        run(tiny_config(data, tmp_path, *ROLLBACK, "guard.max_rollbacks=1"), log=lines.append)
+    assert "step_000006" in str(err.value) and "\n" not in str(err.value)
+    records = metrics(tmp_path)
+    assert [r["rollback"]["at_step"] for r in records if "rollback" in r] == [8]
+    assert [(r["step"], r["stopped"]) for r in records if "stopped" in r] == [(10, "guard.max_rollbacks")]

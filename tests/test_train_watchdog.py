@@ -1,8 +1,9 @@
 """The heartbeat file and the hang watchdog (train/watchdog.py) through the real `python -m train`.
 
 heartbeat  one process: RUN/heartbeat.json names the last step, the world size and a recent time
-hang       2 DDP ranks (gloo); rank 1 sleeps inside step 3 (GPTRAIN_HANG, the test-only hook): both
-           ranks dump their stacks to RUN/hang/, rank 1's name the sleeping frame, rank 0 logs one
+hang       2 DDP ranks (gloo); in step 3 rank 0 waits inside an all-reduce that rank 1, asleep
+           (GPTRAIN_HANG, the test-only hook), never joins: both ranks dump their stacks to RUN/hang/,
+           rank 0's name the collective frame it waits in, rank 1's the sleeping frame, rank 0 logs one
            line naming rank 1, and the job exits non-zero instead of waiting for the collective
 """
 
@@ -47,6 +48,8 @@ def test_hang_in_a_collective_dumps_stacks_and_exits(data, tmp_path, monkeypatch
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"exiting with {EXIT_HANG}" in out and "ranks that did not arrive: [1]" in out, out[-3000:]
-    stacks = (tmp_path / "hang" / "rank_00001.txt").read_text()
-    assert stacks.startswith("rank 1 ") and "last_step 2" in stacks and "maybe_hang" in stacks
-    assert "last_step 3" in (tmp_path / "hang" / "rank_00000.txt").read_text()
+    asleep = (tmp_path / "hang" / "rank_00001.txt").read_text()
+    assert asleep.startswith("rank 1 ") and "last_step 2 waiting_in -" in asleep and "maybe_hang" in asleep
+    waiting = (tmp_path / "hang" / "rank_00000.txt").read_text()
+    assert "last_step 2 waiting_in all_reduce" in waiting
+    assert "distributed_c10d.py" in waiting and "in all_reduce" in waiting  # the frame it waits in

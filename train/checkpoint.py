@@ -29,11 +29,14 @@ docs/checkpoints.md.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import os
 import random
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,11 +180,22 @@ class CheckpointManager:
     """Saves (atomic), loads (checked), `latest`, `best`, and pruning to keep_last (+ best).
     Every rank calls save() and load(); rank 0 alone writes the shared files."""
 
-    def __init__(self, run_dir: str | os.PathLike, strategy: Strategy, model_config: ModelConfig, keep_last: int = 3):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        strategy: Strategy,
+        model_config: ModelConfig,
+        keep_last: int = 3,
+        asynchronous: bool = False,
+    ):
         self.root = Path(run_dir) / "checkpoints"
         self.strategy = strategy
         self.model_config = model_config
         self.keep_last = keep_last
+        self.asynchronous = asynchronous  # checkpoint.async: save() returns while a thread writes
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._group = None
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
@@ -210,7 +224,13 @@ class CheckpointManager:
     def save(self, state: TrainState, *, is_best: bool = False, with_model: bool = True) -> Path:
         """Write checkpoint step_{state.step}; state.artifact_metadata goes into the model artifact
         (tokenizer spec, step, ...). with_model=False skips the artifact where the strategy's state
-        holds the weights (train.consolidate writes it later)."""
+        holds the weights (train.consolidate writes it later).
+
+        Asynchronous (checkpoint.async_save): the previous save is waited for first (at most one in flight);
+        then what is saved is copied to CPU memory and a writer thread finishes the checkpoint while
+        training goes on (DCP's async_save for the strategy's state, this thread for the artifact and
+        train_state.pt). `latest` is replaced only after the checkpoint is complete, by that thread."""
+        self.wait()
         strategy, step = self.strategy, state.step
         name = checkpoint_name(step)
         tmp, final = self.root / f".tmp-{name}", self.root / name
@@ -218,36 +238,102 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / STATE_DIR).mkdir(parents=True)
         strategy.barrier()
-        strategy_state = strategy.save_state(tmp / STATE_DIR)
+        # each rank's dropout stream differs; keep them all for an exact resume. Written first: once the
+        # strategy's state is written on every rank, every rank's RNG file is too.
+        torch.save(rng_state(), tmp / rng_file(strategy.rank))
+        if self.asynchronous:
+            strategy_state, written = strategy.save_state_async(tmp / STATE_DIR, self._process_group())
+        else:
+            strategy_state, written = strategy.save_state(tmp / STATE_DIR), None
+        weights = None
         if with_model or not strategy.weights_in_state:
             weights = strategy.model_state_dict()  # collective: gathered to rank 0
-            if strategy.is_main:
-                save_artifact(tmp / MODEL_DIR, weights, self.model_config, state.artifact_metadata)
-            del weights
-        # each rank's dropout stream differs; keep them all for an exact resume
-        torch.save(rng_state(), tmp / rng_file(strategy.rank))
-        _fault("state", step)
-        strategy.barrier()
-        if strategy.is_main:
-            # stamped here: a resumed run's state still names the strategy / world that wrote its start
-            saved = dataclasses.replace(
-                state, strategy_state=strategy_state, strategy=strategy.name, world_size=strategy.world_size
-            )
-            torch.save(saved.to_dict(), tmp / TRAIN_STATE)
-            _fault("publish", step)
-            publish_dir(tmp, final)  # fsync, then one rename (replacing a checkpoint of a lost future)
-            _fault("latest", step)
-            write_text_atomic(self.root / "latest", name + "\n")
-            if is_best:
-                symlink_atomic(self.root / "best", name)
-            _fault("prune", step)
-            self.prune()
-        strategy.barrier()
+            if self.asynchronous:  # training changes the parameters in place while the thread writes
+                weights = {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+        # stamped here: a resumed run's state still names the strategy / world that wrote its start
+        saved = dataclasses.replace(
+            state, strategy_state=strategy_state, strategy=strategy.name, world_size=strategy.world_size
+        )
+        saved = copy.deepcopy(saved.to_dict()) if self.asynchronous else saved.to_dict()
+        if not self.asynchronous:
+            self._finish(step, tmp, final, written, weights, saved, is_best)
+            strategy.barrier()
+            return final
+        self._pending = threading.Thread(
+            target=self._finish_in_thread,
+            args=(step, tmp, final, written, weights, saved, is_best),
+            name=f"gptrain-save-{name}",
+            daemon=True,
+        )
+        self._pending.start()
         return final
+
+    def _finish(self, step, tmp: Path, final: Path, written, weights, saved: dict, is_best: bool) -> None:
+        """The rest of a save once the state is handed over: wait for the strategy's write, then (rank 0)
+        the artifact, train_state.pt, the rename, `latest`, `best` and pruning."""
+        if written is not None:
+            written.result()  # rank 0's DCP write ends with the metadata, after every rank's shards
+        if self.strategy.is_main and weights is not None:
+            save_artifact(tmp / MODEL_DIR, weights, self.model_config, saved["artifact_metadata"])
+        del weights
+        _fault("state", step)
+        if not self.asynchronous:
+            self.strategy.barrier()  # every rank's shards and RNG file are in
+        if not self.strategy.is_main:
+            return
+        torch.save(saved, tmp / TRAIN_STATE)
+        _fault("publish", step)
+        publish_dir(tmp, final)  # fsync, then one rename (replacing a checkpoint of a lost future)
+        _fault("latest", step)
+        write_text_atomic(self.root / "latest", final.name + "\n")
+        if is_best:
+            symlink_atomic(self.root / "best", final.name)
+        _fault("prune", step)
+        self.prune()
+
+    def _finish_in_thread(self, *args) -> None:
+        try:
+            self._finish(*args)
+        except BaseException as e:  # noqa: BLE001 -- handed to the main thread by wait()
+            self._error = e
+
+    def wait(self, all_ranks: bool = False) -> None:
+        """Block until the save in flight (checkpoint.async_save) is complete; raise what it raised.
+        all_ranks (a collective): also until rank 0 has published it, for a rank about to list them."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if all_ranks and self.asynchronous:
+            self.strategy.barrier()
+
+    @contextlib.contextmanager
+    def finally_wait(self):
+        """Around the loop: whichever way it ends (done, SIGTERM, an error), the save in flight is
+        completed before the process goes on to exit."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(Exception):  # the loop's own error is the one to report
+                self.wait()
+            raise
+        self.wait()
+
+    def _process_group(self):
+        """The gloo group of the asynchronous writes' own collectives (None in one process); made once,
+        at the first save, which every rank calls."""
+        import torch.distributed as dist
+
+        if self._group is None and dist.is_initialized():
+            self._group = dist.new_group(backend="gloo")
+        return self._group
 
     def load(self, ckpt: Path) -> TrainState:
         """Restore model, optimizer and this rank's RNG from ckpt (every rank); returns the TrainState.
         The RNG is restored last: the caller must not draw from it before the first training step."""
+        self.wait()
         ckpt = Path(ckpt)
         raw = torch.load(ckpt / TRAIN_STATE, map_location="cpu", weights_only=True)
         state = TrainState.from_dict(raw, ckpt / TRAIN_STATE)

@@ -220,11 +220,12 @@ class GuardSection(_Section):
     warmup: int = 32  # accepted steps before outliers are judged (non-finite steps always are)
     rollback_skips: int = 0  # this many skips within rollback_within steps roll back; 0 = never roll back
     rollback_within: int = 100  # the window, in steps, that rollback_skips counts over
+    max_rollbacks: int = 5  # the run stops (exit code 2) when one more rollback than this is called for; 0 = no cap
 
     def check(self) -> None:
         _check(self.z_threshold >= 0, f"guard.z_threshold must be >= 0 (0 = non-finite only); got {self.z_threshold}")
         self._bound(">=", 2, "window", "rollback_within")
-        self._bound(">=", 0, "warmup", "rollback_skips")
+        self._bound(">=", 0, "warmup", "rollback_skips", "max_rollbacks")
 
 
 @dataclass
@@ -233,6 +234,9 @@ class CheckpointSection(_Section):
     keep_last: int = 3  # newest checkpoints kept; 0 = keep all
     keep_best: bool = True  # also save at an eval that improves val loss, and keep that one (`best`)
     save_final: bool = True  # save at the last step
+    # write checkpoints in a background thread while training goes on (docs/checkpoints.md, "Asynchronous
+    # saves"); `async` itself is a Python keyword
+    async_save: bool = False
 
     def check(self) -> None:
         self._bound(">=", 0, "every", "keep_last")

@@ -8,9 +8,11 @@ exceeds `z_threshold` (llm.c's OutlierDetector: skip_update_lossz / skip_update_
 leaves the weights and the optimizer state untouched; its data is consumed.
 
 `rollback_skips` skips within `rollback_within` steps roll the run back (PaLM, Chowdhery et al. 2022,
-section 5.1: restart from a checkpoint before the spike and skip the batches that led to it): the loop
-reloads the latest checkpoint and keeps the loader where it is, so the data windows between the
-checkpoint and now are never trained on. `state_dict()` (saved in the TrainState) holds the window, the
+section 5.1: restart from a checkpoint before the spike and skip the batches that led to it):
+`roll_back` reloads the newest checkpoint from before the first of those skips and keeps the loader where
+it is, so the data windows between the checkpoint and now are never trained on. After `max_rollbacks`
+rollbacks the next one stops the run instead (a TrainError: one line, exit code 2): a run that keeps
+diverging needs a person. `state_dict()` (saved in the TrainState) holds the window, the
 recent skips and every rollback, so that a run that skipped or rolled back resumes exactly.
 
 Fault injection, for the tests only: with GPTRAIN_SPIKE=KIND@STEP[,STEP...][:RANK] in the environment,
@@ -21,6 +23,7 @@ so that data skipped by a rollback is not corrupted again). RANK: only that rank
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import deque
@@ -29,7 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from train.checkpoint import step_of
 from train.config import GuardSection
+from train.errors import TrainError
 
 SPIKE_ENV = "GPTRAIN_SPIKE"
 
@@ -95,6 +100,63 @@ class SpikeGuard:
         self.data_steps_skipped += at_step - to_step
         self.recent_skips = []
         return record
+
+    # ------------------------------------------------------------------ what the loop calls after a skip
+    def report_skip(self, step: int, metrics, log) -> None:
+        """Log the last verdict (a skipped update at training step `step`) to metrics.jsonl and the console."""
+        v = self.last
+        metrics.write(
+            {
+                "step": step,
+                "skipped": v.reason,
+                "skip_loss": v.loss,
+                "skip_grad_norm": v.norm,
+                "z_loss": v.z_loss,
+                "z_norm": v.z_norm,
+                "skips": self.skips,
+            }
+        )
+        log(
+            f"step {step}: update skipped ({v.reason}) | loss {v.loss:.4g} | grad norm {v.norm:.4g} | "
+            f"z loss {v.z_loss:.2f} | z norm {v.z_norm:.2f} | {self.skips} skipped so far"
+        )
+
+    def roll_back(self, state, ckpts, loader, metrics, log) -> None:
+        """Reload the newest checkpoint from before the first recent skip into `state` (the loop's
+        TrainState, in place) through `ckpts` (a CheckpointManager: model, optimizer, this rank's RNG),
+        and keep `loader` where it is, so that the data in between is skipped (PaLM, section 5.1).
+        Raises TrainError when there is no checkpoint, or when guard.max_rollbacks are spent."""
+        at, first_skip = state.step, min(self.recent_skips)
+        ckpts.wait(all_ranks=True)  # an asynchronous save in flight is a candidate too
+        earlier = sorted(
+            (p for p in ckpts.root.glob("step_*") if p.is_dir() and (step_of(p) or 0) < first_skip), key=step_of
+        )
+        ckpt = earlier[-1] if earlier else ckpts.latest()
+        if ckpt is None:
+            raise TrainError(
+                f"guard: {len(self.recent_skips)} skipped updates within {self.cfg.rollback_within} "
+                f"steps at step {at} call for a rollback, but the run has no checkpoint to go back to: set "
+                "checkpoint.every, or guard.rollback_skips=0 to keep skipping"
+            )
+        if 0 < self.cfg.max_rollbacks <= len(self.rollbacks):
+            metrics.write({"step": at, "stopped": "guard.max_rollbacks", "rollbacks": len(self.rollbacks)})
+            raise TrainError(
+                f"guard: step {at} calls for rollback {len(self.rollbacks) + 1}, over guard.max_rollbacks="
+                f"{self.cfg.max_rollbacks}: the run keeps diverging, stopping. The last good checkpoint is {ckpt}; "
+                "lower optim.lr or raise schedule.warmup_steps and resume, or raise guard.max_rollbacks"
+            )
+        now = loader.state_dict()
+        loaded = ckpts.load(ckpt)
+        for f in dataclasses.fields(loaded):  # in place: the loop holds this TrainState
+            setattr(state, f.name, getattr(loaded, f.name))
+        self.load_state_dict(state.guard, history=False)
+        record = self.rolled_back(at, state.step, state.loader, now)
+        metrics.write({"step": at, "rollback": record})
+        w0, w1 = record["windows"]
+        log(
+            f"step {at}: rolled back to {ckpt.name} (step {state.step}); skipping the data windows "
+            f"[{w0}, {w1}) of epoch {record['epoch']} (the batches of steps {state.step + 1}-{at})"
+        )
 
     def data_step(self, step: int) -> int:
         """The global data step the batch of training step `step` (1-based) comes from."""

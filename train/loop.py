@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import random
 import signal
 import sys
@@ -38,11 +39,12 @@ from model.loss import loss_totals
 from model.moe import after_step, routing_health
 from train import hellaswag
 from train.callbacks import EvalCallback, TrainPruned
-from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume, step_of
+from train.checkpoint import CheckpointManager, TrainState, checkpoint_name, find_resume
 from train.config import Config
 from train.dataset import build_model, build_model_config, read_dataset_meta
 from train.device import autocast_ctx, cpu_has_fast_bf16, pick_device, resolve_dtype
 from train.errors import TrainError
+from train.faults import kill_point
 from train.fp8 import peak_dtype as fp8_peak_dtype
 from train.guard import SpikeGuard, inject
 from train.metrics import MetricsWriter, device_peak_flops, format_line, peak_memory_gb, truncate_metrics
@@ -300,7 +302,9 @@ class Trainer:
         self.fp8_layers, self.after_step = self.convert_fp8(model)
         self.model, self.optimizer = strategy.wrap(model, lambda m: build_optimizer(m, cfg.optim))
         self.amp = autocast_ctx(strategy.device, cfg.train.dtype)
-        self.ckpts = CheckpointManager(self.run_dir, strategy, self.mcfg, cfg.checkpoint.keep_last)
+        self.ckpts = CheckpointManager(
+            self.run_dir, strategy, self.mcfg, cfg.checkpoint.keep_last, asynchronous=cfg.checkpoint.async_save
+        )
         self.guard = SpikeGuard(cfg.guard) if cfg.guard.enabled else None
         if self.guard is not None and strategy.name == "deepspeed":
             raise TrainError(
@@ -406,6 +410,21 @@ class Trainer:
             f"{params / 2**20:.1f} MiB, optimizer state {optim / 2**20:.1f} MiB"
         )
         self.metrics.write({"step": self.state.step, "mesh": layout})
+        restart, requeue = (int(os.environ.get(k) or 0) for k in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"))
+        if restart or requeue:  # launch.sh --max-restarts (torchrun), the sbatch script's requeue (SLURM)
+            self.metrics.write(
+                {
+                    "step": self.state.step,
+                    "restart": restart,
+                    "requeue": requeue,
+                    "resumed_from": resumed_from.name if resumed_from is not None else None,
+                }
+            )
+            self.log(
+                f"restart {restart} of at most {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} (torchrun), "
+                f"requeue {requeue} (SLURM): "
+                + (f"resumed from {resumed_from.name}" if resumed_from is not None else "no checkpoint yet: step 0")
+            )
         if resumed_from is not None:
             self.log(f"resumed from {resumed_from} at step {self.state.step}")
         elif cfg.train.init_from:
@@ -441,7 +460,7 @@ class Trainer:
         )
         profiler = self.make_profiler()
         stopped = "done"
-        with StopFlag() as stop, profiler, watchdog:
+        with StopFlag() as stop, profiler, watchdog, self.ckpts.finally_wait():
             while state.step < max_steps:
                 batches = self.loader.next_step()
                 lr = self.set_lr(state.step)
@@ -456,7 +475,7 @@ class Trainer:
                 self.meter.add(loss, norm, skipped)
                 watchdog.beat(state.step)
                 if skipped:
-                    self.record_skip()
+                    self.guard.report_skip(state.step, self.metrics, self.log)
                     if self.guard.wants_rollback():
                         self.rollback()
                         continue
@@ -486,55 +505,21 @@ class Trainer:
         """(after_backward, gate) for train_step at training step `step` (1-based)."""
         guard, rank = self.guard, self.strategy.rank
         data_step = guard.data_step(step) if guard is not None else step
-        hook = lambda: (inject(self.model, rank, data_step), maybe_hang(rank, step))  # noqa: E731 -- test-only
+        hook = lambda: self.fault_hooks(rank, step, data_step)  # noqa: E731
         gate = (lambda loss, norm: guard.admit(self.strategy, step, loss, norm)) if guard is not None else None
         return hook, gate
 
-    def record_skip(self) -> None:
-        v, step = self.guard.last, self.state.step
-        self.metrics.write(
-            {
-                "step": step,
-                "skipped": v.reason,
-                "skip_loss": v.loss,
-                "skip_grad_norm": v.norm,
-                "z_loss": v.z_loss,
-                "z_norm": v.z_norm,
-                "skips": self.guard.skips,
-            }
-        )
-        self.log(
-            f"step {step}: update skipped ({v.reason}) | loss {v.loss:.4g} | grad norm {v.norm:.4g} | "
-            f"z loss {v.z_loss:.2f} | z norm {v.z_norm:.2f} | {self.guard.skips} skipped so far"
-        )
+    def fault_hooks(self, rank: int, step: int, data_step: int) -> None:
+        """The test-only faults, after the backward: a corrupted gradient (train/guard.py), a rank asleep
+        before a collective (train/watchdog.py), a rank killed (train/faults.py); each a no-op unless
+        its environment variable asks."""
+        inject(self.model, rank, data_step)
+        maybe_hang(rank, step, lambda: self.strategy.all_reduce_sum(torch.zeros(1, device=self.strategy.device)))
+        kill_point(step, rank)
 
     def rollback(self) -> None:
-        """guard.rollback_skips skips within guard.rollback_within steps: reload the newest checkpoint from
-        before the first of them, and keep the loader where it is, so that the data in between is skipped
-        (PaLM, Chowdhery et al. 2022, section 5.1)."""
-        at, first_skip = self.state.step, min(self.guard.recent_skips)
-        ckpts = sorted(
-            (p for p in self.ckpts.root.glob("step_*") if p.is_dir() and (step_of(p) or 0) < first_skip), key=step_of
-        )
-        ckpt = ckpts[-1] if ckpts else self.ckpts.latest()
-        if ckpt is None:
-            raise TrainError(
-                f"guard: {len(self.guard.recent_skips)} skipped updates within {self.cfg.guard.rollback_within} "
-                f"steps at step {at} call for a rollback, but the run has no checkpoint to go back to: set "
-                "checkpoint.every, or guard.rollback_skips=0 to keep skipping"
-            )
-        now = self.loader.state_dict()
-        loaded = self.ckpts.load(ckpt)  # model, optimizer, this rank's RNG; the loader stays
-        for f in dataclasses.fields(loaded):  # in place: the loop holds self.state
-            setattr(self.state, f.name, getattr(loaded, f.name))
-        self.guard.load_state_dict(self.state.guard, history=False)
-        record = self.guard.rolled_back(at, self.state.step, self.state.loader, now)
-        self.metrics.write({"step": at, "rollback": record})
-        w0, w1 = record["windows"]
-        self.log(
-            f"step {at}: rolled back to {ckpt.name} (step {self.state.step}); skipping the data windows "
-            f"[{w0}, {w1}) of epoch {record['epoch']} (the batches of steps {self.state.step + 1}-{at})"
-        )
+        """train/guard.py's rollback; the loop restarts its meter and bar at the step it went back to."""
+        self.guard.roll_back(self.state, self.ckpts, self.loader, self.metrics, self.log)
         self.meter = StepMeter(self.strategy.device, self.state.step, check_norm=self.meter.check_norm)
         self.bar.n = self.state.step
 
@@ -682,7 +667,8 @@ class Trainer:
             "dataset": self.data.label,
         }
         path = self.ckpts.save(self.state, is_best=is_best, with_model=is_best or final)
-        self.log(f"saved checkpoint {path}" + (" (best)" if is_best else ""))
+        done = "writing checkpoint {} in the background" if self.ckpts.asynchronous else "saved checkpoint {}"
+        self.log(done.format(path) + (" (best)" if is_best else ""))
         return path
 
     def evaluate(self) -> float:

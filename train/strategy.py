@@ -32,6 +32,7 @@ import contextlib
 import gc
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +157,13 @@ class Strategy(ABC):
     def save_state(self, state_dir: Path) -> dict:
         """Write what resuming needs beyond the model artifact into state_dir (created, empty; every
         rank calls). Returns rank 0's small weights_only-safe part for train_state.pt."""
+
+    def save_state_async(self, state_dir: Path, process_group) -> tuple[dict, Future | None]:
+        """save_state, started: (what save_state returns, a Future that completes once state_dir is
+        written, or None when it is written already). The state is copied before this returns, so that
+        training may go on; cross-rank steps of the write run on `process_group` (a group of their own,
+        or None in one process). By default the state is written before this returns."""
+        return self.save_state(state_dir), None
 
     @abstractmethod
     def load_state(self, state_dir: Path, saved: dict, weights: Path | None) -> None:

@@ -5,17 +5,20 @@ Heartbeat: rank 0 replaces RUN/heartbeat.json at every log step (and at start-up
 intervals is not making progress.
 
 Watchdog (train.step_timeout_s): a daemon thread on every rank. When no step (nor evaluation, sampling or
-save) has completed for the timeout, it writes this rank's Python stacks (faulthandler, every thread)
-and its last completed step to RUN/hang/rank_NNNNN.txt, and on CUDA the NCCL flight recorder's dump
-(RUN/hang/nccl_trace_rank_NNNNN.pkl; written when TORCH_NCCL_TRACE_BUFFER_SIZE > 0; this call is not
-exercised by the CPU tests). It waits a grace period for the other ranks' files; rank 0 then logs one
-line naming the ranks that did not arrive (no file, or an older last step than the others); every rank
-exits with EXIT_HANG, so that torchrun (--max-restarts) or the scheduler can restart the job.
+save) has completed for the timeout, it writes this rank's Python stacks (faulthandler, every thread), its
+last completed step and the collective its main thread waits in (if any) to RUN/hang/rank_NNNNN.txt, and
+on CUDA the NCCL flight recorder's dump (RUN/hang/nccl_trace_rank_NNNNN.pkl; written when
+TORCH_NCCL_TRACE_BUFFER_SIZE > 0; this call is not exercised by the CPU tests). It waits a grace period
+for the other ranks' files; rank 0 then logs one line naming the ranks that did not arrive (no file, an
+older last step than the others, or outside the collective that the others of the newest step wait in);
+every rank exits with EXIT_HANG, so that torchrun (--max-restarts) or the scheduler can restart the job.
 `auto` arms the watchdog after WARMUP_STEPS steps at max(AUTO_FLOOR_S, AUTO_FACTOR x the slowest step
 seen so far).
 
-Fault injection, for the hang test only: GPTRAIN_HANG=STEP:RANK makes that rank sleep in step STEP
-(after its backward, before the optimizer step) for an hour.
+Fault injection, for the hang test only: GPTRAIN_HANG=STEP:RANK makes every rank join one extra
+all-reduce in step STEP (after the backward, before the optimizer step), and RANK sleep for an hour
+before it joins: the other ranks wait inside the collective, as they would for a rank that died or
+deadlocked, and their stacks name it.
 """
 
 from __future__ import annotations
@@ -53,11 +56,14 @@ def write_heartbeat(run_dir: Path, step: int, world_size: int, max_steps: int) -
     os.replace(tmp, run_dir / HEARTBEAT)
 
 
-def maybe_hang(rank: int, step: int) -> None:
-    """The hang test's hook (module docstring)."""
+def maybe_hang(rank: int, step: int, collective) -> None:
+    """The hang test's hook (module docstring); collective(): one all-reduce over every rank."""
     spec = os.environ.get(HANG_ENV)
-    if spec and spec == f"{step}:{rank}":
+    if not spec or spec.partition(":")[0] != str(step):
+        return
+    if spec == f"{step}:{rank}":
         time.sleep(3600)
+    collective()
 
 
 def parse_timeout(value: str) -> float | None:
@@ -113,8 +119,12 @@ class Watchdog:
     def _fire(self, timeout: float, step: int) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         path = self.dir / f"rank_{self.rank:05d}.txt"
+        waiting = _collective_frame(threading.main_thread())
         with open(path, "w") as f:
-            f.write(f"rank {self.rank} pid {os.getpid()} host {socket.gethostname()} last_step {step}\n")
+            f.write(
+                f"rank {self.rank} pid {os.getpid()} host {socket.gethostname()} last_step {step} "
+                f"waiting_in {waiting or '-'}\n"
+            )
             f.flush()
             faulthandler.dump_traceback(f, all_threads=True)
         self._nccl_dump()
@@ -127,8 +137,7 @@ class Watchdog:
                 break
             time.sleep(0.2)
         if self.rank == 0:
-            newest = max(steps.values(), default=step)
-            late = [r for r in range(self.world_size) if steps.get(r, -1) < newest]
+            late = _late_ranks(steps, self.world_size, step)
             self.log(
                 f"hang: no step completed in {timeout:.0f} s (train.step_timeout_s) after step {step}; "
                 f"ranks that did not arrive: {late or 'none (all stuck in the same step)'}; "
@@ -152,13 +161,32 @@ class Watchdog:
             self.log(f"rank {self.rank}: no NCCL flight recorder dump ({type(e).__name__}: {e})")
 
 
-def _dumped_steps(hang_dir: Path, world_size: int) -> dict[int, int]:
-    """{rank: last completed step} of the ranks whose stack file is complete enough to read."""
+def _collective_frame(thread: threading.Thread) -> str | None:
+    """The torch.distributed collective `thread` is inside (e.g. all_reduce), or None."""
+    frame = sys._current_frames().get(thread.ident)
+    inner = None
+    while frame is not None:  # innermost first: keep the outermost collective frame (the one the caller called)
+        if frame.f_code.co_filename.endswith("distributed_c10d.py"):
+            inner = frame.f_code.co_name
+        frame = frame.f_back
+    return inner
+
+
+def _dumped_steps(hang_dir: Path, world_size: int) -> dict[int, tuple[int, bool]]:
+    """{rank: (last completed step, inside a collective)} of the ranks whose stack file is readable."""
     out = {}
     for r in range(world_size):
         try:
-            first = (hang_dir / f"rank_{r:05d}.txt").read_text().split("\n", 1)[0]
-            out[r] = int(first.rsplit("last_step ", 1)[1])
+            words = (hang_dir / f"rank_{r:05d}.txt").read_text().split("\n", 1)[0].split()
+            out[r] = (int(words[words.index("last_step") + 1]), words[words.index("waiting_in") + 1] != "-")
         except (FileNotFoundError, IndexError, ValueError):
             pass
     return out
+
+
+def _late_ranks(steps: dict[int, tuple[int, bool]], world_size: int, step: int) -> list[int]:
+    """The ranks that did not arrive: no stack file, an older last step than the newest, or, at the
+    newest step, outside the collective that other ranks of that step wait in."""
+    newest = max((s for s, _ in steps.values()), default=step)
+    waiting = any(w for s, w in steps.values() if s == newest)
+    return [r for r in range(world_size) if r not in steps or steps[r][0] < newest or (waiting and not steps[r][1])]

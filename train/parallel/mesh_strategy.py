@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
@@ -227,6 +229,23 @@ class MeshStrategy(DistributedStrategy):
         model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
         with _one_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state_dir))
+        return self._saved_meta()
+
+    def save_state_async(self, state_dir: Path, process_group) -> tuple[dict, Future | None]:
+        # dcp.async_save copies the state to CPU memory (its DefaultStager) before it returns, then writes
+        # in a thread; its cross-rank steps run on `process_group`, a gloo group of their own, so that they
+        # never interleave with the training step's collectives (torchtitan's checkpoint.py does the same).
+        model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
+        future = dcp.async_save(
+            {"model": model_sd, "optim": optim_sd},
+            checkpoint_id=str(state_dir),
+            process_group=process_group,
+            no_dist=not dist.is_initialized(),
+        )
+        return self._saved_meta(), future
+
+    def _saved_meta(self) -> dict:
+        """Rank 0's part of train_state.pt: how the DCP shards were written."""
         groups = [g.get("name") for g in self.optimizer.param_groups]
         out = {"format": DCP_FORMAT, "mesh": self.dims.describe(), "param_groups": groups}
         if self.scaler is not None:
