@@ -117,6 +117,13 @@ def test_a_tiny_race_prints_the_table_and_the_ratio_to_the_first(corpus, tmp_pat
     )  # fmt: skip
     assert rc == 0, err
     assert "avx512_bf16" in out and "CPU" in out
+    # the load average at the start and after each racer: what stretched the wall seconds of a shared machine
+    loads = re.findall(
+        r"^(evaluation every|---- slow: \d+ steps|---- fast: \d+ steps).* \| load average [\d.]+, [\d.]+, [\d.]+$",
+        out,
+        re.M,
+    )
+    assert len(loads) == 3, out
     target = float(re.search(r"target: val loss (\d+\.\d+) = slow after 12 steps", out).group(1))
     table = rows(out)
     assert table["slow"][-2:] == ["1.00", "1.00"]
@@ -193,5 +200,29 @@ def test_the_race_configs_load_and_the_baseline_is_the_issue_recipe():
     assert (o.lr, list(o.betas)) == (1e-3, [0.9, 0.99])
     assert (s.name, s.warmup_steps, s.min_lr_ratio) == ("cosine", 50, 0.1)
     fast = load_config(REPO / "configs" / "race-fast.yaml")
-    assert fast.train.dtype == "float32" and fast.data.dir == base.data.dir
+    assert fast.train.dtype == "auto" and fast.data.dir == base.data.dir  # bf16 where the CPU has bf16 units
     assert fast.train.micro_batch * fast.seq_len == t.micro_batch * base.seq_len  # same --eval-tokens fit both
+
+
+def test_the_moe_racer_matches_race_fast_in_active_parameters_and_in_everything_else():
+    """race-moe against race-fast is a fair race: the same active parameters (to within the routers),
+    the same data, batch, optimizer and schedule; only the FFN is a mixture of experts."""
+    import dataclasses
+
+    from model.gpt import GPT
+    from train.config import load_config
+
+    fast, moe = (load_config(REPO / "configs" / f"race-{n}.yaml") for n in ("fast", "moe"))
+    models = [GPT(dataclasses.replace(c.model, vocab_size=257)) for c in (fast, moe)]
+    dense, sparse = (m.num_params(active=True) for m in models)
+    routers = moe.model.n_layer * moe.model.n_embd * moe.model.n_experts  # one (E, C) router per block
+    assert sparse - dense == routers
+    assert models[1].num_params() > 2.5 * models[0].num_params()  # the experts hold far more than a token uses
+    for section in ("data", "optim", "schedule"):
+        assert getattr(fast, section) == getattr(moe, section), section
+    keep = ("max_steps", "tokens_per_step", "micro_batch", "dtype", "eval_every", "eval_batches")
+    assert [getattr(fast.train, k) for k in keep] == [getattr(moe.train, k) for k in keep]
+    moe_fields = {f.name for f in dataclasses.fields(moe.model) if f.name.startswith(("moe_", "n_experts"))}
+    for f in dataclasses.fields(fast.model):
+        if f.name not in moe_fields:
+            assert getattr(fast.model, f.name) == getattr(moe.model, f.name), f.name

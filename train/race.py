@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import sys
@@ -213,6 +214,12 @@ def host_line() -> str:
     return f"{describe_cpu()} | torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
+def load_line() -> str:
+    """The 1, 5 and 15 minute load averages: on a shared machine, how many other runnable processes
+    stretched the wall seconds (the CPU seconds are the steadier figure)."""
+    return "load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def table(results: list[Result], target: float) -> str:
     """The race's answer: one row per config, its time to the target and the ratio to the first's, in
     wall seconds (the figure) and in CPU seconds (the check against a shared machine's changing load)."""
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     log = (lambda msg: None) if args.quiet else say
     say(f"race on {args.data} | host: {host_line()} | {platform.python_implementation()} {platform.python_version()}")
-    say(f"evaluation every {args.eval_every} steps on the first {args.eval_tokens:,} val tokens")
+    say(f"evaluation every {args.eval_every} steps on the first {args.eval_tokens:,} val tokens | {load_line()}")
     results = []
     for i, (name, cfg) in enumerate(racers):
         say(f"---- {name}: training (target {'from this run' if target is None else f'{target:.4f}'})")
@@ -314,7 +321,10 @@ def main(argv: list[str] | None = None) -> int:
             target = at[0].val_loss
             say(f"target: val loss {target:.4f} = {name} after {target_step} steps")
         results.append(r)
-        say(f"---- {name}: {r.final.step} steps, stopped: {r.stopped}, {r.wall_s:.0f} s in all (set-up, evaluation)")
+        say(
+            f"---- {name}: {r.final.step} steps, stopped: {r.stopped}, {r.wall_s:.0f} s in all (set-up, evaluation) "
+            f"| {load_line()}"
+        )
     say(f"\ntime to val loss {target:.4f} (train s: evaluation excluded; steps and tokens interpolated)")
     say(table(results, target))
     return 0
