@@ -158,11 +158,6 @@ def check_model(dims, cfg, seq_len: int) -> None:
         for what, n in sizes:
             if n % tp:
                 raise MeshError(f"parallel.tp={tp} must divide {what} = {n}; choose a tp that divides it")
-        if cfg.qk_norm:
-            raise MeshError(
-                f"parallel.tp={tp} with model.qk_norm is not supported (the q/k norm gain sees only this "
-                "rank's heads); set model.qk_norm=false or parallel.tp=1"
-            )
     if cp > 1 and seq_len % (2 * cp):
         raise MeshError(
             f"data.seq_len={seq_len} must be divisible by 2 x parallel.cp = {2 * cp} (each cp rank holds two "

@@ -170,7 +170,7 @@ class MeshStrategy(DistributedStrategy):
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         params = [p for p in self.bare.parameters() if p.grad is not None]
-        groups = _by_mesh(params)
+        groups = group_by_mesh(params)
         norm = grad_norm(groups)
         if gate is not None and not gate(norm):  # train/guard.py: skip this update on every rank
             if self.scaler is not None:
@@ -217,8 +217,12 @@ class MeshStrategy(DistributedStrategy):
         # Collective: every rank all-gathers; only rank 0 keeps the full (CPU) tensors.
         return get_model_state_dict(self.bare, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def state_dicts(self) -> tuple[dict, dict]:
+        """Hook (pipeline parallel): the model and optimizer state dicts that DCP saves."""
+        return get_state_dict(self.bare, self.optimizer)
+
     def save_state(self, state_dir: Path) -> dict:
-        model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
+        model_sd, optim_sd = self.state_dicts()
         with _one_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state_dir))
         groups = [g.get("name") for g in self.optimizer.param_groups]
@@ -285,7 +289,7 @@ class _Gathered(nn.Module):
         return out.full_tensor() if isinstance(out, DTensor) else out
 
 
-def _by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def group_by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Parameters grouped by where they live (plain, or a DTensor's mesh): foreach kernels and DTensor
     reductions take one kind at a time."""
     groups: dict = {}

@@ -1,0 +1,173 @@
+"""Pipeline parallel composed with tensor parallel, Muon and exact resume under pp, and the q/k norm
+under tensor parallel, against one process (CPU, gloo).
+
+One torchrun launch of 4 ranks runs tests/dist_driver.py's loop sequence over these scenarios:
+    pp 2 x tp 2   1F1B (modern family: RoPE, GQA, SwiGLU), checkpointed at step 2; then resumed
+                  from that checkpoint on the same mesh; interleaved 1F1B (GPT-2 family, untied,
+                  2 stages per rank); Muon
+    dp_shard 2 x tp 2   the modern family with qk_norm
+Each is compared with the same model, batches and optimizer in one process (the pytest process).
+
+    python -m torch.distributed.run --nproc_per_node=4 --standalone tests/test_dist_pp_tp.py SPEC.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_driver as drv
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.gpt import GPT
+
+pytestmark = pytest.mark.slow
+
+# fp32; the layouts differ from one process only in where partial sums meet (reduction order)
+LOSS_TOL = 1e-5
+STEPS = 4
+ACCUM = 2  # the pipeline's micro-batches (a multiple of pp)
+PP_TP = {"strategy": "none", "options": {"pp": 2, "tp": 2}, "accum": ACCUM, "steps": STEPS}
+
+
+def model_config(family: str = "gpt2") -> ModelConfig:
+    """dist_driver's families, and those that only these layouts need."""
+    if family == "qk_norm":
+        return ModelConfig(**{**drv_config("modern").to_dict(), "qk_norm": True})
+    if family == "gpt2_untied":  # 4 blocks: 2 stages per pp rank
+        return ModelConfig(**{**drv_config("gpt2").to_dict(), "n_layer": 4, "tie_embeddings": False})
+    return drv_config(family)
+
+
+drv_config = drv.model_config
+drv.model_config = model_config  # run_scenario builds the model of sc["family"] through this name
+
+
+def scenarios(work: Path) -> list[dict]:
+    ckpt = work / "run_pp_tp"
+    return [
+        {"name": "pp_tp", "family": "modern", **PP_TP, "save_at": 2, "save_dir": str(ckpt), "record_layout": True},
+        {"name": "pp_tp_resumed", "family": "modern", **PP_TP, "load": str(ckpt / "checkpoints" / "step_000002")},
+        {
+            "name": "pp_tp_interleaved",
+            "family": "gpt2_untied",
+            **PP_TP,
+            "options": {"pp": 2, "tp": 2, "pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2},
+        },
+        {"name": "pp_tp_muon", "family": "modern", "optim": "muon", **PP_TP},
+        {
+            "name": "tp_qk_norm",
+            "family": "qk_norm",
+            "strategy": "none",
+            "options": {"dp_shard": 2, "tp": 2},
+            "steps": STEPS,
+            "record_layout": True,
+        },
+    ]
+
+
+REFERENCES = {  # scenario -> (family, optimizer, accumulation) of its one-process reference
+    "pp_tp": ("modern", None, ACCUM),
+    "pp_tp_interleaved": ("gpt2_untied", None, ACCUM),
+    "pp_tp_muon": ("modern", "muon", ACCUM),
+    "tp_qk_norm": ("qk_norm", None, 1),
+}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("pp_tp")
+    (work / "out").mkdir()
+    return work
+
+
+@pytest.fixture(scope="module")
+def four_ranks(work) -> Path:
+    out = work / "out"
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"out": str(out), "driver_group": True, "scenarios": scenarios(work)}))
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(drv.REPO), os.environ.get("PYTHONPATH")])),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", __file__, str(spec)]
+    proc = subprocess.run(cmd, env=env, cwd=drv.REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+def reference(work: Path, name: str) -> dict:
+    family, optim, accum = REFERENCES[name]
+    sc = {"name": f"ref_{name}", "strategy": "none", "steps": STEPS, "family": family, "accum": accum}
+    return drv.run_scenario({**sc, "optim": optim} if optim else sc, work / "out")
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_layout_matches_one_process(four_ranks, work, name):
+    got, want = drv.load_result(four_ranks, name), reference(work, name)
+    assert sorted(got["losses"]) == list(range(1, STEPS + 1))
+    for step in want["losses"]:
+        assert got["losses"][step] == pytest.approx(want["losses"][step], abs=LOSS_TOL), step
+        assert got["norms"][step] == pytest.approx(want["norms"][step], rel=LOSS_TOL), step
+    # the final weights, gathered from every stage and tp shard, are the reference's, which moved away
+    # from the initial ones (the comparison is not between untrained models)
+    final, ref_final = (torch.load(four_ranks / f"{n}.final.pt") for n in (name, f"ref_{name}"))
+    torch.manual_seed(0)
+    initial = GPT(model_config(REFERENCES[name][0])).state_dict()
+    assert sorted(final) == sorted(ref_final) == sorted(initial)
+    for k in final:
+        torch.testing.assert_close(final[k], ref_final[k], atol=1e-5, rtol=1e-4, msg=k)
+    assert all(not torch.equal(ref_final[k], initial[k]) for k in final if k.endswith(".weight"))
+
+
+def test_pipeline_resume_on_the_same_mesh_is_exact(four_ranks):
+    """pp 2 x tp 2 resumed from its step-2 DCP checkpoint: steps 3 and 4 bit-identical to the
+    uninterrupted run."""
+    full, resumed = (drv.load_result(four_ranks, n) for n in ("pp_tp", "pp_tp_resumed"))
+    assert resumed["loaded_step"] == 2 and resumed["extra_roundtrip"]
+    assert sorted(resumed["losses"]) == [3, 4]
+    for step in (3, 4):
+        assert resumed["losses"][step] == full["losses"][step]
+        assert resumed["norms"][step] == full["norms"][step]
+
+
+def test_tp_is_applied_inside_each_stage_and_to_the_qk_norm(four_ranks):
+    """Rank 0 (pp 0, tp 0) holds only stage 0 (embeddings + block 0), its projections split over tp
+    and its attention with half the heads; under qk_norm the per-head norm gains are sharded by FSDP
+    and replicated over tp (their gradient is summed over the tp ranks' heads)."""
+    layout = drv.load_result(four_ranks, "pp_tp")["layout"]
+    cfg = drv_config("modern")
+    d, kv = cfg.head_dim, cfg.n_kv_head
+    assert layout["heads"] == [[cfg.n_head // 2, kv // 2]]
+    assert "lm_head.weight" not in layout and "transformer.h.1.attn.c_attn.weight" not in layout
+    c_attn = layout["transformer.h.0.attn.c_attn.weight"]
+    assert c_attn["placements"] == ["S(0)"] and c_attn["local"] == [(cfg.n_head + 2 * kv) * d // 2, C]
+    assert layout["transformer.h.0.attn.c_proj.weight"]["local"] == [C, cfg.n_head * d // 2]
+    qk = drv.load_result(four_ranks, "tp_qk_norm")["layout"]
+    for part in ("q_norm", "k_norm"):
+        gain = qk[f"transformer.h.0.attn.{part}.weight"]
+        assert gain["placements"] == ["S(0)", "R"] and gain["local"] == [d // 2], gain  # (dp_shard, tp)
+
+
+C = 64  # dist_driver's n_embd
+
+
+def test_pp_with_cp_is_one_line():
+    from train.parallel.dims import ParallelDims
+    from train.parallel.pipeline_strategy import PipelineStrategy
+    from train.parallel.world import StrategyError
+    from train.strategy import StrategySpec
+
+    dims = ParallelDims(pp=2, cp=2, world_size=4)
+    with pytest.raises(StrategyError, match="not with context parallel: set parallel.cp=1"):
+        PipelineStrategy(dims, "cpu", StrategySpec(grad_accum_steps=2))
+
+
+if __name__ == "__main__":
+    drv.main()
