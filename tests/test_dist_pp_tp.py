@@ -6,7 +6,8 @@ One torchrun launch of 4 ranks runs tests/dist_driver.py's loop sequence over th
                   from that checkpoint on the same mesh; interleaved 1F1B (GPT-2 family, untied,
                   2 stages per rank); Muon
     dp_shard 2 x tp 2   the modern family with qk_norm
-Each is compared with the same model, batches and optimizer in one process (the pytest process).
+Each is compared with the same model, batches and optimizer in one process (the pytest process);
+then pp 2 x tp 2's forward-only view (evaluation's logits and loss) with the one-process model.
 
     python -m torch.distributed.run --nproc_per_node=4 --standalone tests/test_dist_pp_tp.py SPEC.json
 """
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.slow
 LOSS_TOL = 1e-5
 STEPS = 4
 ACCUM = 2  # the pipeline's micro-batches (a multiple of pp)
+C = 64  # dist_driver's n_embd
 PP_TP = {"strategy": "none", "options": {"pp": 2, "tp": 2}, "accum": ACCUM, "steps": STEPS}
 
 
@@ -90,7 +92,7 @@ def work(tmp_path_factory) -> Path:
 def four_ranks(work) -> Path:
     out = work / "out"
     spec = work / "spec.json"
-    spec.write_text(json.dumps({"out": str(out), "driver_group": True, "scenarios": scenarios(work)}))
+    spec.write_text(json.dumps({"out": str(out), "scenarios": scenarios(work)}))
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -155,19 +157,67 @@ def test_tp_is_applied_inside_each_stage_and_to_the_qk_norm(four_ranks):
         assert gain["placements"] == ["S(0)", "R"] and gain["local"] == [d // 2], gain  # (dp_shard, tp)
 
 
-C = 64  # dist_driver's n_embd
-
-
 def test_pp_with_cp_is_one_line():
-    from train.parallel.dims import ParallelDims
-    from train.parallel.pipeline_strategy import PipelineStrategy
-    from train.parallel.world import StrategyError
+    """Refused by the mesh's model check, which the config, the loop and train.plan all run."""
+    from train.parallel.dims import MeshError, ParallelDims, check_model
+
+    with pytest.raises(MeshError, match="not with context parallel: set parallel.cp=1"):
+        check_model(ParallelDims(pp=2, cp=2, world_size=4), drv_config("modern"), drv.SEQ)
+
+
+def forward_only(out: Path) -> None:
+    """pp 2 x tp 2, forward only (what evaluation and HellaSwag call): the view's logits and mean loss
+    on rank 0; the untrained model of seed 0, as the reference builds it."""
+    import torch.distributed as dist
+
+    from model.loss import mean_loss
+    from train.parallel.build import make_strategy
     from train.strategy import StrategySpec
 
-    dims = ParallelDims(pp=2, cp=2, world_size=4)
-    with pytest.raises(StrategyError, match="not with context parallel: set parallel.cp=1"):
-        PipelineStrategy(dims, "cpu", StrategySpec(grad_accum_steps=2))
+    s = make_strategy("none", "cpu", StrategySpec(grad_accum_steps=ACCUM), pp=2, tp=2)
+    torch.manual_seed(0)
+    s.wrap(GPT(model_config("modern")), drv.build_optimizer)
+    x, y = drv.global_batch(STEPS + 1)
+    view = s.eval_model()
+    with torch.no_grad():
+        logits = view.eval()(x)  # (B, T, V) on every rank
+        loss = mean_loss(view, [(x, y)])
+    if dist.get_rank() == 0:
+        torch.save({"logits": logits, "loss": loss, "samples": s.sample_model() is not None}, out / "forward.pt")
+    s.teardown()
+
+
+@pytest.fixture(scope="module")
+def forward(four_ranks) -> dict:
+    return torch.load(four_ranks / "forward.pt")
+
+
+def test_forward_only_view_matches_one_process(forward):
+    torch.manual_seed(0)
+    model = GPT(model_config("modern")).eval()
+    x, y = drv.global_batch(STEPS + 1)
+    with torch.no_grad():
+        want = model(x)
+    torch.testing.assert_close(forward["logits"], want, atol=1e-5, rtol=1e-5)
+    assert forward["loss"] == pytest.approx(torch.nn.functional.cross_entropy(want.flatten(0, 1), y.flatten()).item())
+    assert not forward["samples"]  # no KV-cache sampling under tp (the loop logs that it skips it)
+
+
+def main() -> None:
+    """tests/dist_driver.py's scenarios, then forward_only, in one process group."""
+    import torch.distributed as dist
+
+    from train.parallel.world import init_distributed
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(spec["out"])
+    torch.set_num_threads(1)
+    init_distributed("cpu", "driver")
+    for sc in spec["scenarios"]:
+        drv.run_scenario(sc, out)
+    forward_only(out)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    drv.main()
+    main()

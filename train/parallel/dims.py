@@ -145,7 +145,8 @@ def check_model(dims, cfg, seq_len: int) -> None:
     """What the degrees (a ParallelDims, or the config's parallel section) ask of the model (a
     ModelConfig) and the sequence, one line each: tensor parallel splits heads, MLP width and the
     vocabulary; context parallel cuts the sequence into 2 x cp chunks (the load-balanced causal layout);
-    pipeline parallel needs a block per stage. A degree of -1 (not known before launch) is not checked."""
+    pipeline parallel needs a block per stage and no context parallel. A degree of -1 (not known
+    before launch) is not checked."""
     tp, cp = dims.tp, dims.cp
     if tp > 1:
         sizes = [
@@ -162,6 +163,11 @@ def check_model(dims, cfg, seq_len: int) -> None:
         raise MeshError(
             f"data.seq_len={seq_len} must be divisible by 2 x parallel.cp = {2 * cp} (each cp rank holds two "
             "chunks of the sequence); choose another seq_len or cp"
+        )
+    if dims.pp > 1 and cp > 1:  # the stages' schedule hands every stage whole sequences
+        raise MeshError(
+            f"parallel.pp={dims.pp} composes with data and tensor parallel, not with context parallel: "
+            "set parallel.cp=1"
         )
     if dims.pp > 1:  # a block per stage, an untied head (train/parallel/pipeline.py says why)
         from train.parallel.pipeline import check_split

@@ -45,11 +45,6 @@ def bare_order(name: str) -> tuple[int, int]:
 class PipelineStrategy(MeshStrategy):
     def __init__(self, dims, device, spec, schedule: str = "1F1B", **kwargs):
         # user errors, before the process group: one line each
-        if dims.cp > 1:
-            raise StrategyError(
-                f"parallel.pp={dims.pp} composes with data and tensor parallel, not with context parallel: "
-                "set parallel.cp=1"
-            )
         if spec.precision == "fp16":
             raise StrategyError("parallel.pp > 1 runs in bfloat16 or float32: set train.dtype=bfloat16")
         try:
