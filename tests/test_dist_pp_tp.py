@@ -27,8 +27,6 @@ import torch
 from model.config import ModelConfig
 from model.gpt import GPT
 
-pytestmark = pytest.mark.slow
-
 # fp32; the layouts differ from one process only in where partial sums meet (reduction order)
 LOSS_TOL = 1e-5
 STEPS = 4
@@ -110,6 +108,7 @@ def reference(work: Path, name: str) -> dict:
     return drv.run_scenario({**sc, "optim": optim} if optim else sc, work / "out")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(REFERENCES))
 def test_layout_matches_one_process(four_ranks, work, name):
     got, want = drv.load_result(four_ranks, name), reference(work, name)
@@ -128,6 +127,7 @@ def test_layout_matches_one_process(four_ranks, work, name):
     assert all(not torch.equal(ref_final[k], initial[k]) for k in final if k.endswith(".weight"))
 
 
+@pytest.mark.slow
 def test_pipeline_resume_on_the_same_mesh_is_exact(four_ranks):
     """pp 2 x tp 2 resumed from its step-2 DCP checkpoint: steps 3 and 4 bit-identical to the
     uninterrupted run."""
@@ -139,6 +139,7 @@ def test_pipeline_resume_on_the_same_mesh_is_exact(four_ranks):
         assert resumed["norms"][step] == full["norms"][step]
 
 
+@pytest.mark.slow
 def test_tp_is_applied_inside_each_stage_and_to_the_qk_norm(four_ranks):
     """Rank 0 (pp 0, tp 0) holds only stage 0 (embeddings + block 0), its projections split over tp
     and its attention with half the heads; under qk_norm the per-head norm gains are sharded by FSDP
@@ -163,6 +164,22 @@ def test_pp_with_cp_is_one_line():
 
     with pytest.raises(MeshError, match="not with context parallel: set parallel.cp=1"):
         check_model(ParallelDims(pp=2, cp=2, world_size=4), drv_config("modern"), drv.SEQ)
+
+
+def test_each_cp_rank_draws_its_own_dropout_stream():
+    """The loop seeds train.seed + rng_rank: distinct for each (dp, cp) pair, the same within a tp or
+    pp group (tp's replicated activations need one mask), the data-parallel rank without cp."""
+    from train.parallel.dims import ParallelDims
+
+    dims = [ParallelDims(dp_shard=2, cp=2, tp=2, world_size=8, rank=r) for r in range(8)]
+    by_stream: dict[int, set] = {}
+    for d in dims:
+        c = d.coords()
+        by_stream.setdefault(d.rng_rank, set()).add((c["dp_shard"], c["cp"]))
+    assert sorted(by_stream) == [0, 1, 2, 3] and all(len(pairs) == 1 for pairs in by_stream.values())
+    for r in range(8):
+        d = ParallelDims(pp=2, dp_replicate=2, tp=2, world_size=8, rank=r)
+        assert d.rng_rank == d.dp_rank
 
 
 def forward_only(out: Path) -> None:
@@ -192,6 +209,7 @@ def forward(four_ranks) -> dict:
     return torch.load(four_ranks / "forward.pt")
 
 
+@pytest.mark.slow
 def test_forward_only_view_matches_one_process(forward):
     torch.manual_seed(0)
     model = GPT(model_config("modern")).eval()

@@ -117,6 +117,14 @@ class ParallelDims:
         return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
 
     @property
+    def rng_rank(self) -> int:
+        """Which dropout stream this rank draws (the loop seeds train.seed + rng_rank): one per
+        data-parallel rank and, within it, per cp rank, since each cp rank holds its own tokens; the
+        ranks of one tp group share it (tensor parallel's replicated activations need the same masks
+        on every tp rank), as do those of one pp group. Without cp, the data-parallel rank."""
+        return self.dp_rank + self.dp_size * self.cp_rank
+
+    @property
     def cp_rank(self) -> int:
         return self.coords()["cp"]
 
