@@ -6,6 +6,7 @@ One torchrun launch of 4 ranks runs tests/dist_driver.py's loop sequence over th
                   from that checkpoint on the same mesh; interleaved 1F1B (GPT-2 family, untied,
                   2 stages per rank); Muon
     dp_shard 2 x tp 2   the modern family with qk_norm
+    dp_shard 2 x cp 2   with dropout, checkpointed at step 2 and resumed on the same mesh
 Each is compared with the same model, batches and optimizer in one process (the pytest process);
 then pp 2 x tp 2's forward-only view (evaluation's logits and loss) with the one-process model.
 
@@ -32,6 +33,7 @@ LOSS_TOL = 1e-5
 STEPS = 4
 ACCUM = 2  # the pipeline's micro-batches (a multiple of pp)
 C = 64  # dist_driver's n_embd
+CP = {"strategy": "none", "options": {"dp_shard": 2, "cp": 2}, "steps": STEPS}
 PP_TP = {"strategy": "none", "options": {"pp": 2, "tp": 2}, "accum": ACCUM, "steps": STEPS}
 
 
@@ -39,6 +41,8 @@ def model_config(family: str = "gpt2") -> ModelConfig:
     """dist_driver's families, and those that only these layouts need."""
     if family == "qk_norm":
         return ModelConfig(**{**drv_config("modern").to_dict(), "qk_norm": True})
+    if family == "dropout":
+        return ModelConfig(**{**drv_config("modern").to_dict(), "dropout": 0.2})
     if family == "gpt2_untied":  # 4 blocks: 2 stages per pp rank
         return ModelConfig(**{**drv_config("gpt2").to_dict(), "n_layer": 4, "tie_embeddings": False})
     return drv_config(family)
@@ -60,6 +64,13 @@ def scenarios(work: Path) -> list[dict]:
             "options": {"pp": 2, "tp": 2, "pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2},
         },
         {"name": "pp_tp_muon", "family": "modern", "optim": "muon", **PP_TP},
+        {"name": "cp_dropout", "family": "dropout", **CP, "save_at": 2, "save_dir": str(work / "run_cp")},
+        {
+            "name": "cp_dropout_resumed",
+            "family": "dropout",
+            **CP,
+            "load": str(work / "run_cp" / "checkpoints" / "step_000002"),
+        },
         {
             "name": "tp_qk_norm",
             "family": "qk_norm",
@@ -137,6 +148,16 @@ def test_pipeline_resume_on_the_same_mesh_is_exact(four_ranks):
     for step in (3, 4):
         assert resumed["losses"][step] == full["losses"][step]
         assert resumed["norms"][step] == full["norms"][step]
+
+
+@pytest.mark.slow
+def test_cp_resume_with_dropout_is_exact(four_ranks):
+    """dp_shard 2 x cp 2 with dropout: each rank (each cp rank too) draws its own masks, and the resume
+    from step 2 gives each its RNG state back, so steps 3 and 4 are the uninterrupted run's exactly."""
+    full, resumed = (drv.load_result(four_ranks, n) for n in ("cp_dropout", "cp_dropout_resumed"))
+    assert resumed["loaded_step"] == 2 and sorted(resumed["losses"]) == [3, 4]
+    assert [resumed["losses"][s] for s in (3, 4)] == [full["losses"][s] for s in (3, 4)]
+    assert [resumed["norms"][s] for s in (3, 4)] == [full["norms"][s] for s in (3, 4)]
 
 
 @pytest.mark.slow
