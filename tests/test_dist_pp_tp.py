@@ -5,6 +5,7 @@ One torchrun launch of 4 ranks runs tests/dist_driver.py's loop sequence over th
     pp 2 x tp 2   1F1B (modern family: RoPE, GQA, SwiGLU), checkpointed at step 2; then resumed
                   from that checkpoint on the same mesh; interleaved 1F1B (GPT-2 family, untied,
                   2 stages per rank); Muon
+    pp 2 x cp 2   1F1B with the document mask, each stage attending over the cp group's keys
     dp_shard 2 x tp 2   the modern family with qk_norm
     dp_shard 2 x cp 2   with dropout, checkpointed at step 2 and resumed on the same mesh
 Each is compared with the same model, batches and optimizer in one process (the pytest process);
@@ -41,6 +42,8 @@ def model_config(family: str = "gpt2") -> ModelConfig:
     """dist_driver's families, and those that only these layouts need."""
     if family == "qk_norm":
         return ModelConfig(**{**drv_config("modern").to_dict(), "qk_norm": True})
+    if family == "doc_mask":  # context parallel's window: positions and the document mask per cp rank
+        return ModelConfig(**{**drv_config("modern").to_dict(), "doc_mask": True, "eot_id": 3})
     if family == "dropout":
         return ModelConfig(**{**drv_config("modern").to_dict(), "dropout": 0.2})
     if family == "gpt2_untied":  # 4 blocks: 2 stages per pp rank
@@ -64,6 +67,7 @@ def scenarios(work: Path) -> list[dict]:
             "options": {"pp": 2, "tp": 2, "pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2},
         },
         {"name": "pp_tp_muon", "family": "modern", "optim": "muon", **PP_TP},
+        {"name": "pp_cp", "family": "doc_mask", **PP_TP, "options": {"pp": 2, "cp": 2}, "record_layout": True},
         {"name": "cp_dropout", "family": "dropout", **CP, "save_at": 2, "save_dir": str(work / "run_cp")},
         {
             "name": "cp_dropout_resumed",
@@ -86,6 +90,7 @@ REFERENCES = {  # scenario -> (family, optimizer, accumulation) of its one-proce
     "pp_tp": ("modern", None, ACCUM),
     "pp_tp_interleaved": ("gpt2_untied", None, ACCUM),
     "pp_tp_muon": ("modern", "muon", ACCUM),
+    "pp_cp": ("doc_mask", None, ACCUM),
     "tp_qk_norm": ("qk_norm", None, 1),
 }
 
@@ -151,6 +156,14 @@ def test_pipeline_resume_on_the_same_mesh_is_exact(four_ranks):
 
 
 @pytest.mark.slow
+def test_cp_is_applied_inside_the_pipeline(four_ranks):
+    """pp 2 x cp 2: rank 0's block sees its cp rank's half of each window, (micro-batch, T / 2, C)."""
+    seen = drv.load_result(four_ranks, "pp_cp")["block_input"]
+    micro = drv.GLOBAL_BATCH // ACCUM
+    assert seen and all(shape == [micro, drv.SEQ // 2, C] for shape in seen), seen
+
+
+@pytest.mark.slow
 def test_cp_resume_with_dropout_is_exact(four_ranks):
     """dp_shard 2 x cp 2 with dropout: each rank (each cp rank too) draws its own masks, and the resume
     from step 2 gives each its RNG state back, so steps 3 and 4 are the uninterrupted run's exactly."""
@@ -179,27 +192,19 @@ def test_tp_is_applied_inside_each_stage_and_to_the_qk_norm(four_ranks):
         assert gain["placements"] == ["S(0)", "R"] and gain["local"] == [d // 2], gain  # (dp_shard, tp)
 
 
-def test_pp_with_cp_is_one_line():
-    """Refused by the mesh's model check, which the config, the loop and train.plan all run."""
-    from train.parallel.dims import MeshError, ParallelDims, check_model
-
-    with pytest.raises(MeshError, match="not with context parallel: set parallel.cp=1"):
-        check_model(ParallelDims(pp=2, cp=2, world_size=4), drv_config("modern"), drv.SEQ)
-
-
-def test_each_cp_rank_draws_its_own_dropout_stream():
-    """The loop seeds train.seed + rng_rank: distinct for each (dp, cp) pair, the same within a tp or
-    pp group (tp's replicated activations need one mask), the data-parallel rank without cp."""
+def test_each_cp_and_pp_rank_draws_its_own_dropout_stream():
+    """The loop seeds train.seed + rng_rank: distinct for each (dp, cp, pp) coordinate, the same within
+    a tp group (tp's replicated activations need one mask), the data-parallel rank without cp and pp."""
     from train.parallel.dims import ParallelDims
 
-    dims = [ParallelDims(dp_shard=2, cp=2, tp=2, world_size=8, rank=r) for r in range(8)]
+    dims = [ParallelDims(pp=2, dp_shard=2, cp=2, tp=2, world_size=16, rank=r) for r in range(16)]
     by_stream: dict[int, set] = {}
     for d in dims:
         c = d.coords()
-        by_stream.setdefault(d.rng_rank, set()).add((c["dp_shard"], c["cp"]))
-    assert sorted(by_stream) == [0, 1, 2, 3] and all(len(pairs) == 1 for pairs in by_stream.values())
+        by_stream.setdefault(d.rng_rank, set()).add((c["pp"], c["dp_shard"], c["cp"]))
+    assert sorted(by_stream) == list(range(8)) and all(len(coords) == 1 for coords in by_stream.values())
     for r in range(8):
-        d = ParallelDims(pp=2, dp_replicate=2, tp=2, world_size=8, rank=r)
+        d = ParallelDims(dp_replicate=2, dp_shard=2, tp=2, world_size=8, rank=r)
         assert d.rng_rank == d.dp_rank
 
 

@@ -141,7 +141,7 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
 
     # Data and model first: their user errors are the same on every rank, before any process group.
     # The loader's rank and world are the data-parallel ones: the ranks of one tp / cp / pp group read the
-    # same windows; each data-parallel rank and each cp rank within it draws its own dropout masks.
+    # same windows; each data-parallel rank, and each cp and pp rank within it, draws its own dropout masks.
     data = Data.open(cfg, dims.dp_rank, dims.dp_size, device)
     set_seeds(cfg.train.seed + dims.rng_rank)  # reproducible; resumes restore each rank's RNG state
     mcfg, init_weights = build_model_config(cfg, data.meta)

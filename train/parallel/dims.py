@@ -119,10 +119,11 @@ class ParallelDims:
     @property
     def rng_rank(self) -> int:
         """Which dropout stream this rank draws (the loop seeds train.seed + rng_rank): one per
-        data-parallel rank and, within it, per cp rank, since each cp rank holds its own tokens; the
-        ranks of one tp group share it (tensor parallel's replicated activations need the same masks
-        on every tp rank), as do those of one pp group. Without cp, the data-parallel rank."""
-        return self.dp_rank + self.dp_size * self.cp_rank
+        data-parallel rank and, within it, per cp rank (each holds its own tokens) and per pp rank
+        (each holds its own layers; Megatron-LM offsets its seed by the pipeline rank too). The ranks
+        of one tp group share it: tensor parallel's replicated activations need the same masks on
+        every tp rank. Without cp and pp, the data-parallel rank."""
+        return self.dp_rank + self.dp_size * (self.cp_rank + self.cp * self.pp_rank)
 
     @property
     def cp_rank(self) -> int:
@@ -153,8 +154,7 @@ def check_model(dims, cfg, seq_len: int) -> None:
     """What the degrees (a ParallelDims, or the config's parallel section) ask of the model (a
     ModelConfig) and the sequence, one line each: tensor parallel splits heads, MLP width and the
     vocabulary; context parallel cuts the sequence into 2 x cp chunks (the load-balanced causal layout);
-    pipeline parallel needs a block per stage and no context parallel. A degree of -1 (not known
-    before launch) is not checked."""
+    pipeline parallel needs a block per stage. A degree of -1 (not known before launch) is not checked."""
     tp, cp = dims.tp, dims.cp
     if tp > 1:
         sizes = [
@@ -171,11 +171,6 @@ def check_model(dims, cfg, seq_len: int) -> None:
         raise MeshError(
             f"data.seq_len={seq_len} must be divisible by 2 x parallel.cp = {2 * cp} (each cp rank holds two "
             "chunks of the sequence); choose another seq_len or cp"
-        )
-    if dims.pp > 1 and cp > 1:  # the stages' schedule hands every stage whole sequences
-        raise MeshError(
-            f"parallel.pp={dims.pp} composes with data and tensor parallel, not with context parallel: "
-            "set parallel.cp=1"
         )
     if dims.pp > 1:  # a block per stage, an untied head (train/parallel/pipeline.py says why)
         from train.parallel.pipeline import check_split

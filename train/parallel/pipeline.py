@@ -102,6 +102,7 @@ class StageModel(GPT):
     def __init__(self, model: GPT, blocks: Iterable[int], first: bool, last: bool, stage_index: int | None = None):
         nn.Module.__init__(self)  # not GPT.__init__: the modules come from `model`, not built again
         self.config, self.is_first, self.is_last, self.stage_index = model.config, first, last, stage_index
+        self.sharded = None  # context parallel's window (train/parallel/context.py), when cp > 1
         parts = {"wte", "drop", "wpe"} if first else set()
         parts |= {"ln_f"} if last else set()
         self.transformer = nn.ModuleDict({k: m for k, m in model.transformer.items() if k in parts})
@@ -123,10 +124,14 @@ class StageModel(GPT):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, **window) -> torch.Tensor:
         """x as in trunk. The schedule passes tokens (B, T), the micro-batch's ids, which give positions
-        and the document mask; PipelineModel passes trunk's pos / kv_update / attn_mask / is_causal.
+        and the document mask (under context parallel this cp rank's (B, T / cp) and the sharded window);
+        PipelineModel passes trunk's pos / kv_update / attn_mask / is_causal (the whole window).
         Returns logits (B, T, V) on the last stage, else (B, T, C). Through __call__, so that FSDP
         gathers the parameters its root holds (embeddings, final norm, head)."""
-        if tokens is not None:
+        if tokens is not None and self.sharded is not None:  # tokens: this cp rank's (B, T / cp)
+            pos, kv_update, attn_mask, is_causal = self.sharded(tokens)  # kv_update all-gathers K and V
+            window = {"pos": pos, "kv_update": kv_update, "attn_mask": attn_mask, "is_causal": is_causal}
+        elif tokens is not None:
             pos, attn_mask, is_causal = self.window(tokens)
             window = {"pos": pos, "attn_mask": attn_mask, "is_causal": is_causal}
         h = self.trunk(x, **window)

@@ -3,8 +3,8 @@
 wrap             split the GPT into stages (train/parallel/pipeline.py), each through the mesh's
                  parallelize (tensor + sequence parallel over tp, FSDP / HSDP over the data-parallel
                  ranks), one optimizer over them
-forward_backward the schedule over all of the step's micro-batches; the loss broadcast from the
-                 last stage, so every rank logs it
+forward_backward the schedule over all of the step's micro-batches (under cp, each cp rank's chunks
+                 of them); the loss broadcast from the last stage, so every rank logs it
 clip_and_step    the gradients' norm over every stage (and, through DTensor, every dp rank)
 eval_model       PipelineModel: forward-only, the same for evaluation, HellaSwag and sampling
 checkpoints      MeshStrategy's DCP save / load over the stages' bare names (a subset per pp rank),
@@ -19,6 +19,7 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from model.io import clean_state_dict
+from train.parallel.context import ContextParallel
 from train.parallel.mesh_strategy import MeshStrategy
 from train.parallel.parallelize import parallelize, uses_loss_parallel
 from train.parallel.pipeline import (
@@ -73,7 +74,10 @@ class PipelineStrategy(MeshStrategy):
             stages = split_stages(bare, self.dims.pp_rank, self.dims.pp, self.dims.pp_stages_per_rank)
         except ValueError as e:
             raise StrategyError(str(e)) from None
+        if self.dims.cp > 1:  # each stage's attention all-gathers K and V over the cp group
+            self.cp = ContextParallel(bare.config, self.mesh["cp"])
         for stage in stages:  # torchtitan: each model chunk goes through the layout's transforms
+            stage.sharded = self.cp
             parallelize(stage, self.dims, self.mesh, self.spec, self.mp_policy)
             if meta:
                 stage.to_empty(device=self.device)
@@ -88,6 +92,8 @@ class PipelineStrategy(MeshStrategy):
         return self.model, self.optimizer
 
     def forward_backward(self, micro_batches, amp):
+        if self.cp is not None:  # this cp rank's chunks of each window: (b, T / cp)
+            micro_batches = [(self.cp.shard(x), self.cp.shard(y)) for x, y in micro_batches]
         with amp, self.loss_context():  # the schedule runs the loss and every backward inside
             return pipeline_step(self.schedule, micro_batches, self.pp_group)
 
