@@ -192,6 +192,15 @@ def test_tp_is_applied_inside_each_stage_and_to_the_qk_norm(four_ranks):
         assert gain["placements"] == ["S(0)", "R"] and gain["local"] == [d // 2], gain  # (dp_shard, tp)
 
 
+def test_tp_needs_a_window_it_divides():
+    from train.parallel.dims import MeshError, ParallelDims, check_model
+
+    cfg, dims = ModelConfig(**{**drv_config("modern").to_dict(), "vocab_size": 96}), ParallelDims(tp=2, world_size=2)
+    with pytest.raises(MeshError, match=r"data.seq_len=15 must be divisible by parallel.tp=2 \(sequence parallel"):
+        check_model(dims, cfg, 15)
+    check_model(dims, cfg, 16)
+
+
 def test_each_cp_and_pp_rank_draws_its_own_dropout_stream():
     """The loop seeds train.seed + rng_rank: distinct for each (dp, cp, pp) coordinate, the same within
     a tp group (tp's replicated activations need one mask), the data-parallel rank without cp and pp."""

@@ -167,6 +167,11 @@ def check_model(dims, cfg, seq_len: int) -> None:
         for what, n in sizes:
             if n % tp:
                 raise MeshError(f"parallel.tp={tp} must divide {what} = {n}; choose a tp that divides it")
+        if seq_len % tp:
+            raise MeshError(
+                f"data.seq_len={seq_len} must be divisible by parallel.tp={tp} (sequence parallel gives each tp "
+                "rank an equal slice of every window); choose another seq_len or tp"
+            )
     if cp > 1 and seq_len % (2 * cp):
         raise MeshError(
             f"data.seq_len={seq_len} must be divisible by 2 x parallel.cp = {2 * cp} (each cp rank holds two "
