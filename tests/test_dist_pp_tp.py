@@ -17,7 +17,6 @@ then pp 2 x tp 2's forward-only view (evaluation's logits and loss) with the one
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import dist_driver as drv
 import pytest
 import torch
+from train_helpers import python_env
 
 from model.config import ModelConfig
 from model.gpt import GPT
@@ -97,23 +97,18 @@ REFERENCES = {  # scenario -> (family, optimizer, accumulation) of its one-proce
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("pp_tp")
-    (work / "out").mkdir()
-    return work
+    """Checkpoints in run_*/, the results of both sides in out/."""
+    return tmp_path_factory.mktemp("pp_tp")
 
 
 @pytest.fixture(scope="module")
 def four_ranks(work) -> Path:
     out = work / "out"
+    out.mkdir()
     spec = work / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "scenarios": scenarios(work)}))
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(drv.REPO), os.environ.get("PYTHONPATH")])),
-    }
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", __file__, str(spec)]
-    proc = subprocess.run(cmd, env=env, cwd=drv.REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, env=python_env(), cwd=drv.REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out
 
