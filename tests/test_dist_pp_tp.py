@@ -96,13 +96,9 @@ REFERENCES = {  # scenario -> (family, optimizer, accumulation) of its one-proce
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    """Checkpoints in run_*/, the results of both sides in out/."""
-    return tmp_path_factory.mktemp("pp_tp")
-
-
-@pytest.fixture(scope="module")
-def four_ranks(work) -> Path:
+def four_ranks(tmp_path_factory) -> Path:
+    """The launch: checkpoints in run_*/, the results (and the references' beside them) in out/."""
+    work = tmp_path_factory.mktemp("pp_tp")
     out = work / "out"
     out.mkdir()
     spec = work / "spec.json"
@@ -113,16 +109,16 @@ def four_ranks(work) -> Path:
     return out
 
 
-def reference(work: Path, name: str) -> dict:
+def reference(out: Path, name: str) -> dict:
     family, optim, accum = REFERENCES[name]
     sc = {"name": f"ref_{name}", "strategy": "none", "steps": STEPS, "family": family, "accum": accum}
-    return drv.run_scenario({**sc, "optim": optim} if optim else sc, work / "out")
+    return drv.run_scenario({**sc, "optim": optim} if optim else sc, out)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(REFERENCES))
-def test_layout_matches_one_process(four_ranks, work, name):
-    got, want = drv.load_result(four_ranks, name), reference(work, name)
+def test_layout_matches_one_process(four_ranks, name):
+    got, want = drv.load_result(four_ranks, name), reference(four_ranks, name)
     assert sorted(got["losses"]) == list(range(1, STEPS + 1))
     for step in want["losses"]:
         assert got["losses"][step] == pytest.approx(want["losses"][step], abs=LOSS_TOL), step
