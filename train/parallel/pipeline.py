@@ -33,23 +33,9 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleIn
 from torch.distributed.tensor import DTensor
 
 from model.gpt import GPT, cross_entropy
+from train.parallel.dims import check_split
 
 SCHEDULES = {"1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
-
-
-def check_split(n_layer: int, tie_embeddings: bool, pp: int, stages_per_rank: int) -> None:
-    """Raise ValueError (one line that says what to change) for a model the stages cannot split."""
-    stages = pp * stages_per_rank
-    if n_layer < stages:
-        raise ValueError(
-            f"model.n_layer={n_layer} is fewer than the {stages} pipeline stages "
-            f"(parallel.pp={pp} x parallel.pp_stages_per_rank={stages_per_rank}): lower them or add layers"
-        )
-    if tie_embeddings:
-        raise ValueError(
-            "parallel.pp > 1 splits the token embedding (first stage) from the head (last stage): "
-            "set model.tie_embeddings=false"
-        )
 
 
 def check_schedule(schedule: str, pp: int, stages_per_rank: int, n_microbatches: int) -> None:
