@@ -123,7 +123,10 @@ def run_scenario(sc: dict, out: Path) -> dict:
         "world_size": world,
         "losses": {},
         "norms": {},
-        "tied": bare.lm_head.weight is bare.transformer.wte.weight,
+        # a pipeline stage may hold neither the table nor the head
+        "tied": "wte" in bare.transformer
+        and bare.lm_head is not None
+        and bare.lm_head.weight is bare.transformer.wte.weight,
     }
 
     if sc.get("record_layout"):  # what the layout did to the parameters and to the activations

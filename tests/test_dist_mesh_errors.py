@@ -47,7 +47,6 @@ MODERN = dict(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_
         ({}, dict(tp=4), 64, r"parallel.tp=4 must divide model.n_kv_head = 2"),
         (dict(ffn_hidden=100), dict(tp=8, n_head=8), 64, r"must divide the MLP width .* = 100"),
         (dict(vocab_size=97), dict(tp=2), 64, r"parallel.tp=2 must divide model.vocab_size \(padded\) = 97"),
-        (dict(qk_norm=True), dict(tp=2), 64, "model.qk_norm is not supported"),
         ({}, dict(cp=4), 36, r"data.seq_len=36 must be divisible by 2 x parallel.cp = 8"),
         ({}, dict(pp=4), 64, r"model.n_layer=2 is fewer than the 4 pipeline stages"),
     ],

@@ -148,9 +148,9 @@ def run(cfg: Config, *, log=print, callbacks: Sequence[EvalCallback] = ()) -> di
 
     # Data and model first: their user errors are the same on every rank, before any process group.
     # The loader's rank and world are the data-parallel ones: the ranks of one tp / cp / pp group read the
-    # same windows, and draw the same dropout masks.
+    # same windows; each data-parallel rank, and each cp and pp rank within it, draws its own dropout masks.
     data = Data.open(cfg, dims.dp_rank, dims.dp_size, device)
-    set_seeds(cfg.train.seed + dims.dp_rank)  # different dropout masks per replica, reproducible
+    set_seeds(cfg.train.seed + dims.rng_rank)  # reproducible; resumes restore each rank's RNG state
     mcfg, init_weights = build_model_config(cfg, data.meta)
     check_model(dims, mcfg, cfg.seq_len)
     preflight_check(cfg, mcfg, world_size, device)  # CUDA: stop a layout the planner says cannot fit

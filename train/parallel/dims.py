@@ -147,6 +147,15 @@ class ParallelDims:
         return (c["dp_shard"] * self.cp + c["cp"]) % self.ep
 
     @property
+    def rng_rank(self) -> int:
+        """Which dropout stream this rank draws (the loop seeds train.seed + rng_rank): one per
+        data-parallel rank and, within it, per cp rank (each holds its own tokens) and per pp rank
+        (each holds its own layers; Megatron-LM offsets its seed by the pipeline rank too). The ranks
+        of one tp group share it: tensor parallel's replicated activations need the same masks on
+        every tp rank. Without cp and pp, the data-parallel rank."""
+        return self.dp_rank + self.dp_size * (self.cp_rank + self.cp * self.pp_rank)
+
+    @property
     def cp_rank(self) -> int:
         return self.coords()["cp"]
 
@@ -202,10 +211,10 @@ def check_model(dims, cfg, seq_len: int) -> None:
         for what, n in sizes:
             if n % tp:
                 raise MeshError(f"parallel.tp={tp} must divide {what} = {n}; choose a tp that divides it")
-        if cfg.qk_norm:
+        if seq_len % tp:
             raise MeshError(
-                f"parallel.tp={tp} with model.qk_norm is not supported (the q/k norm gain sees only this "
-                "rank's heads); set model.qk_norm=false or parallel.tp=1"
+                f"data.seq_len={seq_len} must be divisible by parallel.tp={tp} (sequence parallel gives each tp "
+                "rank an equal slice of every window); choose another seq_len or tp"
             )
     if cp > 1 and seq_len % (2 * cp):
         raise MeshError(
@@ -213,9 +222,23 @@ def check_model(dims, cfg, seq_len: int) -> None:
             "chunks of the sequence); choose another seq_len or cp"
         )
     if dims.pp > 1:  # a block per stage, an untied head (train/parallel/pipeline.py says why)
-        from train.parallel.pipeline import check_split
-
         try:
             check_split(cfg.n_layer, cfg.tie_embeddings, dims.pp, dims.pp_stages_per_rank)
         except ValueError as e:
             raise MeshError(str(e)) from None
+
+
+def check_split(n_layer: int, tie_embeddings: bool, pp: int, stages_per_rank: int) -> None:
+    """Raise ValueError (one line that says what to change) for a model the pipeline stages
+    (train/parallel/pipeline.py) cannot split."""
+    stages = pp * stages_per_rank
+    if n_layer < stages:
+        raise ValueError(
+            f"model.n_layer={n_layer} is fewer than the {stages} pipeline stages "
+            f"(parallel.pp={pp} x parallel.pp_stages_per_rank={stages_per_rank}): lower them or add layers"
+        )
+    if tie_embeddings:
+        raise ValueError(
+            "parallel.pp > 1 splits the token embedding (first stage) from the head (last stage): "
+            "set model.tie_embeddings=false"
+        )

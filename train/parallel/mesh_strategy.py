@@ -174,7 +174,7 @@ class MeshStrategy(DistributedStrategy):
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         sync_moe_grads(self.bare)  # expert / tensor parallel MoE blocks (train/parallel/expert.py)
         params = [p for p in self.bare.parameters() if p.grad is not None]
-        groups = _by_mesh(params)
+        groups = group_by_mesh(params)
         norm = grad_norm(groups)
         if gate is not None and not gate(norm):  # train/guard.py: skip this update on every rank
             if self.scaler is not None:
@@ -225,8 +225,12 @@ class MeshStrategy(DistributedStrategy):
         # Collective: every rank all-gathers; only rank 0 keeps the full (CPU) tensors.
         return get_model_state_dict(self.bare, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def state_dicts(self) -> tuple[dict, dict]:
+        """Hook (pipeline parallel): the model and optimizer state dicts that DCP saves."""
+        return get_state_dict(self.bare, self.optimizer)
+
     def save_state(self, state_dir: Path) -> dict:
-        model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
+        model_sd, optim_sd = self.state_dicts()
         with _one_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(state_dir))
         return self._saved_meta()
@@ -235,7 +239,7 @@ class MeshStrategy(DistributedStrategy):
         # dcp.async_save copies the state to CPU memory (its DefaultStager) before it returns, then writes
         # in a thread; its cross-rank steps run on `process_group`, a gloo group of their own, so that they
         # never interleave with the training step's collectives (torchtitan's checkpoint.py does the same).
-        model_sd, optim_sd = get_state_dict(self.bare, self.optimizer)
+        model_sd, optim_sd = self.state_dicts()
         future = dcp.async_save(
             {"model": model_sd, "optim": optim_sd},
             checkpoint_id=str(state_dir),
@@ -310,7 +314,7 @@ class _Gathered(nn.Module):
         return out.full_tensor() if isinstance(out, DTensor) else out
 
 
-def _by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def group_by_mesh(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Parameters grouped by where they live (plain, or a DTensor's mesh): foreach kernels and DTensor
     reductions take one kind at a time."""
     groups: dict = {}

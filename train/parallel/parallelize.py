@@ -89,8 +89,10 @@ def apply_fsdp(model: nn.Module, mesh, mp_policy, ignored: set | None = None) ->
 def uses_loss_parallel(model: nn.Module) -> bool:
     """Whether the head is split over the vocabulary: untied, no padded rows to drop, no soft-capping
     (the loss then runs on vocabulary shards under torch's loss_parallel)."""
-    cfg = model.config
-    tied = model.lm_head.weight is model.transformer.wte.weight
+    cfg, head = model.config, model.lm_head
+    if head is None:  # a pipeline stage without the head
+        return False
+    tied = "wte" in model.transformer and head.weight is model.transformer.wte.weight
     return not tied and cfg.padded_vocab_size == cfg.vocab_size and cfg.logit_softcap is None
 
 
@@ -105,17 +107,19 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
     )
 
     tp, cfg = tp_mesh.size(), model.config
-    blocks = model.transformer.h
-    # the embeddings' output (B, T, C) is replicated: the first block keeps its slice of the sequence
-    parallelize_module(
-        blocks[0],
-        tp_mesh,
-        PrepareModuleInput(
-            input_layouts=(Replicate(),) + (None,) * 4,  # block(x, rope, kv_update, attn_mask, is_causal)
-            desired_input_layouts=(Shard(1),) + (None,) * 4,
-            use_local_output=True,
-        ),
-    )
+    blocks, parts = model.transformer.h, model.transformer
+    if "wte" in parts:
+        # the embeddings' output (B, T, C) is replicated: the first block keeps its slice of the sequence.
+        # A later pipeline stage receives the previous stage's slice (B, T / tp, C) as it is.
+        parallelize_module(
+            blocks[0],
+            tp_mesh,
+            PrepareModuleInput(
+                input_layouts=(Replicate(),) + (None,) * 4,  # block(x, rope, kv_update, attn_mask, is_causal)
+                desired_input_layouts=(Shard(1),) + (None,) * 4,
+                use_local_output=True,
+            ),
+        )
     gathered = PrepareModuleInput(
         input_layouts=(Shard(1),) + (None,) * 5,
         desired_input_layouts=(Replicate(),) + (None,) * 5,
@@ -142,6 +146,12 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
                 **(tp_plan() if moe else mlp),
             },
         )
+        if hasattr(block.attn, "q_norm"):
+            # q and k (B, H / tp, T, D) hold this rank's heads: the norm over head_dim needs no
+            # communication; its gain, shared by every head, becomes a replicated DTensor whose gradient
+            # (a partial sum over this rank's heads) is summed over tp
+            heads = SequenceParallel(sequence_dim=1, use_local_output=True)
+            parallelize_module(block.attn, tp_mesh, {"q_norm": heads, "k_norm": heads})
         attn = block.attn
         d = attn.head_dim
         sizes = [attn.n_head * d, attn.n_kv_head * d, attn.n_kv_head * d]
@@ -150,7 +160,9 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
         if not moe and block.mlp.swiglu:
             h = cfg.hidden_dim
             block.mlp.c_fc.register_forward_hook(_keep_own_parts(tp_mesh, [h, h]))
-    parallelize_module(model.transformer.ln_f, tp_mesh, SequenceParallel())
+    if "ln_f" not in parts:  # a pipeline stage before the last: its output stays sequence-sharded
+        return
+    parallelize_module(parts.ln_f, tp_mesh, SequenceParallel())
     if uses_loss_parallel(model):
         head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     else:  # the tied table stays whole: the head runs on the all-gathered hidden states

@@ -30,25 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+from torch.distributed.tensor import DTensor
 
 from model.gpt import GPT, cross_entropy
+from train.parallel.dims import check_split
 
 SCHEDULES = {"1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
-
-
-def check_split(n_layer: int, tie_embeddings: bool, pp: int, stages_per_rank: int) -> None:
-    """Raise ValueError (one line that says what to change) for a model the stages cannot split."""
-    stages = pp * stages_per_rank
-    if n_layer < stages:
-        raise ValueError(
-            f"model.n_layer={n_layer} is fewer than the {stages} pipeline stages "
-            f"(parallel.pp={pp} x parallel.pp_stages_per_rank={stages_per_rank}): lower them or add layers"
-        )
-    if tie_embeddings:
-        raise ValueError(
-            "parallel.pp > 1 splits the token embedding (first stage) from the head (last stage): "
-            "set model.tie_embeddings=false"
-        )
 
 
 def check_schedule(schedule: str, pp: int, stages_per_rank: int, n_microbatches: int) -> None:
@@ -82,11 +69,15 @@ def stage_indices(pp_rank: int, pp_size: int, stages_per_rank: int) -> list[int]
 
 class StageBlocks(nn.ModuleDict):
     """A stage's blocks keyed by their global index, so parameter names stay `transformer.h.<i>...`;
-    iterates over the blocks, as the nn.ModuleList it stands for does (activation checkpointing,
-    per-block compile and FSDP walk `model.transformer.h`)."""
+    iterates over the blocks and indexes them by position, as the nn.ModuleList it stands for does
+    (activation checkpointing, per-block compile, FSDP and tensor parallel walk `model.transformer.h`)."""
 
     def __iter__(self):
         return iter(self.values())
+
+    def __getitem__(self, key: str | int) -> nn.Module:
+        """A global index's block by its name ("2"); by an int, the stage's n-th block, as in a list."""
+        return list(self.values())[key] if isinstance(key, int) else super().__getitem__(key)
 
 
 class StageModel(GPT):
@@ -97,6 +88,7 @@ class StageModel(GPT):
     def __init__(self, model: GPT, blocks: Iterable[int], first: bool, last: bool, stage_index: int | None = None):
         nn.Module.__init__(self)  # not GPT.__init__: the modules come from `model`, not built again
         self.config, self.is_first, self.is_last, self.stage_index = model.config, first, last, stage_index
+        self.sharded = None  # context parallel's window (train/parallel/context.py), when cp > 1
         parts = {"wte", "drop", "wpe"} if first else set()
         parts |= {"ln_f"} if last else set()
         self.transformer = nn.ModuleDict({k: m for k, m in model.transformer.items() if k in parts})
@@ -118,10 +110,14 @@ class StageModel(GPT):
 
     def forward(self, x: torch.Tensor, tokens: torch.Tensor | None = None, **window) -> torch.Tensor:
         """x as in trunk. The schedule passes tokens (B, T), the micro-batch's ids, which give positions
-        and the document mask; PipelineModel passes trunk's pos / kv_update / attn_mask / is_causal.
+        and the document mask (under context parallel this cp rank's (B, T / cp) and the sharded window);
+        PipelineModel passes trunk's pos / kv_update / attn_mask / is_causal (the whole window).
         Returns logits (B, T, V) on the last stage, else (B, T, C). Through __call__, so that FSDP
         gathers the parameters its root holds (embeddings, final norm, head)."""
-        if tokens is not None:
+        if tokens is not None and self.sharded is not None:  # tokens: this cp rank's (B, T / cp)
+            pos, kv_update, attn_mask, is_causal = self.sharded(tokens)  # kv_update all-gathers K and V
+            window = {"pos": pos, "kv_update": kv_update, "attn_mask": attn_mask, "is_causal": is_causal}
+        elif tokens is not None:
             pos, attn_mask, is_causal = self.window(tokens)
             window = {"pos": pos, "attn_mask": attn_mask, "is_causal": is_causal}
         h = self.trunk(x, **window)
@@ -186,6 +182,7 @@ def pipeline_step(schedule, micro_batches: list[tuple[torch.Tensor, torch.Tensor
     y = torch.cat([m[1] for m in micro_batches])
     losses: list[torch.Tensor] = []
     schedule.step(x, target=y, losses=losses, tokens=x, return_outputs=False)
+    losses = [loss.full_tensor() if isinstance(loss, DTensor) else loss for loss in losses]  # loss parallel
     mean = torch.stack(losses).sum().detach().float() if losses else torch.zeros((), device=x.device)
     dist.broadcast(mean, group=group, group_src=last_rank(group))
     return mean
@@ -200,9 +197,10 @@ class PipelineModel(GPT):
     step, and evaluation batches, growing prompts and HellaSwag rows change it. The residual stream
     travels in fp32; the logits (B, T, V) are broadcast in fp32."""
 
-    def __init__(self, stages: list[StageModel], group: dist.ProcessGroup):
+    def __init__(self, stages: list[StageModel], group: dist.ProcessGroup, seq_shards: int = 1):
         nn.Module.__init__(self)
-        self.config, self.group = stages[0].config, group
+        # under tensor parallel (seq_shards = tp) the residual stream between stages is sequence-sharded
+        self.config, self.group, self.seq_shards = stages[0].config, group, seq_shards
         self.stages = nn.ModuleList(stages)
         self.n_stages = group.size() * len(stages)
         if hasattr(stages[0], "rope_cos"):
@@ -222,9 +220,11 @@ class PipelineModel(GPT):
             if s % pp != me:
                 continue
             if s > 0:  # the previous stage is on the previous rank (loop order, pp > 1)
-                x = torch.empty(B, T, self.config.n_embd, device=idx.device)  # (B, T, C)
+                x = torch.empty(B, T // self.seq_shards, self.config.n_embd, device=idx.device)  # (B, T / tp, C)
                 dist.recv(x, group=self.group, group_src=(s - 1) % pp)
             x = local[s](x, **window)
+            if isinstance(x, DTensor):  # logits split over the vocabulary (loss parallel): (B, T, V)
+                x = x.full_tensor()
             if s < self.n_stages - 1:
                 dist.send(x.float().contiguous(), group=self.group, group_dst=(s + 1) % pp)
         return x if me == last_rank(self.group) else idx.new_empty(B, T, 0, dtype=torch.float32)
@@ -250,14 +250,14 @@ class PipelineModel(GPT):
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, group: dist.ProcessGroup) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ over parameters split across the pp ranks: the 2-norm of every
     rank's gradients together (each stage's squared norm summed over the group, as torchtitan's
-    clip_grad_norm_ does for pp), and the same clipping factor on every rank. DTensor gradients (FSDP)
-    give their full norm. Returns the global pre-clip norm (fp32, 0-d)."""
-    params = [p for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0, foreach=True)
-    if hasattr(norm, "full_tensor"):  # a DTensor norm of sharded gradients
-        norm = norm.full_tensor()
-    sq = norm.float() ** 2
+    clip_grad_norm_ does for pp), and the same clipping factor on every rank. DTensor gradients (FSDP,
+    tensor parallel) give their full norm. Returns the global pre-clip norm (fp32, 0-d)."""
+    from train.parallel.mesh_strategy import grad_norm, group_by_mesh
+
+    groups = group_by_mesh([p for p in parameters if p.grad is not None])
+    sq = grad_norm(groups).float() ** 2
     dist.all_reduce(sq, group=group)
     total = sq.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    for params in groups:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
