@@ -70,3 +70,21 @@ def build_once(root: Path, key: str, build: Callable[[Path], None]) -> Path:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """A module's tiny models on one intra-op thread (train_helpers.one_thread says why); a module asks
+    for it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    from train_helpers import one_thread
+
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """The prepared pydoc dataset (train_helpers.prepared_dataset: built once per test run); a module
+    with data of its own defines its own data_dir."""
+    from train_helpers import prepared_dataset
+
+    return prepared_dataset(tmp_path_factory)

@@ -19,21 +19,16 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import DEBUG_YAML, REPO, one_thread, prepared_dataset, python_env, tiny_config, tiny_overrides
+from train_helpers import DEBUG_YAML, REPO, prepared_dataset, python_env, tiny_config, tiny_overrides
 
 from train.loop import run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 STEPS = 6
 # every step checkpoints; keep_last=2 makes the save prune, so the "prune" point is reached
 COMMON = ["checkpoint.every=1", "checkpoint.keep_last=2", f"train.max_steps={STEPS}"]
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ from conftest import require_extra
 from train_helpers import (
     DEBUG_YAML,
     REPO,
-    one_thread,
-    prepared_dataset,
     run_cli,
     tiny_config,
     tiny_overrides,
@@ -29,14 +27,7 @@ from train.errors import ConfigError
 FP8 = ["train.fp8=tensorwise", "train.fp8_emulate=true", "train.dtype=bfloat16"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_conversion_skips_the_head_and_unaligned_layers_and_really_casts():

@@ -26,7 +26,6 @@ from train_helpers import (
     DEBUG_YAML,
     REPO,
     metrics,
-    one_thread,
     prepared_dataset,
     python_env,
     tiny_config,
@@ -35,7 +34,7 @@ from train_helpers import (
 
 from train.loop import run as gptrain
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 # fp32, dropout 0: the same model, batches, optimizer and schedule; only the reduction order may differ.
 LOSS_TOL = 1e-5
@@ -52,11 +51,6 @@ MUON = [
     "schedule.name=wsd",
     "schedule.decay_frac=0.5",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

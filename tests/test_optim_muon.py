@@ -12,8 +12,6 @@ import torch
 from train_helpers import (
     DEBUG_YAML,
     REPO,
-    one_thread,
-    prepared_dataset,
     python_env,
     run_cli,
     tiny_config,
@@ -34,14 +32,7 @@ MUON = ["optim.name=muon", "optim.muon_lr=0.02", "optim.lr=3e-3"]
 DIST_LOSS_TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(**kw) -> GPT:

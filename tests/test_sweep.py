@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_extra
-from train_helpers import DEBUG_YAML, REPO, metrics, one_thread, prepared_dataset, python_env, tiny_overrides
+from train_helpers import DEBUG_YAML, REPO, metrics, python_env, tiny_overrides
 
 optuna = require_extra("optuna", "sweep")
 from optuna.trial import TrialState  # noqa: E402
@@ -29,14 +29,7 @@ from train.sweep.__main__ import main, trial_seed  # noqa: E402
 LR_SPACE = "optim.lr: {log_float: [1.0e-4, 1.0e-2]}\nmodel.dropout: {float: [0.0, 0.2], step: 0.1}\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def space(tmp_path: Path, text: str, name: str = "space") -> Path:

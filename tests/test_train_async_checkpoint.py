@@ -18,7 +18,7 @@ import random
 import signal
 
 import pytest
-from train_helpers import one_thread, prepared_dataset, run_cli, tiny_config, tiny_overrides, train_losses
+from train_helpers import prepared_dataset, run_cli, tiny_config, tiny_overrides, train_losses
 
 from train.loop import run
 
@@ -27,12 +27,7 @@ COMMON = ["checkpoint.every=1", "checkpoint.keep_last=3", f"train.max_steps={STE
 ASYNC = [*COMMON, "checkpoint.async_save=true"]
 POINTS = ["state", "publish", "latest", "prune"]  # train/faults.py, in the order of a save
 
-pytestmark = pytest.mark.slow  # two `python -m train` processes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # two `python -m train` processes
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,6 @@ from train_helpers import (
     DEBUG_YAML,
     REPO,
     metrics,
-    one_thread,
-    prepared_dataset,
     python_env,
     run_cli,
     tiny_config,
@@ -32,14 +30,7 @@ from train.parallel.mesh_strategy import MeshStrategy
 QUIET = dict(log=lambda m: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_resume_after_sigkill_is_bit_exact(data_dir, tmp_path):

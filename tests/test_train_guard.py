@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import metrics, one_thread, prepared_dataset, run_cli, tiny_config, tiny_overrides, train_losses
+from train_helpers import metrics, prepared_dataset, run_cli, tiny_config, tiny_overrides, train_losses
 
 from train.errors import TrainError
 from train.guard import SPIKE_ENV
@@ -23,9 +23,7 @@ from train.loop import run
 GUARD = ["guard.enabled=true", "guard.warmup=3", "checkpoint.every=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,6 @@ from train_helpers import (
     DEBUG_YAML,
     REPO,
     metrics,
-    one_thread,
-    prepared_dataset,
     python_env,
     tiny_config,
     tiny_overrides,
@@ -40,14 +38,7 @@ KEYS = ("hellaswag_acc", "hellaswag_acc_norm", "hellaswag_n", "hellaswag_truncat
 QUIET = dict(log=lambda m: None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def hellaswag(run_dir) -> dict[int, dict]:

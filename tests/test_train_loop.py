@@ -9,8 +9,6 @@ import torch
 from train_helpers import (
     DEBUG_YAML,
     metrics,
-    one_thread,
-    prepared_dataset,
     run_cli,
     tiny_config,
     train_losses,
@@ -22,15 +20,7 @@ from model.io import load_model, load_state
 from train.errors import TrainError
 from train.loop import run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_debug_config_trains_from_the_command_line(data_dir, tmp_path):

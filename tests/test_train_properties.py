@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import require_extra
 from torch.utils._python_dispatch import TorchDispatchMode
-from train_helpers import REPO, metrics, one_thread, prepared_dataset, python_env, tiny_config, train_losses
+from train_helpers import REPO, metrics, python_env, tiny_config, train_losses
 
 from model import GPT, ModelConfig
 from model.io import load_state
@@ -27,14 +27,7 @@ from train.loop import run
 PROBE = Path(__file__).with_name("ac_probe.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return prepared_dataset(tmp_path_factory)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- accumulation

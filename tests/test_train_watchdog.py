@@ -14,15 +14,12 @@ import subprocess
 import sys
 
 import pytest
-from train_helpers import DEBUG_YAML, REPO, one_thread, prepared_dataset, python_env, tiny_config, tiny_overrides
+from train_helpers import DEBUG_YAML, REPO, prepared_dataset, python_env, tiny_config, tiny_overrides
 
 from train.loop import run
 from train.watchdog import EXIT_HANG, HANG_ENV
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
