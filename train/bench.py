@@ -29,7 +29,7 @@ from model import GPT, ModelConfig
 from model.cli import run
 from model.dtypes import short
 from train.config import Config, OptimSection, load_config
-from train.dataset import bench_model_config, vocab_size
+from train.dataset import bench_batches, bench_model_config, vocab_size
 from train.device import autocast_ctx, pick_device
 from train.errors import TrainError
 from train.loop import train_step
@@ -81,22 +81,16 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
 
         fp8.check_device(device, emulate=False)
         fp8.convert(model, setting.fp8, emulate=False, fsdp=False)
-    seq, mb = cfg.seq_len, cfg.train.micro_batch
-    accum = cfg.train.tokens_per_step // (seq * mb)
+    batches = bench_batches(cfg, mcfg.vocab_size, device)
     spec = StrategySpec(
-        precision=short(setting.dtype), grad_accum_steps=accum, grad_clip=cfg.optim.grad_clip, compile=setting.compile
+        precision=short(setting.dtype),
+        grad_accum_steps=len(batches),
+        grad_clip=cfg.optim.grad_clip,
+        compile=setting.compile,
     )
     strategy = make_strategy("none", device, spec)
     optim_cfg = OptimSection(**{**cfg.optim.__dict__, "fused": setting.fused})
     model, _ = strategy.wrap(model, lambda m: build_optimizer(m, optim_cfg))  # compiles as training does
-    g = torch.Generator().manual_seed(0)
-    batches = [
-        (
-            torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g).to(device),
-            torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g).to(device),
-        )
-        for _ in range(accum)
-    ]
     amp = autocast_ctx(device, setting.dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
@@ -116,7 +110,7 @@ def measure(cfg: Config, setting: Setting, steps: int, warmup: int, device: torc
     sec = statistics.median(times)
     tokens = cfg.train.tokens_per_step / sec
     peak, src = device_peak_flops(device, "float8" if setting.fp8 != "none" else setting.dtype)
-    flops = model_for_flops(mcfg).flops_per_token(seq)
+    flops = model_for_flops(mcfg).flops_per_token(cfg.seq_len)
     return {
         "ms": 1000 * sec,
         "tokens_per_s": tokens,

@@ -29,7 +29,7 @@ from model.cli import run
 from model.dtypes import short
 from train.checkpoint import CheckpointManager, TrainState
 from train.config import load_config
-from train.dataset import bench_model_config
+from train.dataset import bench_batches, bench_model_config
 from train.device import autocast_ctx, resolve_dtype
 from train.errors import TrainError
 from train.guard import SpikeGuard
@@ -45,14 +45,10 @@ def build(cfg):
     device = torch.device("cpu")
     dtype = resolve_dtype(device) if cfg.train.dtype == "auto" else cfg.train.dtype
     mcfg = bench_model_config(cfg)
-    seq, mb = cfg.seq_len, cfg.train.micro_batch
-    accum = cfg.train.tokens_per_step // (seq * mb)
-    spec = StrategySpec(precision=short(dtype), grad_accum_steps=accum, grad_clip=cfg.optim.grad_clip)
+    batches = bench_batches(cfg, mcfg.vocab_size, device)
+    spec = StrategySpec(precision=short(dtype), grad_accum_steps=len(batches), grad_clip=cfg.optim.grad_clip)
     strategy = make_strategy("none", device, spec)
     strategy.wrap(GPT(mcfg), lambda m: build_optimizer(m, cfg.optim))
-    g = torch.Generator().manual_seed(0)
-    tokens = lambda: torch.randint(0, mcfg.vocab_size, (mb, seq), generator=g)  # noqa: E731 -- (mb, seq) int64
-    batches = [(tokens(), tokens()) for _ in range(accum)]
     return strategy, batches, autocast_ctx(device, dtype), mcfg
 
 

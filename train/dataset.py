@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
+
 from model import GPT, ModelConfig
 from model.io import ArtifactError, load_state
 from train.config import Config
@@ -94,3 +96,12 @@ def bench_model_config(cfg: Config) -> ModelConfig:
     V = vocab_size(cfg)
     eot = V - 1 if cfg.model.doc_mask and cfg.model.eot_id is None else cfg.model.eot_id
     return dataclasses.replace(cfg.model, vocab_size=V, eot_id=eot)
+
+
+def bench_batches(cfg: Config, vocab_size: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One optimizer step of seeded random (inputs, targets) micro-batches, each (micro_batch, seq_len)
+    int64: the benchmarks' stand-in for data (train.bench, train.bench_checkpoint)."""
+    seq, mb = cfg.seq_len, cfg.train.micro_batch
+    g = torch.Generator().manual_seed(0)
+    tokens = lambda: torch.randint(0, vocab_size, (mb, seq), generator=g).to(device)  # noqa: E731 -- (mb, seq)
+    return [(tokens(), tokens()) for _ in range(cfg.train.tokens_per_step // (seq * mb))]
