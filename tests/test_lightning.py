@@ -216,6 +216,7 @@ def test_what_lightning_does_not_run_is_one_line(capsys):
         ("parallel.strategy=fsdp", "needs CUDA GPUs"),
         ("parallel.strategy=deepspeed", "needs CUDA GPUs"),
         ("parallel.tp=2", "gptrain's own loop's"),
+        ("train.fp8=rowwise", "train.fp8=rowwise is gptrain's own loop's"),
     ]:
         assert run(main, ["--config", str(DEBUG_YAML), "train.device=cpu", override]) == 2
         err = capsys.readouterr().err

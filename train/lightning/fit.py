@@ -70,6 +70,10 @@ def check_supported(cfg: Config) -> None:
         )
     if cfg.guard.enabled:
         raise TrainError("guard.enabled=true is gptrain's own loop's (python -m train); set guard.enabled=false")
+    if cfg.train.fp8 != "none":
+        raise TrainError(
+            f"train.fp8={cfg.train.fp8} is gptrain's own loop's (python -m train, train/fp8.py); set train.fp8=none"
+        )
     sharded = cfg.parallel.strategy in ("fsdp", "deepspeed")
     if sharded and pick_device(cfg.train.device).type != "cuda":
         raise TrainError(
