@@ -33,7 +33,7 @@ from data.hellaswag import STYLES as HELLASWAG_STYLES
 from model.config import ModelConfig
 from model.dtypes import CANONICAL
 from train.errors import ConfigError
-from train.parallel.dims import DIMS, check_model
+from train.parallel.dims import DIMS, check_async_tp, check_model
 
 TRAIN_DTYPES = ("auto", *CANONICAL)
 SCHEDULES = ("cosine", "wsd", "constant")
@@ -312,6 +312,11 @@ class ParallelSection(_Section):
     # expert parallel: each rank holds n_experts / ep experts of every MoE block, tokens travel by
     # all-to-all; borrowed from dp_shard x cp, which it must divide (train/parallel/expert.py)
     ep: int = 1
+    async_tp: bool = False
+    """Async tensor parallel (torchtitan's enable_async_tensor_parallel): inductor's micro-pipeline TP pass
+    splits each all-gather -> matmul and matmul -> reduce-scatter of the compiled blocks into chunks
+    whose transfers (over the tp group's symmetric memory) overlap the matmuls. Needs parallel.tp > 1,
+    train.compile=true and CUDA GPUs (train/parallel/parallelize.py's enable_async_tp)."""
     fsdp_param_dtype: str | None = None  # FSDP2 MixedPrecisionPolicy param dtype; null = train.dtype
     fsdp_reduce_dtype: str | None = "float32"  # gradient reduce-scatter dtype
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (Rajbhandari et al. 2020)
@@ -661,6 +666,8 @@ def _cross_checks(cfg: Config) -> None:
     )
     _validate_fp8(cfg)
     check_model(p, m, cfg.seq_len)  # what the mesh degrees ask of the model (MeshError: a ConfigError)
+    if p.async_tp:  # what async TP asks of the layout, the compile switch and the device
+        check_async_tp(p.tp, t.compile, t.device)
 
 
 def _validate_fp8(cfg: Config) -> None:

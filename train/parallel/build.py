@@ -44,5 +44,6 @@ def make_strategy(name: str, device: torch.device | str, spec: StrategySpec | No
         label=name,
         param_dtype=parse_dtype(options.get("fsdp_param_dtype"), "fsdp_param_dtype"),
         reduce_dtype=parse_dtype(options.get("fsdp_reduce_dtype", "fp32"), "fsdp_reduce_dtype"),
+        async_tp=bool(options.get("async_tp")),
         **extra,
     )

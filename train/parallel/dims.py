@@ -228,6 +228,28 @@ def check_model(dims, cfg, seq_len: int) -> None:
             raise MeshError(str(e)) from None
 
 
+def check_async_tp(tp: int, compile: bool, device: str) -> None:
+    """What parallel.async_tp asks of the run, one line each: a tp group whose collectives it overlaps,
+    the compiled blocks that inductor's micro-pipeline TP pass rewrites, and CUDA (the fused kernels
+    work on symmetric memory). tp -1 and device "auto" (not known before launch) pass here and are
+    checked again at start-up with the resolved values."""
+    if tp == 1:
+        raise MeshError(
+            "parallel.async_tp=true overlaps tensor parallel's collectives with its matmuls: set parallel.tp > 1, "
+            "or parallel.async_tp=false"
+        )
+    if not compile:
+        raise MeshError(
+            "parallel.async_tp=true is a pass of torch.compile (inductor) over the compiled blocks: set "
+            "train.compile=true, or parallel.async_tp=false"
+        )
+    if device != "auto" and not device.startswith("cuda"):
+        raise MeshError(
+            f"parallel.async_tp=true needs CUDA GPUs (symmetric memory), and this run is on {device}: set "
+            "parallel.async_tp=false"
+        )
+
+
 def check_split(n_layer: int, tie_embeddings: bool, pp: int, stages_per_rank: int) -> None:
     """Raise ValueError (one line that says what to change) for a model the pipeline stages
     (train/parallel/pipeline.py) cannot split."""

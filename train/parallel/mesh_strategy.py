@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from model.dtypes import torch_dtype
 from model.io import clean_state_dict
 from train.parallel.context import ContextParallel, ContextParallelEval
-from train.parallel.dims import DIMS, ParallelDims
+from train.parallel.dims import DIMS, ParallelDims, check_async_tp
 from train.parallel.expert import sync_moe_grads
 from train.parallel.parallelize import parallelize, uses_loss_parallel
 from train.parallel.world import (
@@ -66,8 +66,12 @@ class MeshStrategy(DistributedStrategy):
         label: str = "none",
         param_dtype: torch.dtype | None = None,
         reduce_dtype: torch.dtype | None = torch.float32,
+        async_tp: bool = False,
     ):
         self.dims, self.spec = dims, spec
+        if async_tp:  # a user error needs no process group
+            check_async_tp(dims.tp, spec.compile, torch.device(device).type)
+        self.async_tp = async_tp
         pure = {"none": "1", "ddp": f"dp_replicate={dims.world_size}", "fsdp": f"dp_shard={dims.world_size}"}
         # what train_state.pt records: the shorthand when the layout is just that, "mesh" otherwise
         self.name = label if pure.get(label) == dims.describe() or dims.world_size == 1 else "mesh"
@@ -113,7 +117,7 @@ class MeshStrategy(DistributedStrategy):
 
     def parallelize(self, bare: nn.Module) -> nn.Module:
         """Hook (pipeline parallel): the layout's transforms on the model, or on each stage of it."""
-        return parallelize(bare, self.dims, self.mesh, self.spec, self.mp_policy)
+        return parallelize(bare, self.dims, self.mesh, self.spec, self.mp_policy, self.async_tp)
 
     def mixed_precision(self):
         """bf16 parameters for compute, fp32 gradient reduction (torchtitan's default policy); the

@@ -23,6 +23,8 @@ bare model's.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -43,11 +45,14 @@ def apply_ac_and_compile(model: nn.Module, spec: StrategySpec) -> nn.Module:
     return model
 
 
-def parallelize(model: nn.Module, dims, mesh, spec: StrategySpec, mp_policy=None) -> nn.Module:
+def parallelize(model: nn.Module, dims, mesh, spec: StrategySpec, mp_policy=None, async_tp: bool = False) -> nn.Module:
     """Apply the layout of `dims` (train/parallel/dims.py) on `mesh` to the bare GPT (or one pipeline
-    stage of it), in place. Returns the module the step calls: the model itself, or DDP's wrapper."""
+    stage of it), in place. Returns the module the step calls: the model itself, or DDP's wrapper.
+    async_tp: overlap the tp collectives with the matmuls in the compiled blocks (enable_async_tp)."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"])
+        if async_tp:  # before the blocks compile: inductor reads the switch when it compiles them
+            enable_async_tp(mesh["tp"])
     experts = apply_moe(model, dims, mesh)  # train/parallel/expert.py: MoE under ep and tp
     apply_ac_and_compile(model, spec)
     if dims.uses_fsdp:
@@ -170,6 +175,24 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
         )
     parallelize_module(model.lm_head, tp_mesh, head)
+
+
+def enable_async_tp(tp_mesh) -> None:
+    """Async tensor parallel, as torchtitan's _maybe_enable_async_tp (torchtitan/distributed/compile.py)
+    does it: register symmetric memory for the tp group and switch on inductor's micro-pipeline TP pass
+    (torch/_inductor/fx_passes/micro_pipeline_tp.py), which decomposes each all-gather -> matmul and
+    matmul -> reduce-scatter of the compiled graphs into per-rank chunks whose transfers overlap the
+    chunks' matmuls (Wang et al. 2023, "Overlap communication with dependent computation via
+    decomposition"). The switch is process-wide, as torch's config is. CUDA only: the fused kernels
+    work on symmetric memory (train/parallel/dims.py's check_async_tp refuses other devices)."""
+    import torch._inductor.config
+    from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+    with warnings.catch_warnings():
+        # deprecated in recent torch; torchtitan still calls it until torch registers the group itself
+        warnings.simplefilter("ignore", FutureWarning)
+        enable_symm_mem_for_group(tp_mesh.get_group().group_name)
+    torch._inductor.config._micro_pipeline_tp = True
 
 
 def _keep_own_parts(tp_mesh, sizes: list[int]):

@@ -79,7 +79,7 @@ class PipelineStrategy(MeshStrategy):
             self.cp = ContextParallel(bare.config, self.mesh["cp"])
         for stage in stages:  # torchtitan: each model chunk goes through the layout's transforms
             stage.sharded = self.cp
-            parallelize(stage, self.dims, self.mesh, self.spec, self.mp_policy)
+            parallelize(stage, self.dims, self.mesh, self.spec, self.mp_policy, self.async_tp)
             if meta:
                 stage.to_empty(device=self.device)
                 stage.init_weights()

@@ -41,6 +41,7 @@ KNOWN_OPTIONS = frozenset(
         "pp",
         "pp_schedule",
         "pp_stages_per_rank",
+        "async_tp",
     }
 )
 
