@@ -10,6 +10,8 @@ One torchrun launch of 4 ranks runs tests/dist_driver.py's loop sequence over th
     dp_shard 2 x cp 2   with dropout, checkpointed at step 2 and resumed on the same mesh
 Each is compared with the same model, batches and optimizer in one process (the pytest process);
 then pp 2 x tp 2's forward-only view (evaluation's logits and loss) with the one-process model.
+A second launch of 8 ranks runs the three dimensions together: pp 2 x tp 2 x cp 2 with the document
+mask (each stage's blocks see T / (cp tp) tokens; attention all-gathers keys and values over cp).
 
     python -m torch.distributed.run --nproc_per_node=4 --standalone tests/test_dist_pp_tp.py SPEC.json
 """
@@ -86,46 +88,90 @@ def scenarios(work: Path) -> list[dict]:
     ]
 
 
+# the 8-rank launch: the three dimensions at once
+PP_TP_CP = {
+    "name": "pp_tp_cp",
+    "family": "doc_mask",
+    **PP_TP,
+    "options": {"pp": 2, "tp": 2, "cp": 2},
+    "steps": 2,  # 8 processes on the CPU: the first step's forward and backward, and one after an update
+    "record_layout": True,
+}
+
 REFERENCES = {  # scenario -> (family, optimizer, accumulation) of its one-process reference
     "pp_tp": ("modern", None, ACCUM),
     "pp_tp_interleaved": ("gpt2_untied", None, ACCUM),
     "pp_tp_muon": ("modern", "muon", ACCUM),
     "pp_cp": ("doc_mask", None, ACCUM),
     "tp_qk_norm": ("qk_norm", None, 1),
+    "pp_tp_cp": ("doc_mask", None, ACCUM),
 }
 
 
-@pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory) -> Path:
-    """The launch: checkpoints in run_*/, the results (and the references' beside them) in out/."""
-    work = tmp_path_factory.mktemp("pp_tp")
+def launch(work: Path, nproc: int, scenarios: list[dict], forward: bool) -> Path:
+    """One torchrun of this file: checkpoints in work/run_*/, the results (and the references' beside
+    them) in work/out/; forward: then the forward-only view of pp 2 x tp 2 (4 ranks)."""
     out = work / "out"
     out.mkdir()
     spec = work / "spec.json"
-    spec.write_text(json.dumps({"out": str(out), "scenarios": scenarios(work)}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", "--standalone", __file__, str(spec)]
+    spec.write_text(json.dumps({"out": str(out), "scenarios": scenarios, "forward_only": forward}))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone"]
+    cmd = [*torchrun, __file__, str(spec)]
     proc = subprocess.run(cmd, env=python_env(), cwd=drv.REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return out
 
 
-def reference(out: Path, name: str) -> dict:
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("pp_tp")
+    return launch(work, 4, scenarios(work), forward=True)
+
+
+@pytest.fixture(scope="module")
+def eight_ranks(tmp_path_factory) -> Path:
+    return launch(tmp_path_factory.mktemp("pp_tp_cp"), 8, [PP_TP_CP], forward=False)
+
+
+def reference(out: Path, name: str, steps: int = STEPS) -> dict:
     family, optim, accum = REFERENCES[name]
-    sc = {"name": f"ref_{name}", "strategy": "none", "steps": STEPS, "family": family, "accum": accum}
+    sc = {"name": f"ref_{name}", "strategy": "none", "steps": steps, "family": family, "accum": accum}
     return drv.run_scenario({**sc, "optim": optim} if optim else sc, out)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(REFERENCES))
+@pytest.mark.parametrize("name", [n for n in REFERENCES if n != "pp_tp_cp"])
 def test_layout_matches_one_process(four_ranks, name):
-    got, want = drv.load_result(four_ranks, name), reference(four_ranks, name)
-    assert sorted(got["losses"]) == list(range(1, STEPS + 1))
+    matches_one_process(four_ranks, name)
+
+
+@pytest.mark.slow
+def test_pp_tp_cp_matches_one_process_and_applies_each_dimension(eight_ranks):
+    """pp 2 x tp 2 x cp 2 (8 ranks) against one process; rank 0 (pp 0, cp 0, tp 0) holds stage 0 only,
+    with half the heads, and its block sees (micro-batch, T / (cp tp), C): its cp rank's chunks of each
+    window, then its tp rank's slice of those (sequence parallel)."""
+    matches_one_process(eight_ranks, "pp_tp_cp", steps=PP_TP_CP["steps"])
+    got, cfg = drv.load_result(eight_ranks, "pp_tp_cp"), model_config("doc_mask")
+    assert got["world_size"] == 8
+    assert got["layout"]["heads"] == [[cfg.n_head // 2, cfg.n_kv_head // 2]]
+    assert "lm_head.weight" not in got["layout"] and "transformer.h.1.attn.c_attn.weight" not in got["layout"]
+    micro = drv.GLOBAL_BATCH // ACCUM
+    assert got["block_input"] and all(s == [micro, drv.SEQ // (2 * 2), C] for s in got["block_input"]), got[
+        "block_input"
+    ]
+
+
+def matches_one_process(out: Path, name: str, steps: int = STEPS) -> None:
+    """The layout's losses and gradient norms of every step, and its final weights, are the one-process
+    reference's (built here, in the pytest process)."""
+    got, want = drv.load_result(out, name), reference(out, name, steps)
+    assert sorted(got["losses"]) == list(range(1, steps + 1))
     for step in want["losses"]:
         assert got["losses"][step] == pytest.approx(want["losses"][step], abs=LOSS_TOL), step
         assert got["norms"][step] == pytest.approx(want["norms"][step], rel=LOSS_TOL), step
     # the final weights, gathered from every stage and tp shard, are the reference's, which moved away
     # from the initial ones (the comparison is not between untrained models)
-    final, ref_final = (torch.load(four_ranks / f"{n}.final.pt") for n in (name, f"ref_{name}"))
+    final, ref_final = (torch.load(out / f"{n}.final.pt") for n in (name, f"ref_{name}"))
     torch.manual_seed(0)
     initial = GPT(model_config(REFERENCES[name][0])).state_dict()
     assert sorted(final) == sorted(ref_final) == sorted(initial)
@@ -248,7 +294,7 @@ def test_forward_only_view_matches_one_process(forward):
 
 
 def main() -> None:
-    """tests/dist_driver.py's scenarios, then forward_only, in one process group."""
+    """tests/dist_driver.py's scenarios, then (when asked) forward_only, in one process group."""
     import torch.distributed as dist
 
     from train.parallel.world import init_distributed
@@ -259,7 +305,8 @@ def main() -> None:
     init_distributed("cpu", "driver")
     for sc in spec["scenarios"]:
         drv.run_scenario(sc, out)
-    forward_only(out)
+    if spec["forward_only"]:
+        forward_only(out)
     dist.destroy_process_group()
 
 
