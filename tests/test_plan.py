@@ -284,6 +284,7 @@ def test_plan_marks_what_does_not_fit(capsys):
         (["--gpu", "h900"], "--gpu 'h900': choose one of"),
         (["--gpus", "3", "--nodes", "2"], "multiple of --nodes"),
         (["model.n_layr=2"], "model.n_layr"),
+        (["--gpu", "a100-80g", "train.fp8=tensorwise"], "--gpu a100-80g has no fp8 tensor cores"),
     ],
 )
 def test_plan_user_errors_are_one_line_exit_2(args, message):

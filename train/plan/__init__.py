@@ -257,7 +257,11 @@ def comm_volumes(cfg: Config, model, layout: Layout, accum: int, dtype: str) -> 
     if layout.dp_replicate > 1:  # all-reduce of the (sharded) fp32 gradients
         out["dp_replicate"] = (2 * ring(layout.dp_replicate) * 4 * params / layout.shard_size, True)
     if layout.tp > 1:  # Korthikanti et al. 2022: 4 collectives of the block's activations forward, 4 backward
-        out["tp"] = (8 * ring(layout.tp) * tokens_mb * mcfg.n_embd * cbytes * layers * accum, False)
+        per_elem = 8 * cbytes
+        if cfg.train.fp8 == "tensorwise":  # train/fp8.py's tp_styles: the 2 input all-gathers move float8,
+            # and without biases so do the 2 backward all-gathers of the output gradients
+            per_elem -= (2 if mcfg.bias else 4) * (cbytes - 1)
+        out["tp"] = (ring(layout.tp) * tokens_mb * mcfg.n_embd * per_elem * layers * accum, False)
     if layout.cp > 1:  # K and V all-gathered forward, their gradients reduce-scattered backward
         kv = 2 * tokens_mb * layout.cp * mcfg.n_kv_head * mcfg.head_dim * cbytes / layout.tp
         out["cp"] = (2 * ring(layout.cp) * kv * layers * accum, False)

@@ -82,6 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.config).is_file():
         raise PlanError(f"--config {args.config}: no such file")
     cfg = load_config(args.config, args.overrides)  # ConfigError is a UserError: one line, exit 2
+    peak_dtype = "float8" if peak_dtype_of(cfg.train) == "float8" else run_dtype(cfg)  # estimate()'s rule
+    peak = peak_tflops(hw.gpu, peak_dtype)
+    if peak is None:
+        raise PlanError(f"--gpu {args.gpu} has no fp8 tensor cores, which train.fp8 needs: choose another --gpu")
     ests = plan(cfg, hw)
     m = cfg.model
     fp8 = cfg.train.fp8
@@ -92,10 +96,6 @@ def main(argv: list[str] | None = None) -> None:
         f"context {cfg.seq_len} | {cfg.train.tokens_per_step:,} tokens/step | {precision} | "
         f"optimizer {cfg.optim.name}"
     )
-    peak_dtype = peak_dtype_of(cfg.train)
-    peak = peak_tflops(hw.gpu, peak_dtype)
-    if peak is None:
-        raise PlanError(f"--gpu {args.gpu} has no fp8 tensor cores, which train.fp8 needs: choose another --gpu")
     print(
         f"hardware: {hw.world} x {hw.gpu.name} ({hw.gpu.memory_gib:g} GiB, {peak:g} dense "
         f"TFLOP/s {peak_dtype}: {hw.gpu.source}) | {hw.gpus_per_node} per node over {hw.intra_gbps:g} GB/s, "
