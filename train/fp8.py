@@ -23,13 +23,14 @@ Linear whose in or out features are not multiples of 16, the alignment torch._sc
 Tensor parallel: the plan of train/parallel/parallelize.py takes its styles from `tp_styles`. A
 tensorwise Float8Linear gets torchao's float8 styles (torchao.float8.float8_tensor_parallel), which
 cast the block's input to float8 before the sequence-parallel all-gather, so that gather moves float8,
-and cast the output gradient to float8 in the backward; rowwise keeps torch's plain styles and
-gathers in high precision. Both as torchtitan's apply_tp (enable_float8_tensorwise_tp, in
-torchtitan/models/llama3/parallelize.py before its config-based sharding).
+and cast the output gradient to float8 in the backward (a Linear with a bias keeps the plain style,
+see tp_styles); rowwise keeps torch's plain styles and gathers in high precision. Both as
+torchtitan's apply_tp (enable_float8_tensorwise_tp, in torchtitan/models/llama3/parallelize.py
+before its config-based sharding). A mesh that cannot move float8 (gloo) keeps the plain styles.
 
 The conversion runs on the bare model before the layout's transforms (parallelize: tensor parallel,
-compile, FSDP2), in torchtitan's order. Without fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell) a
-run is refused, unless train.fp8_emulate is set: torchao then emulates the fp8 matmuls in high
+compile, FSDP2), in torchtitan's order. Without fp8 tensor cores (compute capability 8.9+: Ada,
+Hopper, Blackwell) a run is refused, unless train.fp8_emulate is set: torchao then emulates the fp8 matmuls in high
 precision (same casts and scales, no speed-up), which is how the CPU tests exercise this path.
 """
 
