@@ -69,6 +69,8 @@ def probe_cases(nproc: int) -> list[dict]:
     cases = []
     if nproc == 2:
         cases.append({"name": "fsdp", "strategy": "fsdp", "options": {}})
+        if importlib.util.find_spec("torchao") is not None:
+            cases.append({"name": "fsdp_fp8", "strategy": "fsdp", "options": {}, "fp8": "tensorwise"})
         if importlib.util.find_spec("deepspeed") is not None:
             cases += [{"name": f"zero{z}", "strategy": "deepspeed", "options": {"zero_stage": z}} for z in (1, 2, 3)]
     for p in MESH_CASES:
@@ -118,6 +120,25 @@ def test_fsdp_two_ranks_state_bytes_equal_a_real_run(probes2):
 
 
 @pytest.mark.slow
+def test_fsdp_fp8_state_and_all_gather_bytes_equal_a_real_run(probes2):
+    """train.fp8=tensorwise (emulated) under FSDP on 2 ranks: parameters, gradients and optimizer state
+    are the plain model's, and the largest all-gather buffer (a block: its converted weights in float8,
+    its norms and biases in float32) is half the planner's two-block buffer; without fp8 the same
+    buffer holds every element in float32 (the planner's figure for both, from the same formula, must
+    tell them apart)."""
+    require_extra("torchao", "fp8")
+    got, plain = probes2["fsdp_fp8"], probes2["fsdp"]
+    model, layout = meta_model(drv.model_config()), Layout(dp_shard=2)
+    f = state_bytes(model, layout, "float32", fp8="tensorwise")
+    assert got["after_wrap"] == pytest.approx(f.params, abs=16)
+    assert got["after_backward"] - got["after_step"] == f.grads
+    assert got["after_step"] - got["after_wrap"] == pytest.approx(f.optimizer, abs=SLACK)
+    assert 2 * got["largest_fsdp_gather"] == f.temporaries["FSDP all-gather (2 blocks)"]
+    fp32 = state_bytes(model, layout, "float32").temporaries["FSDP all-gather (2 blocks)"]
+    assert 2 * plain["largest_fsdp_gather"] == fp32 > 2 * got["largest_fsdp_gather"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_two_ranks_state_bytes_equal_a_real_run(probes2, stage):
     require_extra("deepspeed", "deepspeed")
@@ -153,24 +174,25 @@ def test_mesh_state_bytes_equal_a_real_run(request, options, nproc, layout, fami
 # ----------------------------------------------------------------------------- activations
 
 
-def real_model(mcfg, ac: bool) -> GPT:
+def real_model(mcfg, ac: bool, fp8: str = "none") -> GPT:
     from train.ac import apply_activation_checkpointing
+    from train.footprint import fp8_model
 
     torch.manual_seed(0)
-    model = GPT(mcfg)
+    model = fp8_model(mcfg, fp8)  # GPT(mcfg), its Linear layers in emulated float8 where fp8 names a recipe
     if ac:
         apply_activation_checkpointing(model)
     return model
 
 
-def memtracker_activations(mcfg, batch: int, seq: int, dtype: str, ac: bool) -> int:
+def memtracker_activations(mcfg, batch: int, seq: int, dtype: str, ac: bool, fp8: str = "none") -> int:
     """Peak bytes of a real forward + backward less parameters, buffers and (preallocated) gradients,
     as torch.distributed._tools.mem_tracker.MemTracker counts them."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from train.loop import autocast_ctx
 
-    model = real_model(mcfg, ac)
+    model = real_model(mcfg, ac, fp8)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     idx = torch.randint(0, mcfg.vocab_size, (batch, seq))
@@ -186,38 +208,53 @@ def memtracker_activations(mcfg, batch: int, seq: int, dtype: str, ac: bool) -> 
 
 # (config, overrides, micro-batch, dtype, checkpointing). float32: this CPU-only suite must not depend
 # on bf16 units (emulated bf16 takes minutes here); the demo with its bytes vocabulary (257); gpt2-124m
-# at one micro-batch of 256 tokens.
+# at one micro-batch of 256 tokens. train.fp8 in torchao's emulation: the estimate traces the converted
+# model, the real step runs it (in float32 only: on a CPU, torchao's Float8Linear does not take the
+# autocast dtype, which the estimate assumes as on a GPU).
+FP8 = ["train.fp8=tensorwise", "train.fp8_emulate=true"]
 ACTIVATION_CASES = [
     *[("debug", ["model.vocab_size=257"], mb, "float32", ac) for mb in (1, 8) for ac in (False, True)],
+    *[("debug", ["model.vocab_size=257", *FP8], 8, "float32", ac) for ac in (False, True)],
     *[pytest.param(("gpt2-124m", ["data.seq_len=256"], 1, "float32", ac), marks=pytest.mark.slow) for ac in (0, 1)],
 ]
 
 
-@pytest.mark.parametrize("case", ACTIVATION_CASES, ids=lambda c: f"{c[0]}-mb{c[2]}-{c[3]}-ac{int(c[4])}")
+@pytest.mark.parametrize(
+    "case", ACTIVATION_CASES, ids=lambda c: f"{c[0]}-mb{c[2]}-{c[3]}-ac{int(c[4])}" + ("-fp8" * (FP8[0] in c[1]))
+)
 def test_activation_estimate_within_20_percent_of_a_real_step(case):
     """The estimate from fake traces of 1 and 2 blocks at batch 1 and 2 against the live tensor bytes of
     a real step of the whole model at the real micro-batch (the same dispatch-mode count, on real
     tensors). Where no weights are tied, torch's MemTracker must agree too; with the tied GPT-2 table,
     MemTracker files the head's partial gradient, alive until the embedding's is added to it at the end
-    of the backward, under GRAD, so it reports less (docs/distributed.md, "Will it fit?")."""
+    of the backward, under GRAD, so it reports less (docs/distributed.md, "Will it fit?"). Under
+    train.fp8, what the conversion adds to the estimate must be what it adds to the real step."""
     from train.footprint import step_peak
 
     name, extra, mb, dtype, ac = case
     cfg = load_config(str(REPO / "configs" / f"{name}.yaml"), extra)
-    mcfg = model_config(cfg)
-    fixed, per_block = activation_bytes(mcfg, mb, cfg.seq_len, dtype, ac)
+    mcfg, fp8 = model_config(cfg), cfg.train.fp8
+    if fp8 != "none":
+        require_extra("torchao", "fp8")
+    fixed, per_block = activation_bytes(mcfg, mb, cfg.seq_len, dtype, ac, fp8)
     estimate = fixed + per_block * mcfg.n_layer
     idx = torch.randint(0, mcfg.vocab_size, (mb, cfg.seq_len))
-    measured = step_peak(real_model(mcfg, ac), idx, dtype)
-    line = f"{name} mb {mb} {dtype} ac {ac}: estimated {estimate / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"
+    measured = step_peak(real_model(mcfg, ac, fp8), idx, dtype)
+    line = f"{name} mb {mb} {dtype} ac {ac} fp8 {fp8}: estimated {estimate / 2**20:.1f} MiB, "
+    line += f"measured {measured / 2**20:.1f} MiB"
     if not mcfg.tie_embeddings:
-        tracked = memtracker_activations(mcfg, mb, cfg.seq_len, dtype, ac)
+        tracked = memtracker_activations(mcfg, mb, cfg.seq_len, dtype, ac, fp8)
         line += f", MemTracker {tracked / 2**20:.1f} MiB"
         if not ac:  # with checkpointing the peak is in the backward, where MemTracker's snapshot is
             # the moment of the largest total, gradients included, not of the largest activations
             assert estimate == pytest.approx(tracked, rel=0.2), line
     print(line)
     assert estimate == pytest.approx(measured, rel=0.2), line
+    if fp8 != "none":  # what fp8 adds (its casts), estimated against measured: 20% of the whole would hide it
+        fixed, per_block = activation_bytes(mcfg, mb, cfg.seq_len, dtype, ac)
+        plain = step_peak(real_model(mcfg, ac), idx, dtype)
+        added, real_added = estimate - fixed - per_block * mcfg.n_layer, measured - plain
+        assert real_added > 0 and added == pytest.approx(real_added, rel=0.1), (added, real_added)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -247,6 +284,7 @@ def test_plan_marks_what_does_not_fit(capsys):
         (["--gpu", "h900"], "--gpu 'h900': choose one of"),
         (["--gpus", "3", "--nodes", "2"], "multiple of --nodes"),
         (["model.n_layr=2"], "model.n_layr"),
+        (["--gpu", "a100-80g", "train.fp8=tensorwise"], "--gpu a100-80g has no fp8 tensor cores"),
     ],
 )
 def test_plan_user_errors_are_one_line_exit_2(args, message):

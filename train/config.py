@@ -179,7 +179,7 @@ class TrainSection(_Section):
     dtype: str = "float32"
     compile: bool = False  # torch.compile the model
     # FP8 matmuls in the Linear layers through torchao (train/fp8.py): none | tensorwise (one scale per
-    # tensor; fp8 FSDP all-gather) | rowwise (one per row: closer to bf16, slower). A switch beside
+    # tensor; fp8 FSDP and tensor-parallel all-gathers) | rowwise (one per row: closer to bf16, slower). A switch beside
     # train.dtype, not a value of it: the rest of the model (attention, norms, head) still runs in
     # train.dtype (bfloat16 is the pairing torchao and torchtitan use). Needs fp8 tensor cores (CUDA 8.9+).
     fp8: str = "none"
@@ -671,7 +671,8 @@ def _cross_checks(cfg: Config) -> None:
 
 
 def _validate_fp8(cfg: Config) -> None:
-    """train.fp8: the recipe, and the layouts it composes with (FSDP2, DDP, pipeline, compile)."""
+    """train.fp8: the recipe, and the layouts it composes with (FSDP2, DDP, tensor and pipeline
+    parallel, compile)."""
     t, p = cfg.train, cfg.parallel
     _choice("train.fp8", t.fp8, FP8_RECIPES)
     if t.fp8 == "none":
@@ -681,9 +682,4 @@ def _validate_fp8(cfg: Config) -> None:
         p.strategy != "deepspeed",
         f"train.fp8={t.fp8} runs on the torch-native layouts: use parallel.strategy=fsdp or ddp (or none), "
         "not deepspeed",
-    )
-    _check(
-        p.tp == 1,
-        f"train.fp8={t.fp8} with parallel.tp={p.tp} is not supported (tensor parallel needs torchao's float8 "
-        "TP plans); set parallel.tp=1 and shard with dp_shard",
     )

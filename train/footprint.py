@@ -22,6 +22,17 @@ dp ranks, plus the micro-batch and activation checkpointing. Per rank (bytes):
   other than parameters and gradients (saved activations, logits, the autocast copies of weights),
   traced on fake tensors (torch._subclasses.FakeTensorMode, which allocates nothing) with the run's
   autocast dtype and checkpointing.
+- fp8 (train.fp8, train/fp8.py): parameters, gradients and optimizer state are unchanged (torchao's
+  Float8Linear keeps nn.Linear's high-precision parameters). The activations are traced on the model
+  converted by train/fp8.py (torchao's emulation: the same casts and saved tensors), so they count
+  what torchao's matmul_with_hp_or_float8_args keeps (torchao/float8/float8_linear.py): it saves its
+  input in the autocast dtype and the weight itself (no autocast copy of the weight, which nn.Linear
+  saves), and casts both to float8 again in the backward; the float8 casts (1 byte an element) are
+  transients. The emulated matmul also upcasts its float8 operands, a transient that a GPU's
+  torch._scaled_mm does not make, so the trace errs high by at most one such copy. Under FSDP2 with
+  tensorwise scaling the converted weights are all-gathered in float8 (torchao's
+  WeightWithDynamicFloat8CastTensor.fsdp_pre_all_gather), so the all-gather buffer holds them at one
+  byte an element; the amax and scale buffers (one float32 per tensor) are left out.
 """
 
 from __future__ import annotations
@@ -145,8 +156,21 @@ def param_shares(model: GPT, layout: Layout) -> list[tuple[str, nn.Parameter, in
     return max(stages.values(), key=lambda share: sum(n for _, _, n in share))
 
 
-def state_bytes(model: GPT, layout: Layout, dtype: str, optimizer: str = "adamw", accum: int = 1) -> Footprint:
-    """Parameters, gradients and optimizer state of one rank (activations filled in by the caller)."""
+def float8_params(model: GPT, fp8: str) -> set[str]:
+    """Names of the weights that train.fp8 runs in float8: those of the Linear layers train/fp8.py
+    converts (its own filter)."""
+    if fp8 == "none":
+        return set()
+    from train.fp8 import keep_linear
+
+    return {f"{n}.weight" for n, m in model.named_modules() if keep_linear(m, n)}
+
+
+def state_bytes(
+    model: GPT, layout: Layout, dtype: str, optimizer: str = "adamw", accum: int = 1, fp8: str = "none"
+) -> Footprint:
+    """Parameters, gradients and optimizer state of one rank (activations filled in by the caller).
+    fp8: train.fp8's recipe, which changes only the FSDP all-gather (float8 weights under tensorwise)."""
     share = param_shares(model, layout)
     elems = sum(n for _, _, n in share)
     temps: dict[str, int] = {}
@@ -163,9 +187,10 @@ def state_bytes(model: GPT, layout: Layout, dtype: str, optimizer: str = "adamw"
     params = 4 * elems + buffer_bytes(model)  # fp32 weights, and the buffers (RoPE tables) on every rank
     cbytes = dtype_bytes(dtype)
     if layout.shard_size > 1:
-        # FSDP2 all-gathers one block's parameters in the compute dtype, and prefetches the next.
-        per_block = _largest_block_elements(model, layout)
-        temps["FSDP all-gather (2 blocks)"] = 2 * per_block * cbytes
+        # FSDP2 all-gathers one block's parameters in the compute dtype (tensorwise fp8: its converted
+        # weights in float8), and prefetches the next.
+        in_fp8 = float8_params(model, fp8) if fp8 == "tensorwise" else set()
+        temps["FSDP all-gather (2 blocks)"] = 2 * _largest_block_bytes(model, layout, cbytes, in_fp8)
         if accum > 1:  # without gradient sync, unsharded gradients accumulate between micro-batches
             temps["FSDP unsharded grads (accumulation)"] = elems * layout.shard_size * cbytes
     elif layout.dp_replicate > 1:
@@ -199,12 +224,14 @@ def _deepspeed_bytes(share, elems: int, layout: Layout, dtype: str, accum: int, 
     return Footprint(params, grads, master + moments, master, 0, temps)
 
 
-def _largest_block_elements(model: GPT, layout: Layout) -> int:
-    """Elements of the largest FSDP unit after tensor parallel: a block, or the root (embeddings,
-    final norm, head)."""
-    blocks = [sum(p.numel() for p in b.parameters()) for b in model.transformer.h]
-    root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("transformer.h."))
-    return math.ceil(max(*blocks, root) / layout.tp)
+def _largest_block_bytes(model: GPT, layout: Layout, cbytes: int, in_fp8: set[str]) -> int:
+    """All-gathered bytes of the largest FSDP unit after tensor parallel: a block, or the root
+    (embeddings, final norm, head); the parameters named in in_fp8 at one byte, the rest at cbytes."""
+    units: dict[str, int] = {}
+    for n, p in model.named_parameters():
+        unit = ".".join(n.split(".")[:3]) if n.startswith("transformer.h.") else "root"
+        units[unit] = units.get(unit, 0) + p.numel() * (1 if n in in_fp8 else cbytes)
+    return math.ceil(max(units.values()) / layout.tp)
 
 
 # ----------------------------------------------------------------------------- activations
@@ -249,16 +276,20 @@ class LiveBytes(TorchDispatchMode):
         return None  # as a tensor hook: the gradient passes unchanged
 
 
-def step_peak(model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str = "cpu") -> int:
+def step_peak(
+    model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str = "cpu", gpu_autocast: bool = False
+) -> int:
     """Peak live bytes of the tensors that one forward + backward of `model` on idx (B, T) creates,
-    the gradients left in .grad excepted: the activation memory of a micro-batch."""
+    the gradients left in .grad excepted: the activation memory of a micro-batch. gpu_autocast: also
+    raise CUDA's autocast flag (no CUDA needed), which torchao's Float8Linear reads on any device to
+    cast its input to the autocast dtype, so that a CPU trace keeps what a GPU run keeps."""
     from train.device import autocast_ctx
 
     tracker = LiveBytes()
     # A parameter's gradient is the grads' item, from the moment autograd hands it to the parameter
     # (MemTracker's GRAD): with tied weights, the partial gradients summed before that stay activations.
     hooks = [p.register_hook(tracker.forget) for p in model.parameters() if p.requires_grad]
-    with tracker:
+    with tracker, _cuda_autocast_flag(dtype if gpu_autocast else "float32"):
         with autocast_ctx(torch.device(device_type), dtype):
             loss = model(idx, idx)
         loss.backward()
@@ -267,32 +298,64 @@ def step_peak(model: nn.Module, idx: torch.Tensor, dtype: str, device_type: str 
     return tracker.peak
 
 
-def _traced(mcfg: ModelConfig, n_layer: int, batch: int, seq: int, dtype: str, ac: bool) -> int:
-    return _traced_json(json.dumps(mcfg.to_dict(), sort_keys=True), n_layer, batch, seq, dtype, ac)
+class _cuda_autocast_flag:
+    """CUDA's autocast flag and dtype raised for a block (a no-op for float32), restored after."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = None if dtype == "float32" else getattr(torch, dtype)
+
+    def __enter__(self) -> None:
+        if self.dtype is not None:
+            self.saved = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+            torch.set_autocast_enabled("cuda", True)
+            torch.set_autocast_dtype("cuda", self.dtype)
+
+    def __exit__(self, *exc) -> None:
+        if self.dtype is not None:
+            torch.set_autocast_enabled("cuda", self.saved[0])
+            torch.set_autocast_dtype("cuda", self.saved[1])
+
+
+def fp8_model(mcfg: ModelConfig, fp8: str) -> GPT:
+    """GPT(mcfg) on the current device, its Linear layers converted by train/fp8.py in torchao's
+    emulation where fp8 names a recipe (the casts and saved tensors of a GPU run)."""
+    model = GPT(mcfg)
+    if fp8 != "none":
+        from train import fp8 as float8
+
+        float8.convert(model, fp8, emulate=True, fsdp=False)
+    return model
+
+
+def _traced(mcfg: ModelConfig, n_layer: int, batch: int, seq: int, dtype: str, ac: bool, fp8: str) -> int:
+    return _traced_json(json.dumps(mcfg.to_dict(), sort_keys=True), n_layer, batch, seq, dtype, ac, fp8)
 
 
 @functools.cache
-def _traced_json(mcfg_json: str, n_layer: int, batch: int, seq: int, dtype: str, ac: bool) -> int:
+def _traced_json(mcfg_json: str, n_layer: int, batch: int, seq: int, dtype: str, ac: bool, fp8: str) -> int:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mcfg = ModelConfig.from_dict(json.loads(mcfg_json))
     cfg = dataclasses.replace(mcfg, n_layer=n_layer, block_size=max(mcfg.block_size, seq))
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = GPT(cfg)
+        model = fp8_model(cfg, fp8)
         if ac:
             from train.ac import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
         idx = torch.zeros(batch, seq, dtype=torch.long)
-        return step_peak(model, idx, dtype)
+        return step_peak(model, idx, dtype, gpu_autocast=fp8 != "none")
 
 
-def activation_bytes(mcfg: ModelConfig, batch: int, seq: int, dtype: str, ac: bool) -> tuple[int, int]:
+def activation_bytes(
+    mcfg: ModelConfig, batch: int, seq: int, dtype: str, ac: bool, fp8: str = "none"
+) -> tuple[int, int]:
     """(bytes outside the blocks, bytes per block) of one micro-batch of `batch` x `seq` tokens, from
-    fake forward + backward traces of 1 and 2 blocks at batch 1 and 2, each linear in the batch."""
+    fake forward + backward traces of 1 and 2 blocks at batch 1 and 2, each linear in the batch.
+    fp8: train.fp8's recipe; the trace runs the converted model."""
 
     def at(b: int) -> tuple[int, int]:
-        one, two = _traced(mcfg, 1, b, seq, dtype, ac), _traced(mcfg, 2, b, seq, dtype, ac)
+        one, two = _traced(mcfg, 1, b, seq, dtype, ac, fp8), _traced(mcfg, 2, b, seq, dtype, ac, fp8)
         return one - (two - one), two - one
 
     (f1, l1), (f2, l2) = at(1), at(2)

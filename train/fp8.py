@@ -20,9 +20,17 @@ Which layers: torchtitan's filter. The head stays in high precision (its logits 
 it is tied to the token table in GPT-2), the MoE router too (routing decisions), and so does every
 Linear whose in or out features are not multiples of 16, the alignment torch._scaled_mm needs.
 
-The conversion runs on the bare model before the layout's transforms (parallelize: compile, FSDP2),
-in torchtitan's order. Without fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell) a
-run is refused, unless train.fp8_emulate is set: torchao then emulates the fp8 matmuls in high
+Tensor parallel: the plan of train/parallel/parallelize.py takes its styles from `tp_styles`. A
+tensorwise Float8Linear gets torchao's float8 styles (torchao.float8.float8_tensor_parallel), which
+cast the block's input to float8 before the sequence-parallel all-gather, so that gather moves float8,
+and cast the output gradient to float8 in the backward (a Linear with a bias keeps the plain style,
+see tp_styles); rowwise keeps torch's plain styles and gathers in high precision. Both as
+torchtitan's apply_tp (enable_float8_tensorwise_tp, in torchtitan/models/llama3/parallelize.py
+before its config-based sharding). A mesh that cannot move float8 (gloo) keeps the plain styles.
+
+The conversion runs on the bare model before the layout's transforms (parallelize: tensor parallel,
+compile, FSDP2), in torchtitan's order. Without fp8 tensor cores (compute capability 8.9+: Ada,
+Hopper, Blackwell) a run is refused, unless train.fp8_emulate is set: torchao then emulates the fp8 matmuls in high
 precision (same casts and scales, no speed-up), which is how the CPU tests exercise this path.
 """
 
@@ -103,3 +111,49 @@ def convert(model: nn.Module, recipe: str, emulate: bool, fsdp: bool) -> tuple[i
     if not config.enable_fsdp_float8_all_gather:
         return converted, None
     return converted, lambda: precompute_float8_dynamic_scale_for_fsdp(model)
+
+
+def is_tensorwise(module: nn.Module) -> bool:
+    """Whether `module` is a Float8Linear with one dynamic scale per tensor (the tensorwise recipe)."""
+    if type(module).__name__ != "Float8Linear":
+        return False
+    from torchao.float8.config import ScalingGranularity
+
+    return module.config.cast_config_input.scaling_granularity is ScalingGranularity.TENSORWISE
+
+
+def float8_collectives(mesh) -> bool:
+    """Whether the mesh's collectives move float8 tensors: NCCL does; gloo (the CPU's backend) has no
+    float8 dtypes."""
+    return mesh.device_type == "cuda"
+
+
+def tp_styles(colwise: nn.Module, rowwise: nn.Module, mesh) -> tuple[type, type, type]:
+    """The tensor-parallel style classes (ColwiseParallel, RowwiseParallel, PrepareModuleInput) for a
+    column-parallel Linear `colwise`, the row-parallel Linear `rowwise` after it, and the input of the
+    module holding both (attention, MLP), whose all-gather over `mesh` feeds `colwise`.
+
+    The input gets torchao's float8 style where `colwise` is a tensorwise Float8Linear: the input is
+    cast before the all-gather, and the Linear takes it as it comes. A Linear gets torchao's float8
+    style where it is a tensorwise Float8Linear without a bias: those styles cast the gradient of the
+    layer's output, bias included, to float8, so a bias would learn from the rounded gradient; with a
+    bias (the GPT-2 family) the plain style lets Float8Linear cast only its matmul's operands, as in a
+    one-process run. torchtitan's models have no biases. torchao's styles refuse other modules.
+    Where the mesh cannot move float8 (gloo: an emulated run on CPUs), every style is the plain one:
+    the same casts with the same scales (torchao reduces each amax over the shards), after the gather."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel
+
+    col, row, prepare = ColwiseParallel, RowwiseParallel, PrepareModuleInput
+    if float8_collectives(mesh) and (is_tensorwise(colwise) or is_tensorwise(rowwise)):
+        from torchao.float8.float8_tensor_parallel import (
+            Float8ColwiseParallel,
+            Float8RowwiseParallel,
+            PrepareFloat8ModuleInput,
+        )
+
+        if is_tensorwise(colwise):
+            prepare = PrepareFloat8ModuleInput
+            col = Float8ColwiseParallel if colwise.bias is None else col
+        if is_tensorwise(rowwise) and rowwise.bias is None:
+            row = Float8RowwiseParallel
+    return col, row, prepare

@@ -28,6 +28,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from train.fp8 import tp_styles
 from train.parallel.expert import apply_moe, tp_plan
 from train.strategy import StrategySpec
 
@@ -106,7 +107,6 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
-        RowwiseParallel,
         SequenceParallel,
         parallelize_module,
     )
@@ -125,28 +125,32 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
                 use_local_output=True,
             ),
         )
-    gathered = PrepareModuleInput(
-        input_layouts=(Shard(1),) + (None,) * 5,
-        desired_input_layouts=(Replicate(),) + (None,) * 5,
-        use_local_output=True,
-    )
     for block in blocks:
-        mlp = {
-            "mlp": PrepareModuleInput(
-                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
-            ),
-            "mlp.c_fc": ColwiseParallel(),
-            "mlp.c_proj": RowwiseParallel(output_layouts=Shard(1)),
-        }
         moe = not hasattr(block.mlp, "c_fc")  # a mixture of experts routes its slice (train/parallel/expert.py)
+        # torch's styles, or torchao's float8 ones for tensorwise Float8Linear layers (train/fp8.py)
+        col, row, prepare = tp_styles(block.attn.c_attn, block.attn.c_proj, tp_mesh)
+        gathered = prepare(
+            input_layouts=(Shard(1),) + (None,) * 5,
+            desired_input_layouts=(Replicate(),) + (None,) * 5,
+            use_local_output=True,
+        )
+        if not moe:
+            mlp_col, mlp_row, mlp_prepare = tp_styles(block.mlp.c_fc, block.mlp.c_proj, tp_mesh)
+            mlp = {
+                "mlp": mlp_prepare(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+                ),
+                "mlp.c_fc": mlp_col(),
+                "mlp.c_proj": mlp_row(output_layouts=Shard(1)),
+            }
         parallelize_module(
             block,
             tp_mesh,
             {
                 "ln_1": SequenceParallel(),
                 "attn": gathered,  # attn(x, rope, layer, kv_update, attn_mask, is_causal)
-                "attn.c_attn": ColwiseParallel(),
-                "attn.c_proj": RowwiseParallel(output_layouts=Shard(1)),
+                "attn.c_attn": col(),
+                "attn.c_proj": row(output_layouts=Shard(1)),
                 "ln_2": SequenceParallel(),
                 **(tp_plan() if moe else mlp),
             },

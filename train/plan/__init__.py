@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 
 from model.errors import UserError
 from train.config import Config
-from train.footprint import Footprint, Layout, activation_bytes, dtype_bytes, meta_model, state_bytes
+from train.footprint import (
+    Footprint,
+    Layout,
+    activation_bytes,
+    dtype_bytes,
+    float8_params,
+    meta_model,
+    state_bytes,
+)
 from train.fp8 import peak_dtype
 from train.hardware import GPU, NETWORK_GBPS, peak_tflops
 from train.parallel.dims import DIMS, ParallelDims
@@ -145,7 +153,8 @@ def candidates(cfg: Config, mcfg, world: int, gpus_per_node: int) -> list[Layout
         meshes.append((1, 1, 1, 1, 1, 0))
     else:
         meshes += [(world, 1, 1, 1, 1, 0), (1, world, 1, 1, 1, 0)]
-    if world > 1 and cfg.optim.name != "muon":  # ZeRO flattens parameters: no Muon (train/config.py)
+    # ZeRO flattens parameters: no Muon; and no fp8 under DeepSpeed (train/config.py)
+    if world > 1 and cfg.optim.name != "muon" and cfg.train.fp8 == "none":
         meshes += [(world, 1, 1, 1, 1, z) for z in (1, 2, 3)]
     out = []
     for rep, shard, cp, tp, pp, zero in meshes:
@@ -178,9 +187,10 @@ def estimate(cfg: Config, model, layout: Layout, hw: Hardware) -> Estimate:
     mcfg, seq, dtype = model.config, cfg.seq_len, run_dtype(cfg)
     rows = cfg.train.tokens_per_step // seq
     accum = rows // (layout.dp_size * layout.micro_batch)
-    fp = state_bytes(model, layout, dtype, cfg.optim.name, accum)
+    fp8 = cfg.train.fp8  # train/footprint.py: what fp8 changes in the activations and the FSDP all-gather
+    fp = state_bytes(model, layout, dtype, cfg.optim.name, accum, fp8)
     local_seq = seq // layout.cp
-    fixed, per_block = activation_bytes(mcfg, layout.micro_batch, local_seq, dtype, layout.ac)
+    fixed, per_block = activation_bytes(mcfg, layout.micro_batch, local_seq, dtype, layout.ac, fp8)
     blocks = math.ceil(mcfg.n_layer / layout.pp)
     in_flight = min(layout.pp, accum)  # 1F1B: stage 0 holds pp micro-batches' activations
     fp.activations = math.ceil((fixed + per_block * blocks * in_flight) / layout.tp)
@@ -239,11 +249,19 @@ def comm_volumes(cfg: Config, model, layout: Layout, accum: int, dtype: str) -> 
         return out
     if layout.shard_size > 1:  # FSDP: all-gather forward and backward per micro-batch, reduce-scatter per step
         n = layout.shard_size
-        out["dp_shard"] = ((2 * accum * cbytes + 4) * ring(n) * params, True)
+        # tensorwise fp8 gathers its converted weights in float8 (1 byte), the rest in the compute dtype
+        in_fp8 = float8_params(model, cfg.train.fp8) if cfg.train.fp8 == "tensorwise" else set()
+        fp8_share = sum(p.numel() for name, p in model.named_parameters() if name in in_fp8) / (layout.tp * layout.pp)
+        gathered = (params - fp8_share) * cbytes + fp8_share
+        out["dp_shard"] = ((2 * accum * gathered + 4 * params) * ring(n), True)
     if layout.dp_replicate > 1:  # all-reduce of the (sharded) fp32 gradients
         out["dp_replicate"] = (2 * ring(layout.dp_replicate) * 4 * params / layout.shard_size, True)
     if layout.tp > 1:  # Korthikanti et al. 2022: 4 collectives of the block's activations forward, 4 backward
-        out["tp"] = (8 * ring(layout.tp) * tokens_mb * mcfg.n_embd * cbytes * layers * accum, False)
+        per_elem = 8 * cbytes
+        if cfg.train.fp8 == "tensorwise":  # train/fp8.py's tp_styles: the 2 input all-gathers move float8,
+            # and without biases so do the 2 backward all-gathers of the output gradients
+            per_elem -= (2 if mcfg.bias else 4) * (cbytes - 1)
+        out["tp"] = (ring(layout.tp) * tokens_mb * mcfg.n_embd * per_elem * layers * accum, False)
     if layout.cp > 1:  # K and V all-gathered forward, their gradients reduce-scattered backward
         kv = 2 * tokens_mb * layout.cp * mcfg.n_kv_head * mcfg.head_dim * cbytes / layout.tp
         out["cp"] = (2 * ring(layout.cp) * kv * layers * accum, False)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from train.config import load_config
+from train.fp8 import peak_dtype as peak_dtype_of
 from train.hardware import BY_KEY, NETWORK_GBPS, peak_tflops
 from train.plan import (
     EFFICIENCY,
@@ -81,17 +82,23 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(args.config).is_file():
         raise PlanError(f"--config {args.config}: no such file")
     cfg = load_config(args.config, args.overrides)  # ConfigError is a UserError: one line, exit 2
+    peak_dtype = "float8" if peak_dtype_of(cfg.train) == "float8" else run_dtype(cfg)  # estimate()'s rule
+    peak = peak_tflops(hw.gpu, peak_dtype)
+    if peak is None:
+        raise PlanError(f"--gpu {args.gpu} has no fp8 tensor cores, which train.fp8 needs: choose another --gpu")
     ests = plan(cfg, hw)
     m = cfg.model
+    fp8 = cfg.train.fp8
+    # train/footprint.py: fp8's activations traced on the converted model, its float8 FSDP all-gather
+    precision = run_dtype(cfg) + (f" + fp8 {fp8} Linear layers (activations, all-gathers)" if fp8 != "none" else "")
     print(
         f"model: {m.family}, {m.n_layer} layers, {m.n_embd} wide, {m.n_head} heads ({m.n_kv_head} kv), "
-        f"context {cfg.seq_len} | {cfg.train.tokens_per_step:,} tokens/step | {run_dtype(cfg)} | "
+        f"context {cfg.seq_len} | {cfg.train.tokens_per_step:,} tokens/step | {precision} | "
         f"optimizer {cfg.optim.name}"
     )
-    peak = peak_tflops(hw.gpu, run_dtype(cfg))
     print(
         f"hardware: {hw.world} x {hw.gpu.name} ({hw.gpu.memory_gib:g} GiB, {peak:g} dense "
-        f"TFLOP/s {run_dtype(cfg)}: {hw.gpu.source}) | {hw.gpus_per_node} per node over {hw.intra_gbps:g} GB/s, "
+        f"TFLOP/s {peak_dtype}: {hw.gpu.source}) | {hw.gpus_per_node} per node over {hw.intra_gbps:g} GB/s, "
         f"{hw.nodes} node(s), {hw.inter_gbps:g} GB/s network | compute at {hw.efficiency:.0%} of peak\n"
     )
     print(table(ests, hw, args.top))
