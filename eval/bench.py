@@ -164,6 +164,7 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             backends[b] = TorchBackend(q, meta, "int8")
             kernels = sorted({(m.kernel, m.prefill_kernel) for m in q.modules() if hasattr(m, "prefill_kernel")})
             res["int8_kernel"] = ", ".join(f"{d}/{p}" for d, p in kernels)  # decode/prefill, as tuned
+            print(f"int8 kernels tuned at load (decode/prefill): {res['int8_kernel']}", flush=True)
             if args.data and name == "ckpt":  # the accuracy goal needs trained weights and their data
                 from eval.export import check_batches, val_agreement
 
