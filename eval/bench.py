@@ -16,7 +16,9 @@ extrapolated to --new-tokens steps (its cost grows with the context; running all
 minutes). Every figure is the fastest of --repeats rounds that each visit every backend once.
 Last, weight streaming: batch-1 decode reads every weight once per token, so its tokens/s times the
 weight bytes is the memory bandwidth it streams at; printed beside the bandwidth each speed goal
-needs. Models with random weights are fine for speed. This prints numbers; no test times anything.
+needs, and beside the time of the fp32 step's matrix-vector products alone (timed in the same rounds:
+the step's floor on this machine in these minutes) and the step time the KV-cache goal needs.
+Models with random weights are fine for speed. This prints numbers; no test times anything.
 """
 
 from __future__ import annotations
@@ -107,6 +109,25 @@ def time_nocache(model: GPT, prompt_len: int, new_tokens: int, steps: int) -> fl
     return spent / len(lengths) * new_tokens
 
 
+def time_matvecs(model: GPT, batch: int, steps: int) -> float:
+    """Seconds per token of the matrix-vector products of a decode step alone: every Linear of `model`
+    (the head included) once, in the model's order, on its own weights (as the backend laid them out),
+    for `steps` steps at `batch` rows, with nothing between them. A step that reads every weight once
+    per token cannot be faster than this on this machine, in these minutes; the rest of a step is
+    attention, norms, cache writes and Python."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    p = linears[0].weight
+    xs = [torch.randn(batch, 1, m.in_features, device=p.device, dtype=p.dtype) for m in linears]  # (B, 1, in)
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            for m, x in zip(linears, xs, strict=True):
+                torch.nn.functional.linear(x, m.weight, m.bias)
+        sync()
+        return (time.perf_counter() - t0) / (steps * batch)
+
+
 def bench_model(name: str, args, tmp: Path) -> dict:
     model, meta = build_model(name, args.ckpt)
     cfg = model.config
@@ -143,6 +164,7 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             backends[b] = TorchBackend(q, meta, "int8")
             kernels = sorted({(m.kernel, m.prefill_kernel) for m in q.modules() if hasattr(m, "prefill_kernel")})
             res["int8_kernel"] = ", ".join(f"{d}/{p}" for d, p in kernels)  # decode/prefill, as tuned
+            print(f"int8 kernels tuned at load (decode/prefill): {res['int8_kernel']}", flush=True)
             if args.data and name == "ckpt":  # the accuracy goal needs trained weights and their data
                 from eval.export import check_batches, val_agreement
 
@@ -185,6 +207,9 @@ def bench_model(name: str, args, tmp: Path) -> dict:
             timers[key, B, "decode"] = decode_timer(be, B)
         # prefill once per backend, at the first batch size: a long prompt is already a big matmul
         timers[key, args.batch_sizes[0], "prefill"] = prefill_timer(be, args.batch_sizes[0])
+    if "torch" in backends:  # the fp32 step's floor, in the same rounds as the step itself
+        fp32 = backends["torch"].model
+        timers["matvec", 1, "decode"] = lambda: time_matvecs(fp32, 1, args.new_tokens - 1)
     if "nocache" in args.backends:
         nocache_model = model.to(args.device)  # the last use of the CPU master copy
         timers["nocache", 1, "decode"] = lambda: (
@@ -207,6 +232,8 @@ def bench_model(name: str, args, tmp: Path) -> dict:
         print(
             f"  {'no-cache':<13} batch 1   decode {res['nocache']:9.1f} tok/s   (nanoGPT-style loop, fp32)", flush=True
         )
+    if "torch" in backends:
+        res["matvec"] = best["matvec", 1, "decode"]
     res["weight_bytes"] = linear_weight_bytes(model)  # what batch-1 decode reads per token (the head included)
     return res
 
@@ -260,8 +287,16 @@ def report(name: str, res: dict) -> None:
         for key in ("torch", "onnx"):
             if rate(key):
                 print(f"  {key} fp32 decode streams at {rate(key) * size / 1e9:.1f} GB/s")
+        if "matvec" in res:
+            mv, step = res["matvec"], 1 / fp32
+            print(
+                f"  the step's matrix-vector products alone: {mv * 1e3:.3f} ms/token ({size / mv / 1e9:.1f} GB/s); "
+                f"the whole torch fp32 step {step * 1e3:.3f} ms, the rest (attention, norms, cache, Python) "
+                f"{(step - mv) * 1e3:.3f} ms"
+            )
         if base:
             print(f"  KV-cache >= 10x the no-cache loop needs fp32 decode at {10 * base * size / 1e9:.1f} GB/s")
+            print(f"  that is a step of at most {1e3 / (10 * base):.3f} ms (a no-cache step: {1e3 / base:.2f} ms)")
         if rate("onnx"):
             print(f"  ONNX Runtime >= 1.5x torch eager needs onnx at {1.5 * fp32 * size / 1e9:.1f} GB/s")
 

@@ -254,6 +254,8 @@ def test_bench_runs_on_a_checkpoint(trained, capsys):
     assert out.count("decode") >= 5 and "artifact int8" in out
     assert "[ok] int8 Linear weights" in out and "int8 val loss" in out
     assert "weight streaming at batch 1" in out and "KV-cache >= 10x the no-cache loop needs" in out
+    # the step's floor and the step time the goal needs, from the same rounds
+    assert "the step's matrix-vector products alone" in out and "that is a step of at most" in out
     assert "avx512_bf16/amx: " in out  # which CPU: speeds differ by whether it has bf16 units
 
 
