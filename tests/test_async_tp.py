@@ -6,6 +6,7 @@ needs CUDA GPUs and is not measured here."""
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.distributed as dist
 from train_helpers import DEBUG_YAML
 
@@ -92,4 +93,49 @@ def test_parallelize_with_async_tp_registers_the_tp_group_and_switches_on_the_in
     finally:
         inductor._micro_pipeline_tp = before
         symm_mem._group_name_to_store.pop(name, None)
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_the_loops_optimizer_steps_a_tp_model_whose_embeddings_stay_plain(name):
+    """Tensor parallel without FSDP leaves the replicated embeddings plain tensors beside DTensor blocks;
+    torch's fused and foreach AdamW kernels refuse such a mix, so the loop's optimizer (fused by default
+    where the device has it) steps them one by one, and optim.fused=true says what to do in one line."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from model.config import ModelConfig
+    from model.dtensor import is_dtensor
+    from model.gpt import GPT
+    from train.config import OptimSection
+    from train.errors import TrainError
+    from train.optim import build_optimizer
+    from train.parallel.parallelize import parallelize
+
+    cfg = ModelConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = GPT(cfg)
+        parallelize(
+            model,
+            ParallelDims(tp=2, world_size=2),
+            init_device_mesh("cpu", (1,), mesh_dim_names=("tp",)),
+            StrategySpec(),
+        )
+        kinds = {n: is_dtensor(p) for n, p in model.named_parameters()}
+        assert not kinds["transformer.wte.weight"] and any(kinds.values())  # the premise: a mix
+        before = {
+            n: p.detach().full_tensor().clone() if is_dtensor(p) else p.detach().clone()
+            for n, p in model.named_parameters()
+        }
+        opt = build_optimizer(model, OptimSection(name=name, lr=1e-2, muon_ns_dtype="float32"))
+        x = torch.randint(0, 96, (2, 16))
+        loss = model(x, x)
+        loss.backward()
+        opt.step()
+        for n, p in model.named_parameters():
+            after = p.detach().full_tensor() if is_dtensor(p) else p.detach()
+            assert not torch.equal(after, before[n]), f"{n} did not step"
+        with pytest.raises(TrainError, match="optim.fused=false"):
+            build_optimizer(model, OptimSection(name=name, fused=True))
+    finally:
         dist.destroy_process_group()

@@ -113,7 +113,9 @@ class OptimSection(_Section):
     # embeddings only if asked (nanoGPT decays them, minGPT and LLaMA recipes do not).
     decay_embeddings: bool = False
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
-    fused: bool | None = None  # null: fused AdamW when the device supports it
+    # null: fused AdamW where the device supports it, except where the parameters mix DTensors and plain
+    # tensors (tensor parallel without FSDP), which torch's fused kernel cannot take
+    fused: bool | None = None
     muon_lr: float = 0.02  # peak learning rate of Muon's group (the Muon post's and its reference code's 0.02)
     muon_momentum: float = 0.95  # Muon's momentum (Jordan et al. 2024)
     muon_momentum_start: float = 0.85  # momentum at step 0 when muon_momentum_warmup_steps > 0 (modded-nanogpt)

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from model.dtensor import is_dtensor
 from train.config import OptimSection, ScheduleSection
+from train.errors import TrainError
 
 MUON_GROUP = "muon"  # the `name` of the param group that Muon steps; every other group is AdamW's
 
@@ -172,9 +173,24 @@ def fused_supported(model: nn.Module) -> bool:
     return all(p.device.type in ("cuda", "cpu", "mps") and p.is_floating_point() for p in model.parameters())
 
 
+def mixes_dtensors(model: nn.Module) -> bool:
+    """Whether some parameters are DTensors and some plain tensors (tensor parallel without FSDP keeps
+    the replicated embeddings plain). torch's fused and foreach AdamW kernels take one kind per call."""
+    kinds = {is_dtensor(p) for p in model.parameters()}
+    return len(kinds) == 2
+
+
 def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.Optimizer:
-    fused = fused_supported(model) if cfg.fused is None else cfg.fused
+    mixed = mixes_dtensors(model)
+    if mixed and cfg.fused:
+        raise TrainError(
+            "optim.fused=true cannot step a model whose parameters mix DTensors and plain tensors "
+            "(tensor parallel without FSDP): set optim.fused=false or leave it null"
+        )
+    fused = fused_supported(model) and not mixed if cfg.fused is None else cfg.fused
     adamw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
+    if mixed:  # the per-parameter loop: each update sees one tensor kind
+        adamw["foreach"] = False
     if cfg.name == "adamw":
         return torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.decay_embeddings), **adamw)
     hidden = muon_params(model)
