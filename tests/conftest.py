@@ -88,3 +88,53 @@ def data_dir(tmp_path_factory):
     from train_helpers import prepared_dataset
 
     return prepared_dataset(tmp_path_factory)
+
+
+def fresh_interpreter(env: dict | None = None) -> dict:
+    """`env` (default: this process's) for a child that must start as a fresh interpreter rather than a
+    fork of the suite's pre-imported one: a test of what a command imports, or one that finds a process
+    by its parent or by its /proc environment."""
+    env = dict(os.environ if env is None else env)
+    env.pop("GPTRAIN_FORKSERVER", None)
+    return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fork_server():
+    """This worker's processes start from a pre-imported interpreter (tests/forkserver.py says how, and
+    what falls back to the real one); GPTRAIN_FORKSERVER=0 turns it off, GPTRAIN_FORKSERVER_LOG=DIR keeps
+    each worker's log of what it forked and what it refused."""
+    if os.environ.get("GPTRAIN_FORKSERVER") == "0":
+        yield
+        return
+    import subprocess
+    import sys
+    import tempfile
+
+    import forkserver
+
+    real = sys.executable
+    work = tempfile.mkdtemp(prefix="gptrain-forkserver-")  # short: a socket path has at most 107 bytes
+    sock = os.path.join(work, "socket")
+    shim = forkserver.write_shims(os.path.join(work, "bin"), real)
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(shim), os.environ.get("PATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("GPTRAIN_FORKSERVER", None)
+    logs = os.environ.get("GPTRAIN_FORKSERVER_LOG") or work
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')}.log"), "w") as log:
+        server = subprocess.Popen(
+            [real, forkserver.__file__, sock], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+    os.environ["GPTRAIN_FORKSERVER"] = sock
+    sys.executable = shim
+    yield
+    sys.executable = real
+    os.environ.pop("GPTRAIN_FORKSERVER", None)
+    server.terminate()  # it kills what its children left running
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    shutil.rmtree(work, ignore_errors=True)

@@ -5,13 +5,13 @@ the same code path as the hub, with --hf-config, --hf-split, --text-field and --
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import fresh_interpreter
 
 from data.errors import DataError
 from data.prepare import main, prepare
@@ -237,7 +237,8 @@ def test_streaming_a_hub_repository_keeps_memory_flat(tmp_path):
         table = pa.table({"text": docs})
         pq.write_table(table, tmp_path / "big" / f"train-{i:05d}.parquet", row_group_size=200)
         pq.write_table(table.slice(0, 2), tmp_path / "big" / f"test-{i:05d}.parquet")
-    env = {**os.environ, "USE_TORCH": "0", "ARROW_DEFAULT_MEMORY_POOL": "system"}  # USE_TORCH=0 as the CLI runs
+    # USE_TORCH=0 as the CLI runs; a fresh interpreter: its peak RSS and its teardown are the subject
+    env = {**fresh_interpreter(), "USE_TORCH": "0", "ARROW_DEFAULT_MEMORY_POOL": "system"}
     runs = {}
     # "all" three times: an Arrow worker that outlived the interpreter's teardown aborted about one such
     # run in three ("terminate called without an active exception", exit -6) before exit_after_streaming.

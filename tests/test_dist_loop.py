@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_extra
+from conftest import fresh_interpreter, require_extra
 from docs_helpers import documented, run_documented
 from train_helpers import DEBUG_YAML, REPO, metrics, prepared_dataset, python_env, tiny_config, tiny_overrides
 
@@ -148,11 +148,11 @@ def test_fsdp_sigterm_on_one_rank_then_resume_on_one_rank(data, reference, tmp_p
     # max_steps far beyond where the signal lands: the run only ends by the signal
     with open(log_out, "w") as fo, open(log_err, "w") as fe:
         # docs/distributed.md's FSDP command, tiny overrides appended; bash execs the launcher, so the
-        # ranks are proc's children
+        # ranks are proc's children (fresh interpreters: a fork server's child is not its caller's)
         proc = subprocess.Popen(
             [*documented(FSDP_DOC_COMMAND), *tiny_overrides(data, run_dir, *COMMON, EVAL_2, "train.max_steps=100000")],
             cwd=REPO,
-            env=python_env(),
+            env=fresh_interpreter(python_env()),
             stdout=fo,
             stderr=fe,
         )

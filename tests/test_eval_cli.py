@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from _eval_fixtures import REPO, shared_trained
+from conftest import fresh_interpreter
 
 from eval import evaluate, export, sample
 from eval.cli import run
@@ -129,7 +130,9 @@ def test_sample_imports_the_compiler_only_for_compile(trained, flags, imported):
         "import sys\nfrom eval import sample\nfrom eval.cli import run\n"
         f"assert run(sample.main, {argv!r}) == 0\nprint([m for m in {heavy!r} if m in sys.modules])"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=fresh_interpreter(), capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[-1] == str(heavy if imported else [])
 

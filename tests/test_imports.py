@@ -260,7 +260,11 @@ def test_commands_that_build_no_mesh_do_not_import_dtensor():
     import subprocess
     import sys
 
+    from conftest import fresh_interpreter
+
     mods = "model.gpt, model.generation, train.loop, train.__main__, eval.sample, eval.evaluate, data.prepare"
     code = f"import sys, {mods}; print('torch.distributed.tensor' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=fresh_interpreter(), capture_output=True, text=True, cwd=REPO, check=True
+    )
     assert out.stdout.strip() == "False"
