@@ -1,7 +1,7 @@
 """Pipeline parallel (train/parallel/pipeline.py) against one process.
 
 One torchrun launch of 2 ranks (gloo) runs this file as its worker: pp 2 with 1F1B (GPT-2 family,
-untied, document mask) and with interleaved 1F1B (2 stages per rank, modern family), 4 gradient-
+tied head, document mask) and with interleaved 1F1B (2 stages per rank, modern family), 4 gradient-
 accumulation micro-batches per step. The reference is the same model, batches and optimizer in one
 process (the loop's accumulation: backward of each micro-batch's loss / 4), in the pytest process.
 Checked: the per-step losses and the gradients' global norm, the forward-only evaluation loss and
@@ -34,7 +34,8 @@ TOL = 1e-5
 
 CONFIGS = {
     # learned positions + the document mask: every stage rebuilds the mask from the ids it is handed
-    "gpt2": dict(n_layer=4, n_head=4, n_embd=32, tie_embeddings=False, doc_mask=True, eot_id=EOT),
+    # and GPT-2's tied head: the token table on both the first and the last stage
+    "gpt2": dict(n_layer=4, n_head=4, n_embd=32, tie_embeddings=True, doc_mask=True, eot_id=EOT),
     "modern": dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=32, family="modern", bias=False, tie_embeddings=False),
 }
 SCENARIOS = {
@@ -107,13 +108,15 @@ def worker(spec_path: str) -> None:
     for name, sc in SCENARIOS.items():
         torch.manual_seed(0)  # every rank builds the reference's whole model, then keeps its stages
         stages = pp.split_stages(GPT(model_config(sc["config"])), rank, 2, sc["stages_per_rank"])
+        pp.sync_tied_weights(stages, group)
         local = pp.merge_stages(stages)
         opt = build_optimizer(local)
         schedule = pp.build_schedule(stages, group, ACCUM, sc["schedule"], torch.device("cpu"))
         res: dict = {"losses": [], "norms": []}
         for step in range(1, STEPS + 1):
             loss = pp.pipeline_step(schedule, micro_batches(step), group)
-            res["norms"].append(float(pp.clip_grad_norm_(local.parameters(), 1.0, group)))
+            pp.sync_tied_grads(stages, group)
+            res["norms"].append(float(pp.clip_grad_norm_(stages, 1.0, group)))
             opt.step()
             opt.zero_grad(set_to_none=True)
             res["losses"].append(float(loss))
@@ -123,6 +126,8 @@ def worker(spec_path: str) -> None:
         res["greedy"] = generate(view, PROMPT, NEW_TOKENS, temperature=0)
         per_rank = [None, None]
         mine = {"names": sorted(local.state_dict()), "params": sum(p.numel() for p in local.parameters())}
+        if "wte" in local.transformer:  # the tied copies, equal after the steps
+            mine["table"] = local.transformer.wte.weight.detach().flatten().tolist()
         dist.all_gather_object(per_rank, mine)
         everyone = [None, None]
         dist.all_gather_object(everyone, {k: res[k] for k in ("losses", "eval", "greedy")})
@@ -165,23 +170,29 @@ def test_pipeline_matches_one_process(pp_run, name):
 
 @pytest.mark.slow
 def test_each_rank_holds_only_its_stages(pp_run):
-    """1F1B: rank 0 = embeddings + blocks 0-1, rank 1 = blocks 2-3 + final norm + head. Interleaved
-    (stages r, r + 2 on rank r): rank 0 = embeddings + blocks 0 and 2, rank 1 = blocks 1 and 3 + head.
-    Together exactly the bare model's names (the DCP keys), none on both ranks."""
+    """1F1B: rank 0 = embeddings + blocks 0-1, rank 1 = blocks 2-3 + final norm + head, whose tied weight
+    is the token table under its bare name. Interleaved (stages r, r + 2 on rank r, untied): rank 0 =
+    embeddings + blocks 0 and 2, rank 1 = blocks 1 and 3 + head. Together exactly the bare model's names
+    (the DCP keys); only the tied table on both ranks, and its two copies equal after 4 steps."""
     expect = {
         "1f1b": ({0, 1}, {2, 3}, {"transformer.wte.weight", "transformer.wpe.weight"}),
         "interleaved": ({0, 2}, {1, 3}, {"transformer.wte.weight"}),
     }
     for name, (blocks0, blocks1, embeddings) in expect.items():
-        r0, r1 = (set(r["names"]) for r in pp_run[name]["ranks"])
-        bare = set(reference_names(SCENARIOS[name]["config"]))
-        assert r0 | r1 == bare and not r0 & r1
+        ranks = pp_run[name]["ranks"]
+        r0, r1 = (set(r["names"]) for r in ranks)
+        model = GPT(model_config(SCENARIOS[name]["config"]))
+        tied = model.config.tie_embeddings
+        assert r0 | r1 == set(model.state_dict())
+        assert r0 & r1 == ({"transformer.wte.weight"} if tied else set())
         assert {int(k.split(".")[2]) for k in r0 if k.startswith("transformer.h.")} == blocks0
         assert {int(k.split(".")[2]) for k in r1 if k.startswith("transformer.h.")} == blocks1
         assert embeddings <= r0 and "lm_head.weight" in r1 and "transformer.ln_f.weight" in r1
-        n0, n1 = (r["params"] for r in pp_run[name]["ranks"])
-        total = sum(p.numel() for p in GPT(model_config(SCENARIOS[name]["config"])).parameters())
-        assert n0 + n1 == total and max(n0, n1) < total
+        n0, n1 = (r["params"] for r in ranks)
+        copy = model.transformer.wte.weight.numel() if tied else 0
+        assert n0 + n1 == sum(p.numel() for p in model.parameters()) + copy and max(n0, n1) < n0 + n1 - copy
+        if tied:
+            assert ranks[0]["table"] == ranks[1]["table"]
 
 
 def reference_names(name: str) -> list[str]:
@@ -207,8 +218,9 @@ def test_stages_in_one_process_are_the_model():
 def test_layouts_the_pipeline_refuses():
     from train.parallel import pipeline as pp
 
-    with pytest.raises(ValueError, match="set model.tie_embeddings=false"):
-        pp.split_stages(GPT(ModelConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=16)), 0, 2)
+    tied = GPT(ModelConfig(vocab_size=VOCAB, block_size=SEQ, n_layer=2, n_head=2, n_embd=16))
+    last = pp.split_stages(tied, 1, 2)[0]  # a tied head is the token table, under the table's name
+    assert last.lm_head.weight is last.transformer.wte.weight is tied.transformer.wte.weight
     with pytest.raises(ValueError, match="n_layer=4 is fewer than the 6 pipeline stages"):
         pp.split_stages(GPT(model_config("modern")), 0, 3, 2)
     with pytest.raises(ValueError, match="must be a multiple of parallel.pp=2"):
@@ -225,7 +237,7 @@ def test_layouts_the_pipeline_refuses():
 
 HELLASWAG = REPO / "tests" / "fixtures" / "hellaswag_mini.jsonl"
 PP_RUN = [
-    "model.tie_embeddings=false",
+    "model.tie_embeddings=true",  # GPT-2's tied head: the table on the first and on the last stage
     "train.eval_every=2",
     "logging.sample_every=2",
     "eval.hellaswag_every=2",
@@ -321,13 +333,14 @@ def test_pp2_x_dp2_under_train_matches_one_process(train_ref, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     gathered, consolidated = load_file(ckpt / "model" / "model.safetensors"), load_file(out / "model.safetensors")
-    bare = GPT(ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=64, tie_embeddings=False))
-    assert sorted(gathered) == sorted(consolidated) == sorted(bare.state_dict())
+    bare = GPT(ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=64, tie_embeddings=True))
+    names = sorted(k for k in bare.state_dict() if k != "lm_head.weight")  # a tied head is saved as the table
+    assert sorted(gathered) == sorted(consolidated) == names
     assert all(torch.equal(gathered[k], consolidated[k]) for k in gathered)
 
 
 def test_pipeline_user_errors_are_one_line(tmp_path_factory, tmp_path):
-    """A tied head under pp: the config check, before any process starts; a schedule the micro-batches
+    """Fewer blocks than stages: the config check, before any process starts; a schedule the micro-batches
     cannot fill: the strategy, before its process group."""
     from train_helpers import DEBUG_YAML, prepared_dataset, run_cli, tiny_overrides
 
@@ -337,9 +350,10 @@ def test_pipeline_user_errors_are_one_line(tmp_path_factory, tmp_path):
     from train.strategy import StrategySpec
 
     data = prepared_dataset(tmp_path_factory)
-    proc = run_cli(["--config", str(DEBUG_YAML), *tiny_overrides(data, tmp_path / "r", "parallel.pp=2")])
+    overrides = tiny_overrides(data, tmp_path / "r", "parallel.pp=2", "model.n_layer=1")
+    proc = run_cli(["--config", str(DEBUG_YAML), *overrides])
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith("set model.tie_embeddings=false"), proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("lower them or add layers"), proc.stderr
     dims = ParallelDims(pp=2, world_size=2, pp_stages_per_rank=2)
     with pytest.raises(StrategyError, match="grad_accum_steps=3 .* must be a multiple of parallel.pp=2"):
         PipelineStrategy(dims, "cpu", StrategySpec(grad_accum_steps=3), schedule="Interleaved1F1B")

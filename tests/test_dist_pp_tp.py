@@ -48,8 +48,8 @@ def model_config(family: str = "gpt2") -> ModelConfig:
         return ModelConfig(**{**drv_config("modern").to_dict(), "doc_mask": True, "eot_id": 3})
     if family == "dropout":
         return ModelConfig(**{**drv_config("modern").to_dict(), "dropout": 0.2})
-    if family == "gpt2_untied":  # 4 blocks: 2 stages per pp rank
-        return ModelConfig(**{**drv_config("gpt2").to_dict(), "n_layer": 4, "tie_embeddings": False})
+    if family == "gpt2_tied":  # 4 blocks: 2 stages per pp rank; the tied table on the first and last stage
+        return ModelConfig(**{**drv_config("gpt2").to_dict(), "n_layer": 4, "tie_embeddings": True})
     return drv_config(family)
 
 
@@ -64,7 +64,7 @@ def scenarios(work: Path) -> list[dict]:
         {"name": "pp_tp_resumed", "family": "modern", **PP_TP, "load": str(ckpt / "checkpoints" / "step_000002")},
         {
             "name": "pp_tp_interleaved",
-            "family": "gpt2_untied",
+            "family": "gpt2_tied",
             **PP_TP,
             "options": {"pp": 2, "tp": 2, "pp_schedule": "Interleaved1F1B", "pp_stages_per_rank": 2},
         },
@@ -100,7 +100,7 @@ PP_TP_CP = {
 
 REFERENCES = {  # scenario -> (family, optimizer, accumulation) of its one-process reference
     "pp_tp": ("modern", None, ACCUM),
-    "pp_tp_interleaved": ("gpt2_untied", None, ACCUM),
+    "pp_tp_interleaved": ("gpt2_tied", None, ACCUM),
     "pp_tp_muon": ("modern", "muon", ACCUM),
     "pp_cp": ("doc_mask", None, ACCUM),
     "tp_qk_norm": ("qk_norm", None, 1),

@@ -221,9 +221,9 @@ def check_model(dims, cfg, seq_len: int) -> None:
             f"data.seq_len={seq_len} must be divisible by 2 x parallel.cp = {2 * cp} (each cp rank holds two "
             "chunks of the sequence); choose another seq_len or cp"
         )
-    if dims.pp > 1:  # a block per stage, an untied head (train/parallel/pipeline.py says why)
+    if dims.pp > 1:  # at least a block per stage
         try:
-            check_split(cfg.n_layer, cfg.tie_embeddings, dims.pp, dims.pp_stages_per_rank)
+            check_split(cfg.n_layer, dims.pp, dims.pp_stages_per_rank)
         except ValueError as e:
             raise MeshError(str(e)) from None
 
@@ -250,7 +250,7 @@ def check_async_tp(tp: int, compile: bool, device: str) -> None:
         )
 
 
-def check_split(n_layer: int, tie_embeddings: bool, pp: int, stages_per_rank: int) -> None:
+def check_split(n_layer: int, pp: int, stages_per_rank: int) -> None:
     """Raise ValueError (one line that says what to change) for a model the pipeline stages
     (train/parallel/pipeline.py) cannot split."""
     stages = pp * stages_per_rank
@@ -258,9 +258,4 @@ def check_split(n_layer: int, tie_embeddings: bool, pp: int, stages_per_rank: in
         raise ValueError(
             f"model.n_layer={n_layer} is fewer than the {stages} pipeline stages "
             f"(parallel.pp={pp} x parallel.pp_stages_per_rank={stages_per_rank}): lower them or add layers"
-        )
-    if tie_embeddings:
-        raise ValueError(
-            "parallel.pp > 1 splits the token embedding (first stage) from the head (last stage): "
-            "set model.tie_embeddings=false"
         )

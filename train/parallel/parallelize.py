@@ -113,7 +113,7 @@ def apply_tp(model: nn.Module, tp_mesh) -> None:
 
     tp, cfg = tp_mesh.size(), model.config
     blocks, parts = model.transformer.h, model.transformer
-    if "wte" in parts:
+    if "wte" in parts and getattr(model, "is_first", True):  # a last pipeline stage may hold a tied table
         # the embeddings' output (B, T, C) is replicated: the first block keeps its slice of the sequence.
         # A later pipeline stage receives the previous stage's slice (B, T / tp, C) as it is.
         parallelize_module(

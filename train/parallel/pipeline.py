@@ -6,6 +6,7 @@ form), the way torchtitan's pipeline_parallel.py does it.
     local = merge_stages(stages)              # what the optimizer and the checkpoints see
     schedule = build_schedule(stages, pp_group, n_microbatches, "1F1B", device)
     loss = pipeline_step(schedule, micro_batches, pp_group)   # forward + backward of every micro-batch
+    sync_tied_grads(stages, pp_group)         # a tied head: the two copies' gradients summed
     view = PipelineModel(stages, pp_group)    # forward-only GPT for evaluation, sampling, HellaSwag
 
 Stage s of S = pp_size * stages_per_rank holds an even share of the blocks; the first also holds the
@@ -14,9 +15,11 @@ s % pp_size (torchtitan's "loop" order: interleaved 1F1B gives rank r the stages
 Every stage keeps the bare model's parameter names (transformer.h.<i>... with the block's global
 index), so DCP checkpoints of a pipelined run load into any other layout and back.
 
-Tied embeddings are refused: the token table lives on the first stage and the head on the last, so a
-tie would need a copy on the last stage, a gradient all-reduce between the two ranks each step, a norm
-that counts the copy once and a checkpoint alias (Megatron-LM's embedding group); untie instead.
+Tied embeddings (GPT-2's head is the token table) follow Megatron-LM's embedding group: the last stage
+holds a copy of the table under its bare name (transformer.wte, the head's weight), so optimizer groups and
+checkpoints see one parameter of one name on every layout; after each step's backward the first and last
+pp ranks add each other's gradient of it (sync_tied_grads), so both copies take the same step, and the
+gradient norm counts it once (clip_grad_norm_).
 
 Every pp rank gets the same micro-batches (the loader's rank is the data-parallel one): the first stage
 reads the ids, every stage reads them again for positions and the document mask, the last the targets.
@@ -91,6 +94,8 @@ class StageModel(GPT):
         self.sharded = None  # context parallel's window (train/parallel/context.py), when cp > 1
         parts = {"wte", "drop", "wpe"} if first else set()
         parts |= {"ln_f"} if last else set()
+        if last and model.config.tie_embeddings:  # the head's weight, under the token table's (bare) name
+            parts.add("wte")
         self.transformer = nn.ModuleDict({k: m for k, m in model.transformer.items() if k in parts})
         self.transformer["h"] = StageBlocks({str(i): model.transformer.h[i] for i in sorted(blocks)})
         self.lm_head = model.lm_head if last else None
@@ -126,9 +131,9 @@ class StageModel(GPT):
 
 def split_stages(model: GPT, pp_rank: int, pp_size: int, stages_per_rank: int = 1) -> list[StageModel]:
     """This pp rank's stages of `model` (its module objects: the rest is freed with the model).
-    Raises ValueError for a tied head or fewer blocks than stages (check_split's lines)."""
+    Raises ValueError for fewer blocks than stages (check_split's line)."""
     cfg, n_stages = model.config, pp_size * stages_per_rank
-    check_split(cfg.n_layer, cfg.tie_embeddings, pp_size, stages_per_rank)
+    check_split(cfg.n_layer, pp_size, stages_per_rank)
     return [
         StageModel(model, stage_blocks(cfg.n_layer, n_stages, s), s == 0, s == n_stages - 1, stage_index=s)
         for s in stage_indices(pp_rank, pp_size, stages_per_rank)
@@ -247,17 +252,72 @@ class PipelineModel(GPT):
         return next(self.stages[0].parameters()).device
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, group: dist.ProcessGroup) -> torch.Tensor:
-    """torch.nn.utils.clip_grad_norm_ over parameters split across the pp ranks: the 2-norm of every
+def tied_table(stages: list[StageModel], group: dist.ProcessGroup) -> tuple[nn.Parameter, int] | None:
+    """With tied embeddings, on the first and the last pp rank: (this rank's copy of the token table, the
+    other rank's index in the group); None elsewhere, untied, or without a pipeline."""
+    pp, me = group.size(), group.rank()
+    if not stages[0].config.tie_embeddings or pp == 1 or me not in (0, pp - 1):
+        return None
+    table = next(s.transformer.wte.weight for s in stages if "wte" in s.transformer)
+    return table, pp - 1 - me
+
+
+def _exchange(mine: torch.Tensor, peer: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Send `mine` to the peer and receive the peer's tensor of the same shape."""
+    theirs = torch.empty_like(mine)
+    ops = [
+        dist.P2POp(dist.isend, mine, group=group, group_peer=peer),
+        dist.P2POp(dist.irecv, theirs, group=group, group_peer=peer),
+    ]
+    for work in dist.batch_isend_irecv(ops):
+        work.wait()
+    return theirs
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t  # FSDP / tp: both copies have the same placements
+
+
+def sync_tied_weights(stages: list[StageModel], group: dist.ProcessGroup) -> None:
+    """The last stage's copy of a tied token table := the first stage's (after initialisation). Every pp
+    rank calls; only the first and the last exchange."""
+    tied = tied_table(stages, group)
+    if tied is not None:
+        table, peer = tied
+        with torch.no_grad():
+            first = _exchange(_local(table).detach().contiguous(), peer, group)
+            if group.rank() != 0:
+                _local(table).copy_(first)
+
+
+def sync_tied_grads(stages: list[StageModel], group: dist.ProcessGroup) -> None:
+    """A tied token table's gradient: the embedding's (first stage) plus the head's (last stage), on both
+    ranks (Megatron-LM's embedding-group all-reduce, as a point-to-point exchange between the two: a sum
+    of two terms is the same in either order, so the copies stay bitwise equal). Every pp rank calls."""
+    tied = tied_table(stages, group)
+    if tied is not None:
+        table, peer = tied
+        grad = _local(table.grad)  # (V, C) or its shard
+        grad.add_(_exchange(grad.contiguous(), peer, group))
+
+
+def clip_grad_norm_(stages: list[StageModel], max_norm: float, group: dist.ProcessGroup) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the parameters of every pp rank's stages: the 2-norm of every
     rank's gradients together (each stage's squared norm summed over the group, as torchtitan's
-    clip_grad_norm_ does for pp), and the same clipping factor on every rank. DTensor gradients (FSDP,
-    tensor parallel) give their full norm. Returns the global pre-clip norm (fp32, 0-d)."""
+    clip_grad_norm_ does for pp; a tied table's two copies counted once), and the same clipping factor on
+    every rank. DTensor gradients (FSDP, tensor parallel) give their full norm. Returns the global
+    pre-clip norm (fp32, 0-d)."""
     from train.parallel.mesh_strategy import grad_norm, group_by_mesh
 
-    groups = group_by_mesh([p for p in parameters if p.grad is not None])
+    parameters = list(dict.fromkeys(p for s in stages for p in s.parameters()))
+    tied = tied_table(stages, group)
+    copy = tied[0] if tied is not None and group.rank() != 0 else None
+    groups = group_by_mesh([p for p in parameters if p.grad is not None and p is not copy])
     sq = grad_norm(groups).float() ** 2
     dist.all_reduce(sq, group=group)
     total = sq.sqrt()
+    if copy is not None:
+        groups = group_by_mesh([p for p in parameters if p.grad is not None])
     for params in groups:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total

@@ -31,6 +31,8 @@ from train.parallel.pipeline import (
     merge_stages,
     pipeline_step,
     split_stages,
+    sync_tied_grads,
+    sync_tied_weights,
 )
 from train.parallel.world import StrategyError, broadcast_module_
 from train.strategy import BuildOptimizer, unwrap
@@ -83,6 +85,7 @@ class PipelineStrategy(MeshStrategy):
             if meta:
                 stage.to_empty(device=self.device)
                 stage.init_weights()
+        sync_tied_weights(stages, self.pp_group)  # a tied table: the last stage's copy is the first's
         self.stages, self.bare = stages, merge_stages(stages)
         self.model = self.bare
         self.schedule = build_schedule(
@@ -96,12 +99,14 @@ class PipelineStrategy(MeshStrategy):
         if self.cp is not None:  # this cp rank's chunks of each window: (b, T / cp)
             micro_batches = [(self.cp.shard(x), self.cp.shard(y)) for x, y in micro_batches]
         with amp, self.loss_context():  # the schedule runs the loss and every backward inside
-            return pipeline_step(self.schedule, micro_batches, self.pp_group)
+            loss = pipeline_step(self.schedule, micro_batches, self.pp_group)
+        sync_tied_grads(self.stages, self.pp_group)
+        return loss
 
     def clip_and_step(self, gate=None) -> torch.Tensor:
         max_norm = self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf")
         sync_moe_grads(self.bare)  # MoE blocks under tp (train/parallel/expert.py)
-        norm = clip_grad_norm_(self.bare.parameters(), max_norm, self.pp_group)
+        norm = clip_grad_norm_(self.stages, max_norm, self.pp_group)
         if gate is not None and not gate(norm):  # train/guard.py: skip this update on every rank
             return norm
         self.optimizer.step()
