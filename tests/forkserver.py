@@ -167,24 +167,33 @@ def serve(path: str):
                     conn.close()
                     continue
                 why = "options" if parse(req["argv"]) is None else differs(req["env"])
-                print(f"{'refused (' + why + ')' if why else 'forked'}: {req['argv'][:3]}", file=sys.stderr, flush=True)
-                if why:
-                    conn.sendall(b"R")
-                    conn.close()
-                    for fd in fds:
-                        os.close(fd)
-                    continue
-                child = os.fork()
+                try:
+                    child = -1 if why else os.fork()
+                except OSError as e:  # out of memory or processes: the real interpreter may still start
+                    child, why = -1, f"fork: {e}"
                 if child == 0:
                     sel.close()
                     listener.close()
                     conn.close()
                     req["base_path"], req["added"] = base_path, added
                     return req, fds
+                print(f"{'refused (' + why + ')' if why else 'forked'}: {req['argv'][:3]}", file=sys.stderr, flush=True)
+                if child == -1:
+                    try:
+                        conn.sendall(b"R")
+                    except OSError:
+                        pass
+                    conn.close()
+                    for fd in fds:
+                        os.close(fd)
+                    continue
                 for fd in fds:
                     os.close(fd)
-                conn.sendall(b"P" + struct.pack("!q", child))
                 pidfd = os.pidfd_open(child)
+                try:
+                    conn.sendall(b"P" + struct.pack("!q", child))
+                except OSError:  # the shim died meanwhile: so does its child (the "shim" event below)
+                    pass
                 running[child] = (conn, pidfd)
                 sel.register(conn, selectors.EVENT_READ, ("shim", child))
                 sel.register(pidfd, selectors.EVENT_READ, ("exit", child))

@@ -218,8 +218,8 @@ class MeshStrategy(DistributedStrategy):
         return out
 
     def sample_model(self) -> nn.Module | None:
-        # under tp each attention holds this rank's heads only, which the full-size KV cache does not fit;
-        # under ep a forward needs the whole ep group
+        # under tp, sequence parallel splits the positions between the tp ranks, and a decode step has
+        # one position; under ep a forward needs the whole ep group
         return None if self.dims.tp > 1 or self.dims.ep > 1 else self.bare
 
     # ---- checkpoints ------------------------------------------------------------------
