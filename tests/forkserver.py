@@ -26,6 +26,7 @@ conftest.fresh_interpreter()'s environment to its child.
 Run as `python tests/forkserver.py SOCKET`; tests/conftest.py starts one per pytest worker.
 """
 
+import fcntl
 import gc
 import io
 import json
@@ -230,8 +231,8 @@ def serve(path: str):
 
 def _install_fds(received: list[int], targets: list[int]) -> None:
     """Give the child exactly the caller's open fds, at the caller's numbers."""
-    floor = max([*received, *targets, 2]) + 1
-    high = [os.dup(fd) if fd >= floor else _dup_above(fd, floor) for fd in received]
+    floor = max([*received, *targets, 2]) + 1  # above every fd in play: no dup2 below overwrites a source
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, floor) for fd in received]
     keep = set(high)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -242,15 +243,7 @@ def _install_fds(received: list[int], targets: list[int]) -> None:
                 pass  # listdir's own fd
     for fd, target in zip(high, targets, strict=True):
         os.dup2(fd, target)
-    for fd in high:
-        if fd not in targets:
-            os.close(fd)
-
-
-def _dup_above(fd: int, floor: int) -> int:
-    import fcntl
-
-    return fcntl.fcntl(fd, fcntl.F_DUPFD, floor)
+        os.close(fd)
 
 
 def _stdio(unbuffered: bool) -> None:

@@ -255,11 +255,11 @@ class PipelineModel(GPT):
 def tied_table(stages: list[StageModel], group: dist.ProcessGroup) -> tuple[nn.Parameter, int] | None:
     """With tied embeddings, on the first and the last pp rank: (this rank's copy of the token table, the
     other rank's index in the group); None elsewhere, untied, or without a pipeline."""
-    pp, me = group.size(), group.rank()
-    if not stages[0].config.tie_embeddings or pp == 1 or me not in (0, pp - 1):
+    me, last = group.rank(), last_rank(group)
+    if not stages[0].config.tie_embeddings or last == 0 or me not in (0, last):
         return None
     table = next(s.transformer.wte.weight for s in stages if "wte" in s.transformer)
-    return table, pp - 1 - me
+    return table, last - me
 
 
 def _exchange(mine: torch.Tensor, peer: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -309,15 +309,12 @@ def clip_grad_norm_(stages: list[StageModel], max_norm: float, group: dist.Proce
     pre-clip norm (fp32, 0-d)."""
     from train.parallel.mesh_strategy import grad_norm, group_by_mesh
 
-    parameters = list(dict.fromkeys(p for s in stages for p in s.parameters()))
+    held = [p for p in dict.fromkeys(p for s in stages for p in s.parameters()) if p.grad is not None]
     tied = tied_table(stages, group)
-    copy = tied[0] if tied is not None and group.rank() != 0 else None
-    groups = group_by_mesh([p for p in parameters if p.grad is not None and p is not copy])
-    sq = grad_norm(groups).float() ** 2
+    copy = tied[0] if tied is not None and group.rank() == last_rank(group) else None
+    sq = grad_norm(group_by_mesh([p for p in held if p is not copy])).float() ** 2
     dist.all_reduce(sq, group=group)
     total = sq.sqrt()
-    if copy is not None:
-        groups = group_by_mesh([p for p in parameters if p.grad is not None])
-    for params in groups:
+    for params in group_by_mesh(held):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return total
