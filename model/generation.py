@@ -22,7 +22,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+from model.config import ModelConfig
 from model.errors import UserError
 from model.gpt import GPT, KVCache
 from model.sampling import sample_next
@@ -237,6 +240,42 @@ class CachedDecoder:
         last = len(lengths) - 1
         if row != last:
             self.cache.move_row(last, row, lengths[last])
+
+
+class WindowDecoder:
+    """A Decoder without a cache: every step runs the whole window through `model(idx) -> logits`
+    (nanoGPT's sample loop), right-padded to a multiple of `multiple` tokens.
+
+    For a model that cannot take one token at a time: under sequence parallel (tensor parallel's
+    norms and residuals), each of the tp ranks holds a slice of the window's positions, so a window
+    must split evenly over them. Causal attention keeps the padding after the last real token out of
+    every real position's logits. Prompts are not left-padded (one row, or rows of equal length)."""
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig, multiple: int = 1):
+        self.model, self.multiple = model, multiple
+        self.vocab_size = cfg.vocab_size
+        self.block_size = cfg.block_size - cfg.block_size % multiple  # padded windows must fit the context
+        self.window: torch.Tensor | None = None  # (B, T) the tokens so far
+        self.device = next(iter(model.parameters())).device
+
+    @torch.no_grad()  # not inference mode: DTensor collectives run inside
+    def prefill(self, tokens: torch.Tensor, left_pad: torch.Tensor, max_len: int) -> torch.Tensor:
+        if bool(left_pad.any()):
+            raise ValueError("WindowDecoder takes prompts of equal length (no left padding)")
+        self.window = tokens.to(self.device)
+        return self._last()
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
+        self.window = torch.cat([self.window, tokens.to(self.device)], dim=1)  # (B, T + 1)
+        return self._last()
+
+    def _last(self) -> torch.Tensor:
+        """Float logits (B, V) of the window's last token."""
+        B, T = self.window.shape
+        pad = -T % self.multiple
+        idx = F.pad(self.window, (0, pad)) if pad else self.window  # (B, T + pad): token 0 after the end
+        return self.model(idx)[:, T - 1].float()
 
 
 def left_pad_batch(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """A 2-D mesh through the real entry point: docs/distributed.md's `bash launch.sh --nproc 4 ...
 parallel.dp_shard=2 parallel.tp=2` (taken from the document, tiny overrides appended) runs `python -m train`
 under torchrun (fully_shard over dp_shard composed with tensor, sequence and loss parallel), and its
-losses and HellaSwag counts are those of one process on the same global batches."""
+losses, HellaSwag counts and the log's text samples are those of one process on the same global batches."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ DOC_COMMAND = (
     "train.run_dir=runs/mesh"
 )
 MODEL = ["model.vocab_size=258", "train.max_steps=3", "eval.hellaswag_every=3", f"eval.hellaswag_data={HELLASWAG}"]
+# a sample at the last step, drawn at the default temperature and top-k from the run's seed
+MODEL += ["logging.sample_every=3", "logging.sample_tokens=20"]
 
 
 def test_dp_shard2_x_tp2_through_launch_sh_equals_one_process(tmp_path_factory, tmp_path):
@@ -43,6 +45,12 @@ def test_dp_shard2_x_tp2_through_launch_sh_equals_one_process(tmp_path_factory, 
         return {r["step"]: (r["hellaswag_n"], r["hellaswag_acc"]) for r in metrics(run) if "hellaswag_n" in r}
 
     assert hellaswag(run_dir) == hellaswag(ref_dir) and sorted(hellaswag(ref_dir)) == [0, 3]
+
+    def samples(run: Path) -> dict:
+        return {r["step"]: r["sample"] for r in metrics(run) if "sample" in r}
+
+    # under tp every step decodes the whole window (sequence parallel splits positions over the tp ranks)
+    assert samples(run_dir) == samples(ref_dir) and sorted(samples(ref_dir)) == [3]
     want, got = train_losses(ref_dir), train_losses(run_dir)
     assert sorted(got) == sorted(want) == [1, 2, 3]
     for step in want:

@@ -254,13 +254,18 @@ def test_each_cp_and_pp_rank_draws_its_own_dropout_stream():
         assert d.rng_rank == d.dp_rank
 
 
+SAMPLE_PROMPTS = ([5, 6, 7], [1, 2, 3, 4])
+
+
 def forward_only(out: Path) -> None:
-    """pp 2 x tp 2, forward only (what evaluation and HellaSwag call): the view's logits and mean loss
-    on rank 0; the untrained model of seed 0, as the reference builds it."""
+    """pp 2 x tp 2, forward only (what evaluation, HellaSwag and the training log's samples call): the
+    view's logits and mean loss, and greedy samples through the strategy's decoder, on rank 0; the
+    untrained model of seed 0, as the reference builds it."""
     import torch.distributed as dist
 
     from model.loss import mean_loss
     from train.parallel.build import make_strategy
+    from train.sample import generate
     from train.strategy import StrategySpec
 
     s = make_strategy("none", "cpu", StrategySpec(grad_accum_steps=ACCUM), pp=2, tp=2)
@@ -271,8 +276,10 @@ def forward_only(out: Path) -> None:
     with torch.no_grad():
         logits = view.eval()(x)  # (B, T, V) on every rank
         loss = mean_loss(view, [(x, y)])
+    # prompts of odd and even length, so that windows of both parities split over the 2 tp ranks
+    samples = [generate(s.sample_decoder(), prompt, 6, temperature=0) for prompt in SAMPLE_PROMPTS]
     if dist.get_rank() == 0:
-        torch.save({"logits": logits, "loss": loss, "samples": s.sample_model() is not None}, out / "forward.pt")
+        torch.save({"logits": logits, "loss": loss, "samples": samples}, out / "forward.pt")
     s.teardown()
 
 
@@ -290,7 +297,10 @@ def test_forward_only_view_matches_one_process(forward):
         want = model(x)
     torch.testing.assert_close(forward["logits"], want, atol=1e-5, rtol=1e-5)
     assert forward["loss"] == pytest.approx(torch.nn.functional.cross_entropy(want.flatten(0, 1), y.flatten()).item())
-    assert not forward["samples"]  # no KV-cache sampling under tp (the loop logs that it skips it)
+    from train.sample import generate
+
+    # tp's sequence parallel cannot take one token at a time: whole windows, padded to a multiple of tp
+    assert forward["samples"] == [generate(model, prompt, 6, temperature=0) for prompt in SAMPLE_PROMPTS]
 
 
 def main() -> None:

@@ -315,3 +315,29 @@ def test_every_model_config_field_is_declared_by_the_decode_paths():
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     assert fields - HANDLED_FIELDS == set(), "model/generation.py: say how cached decoding handles these"
     assert HANDLED_FIELDS - fields == set()  # no stale names
+
+
+@pytest.mark.parametrize("family", ["gpt2", "modern"])
+def test_window_decoder_draws_the_cached_decoders_tokens(family):
+    """model.generation.WindowDecoder (what sampling under tensor parallel uses: no cache, every step the
+    whole window right-padded to a multiple) draws the KV-cache decoder's tokens, at every padding
+    multiple, sampled and greedy, within the context and (multiples that divide it) past it. With
+    doc_mask, an <|endoftext|> in the prompt restarts the attention, padding included."""
+    from model.generation import CachedDecoder, WindowDecoder
+    from model.generation import generate as loop
+
+    be = lively(backend(family, seed=1, doc_mask=True, eot_id=96), 3.0)
+    model, cfg = be.model, be.model.config
+    prompt = [5, 9, 96, 3, 4, 7, 1]  # an EOT inside: the last document starts at slot 2
+    for multiple in (1, 2, 3, 4):
+        window = WindowDecoder(model, cfg, multiple=multiple)
+        assert window.block_size == cfg.block_size - cfg.block_size % multiple
+        for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=4)):
+            want = loop(CachedDecoder(model), [prompt], 30, **kw)
+            assert loop(window, [prompt], 30, **kw) == want, (multiple, kw)
+        if cfg.block_size % multiple == 0:  # 70 tokens: the window crops twice, as the cache does
+            want = loop(CachedDecoder(model), [prompt], 70, temperature=1.0, seed=2)
+            assert loop(window, [prompt], 70, temperature=1.0, seed=2) == want, multiple
+    assert len(set(want[0])) > 5  # a lively model: the tokens depend on the context
+    with pytest.raises(ValueError, match="left padding"):
+        loop(WindowDecoder(model, cfg, multiple=2), [[1, 2, 3], [4]], 3)

@@ -627,10 +627,11 @@ class Trainer:
         every = self.cfg.logging.sample_every
         if not (every > 0 and (self.state.step % every == 0 or last)):
             return
-        if self.strategy.sample_model() is None:
-            self.log(f"step {self.state.step}: no sample (this parallel layout cannot decode with the KV cache)")
+        decoder = self.strategy.sample_decoder()
+        if decoder is None:
+            self.log(f"step {self.state.step}: no sample (this parallel layout cannot decode)")
             return
-        text = self.sample()
+        text = self.sample(decoder)
         self.metrics.write({"step": self.state.step, "sample": text})
         self.metrics.text("sample", text, self.state.step)
         self.log(f"---- sample at step {self.state.step} ----\n{text}\n----")
@@ -689,18 +690,17 @@ class Trainer:
         self.val_parts = {f"val/{name}": loss for name, _, loss in losses if name is not None}
         return sum(w * loss for _, w, loss in losses) / sum(w for _, w, _ in losses)
 
-    def sample(self) -> str:
+    def sample(self, decoder) -> str:
         opts, tokenizer = self.cfg.logging, self.data.tokenizer
         prompt = tokenizer.encode(opts.sample_prompt, allowed_special="all")
         with self.fork_rng():
             ids = generate(
-                self.strategy.sample_model(),
+                decoder,
                 prompt,
                 opts.sample_tokens,
                 temperature=opts.sample_temperature,
                 top_k=opts.sample_top_k,
                 seed=self.cfg.train.seed,
-                device=self.strategy.device,
             )
         return opts.sample_prompt + decode(tokenizer, ids, self.data.meta.get("eot_id"))
 

@@ -1,5 +1,5 @@
-"""The text samples in the training log: model.generation's loop on the bare model (train/ never imports
-eval/'s command modules).
+"""The text samples in the training log: model.generation's loop on the bare model, or on the decoder the
+parallel layout gives (Strategy.sample_decoder) (train/ never imports eval/'s command modules).
 
 The loop and the sampling rule are the ones eval.sample drives: the same model, prompt, seed and
 settings give the training log and eval.sample the same tokens. Each new token costs one token of
@@ -18,7 +18,7 @@ from model import generation
 
 @torch.no_grad()
 def generate(
-    model: nn.Module,
+    decoder: generation.CachedDecoder | generation.WindowDecoder | nn.Module,
     prompt: list[int],
     max_new_tokens: int,
     *,
@@ -26,20 +26,23 @@ def generate(
     top_k: int | None = 50,
     top_p: float | None = None,
     seed: int = 0,
-    device: torch.device | str = "cpu",
 ) -> list[int]:
-    """Prompt token ids -> the prompt's continuation (new ids only). model is the bare GPT on `device`.
-    A fixed number of tokens is drawn (no early stop, no crop), so that every rank runs the same forwards."""
-    cfg = model.config
-    prompt = prompt[-(cfg.block_size - 1) :] or [0]  # keep room for at least one new token
-    max_new_tokens = min(max_new_tokens, cfg.block_size - len(prompt))
+    """Prompt token ids -> the prompt's continuation (new ids only). decoder: a model.generation
+    Decoder over a model (the training loop's, from its strategy), or a bare GPT, decoded through its
+    KV cache. A fixed number of tokens is drawn (no early stop, no crop), so that every rank runs the
+    same forwards."""
+    if isinstance(decoder, nn.Module):
+        decoder = generation.CachedDecoder(decoder)
+    ctx, model = decoder.block_size, decoder.model
+    prompt = prompt[-(ctx - 1) :] or [0]  # keep room for at least one new token
+    max_new_tokens = min(max_new_tokens, ctx - len(prompt))
     if max_new_tokens <= 0:
         return []
     was_training = model.training
     model.eval()
     try:
         (out,) = generation.generate(
-            generation.CachedDecoder(model, device=device),
+            decoder,
             [prompt],
             max_new_tokens,
             temperature=temperature,

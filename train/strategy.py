@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from model.dtypes import SHORT
+from model.generation import CachedDecoder, Decoder
 
 BuildOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
@@ -133,9 +134,10 @@ class Strategy(ABC):
         mesh) each dimension's degree and this rank's coordinates."""
         return {"strategy": self.name, "world_size": self.world_size}
 
-    def sample_model(self) -> nn.Module | None:
-        """The bare model that sampling decodes with its KV cache, or None where this layout cannot."""
-        return unwrap(self.model)
+    def sample_decoder(self) -> Decoder | None:
+        """What the training log's samples decode with (model/generation.py): the bare model through
+        its KV cache, or None where this layout cannot sample."""
+        return CachedDecoder(unwrap(self.model), device=self.device)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:

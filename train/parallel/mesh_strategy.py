@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from model.dtypes import torch_dtype
+from model.generation import CachedDecoder, Decoder, WindowDecoder
 from model.io import clean_state_dict
 from train.parallel.context import ContextParallel, ContextParallelEval
 from train.parallel.dims import DIMS, ParallelDims, check_async_tp
@@ -56,7 +57,7 @@ class MeshStrategy(DistributedStrategy):
     """The Strategy of every mesh layout. Hooks for the dimensions that change the step (each a method
     a subclass overrides): `parallelize` (pipeline parallel: per stage), `forward_backward` (pipeline
     parallel: its schedule over all micro-batches), `micro_loss` (context parallel: the sequence shard),
-    `eval_model` / `sample_model` (what evaluation and sampling call)."""
+    `eval_model` / `sample_decoder` (what evaluation and sampling call)."""
 
     def __init__(
         self,
@@ -217,10 +218,14 @@ class MeshStrategy(DistributedStrategy):
             out["ep"], out["coords"]["ep"] = self.dims.ep, self.dims.ep_rank
         return out
 
-    def sample_model(self) -> nn.Module | None:
-        # under tp, sequence parallel splits the positions between the tp ranks, and a decode step has
-        # one position; under ep a forward needs the whole ep group
-        return None if self.dims.tp > 1 or self.dims.ep > 1 else self.bare
+    def sample_decoder(self) -> Decoder | None:
+        if self.dims.ep > 1:  # a forward needs the whole ep group
+            return None
+        if self.dims.tp > 1:
+            # sequence parallel splits a window's positions between the tp ranks, which one decoded
+            # token cannot be: every step runs the whole window, whole logits out (eval_model)
+            return WindowDecoder(self.eval_model(), self.bare.config, multiple=self.dims.tp)
+        return CachedDecoder(self.bare, device=self.device)
 
     # ---- checkpoints ------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, torch.Tensor]:

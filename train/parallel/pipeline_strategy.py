@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from model.generation import CachedDecoder, Decoder, WindowDecoder
 from model.io import clean_state_dict
 from train.parallel.context import ContextParallel
 from train.parallel.expert import sync_moe_grads
@@ -115,8 +116,10 @@ class PipelineStrategy(MeshStrategy):
     def eval_model(self) -> nn.Module:
         return self.view
 
-    def sample_model(self) -> nn.Module | None:
-        return None if self.dims.tp > 1 else self.view  # as MeshStrategy's: no KV cache under tp
+    def sample_decoder(self) -> Decoder | None:
+        if self.dims.tp > 1:  # as MeshStrategy's: whole windows under sequence parallel
+            return WindowDecoder(self.view, self.view.config, multiple=self.dims.tp)
+        return CachedDecoder(self.view, device=self.device)
 
     def state_dicts(self) -> tuple[dict, dict]:
         """As MeshStrategy's, with each optimizer group's parameter names over every stage: DCP keeps one
