@@ -71,7 +71,7 @@ def decode_layout(model: torch.nn.Module) -> None:
 
 class TorchBackend(CachedDecoder, Backend):
     """A GPT (float or int8-quantized) with the preallocated in-place KVCache: model.generation's
-    CachedDecoder, which decodes through GPT.forward (compile: a static step, compiled).
+    CachedDecoder, which decodes through GPT.forward (compile: the decode step compiled, dynamic shapes).
 
     A float32 model on the CPU has its Linear weights re-strided for decoding (decode_layout); an int8
     model has each layer's fastest kernel chosen on this CPU (tune_kernels)."""

@@ -159,17 +159,18 @@ def decode_next(
 
 def decode_step(model: GPT, tokens: torch.Tensor, slot: int | torch.Tensor, cache: KVCache) -> torch.Tensor:
     """tokens (B, 1) at slot (an int, or (B,) per row) of cache -> logits (B, V): GPT's cached forward,
-    the head on the one position. With the slot as a tensor on a static cache every cache slot is
-    attended (masked), so its shapes do not change from one position to the next and torch.compile
-    traces it once per batch size and cache length (gpt-fast's static decode step)."""
+    the head on the one position. CachedDecoder(compile=True) runs it through torch.compile with
+    dynamic shapes (the attended length changes every step)."""
     return model.head(model.cached_trunk(tokens, cache, slot))[:, -1]
 
 
 class CachedDecoder:
     """A GPT and its preallocated KVCache behind the Decoder interface (gpt-fast's design).
 
-    compile: one-token steps go through torch.compile(decode_step) on a static cache (cache lengths
-    rounded up to multiples of 256, so that a few graphs serve every call)."""
+    compile: one-token steps go through torch.compile(decode_step) with dynamic shapes: one graph
+    serves every cache length, and a step attends over the written slots only, as the eager step does
+    (a static cache would attend over all of its slots, masked: several times the attention work
+    early in a sequence)."""
 
     def __init__(self, model: GPT, compile: bool = False, device: torch.device | str | None = None):
         self.model = model
@@ -192,16 +193,12 @@ class CachedDecoder:
             # are a large part of a small model's compiled step. Guards on the arguments' tensors and
             # on the cache's row state stay.
             guards = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-            self._step = torch.compile(decode_step, dynamic=False, options={"guard_filter_fn": guards})
+            self._step = torch.compile(decode_step, dynamic=True, options={"guard_filter_fn": guards})
 
     @torch.inference_mode()  # a little less per-op bookkeeping per decode step than no_grad
     def prefill(self, tokens: torch.Tensor, left_pad: torch.Tensor, max_len: int) -> torch.Tensor:
         B, T = tokens.shape
-        if self.compiled:
-            max_len = min(self.block_size, -(-max_len // 256) * 256)
-        self.cache = KVCache(
-            self.model.config, B, max_len, self.device, self.dtype, left_pad=left_pad, static=self.compiled
-        )
+        self.cache = KVCache(self.model.config, B, max_len, self.device, self.dtype, left_pad=left_pad)
         self.rows_total = B
         self.pos = T
         return self._prefill(tokens, self.cache, False)[:, -1]
@@ -216,12 +213,7 @@ class CachedDecoder:
         tokens = tokens.to(self.device)
         n = tokens.shape[0]
         cache = self.cache if n == self.rows_total else self.cache.rows(0, n)
-        if slot is not None:
-            at: int | torch.Tensor = slot.to(self.device)
-        elif self._step is not None:
-            at = torch.full((n,), self.pos, device=self.device)  # (n,): a tensor, so one graph serves every slot
-        else:
-            at = self.pos
+        at: int | torch.Tensor = self.pos if slot is None else slot.to(self.device)
         if slot is None:
             self.pos += 1
         return (self._step or decode_step)(self.model, tokens, at, cache).float()

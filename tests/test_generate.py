@@ -197,7 +197,7 @@ def test_filter_logits_probabilities_sum_to_one():
 
 
 def test_compiled_decode_step_equals_eager():
-    """--compile: gpt-fast's static-shape decode step (whole-cache attention with a mask)."""
+    """--compile: the decode step compiled (dynamic shapes), left padding and a batch of two included."""
     eager = backend(n_layer=1)
     compiled = TorchBackend(eager.model, {}, compile=True)
     prompts = [[1, 2, 3, 4, 5], [7, 8]]
