@@ -167,7 +167,9 @@ def test_mesh_state_bytes_equal_a_real_run(request, options, nproc, layout, fami
     mcfg = dataclasses.replace(drv.model_config(family), vocab_size=96)
     f = state_bytes(meta_model(mcfg), layout, "float32")
     assert got["after_wrap"] == pytest.approx(f.params, abs=16)
-    assert got["after_backward"] - got["after_step"] == f.grads
+    # a 4-rank backward can return while a small collective buffer is still alive; a layout that kept
+    # whole or doubled gradients would be off by tens of KiB
+    assert got["after_backward"] - got["after_step"] == pytest.approx(f.grads, abs=1024)
     assert got["after_step"] - got["after_wrap"] == pytest.approx(f.optimizer, abs=SLACK)
 
 
