@@ -41,10 +41,16 @@ def test_a_user_error_is_one_line_and_exit_2(tmp_path, args, says):
 
 
 def test_the_runner_under_torchrun_and_on_a_bug(monkeypatch, capsys):
-    """model.cli.run: rank 0 alone prints an error every rank raises; a rank's own error is printed by that
-    rank; a config error says so; a bug (not a UserError) propagates with its traceback."""
+    """model.cli.run: rank 0 alone prints an error every rank raises, and the other ranks wait before
+    they exit (torchrun stops every rank once one exits: rank 0 must get to print first); a rank's own
+    error is printed by that rank at once; a config error says so; a bug (not a UserError) propagates
+    with its traceback."""
+    import model.cli
     from model.cli import run as run_command
     from train.errors import ConfigError, TrainError
+
+    waits = []
+    monkeypatch.setattr(model.cli.time, "sleep", waits.append)
 
     def raising(error):
         def main(argv):
@@ -55,6 +61,7 @@ def test_the_runner_under_torchrun_and_on_a_bug(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert run_command(raising(TrainError("no data"))) == 2
     assert capsys.readouterr().err == ""
+    assert waits == [model.cli.PEER_ERROR_GRACE_S] and waits[0] >= 1
     own = TrainError("no GPU here")
     own.every_rank_reports = True
     assert run_command(raising(own)) == 2
@@ -62,5 +69,6 @@ def test_the_runner_under_torchrun_and_on_a_bug(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     assert run_command(raising(ConfigError("unknown key 'x'")), prog="p") == 2
     assert capsys.readouterr().err == "p: config error: unknown key 'x'\n"
+    assert len(waits) == 1  # neither a rank's own error nor rank 0 waits
     with pytest.raises(KeyError):
         run_command(raising(KeyError("a bug")))
