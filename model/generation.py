@@ -25,7 +25,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.config import ModelConfig
 from model.errors import UserError
 from model.gpt import GPT, KVCache
 from model.sampling import sample_next
@@ -185,7 +184,6 @@ class CachedDecoder:
         self.cache: KVCache | None = None
         self.rows_total = 0  # the cache's rows
         self.pos = 0  # the slot the next token is written at (generate's batch: every row at once)
-        self.compiled = compile
         self._step = None
         if compile:
             # The model is this decoder's for its lifetime (eval mode, weights laid out before the first
@@ -243,10 +241,9 @@ class WindowDecoder:
     must split evenly over them. Causal attention keeps the padding after the last real token out of
     every real position's logits. Prompts are not left-padded (one row, or rows of equal length)."""
 
-    def __init__(self, model: nn.Module, cfg: ModelConfig, multiple: int = 1):
+    def __init__(self, model: nn.Module, block_size: int, multiple: int = 1):
         self.model, self.multiple = model, multiple
-        self.vocab_size = cfg.vocab_size
-        self.block_size = cfg.block_size - cfg.block_size % multiple  # padded windows must fit the context
+        self.block_size = block_size - block_size % multiple  # padded windows must fit the context
         self.window: torch.Tensor | None = None  # (B, T) the tokens so far
         self.device = next(iter(model.parameters())).device
 

@@ -219,8 +219,8 @@ class KVCache:
     batch), masked out; its positions count from start[b]. With doc_mask, doc_start[b] is the slot of
     the <|endoftext|> that opened the document of the row's last written token: later tokens attend
     from there on (and, with doc_positions_restart, count their positions from there), as the
-    no-cache forward does (GPT.window). `static` attends over all max_seq_len slots, the unwritten
-    ones masked, so every step has the same shapes: what a compiled step needs.
+    no-cache forward does (GPT.window). A `static` row state (row_state: the ONNX decoder graph, whose
+    inputs keep one shape) attends over all max_seq_len slots, the unwritten ones masked.
     """
 
     def __init__(
@@ -231,7 +231,6 @@ class KVCache:
         device=None,
         dtype=torch.float32,
         left_pad: torch.Tensor | None = None,
-        static: bool = False,
     ):
         self.max_seq_len = max_seq_len or cfg.block_size
         if self.max_seq_len > cfg.block_size:
@@ -248,7 +247,7 @@ class KVCache:
         self.padded = bool((self.start > 0).any())  # a host-side flag: the unpadded path needs no mask
         self.eot_id = cfg.eot_id if cfg.doc_mask else None
         self.restart = cfg.doc_positions_restart
-        self.static = static
+        self.static = False
 
     @classmethod
     def row_state(

@@ -330,7 +330,7 @@ def test_window_decoder_draws_the_cached_decoders_tokens(family):
     model, cfg = be.model, be.model.config
     prompt = [5, 9, 96, 3, 4, 7, 1]  # an EOT inside: the last document starts at slot 2
     for multiple in (1, 2, 3, 4):
-        window = WindowDecoder(model, cfg, multiple=multiple)
+        window = WindowDecoder(model, cfg.block_size, multiple=multiple)
         assert window.block_size == cfg.block_size - cfg.block_size % multiple
         for kw in (dict(temperature=0), dict(temperature=1.0, top_k=20, seed=4)):
             want = loop(CachedDecoder(model), [prompt], 30, **kw)
@@ -340,4 +340,4 @@ def test_window_decoder_draws_the_cached_decoders_tokens(family):
             assert loop(window, [prompt], 70, temperature=1.0, seed=2) == want, multiple
     assert len(set(want[0])) > 5  # a lively model: the tokens depend on the context
     with pytest.raises(ValueError, match="left padding"):
-        loop(WindowDecoder(model, cfg, multiple=2), [[1, 2, 3], [4]], 3)
+        loop(WindowDecoder(model, cfg.block_size, multiple=2), [[1, 2, 3], [4]], 3)

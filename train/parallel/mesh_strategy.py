@@ -224,7 +224,7 @@ class MeshStrategy(DistributedStrategy):
         if self.dims.tp > 1:
             # sequence parallel splits a window's positions between the tp ranks, which one decoded
             # token cannot be: every step runs the whole window, whole logits out (eval_model)
-            return WindowDecoder(self.eval_model(), self.bare.config, multiple=self.dims.tp)
+            return WindowDecoder(self.eval_model(), self.bare.config.block_size, multiple=self.dims.tp)
         return CachedDecoder(self.bare, device=self.device)
 
     # ---- checkpoints ------------------------------------------------------------------

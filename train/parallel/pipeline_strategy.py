@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from model.generation import CachedDecoder, Decoder, WindowDecoder
+from model.generation import CachedDecoder, Decoder
 from model.io import clean_state_dict
 from train.parallel.context import ContextParallel
 from train.parallel.expert import sync_moe_grads
@@ -117,8 +117,8 @@ class PipelineStrategy(MeshStrategy):
         return self.view
 
     def sample_decoder(self) -> Decoder | None:
-        if self.dims.tp > 1:  # as MeshStrategy's: whole windows under sequence parallel
-            return WindowDecoder(self.view, self.view.config, multiple=self.dims.tp)
+        if self.dims.tp > 1:  # MeshStrategy's whole windows, through eval_model: the view
+            return super().sample_decoder()
         return CachedDecoder(self.view, device=self.device)
 
     def state_dicts(self) -> tuple[dict, dict]:
