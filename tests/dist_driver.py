@@ -7,7 +7,8 @@ CheckpointManager; used by tests/test_dist_*.py.
 SPEC.json: {"out": DIR, "driver_group": bool, "scenarios": [{...}, ...]}. Each scenario names a
 strategy, its options (activation_checkpointing and compile go into the StrategySpec, the rest to
 make_strategy), the gradient-accumulation steps, the steps to run, where to save (save_model:
-whether the checkpoint gets its model/ artifact, default true) and what to resume from; rank 0
+whether the checkpoint gets its model/ artifact, default true), what to resume from and after which
+step to draw the training log's samples through the strategy's decoder (sample_at); rank 0
 writes DIR/<name>.json (per-step global losses and grad norms) and DIR/<name>.final.pt (the final
 full state dict). With driver_group the driver creates the process group (so several scenarios
 share it) and the strategies reuse it; otherwise each strategy owns it.
@@ -34,12 +35,14 @@ from model.gpt import GPT
 from model.moe import after_step
 from train.checkpoint import CheckpointManager, TrainState
 from train.parallel.build import make_strategy
+from train.sample import generate
 from train.strategy import StrategySpec, unwrap
 
 GLOBAL_BATCH = 8  # rows per optimizer step, whatever the world size and accumulation
 SEQ = 16
 VOCAB = 97
 REPO = Path(__file__).resolve().parents[1]
+SAMPLE_PROMPT = [5, 6, 7]  # the prompt of the samples that "sample_at" asks for
 
 
 def model_config(family: str = "gpt2") -> ModelConfig:
@@ -129,6 +132,7 @@ def run_scenario(sc: dict, out: Path) -> dict:
         and bare.lm_head.weight is bare.transformer.wte.weight,
     }
 
+    a2a_rows: list[int] = []  # with record_layout: the rows of each training all_to_all this rank sent
     if sc.get("record_layout"):  # what the layout did to the parameters and to the activations
         res["layout"] = layout_of(bare)
         seen = []
@@ -137,7 +141,7 @@ def run_scenario(sc: dict, out: Path) -> dict:
         # rows this rank sends by the differentiable all_to_all (expert parallel's dispatch and combine)
         import torch.distributed._functional_collectives as funcol
 
-        a2a, a2a_rows = funcol.all_to_all_single_autograd, []
+        a2a = funcol.all_to_all_single_autograd
 
         def counting(x, *args, **kwargs):
             a2a_rows.append(x.shape[0])
@@ -188,6 +192,10 @@ def run_scenario(sc: dict, out: Path) -> dict:
         mean = s.all_reduce_sum(total) / world  # equal micro-batches: the global mean
         res["losses"][step] = float(mean)
         res["norms"][step] = float(norm)
+        if step == sc.get("sample_at"):  # greedy and drawn samples through the layout's decoder, mid-run
+            trained = len(a2a_rows)
+            res["samples"] = [generate(s.sample_decoder(), SAMPLE_PROMPT, 8, temperature=t) for t in (0, 1.0)]
+            del a2a_rows[trained:]  # decoding's all_to_alls (one token, often no row for a peer) are not training's
         if step == sc.get("save_at"):
             save(s, mcfg, Path(sc["save_dir"]), step, with_model=sc.get("save_model", True))
             sd = s.model_state_dict()

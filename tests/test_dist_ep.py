@@ -1,7 +1,7 @@
 """Expert parallelism (train/parallel/expert.py) against the one-process run, on a MoE GPT (4 experts,
 top-2, a shared expert, the router z-loss and the aux-loss-free bias on; tests/dist_driver.py's "moe"
 family). One torchrun launch of four ranks (CPU, gloo) runs:
-    dp_shard 4 x ep 2          two experts per rank, each expert pair held by two ranks (edp 2)
+    dp_shard 4 x ep 2          two experts per rank, each expert pair held by two ranks (edp 2), and its samples
     dp_shard 2 x tp 2 x ep 2   FSDP and TP on the dense weights, the MoE routing each tp rank's slice
     dp_shard 4 x ep 2, resumed from the first run's checkpoint: the same losses, bit for bit
     dp_shard 4 (ep 1), resumed from the same checkpoint: DCP reshards the experts
@@ -40,7 +40,8 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ref(work) -> dict:
     (work / "out").mkdir(exist_ok=True)
-    return drv.run_scenario({"name": "ref", "strategy": "none", "steps": STEPS, "family": "moe"}, work / "out")
+    sc = {"name": "ref", "strategy": "none", "steps": STEPS, "family": "moe", "sample_at": 3}
+    return drv.run_scenario(sc, work / "out")
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,17 @@ def four_ranks(work) -> Path:
                 "save_at": SAVE,
                 "save_dir": str(work / "run_ep2"),
                 "save_model": False,
+                "sample_at": 3,
                 **moe,
             },
-            {"name": "shard2_tp2_ep2", "strategy": "fsdp", "options": {"tp": 2, "ep": 2}, "record_layout": True, **moe},
+            {
+                "name": "shard2_tp2_ep2",
+                "strategy": "fsdp",
+                "options": {"tp": 2, "ep": 2},
+                "record_layout": True,
+                "sample_at": 3,
+                **moe,
+            },
             {"name": "shard4_ep2_resumed", "strategy": "fsdp", "options": {"ep": 2}, "load": ckpt, "seed": 5, **moe},
             {"name": "shard4_from_ep2", "strategy": "fsdp", "load": ckpt, "seed": 7, **moe},
         ],
@@ -80,7 +89,13 @@ def _max_diff(res: dict, ref: dict, steps) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["shard4_ep2", "shard2_tp2_ep2"])
 def test_ep2_equals_one_process(four_ranks, ref, name):
-    assert _max_diff(drv.load_result(four_ranks, name), ref, range(1, STEPS + 1)) < LOSS_TOL
+    """Losses and gradient norms; and the training log's samples after step 3 (greedy and drawn),
+    decoded through the layout (every rank routes its copy of the token through the ep group; under
+    tp, whole windows) as one process decodes them. (The resumed run below, which draws none, shows
+    that drawing them leaves training bit for bit where it was.)"""
+    got = drv.load_result(four_ranks, name)
+    assert _max_diff(got, ref, range(1, STEPS + 1)) < LOSS_TOL
+    assert got["samples"] == ref["samples"] and len(ref["samples"][0]) == 8
 
 
 @pytest.mark.slow

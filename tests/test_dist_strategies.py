@@ -48,10 +48,13 @@ def ref(work) -> dict:
                 "steps": STEPS,
                 "save_at": SAVE_AT,
                 "save_dir": str(work / "run_single"),
+                "sample_at": 3,
             },
             out,
         ),
-        "modern": drv.run_scenario({"name": "ref_modern", "strategy": "none", "steps": STEPS, "family": "modern"}, out),
+        "modern": drv.run_scenario(
+            {"name": "ref_modern", "strategy": "none", "steps": STEPS, "family": "modern", "sample_at": 3}, out
+        ),
     }
 
 
@@ -108,6 +111,7 @@ def two_ranks(work, ref, one_rank_first) -> Path:
                     "save_at": SAVE_AT,
                     "save_dir": str(work / "run_f2"),
                     "save_model": False,  # a periodic FSDP checkpoint: shards only
+                    "sample_at": 3,
                 },
                 {
                     "name": "fsdp_acc_ac",
@@ -116,6 +120,7 @@ def two_ranks(work, ref, one_rank_first) -> Path:
                     "accum": 2,
                     "family": "modern",
                     "options": {"activation_checkpointing": True},
+                    "sample_at": 3,
                 },
                 {
                     "name": "fsdp_bf16",
@@ -188,8 +193,12 @@ def test_ddp_two_ranks_equal_one_process(two_ranks, ref, name):
 
 @pytest.mark.parametrize("name, family", [("fsdp", "gpt2"), ("fsdp_acc_ac", "modern")])
 def test_fsdp_two_ranks_equal_one_process(two_ranks, ref, name, family):
+    """Losses, norms and final weights; and samples (greedy and drawn) through the strategy's KV-cache
+    decoder after step 3, when the backward has resharded every parameter (the decode step calls the
+    root's methods, which FSDP must gather for as it does for forward); training goes on undisturbed."""
     res = drv.load_result(two_ranks, name)
     assert_matches(res, ref[family])
+    assert res["samples"] == ref[family]["samples"] and len(res["samples"][1]) == 8
     assert res["tied"] == (family == "gpt2")  # a tied lm_head stays the same tensor as wte
     assert_params_close(two_ranks, name, "ref" if family == "gpt2" else "ref_modern")
 

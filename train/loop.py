@@ -627,11 +627,7 @@ class Trainer:
         every = self.cfg.logging.sample_every
         if not (every > 0 and (self.state.step % every == 0 or last)):
             return
-        decoder = self.strategy.sample_decoder()
-        if decoder is None:
-            self.log(f"step {self.state.step}: no sample (this parallel layout cannot decode)")
-            return
-        text = self.sample(decoder)
+        text = self.sample(self.strategy.sample_decoder())
         self.metrics.write({"step": self.state.step, "sample": text})
         self.metrics.text("sample", text, self.state.step)
         self.log(f"---- sample at step {self.state.step} ----\n{text}\n----")

@@ -134,9 +134,10 @@ class Strategy(ABC):
         mesh) each dimension's degree and this rank's coordinates."""
         return {"strategy": self.name, "world_size": self.world_size}
 
-    def sample_decoder(self) -> Decoder | None:
-        """What the training log's samples decode with (model/generation.py): the bare model through
-        its KV cache, or None where this layout cannot sample."""
+    def sample_decoder(self) -> Decoder:
+        """What the training log's samples decode with (model/generation.py): here the bare model
+        through its KV cache. Every rank decodes, in step (sharded parameters are gathered for each
+        step, expert-parallel blocks send each rank's copy of the token through the ep group)."""
         return CachedDecoder(unwrap(self.model), device=self.device)
 
     @abstractmethod

@@ -218,9 +218,7 @@ class MeshStrategy(DistributedStrategy):
             out["ep"], out["coords"]["ep"] = self.dims.ep, self.dims.ep_rank
         return out
 
-    def sample_decoder(self) -> Decoder | None:
-        if self.dims.ep > 1:  # a forward needs the whole ep group
-            return None
+    def sample_decoder(self) -> Decoder:
         if self.dims.tp > 1:
             # sequence parallel splits a window's positions between the tp ranks, which one decoded
             # token cannot be: every step runs the whole window, whole logits out (eval_model)

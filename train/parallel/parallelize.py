@@ -79,7 +79,7 @@ def apply_fsdp(model: nn.Module, mesh, mp_policy, ignored: set | None = None) ->
     """Bottom-up: one all-gather / reduce-scatter group per block, then the root group holding the
     embeddings, final norm and head. Shared parameters are managed once, so a tied lm_head stays the
     same (sharded) tensor as wte. `ignored`: parameters FSDP leaves alone (experts sharded over ep)."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     kwargs = {"mp_policy": mp_policy} if mp_policy is not None else {}
     if ignored:
@@ -87,6 +87,11 @@ def apply_fsdp(model: nn.Module, mesh, mp_policy, ignored: set | None = None) ->
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **kwargs)
+    # The KV-cache decode step (model.generation.decode_step) calls these methods of the root, not its
+    # forward: FSDP must gather the root's parameters (embeddings, final norm, head) for them too.
+    for method in ("cached_trunk", "head"):
+        if hasattr(model, method):
+            register_fsdp_forward_method(model, method)
 
 
 # ----------------------------------------------------------------------------- tensor parallel

@@ -116,7 +116,7 @@ class PipelineStrategy(MeshStrategy):
     def eval_model(self) -> nn.Module:
         return self.view
 
-    def sample_decoder(self) -> Decoder | None:
+    def sample_decoder(self) -> Decoder:
         if self.dims.tp > 1:  # MeshStrategy's whole windows, through eval_model: the view
             return super().sample_decoder()
         return CachedDecoder(self.view, device=self.device)
