@@ -169,10 +169,21 @@ class CachedDecoder:
     compile: one-token steps go through torch.compile(decode_step) with dynamic shapes: one graph
     serves every cache length, and a step attends over the written slots only, as the eager step does
     (a static cache would attend over all of its slots, masked: several times the attention work
-    early in a sequence)."""
+    early in a sequence).
+    inference_mode: steps run under torch.inference_mode (a little less per-op bookkeeping than
+    no_grad); False for a model that trains afterwards (the training log's samples): tensors made in
+    inference mode, such as FSDP's gathered parameters or torchao's float8 weight wrappers, cannot
+    enter autograd later, and some tensor subclasses refuse to be made in it at all."""
 
-    def __init__(self, model: GPT, compile: bool = False, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        model: GPT,
+        compile: bool = False,
+        device: torch.device | str | None = None,
+        inference_mode: bool = True,
+    ):
         self.model = model
+        self.grad_mode = torch.inference_mode if inference_mode else torch.no_grad
         cfg = model.config
         self.vocab_size, self.block_size = cfg.vocab_size, cfg.block_size
         p = next(iter(model.parameters()), None)
@@ -193,20 +204,20 @@ class CachedDecoder:
             guards = torch.compiler.skip_guard_on_all_nn_modules_unsafe
             self._step = torch.compile(decode_step, dynamic=True, options={"guard_filter_fn": guards})
 
-    @torch.inference_mode()  # a little less per-op bookkeeping per decode step than no_grad
     def prefill(self, tokens: torch.Tensor, left_pad: torch.Tensor, max_len: int) -> torch.Tensor:
         B, T = tokens.shape
-        self.cache = KVCache(self.model.config, B, max_len, self.device, self.dtype, left_pad=left_pad)
+        with self.grad_mode():
+            self.cache = KVCache(self.model.config, B, max_len, self.device, self.dtype, left_pad=left_pad)
         self.rows_total = B
         self.pos = T
         return self._prefill(tokens, self.cache, False)[:, -1]
 
     def _prefill(self, tokens: torch.Tensor, cache: KVCache, all_positions: bool) -> torch.Tensor:
         """tokens (B, T) from slot 0 of cache -> float logits (B, T, V), or (B, 1, V) of the last position."""
-        h = self.model.cached_trunk(tokens.to(self.device), cache, 0)  # (B, T, C)
-        return self.model.head(h if all_positions else h[:, -1:]).float()  # the head on what is asked only
+        with self.grad_mode():
+            h = self.model.cached_trunk(tokens.to(self.device), cache, 0)  # (B, T, C)
+            return self.model.head(h if all_positions else h[:, -1:]).float()  # the head on what is asked only
 
-    @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
         tokens = tokens.to(self.device)
         n = tokens.shape[0]
@@ -214,13 +225,13 @@ class CachedDecoder:
         at: int | torch.Tensor = self.pos if slot is None else slot.to(self.device)
         if slot is None:
             self.pos += 1
-        return (self._step or decode_step)(self.model, tokens, at, cache).float()
+        with self.grad_mode():
+            return (self._step or decode_step)(self.model, tokens, at, cache).float()
 
     def open_rows(self, rows: int) -> None:
         self.cache = KVCache(self.model.config, rows, self.block_size, self.device, self.dtype)
         self.rows_total = rows
 
-    @torch.inference_mode()
     def prefill_row(self, row: int, prompt: Sequence[int], all_positions: bool = False) -> torch.Tensor:
         cache = self.cache.rows(row, row + 1)
         cache.reset_row(0)

@@ -1,5 +1,5 @@
 """Run by torchrun from tests/test_fp8.py: tests/dist_driver.py's loop sequence on a GPT whose Linear
-layers are torchao's emulated Float8Linear (train/fp8.py), under tensor parallel, on gloo.
+layers are torchao's emulated Float8Linear (train/fp8.py), under tensor parallel or FSDP, on gloo.
 
     torchrun --nproc_per_node=2 tests/fp8_tp_probe.py SPEC.json
 
@@ -28,16 +28,16 @@ import torch.distributed as dist
 
 from train import fp8
 
-RECIPE = {"fp8": "tensorwise"}  # the recipe of the scenario being run
+RECIPE = {"fp8": "tensorwise", "fsdp": False}  # the scenario being run: its recipe, and whether FSDP shards it
 GATHERS: Counter = Counter()  # float8 dtype name -> all-gathers run on this rank
 plain_gpt = drv.GPT
 
 
 def fp8_gpt(cfg):
     """dist_driver's GPT, its Linear layers converted to emulated float8 before any layout's transform,
-    as the loop does (no FSDP here: no fp8 FSDP all-gather)."""
+    as the loop does (under FSDP: weights all-gathered in float8)."""
     model = plain_gpt(cfg)
-    fp8.convert(model, RECIPE["fp8"], emulate=True, fsdp=False)
+    fp8.convert(model, RECIPE["fp8"], emulate=True, fsdp=RECIPE["fsdp"])
     return model
 
 
@@ -68,7 +68,7 @@ def main() -> None:
     gloo_float8_gathers()
     init_distributed("cpu", "driver")
     for sc in spec["scenarios"]:
-        RECIPE["fp8"] = sc["fp8"]
+        RECIPE["fp8"], RECIPE["fsdp"] = sc["fp8"], sc["strategy"] == "fsdp"
         GATHERS.clear()
         res = drv.run_scenario(sc, out)
         if dist.get_rank() == 0:

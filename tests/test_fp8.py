@@ -163,7 +163,7 @@ def test_fp8_mfu_uses_the_fp8_peak():
     assert est["tensorwise"].mfu == pytest.approx(est["none"].mfu)
 
 
-# ----------------------------------------------------------------------------- tensor parallel
+# ----------------------------------------------------------------------------- tensor parallel, FSDP
 
 TP_STEPS = 4
 TP_SCENARIOS = {  # name -> (recipe, dist_driver family): GPT-2's Linear layers have biases, the modern's none
@@ -177,6 +177,7 @@ TP_SCENARIOS = {  # name -> (recipe, dist_driver family): GPT-2's Linear layers 
 # 1e-5). The failure this guards against, a bias learning from torchao's float8-rounded output
 # gradient, moves the GPT-2 loss by 2e-4 and more by step 2.
 TP_LOSS_TOL = 1e-5
+FSDP_SCENARIO = {"family": "gpt2", "strategy": "fsdp", "steps": TP_STEPS, "sample_at": 2}
 
 
 @pytest.fixture(scope="module")
@@ -191,6 +192,7 @@ def fp8_tp2(tmp_path_factory):
         {"name": n, "fp8": r, "family": f, "strategy": "none", "options": {"tp": 2}, "steps": TP_STEPS}
         for n, (r, f) in TP_SCENARIOS.items()
     ]
+    scenarios.append({"name": "fsdp_tensorwise", "fp8": "tensorwise", **FSDP_SCENARIO})
     spec = out.parent / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "scenarios": scenarios}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
@@ -233,3 +235,21 @@ def test_fp8_under_tensor_parallel_matches_one_process(fp8_tp2, monkeypatch):
             continue
         assert gathers.get("float8_e4m3fn") == 2 * n_layer * TP_STEPS, (name, gathers)
         assert ("float8_e5m2" in gathers) == (family == "modern"), (name, gathers)
+
+
+@pytest.mark.slow
+def test_fp8_under_fsdp_trains_and_samples_like_one_process(fp8_tp2, monkeypatch):
+    """train.fp8=tensorwise under FSDP on 2 ranks (weights all-gathered in float8): the losses of one
+    process with the same recipe, and the training log's samples drawn mid-run through the KV cache
+    (which runs under no_grad: torchao's float8 weight wrapper cannot be made in inference mode)."""
+    import fp8_tp_probe as probe
+
+    out, drv = fp8_tp2
+    monkeypatch.setattr(drv, "GPT", probe.fp8_gpt)
+    got = drv.load_result(out, "fsdp_tensorwise")
+    monkeypatch.setitem(probe.RECIPE, "fp8", "tensorwise")
+    # tensorwise scales each activation by its own amax: the reference's micro-batches are the ranks' rows
+    want = drv.run_scenario({**FSDP_SCENARIO, "name": "ref_fsdp_tensorwise", "strategy": "none", "accum": 2}, out)
+    for step in want["losses"]:
+        assert got["losses"][step] == pytest.approx(want["losses"][step], abs=TP_LOSS_TOL), step
+    assert got["samples"] == want["samples"] and len(want["samples"][0]) == 8

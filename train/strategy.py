@@ -138,7 +138,7 @@ class Strategy(ABC):
         """What the training log's samples decode with (model/generation.py): here the bare model
         through its KV cache. Every rank decodes, in step (sharded parameters are gathered for each
         step, expert-parallel blocks send each rank's copy of the token through the ep group)."""
-        return CachedDecoder(unwrap(self.model), device=self.device)
+        return CachedDecoder(unwrap(self.model), device=self.device, inference_mode=False)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:

@@ -223,7 +223,7 @@ class MeshStrategy(DistributedStrategy):
             # sequence parallel splits a window's positions between the tp ranks, which one decoded
             # token cannot be: every step runs the whole window, whole logits out (eval_model)
             return WindowDecoder(self.eval_model(), self.bare.config.block_size, multiple=self.dims.tp)
-        return CachedDecoder(self.bare, device=self.device)
+        return CachedDecoder(self.bare, device=self.device, inference_mode=False)
 
     # ---- checkpoints ------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, torch.Tensor]:
