@@ -23,6 +23,7 @@ import dataclasses
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import dist_driver as drv
@@ -57,6 +58,7 @@ def storages(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[i
     return found
 
 
+SETTLE_S, SETTLE_TRIES = 0.05, 40
 FSDP_GATHERS: list[int] = []  # bytes of every FSDP2 all-gather output buffer of the case being measured
 
 
@@ -97,8 +99,19 @@ def measure(name: str, options: dict, family: str, precision: str = "fp32", fp8:
     del bare
 
     def new(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-        gc.collect()
-        return sum(v for k, v in storages(model, opt).items() if k not in before)
+        """Bytes of the storages alive now and not before, once they have settled: a collective still
+        running on gloo's worker threads holds its tensors for a moment after the call that started it
+        returned, so the count is taken again until two counts SETTLE_S apart agree."""
+        dist.barrier()
+        last = None
+        for _ in range(SETTLE_TRIES):
+            gc.collect()
+            count = sum(v for k, v in storages(model, opt).items() if k not in before)
+            if count == last:
+                break
+            last = count
+            time.sleep(SETTLE_S)
+        return count
 
     res = {"after_wrap": new(model, opt)}
     x, y = (t % vocab for t in drv.global_batch(1))
