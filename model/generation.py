@@ -173,7 +173,9 @@ class CachedDecoder:
     inference_mode: steps run under torch.inference_mode (a little less per-op bookkeeping than
     no_grad); False for a model that trains afterwards (the training log's samples): tensors made in
     inference mode, such as FSDP's gathered parameters or torchao's float8 weight wrappers, cannot
-    enter autograd later, and some tensor subclasses refuse to be made in it at all."""
+    enter autograd later, and some tensor subclasses refuse to be made in it at all.
+    dtype: the keys' and values' dtype, the one the blocks compute in (default: the parameters'; a
+    layout that casts its parameters for the forward, FSDP's mixed precision, says its compute dtype)."""
 
     def __init__(
         self,
@@ -181,6 +183,7 @@ class CachedDecoder:
         compile: bool = False,
         device: torch.device | str | None = None,
         inference_mode: bool = True,
+        dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.grad_mode = torch.inference_mode if inference_mode else torch.no_grad
@@ -191,7 +194,7 @@ class CachedDecoder:
             device = p.device if p is not None else "cpu"
         self.device = torch.device(device)
         # int8 models keep their weights in buffers; their few float parameters, activations and cache are fp32.
-        self.dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
+        self.dtype = dtype or (p.dtype if p is not None and p.is_floating_point() else torch.float32)
         self.cache: KVCache | None = None
         self.rows_total = 0  # the cache's rows
         self.pos = 0  # the slot the next token is written at (generate's batch: every row at once)

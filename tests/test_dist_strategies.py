@@ -127,6 +127,7 @@ def two_ranks(work, ref, one_rank_first) -> Path:
                     "strategy": "fsdp",
                     "steps": STEPS,
                     "options": {"fsdp_param_dtype": "bf16", "fsdp_reduce_dtype": "fp32"},
+                    "sample_at": 3,
                 },
                 {"name": "ddp_1to2", "strategy": "ddp", "steps": STEPS, "load": ckpt(work, "run_single"), **fresh},
                 {"name": "ddp_2to2", "strategy": "ddp", "steps": STEPS, "load": ckpt(work, "run_d2"), **fresh},
@@ -215,6 +216,8 @@ def test_fsdp_bf16_mixed_precision_runs(two_ranks, ref):
     assert all(math.isfinite(v) for v in res["losses"].values())
     assert max(diffs) < 2e-2  # bf16 compute tracks the fp32 run...
     assert max(diffs) > 1e-6  # ...but is not it: the policy really cast the parameters
+    # the training log's samples decode in the dtype the blocks compute in (a bfloat16 KV cache)
+    assert [len(s) for s in res["samples"]] == [8, 8] and all(0 <= t < drv.VOCAB for s in res["samples"] for t in s)
 
 
 @pytest.mark.parametrize("name", ["ddp_1to2", "ddp_2to2", "fsdp_1to2", "fsdp_2to2", "fsdp_2to1"])

@@ -139,6 +139,12 @@ class MeshStrategy(DistributedStrategy):
             )
         return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=self.reduce_dtype)
 
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The dtype FSDP casts the parameters to for the forward (the blocks compute in it), or None:
+        the parameters' own."""
+        return self.mp_policy.param_dtype if self.mp_policy is not None else None
+
     # ---- the step ---------------------------------------------------------------------
     def sync_context(self, is_last: bool) -> contextlib.AbstractContextManager:
         if isinstance(self.model, nn.parallel.DistributedDataParallel):
@@ -223,7 +229,7 @@ class MeshStrategy(DistributedStrategy):
             # sequence parallel splits a window's positions between the tp ranks, which one decoded
             # token cannot be: every step runs the whole window, whole logits out (eval_model)
             return WindowDecoder(self.eval_model(), self.bare.config.block_size, multiple=self.dims.tp)
-        return CachedDecoder(self.bare, device=self.device, inference_mode=False)
+        return CachedDecoder(self.bare, device=self.device, inference_mode=False, dtype=self.compute_dtype)
 
     # ---- checkpoints ------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, torch.Tensor]:

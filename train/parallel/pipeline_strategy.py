@@ -119,7 +119,7 @@ class PipelineStrategy(MeshStrategy):
     def sample_decoder(self) -> Decoder:
         if self.dims.tp > 1:  # MeshStrategy's whole windows, through eval_model: the view
             return super().sample_decoder()
-        return CachedDecoder(self.view, device=self.device, inference_mode=False)
+        return CachedDecoder(self.view, device=self.device, inference_mode=False, dtype=self.compute_dtype)
 
     def state_dicts(self) -> tuple[dict, dict]:
         """As MeshStrategy's, with each optimizer group's parameter names over every stage: DCP keeps one
