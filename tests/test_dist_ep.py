@@ -12,12 +12,14 @@ that went through all_to_all) and the routing bias is shown to travel in the che
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import dist_driver as drv
 import pytest
 import torch
-from train_helpers import DEBUG_YAML, prepared_dataset, run_cli, tiny_overrides
+from train_helpers import DEBUG_YAML, metrics, prepared_dataset, python_env, run_cli, tiny_overrides
 
 from model.config import ModelConfig
 from train.config import load_config
@@ -183,6 +185,22 @@ def test_bad_ep_layouts_are_one_line_from_the_cli(tmp_path_factory, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error: parallel.ep=2 must divide dp_shard x cp = 1"), lines
+
+
+@pytest.mark.slow
+def test_ep2_samples_in_bfloat16_through_the_loop(tmp_path_factory, tmp_path):
+    """python -m train under torchrun, dp_shard 2 x ep 2 in bfloat16: FSDP casts the dense weights but
+    not the experts (outside FSDP), so the log's samples run under the run's autocast, as training and
+    evaluation do; without it the experts' fp32 weights meet bf16 rows and the first sample fails."""
+    data = prepared_dataset(tmp_path_factory)
+    moe = ["model.family=modern", "model.mlp=swiglu", "model.n_experts=4", "parallel.dp_shard=2", "parallel.ep=2"]
+    run = ["train.dtype=bfloat16", "train.max_steps=2", "logging.sample_every=2", "logging.sample_tokens=6"]
+    args = ["--config", str(DEBUG_YAML), *tiny_overrides(data, tmp_path / "r", *moe, *run)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train"]
+    proc = subprocess.run([*cmd, *args], cwd=drv.REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = {r["step"]: r["sample"] for r in metrics(tmp_path / "r") if "sample" in r}
+    assert list(samples) == [2] and samples[2].startswith(load_config(str(DEBUG_YAML), []).logging.sample_prompt)
 
 
 def test_ep_is_the_innermost_split_of_dp_shard_x_cp():

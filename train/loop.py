@@ -687,9 +687,11 @@ class Trainer:
         return sum(w * loss for _, w, loss in losses) / sum(w for _, w, _ in losses)
 
     def sample(self, decoder) -> str:
+        """The log's text sample, in the run's precision (under its autocast, as evaluation): modules
+        that FSDP's mixed precision does not cast, such as expert-parallel experts, meet bf16 rows."""
         opts, tokenizer = self.cfg.logging, self.data.tokenizer
         prompt = tokenizer.encode(opts.sample_prompt, allowed_special="all")
-        with self.fork_rng():
+        with self.fork_rng(), self.amp:
             ids = generate(
                 decoder,
                 prompt,
