@@ -28,7 +28,7 @@ def runs(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("ds")
     out = work / "out"
     out.mkdir()
-    ref = drv.run_scenario({"name": "ref", "strategy": "none", "steps": STEPS}, out)
+    ref = drv.run_scenario({"name": "ref", "strategy": "none", "steps": STEPS, "sample_at": 2}, out)
     z3_ckpt = str(work / "run_z3" / "checkpoints" / f"step_{SAVE_AT:06d}")
     spec = {
         "out": str(out),
@@ -73,6 +73,7 @@ def runs(tmp_path_factory) -> dict:
                 "options": {"zero_stage": 3},
                 "save_at": SAVE_AT,
                 "save_dir": str(work / "run_z3"),
+                "sample_at": 2,
             },
             {
                 "name": "zero3_resume",
@@ -116,6 +117,8 @@ def test_zero_two_ranks_equal_one_process(runs, name):
         assert math.isclose(res["norms"][k], ref["norms"][k], rel_tol=1e-4), (k, res["norms"][k], ref["norms"][k])
     if name != "zero3_acc":  # ZeRO 1/2 all-gather the updated parameters into every replica
         assert res["params_equal_across_ranks"]
+    else:  # the training log's samples, drawn mid-run through the partitioned model: one process's
+        assert res["samples"] == ref["samples"] and len(ref["samples"][0]) == 8
     got, want = torch.load(runs["out"] / f"{name}.final.pt"), torch.load(runs["out"] / "ref.final.pt")
     assert sorted(got) == sorted(want)
     for k in want:

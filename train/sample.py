@@ -3,9 +3,9 @@ parallel layout gives (Strategy.sample_decoder) (train/ never imports eval/'s co
 
 The loop and the sampling rule are the ones eval.sample drives: the same model, prompt, seed and
 settings give the training log and eval.sample the same tokens (a bf16 run's log samples under the
-run's autocast, as its evaluation does, so its tokens are those of the bf16 forward). Each new token costs one token of
-compute (model.KVCache), and draws come from the loop's own torch.Generator, so that sampling never
-moves the training RNG (exact resume depends on it). Every rank runs it (under FSDP / ZeRO-3 the
+run's autocast, as its evaluation does, so its tokens are those of the bf16 forward). Each new token
+costs one token of compute (model.KVCache), and draws come from the loop's own torch.Generator, so
+that sampling never moves the training RNG (exact resume depends on it). Every rank runs it (under FSDP / ZeRO-3 the
 forward is a collective); only rank 0 prints.
 """
 
