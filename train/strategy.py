@@ -76,6 +76,9 @@ class Strategy(ABC):
     # True when state/ holds the weights (sharded), so a checkpoint's model/ artifact is optional
     # (the loop writes it at best and final; train.consolidate fills it in for the others).
     weights_in_state: bool = False
+    # The dtype the blocks compute in where the layout casts the parameters for the forward (FSDP's
+    # mixed precision); None: the parameters' own.
+    compute_dtype: torch.dtype | None = None
 
     def __init__(self, device: torch.device, spec: StrategySpec):
         self.device, self.spec = torch.device(device), spec
@@ -138,7 +141,12 @@ class Strategy(ABC):
         """What the training log's samples decode with (model/generation.py): here the bare model
         through its KV cache. Every rank decodes, in step (sharded parameters are gathered for each
         step, expert-parallel blocks send each rank's copy of the token through the ep group)."""
-        return CachedDecoder(unwrap(self.model), device=self.device, inference_mode=False)
+        return self.cached_decoder(unwrap(self.model))
+
+    def cached_decoder(self, model: nn.Module) -> CachedDecoder:
+        """`model` through its KV cache, as a model that goes on training is decoded: under no_grad, not
+        inference mode (model.generation.CachedDecoder), the cache in the blocks' compute dtype."""
+        return CachedDecoder(model, device=self.device, inference_mode=False, dtype=self.compute_dtype)
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None:

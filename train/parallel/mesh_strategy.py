@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from model.dtypes import torch_dtype
-from model.generation import CachedDecoder, Decoder, WindowDecoder
+from model.generation import Decoder, WindowDecoder
 from model.io import clean_state_dict
 from train.parallel.context import ContextParallel, ContextParallelEval
 from train.parallel.dims import DIMS, ParallelDims, check_async_tp
@@ -141,8 +141,7 @@ class MeshStrategy(DistributedStrategy):
 
     @property
     def compute_dtype(self) -> torch.dtype | None:
-        """The dtype FSDP casts the parameters to for the forward (the blocks compute in it), or None:
-        the parameters' own."""
+        """The dtype FSDP casts the parameters to for the forward (the blocks compute in it), or None."""
         return self.mp_policy.param_dtype if self.mp_policy is not None else None
 
     # ---- the step ---------------------------------------------------------------------
@@ -229,7 +228,7 @@ class MeshStrategy(DistributedStrategy):
             # sequence parallel splits a window's positions between the tp ranks, which one decoded
             # token cannot be: every step runs the whole window, whole logits out (eval_model)
             return WindowDecoder(self.eval_model(), self.bare.config.block_size, multiple=self.dims.tp)
-        return CachedDecoder(self.bare, device=self.device, inference_mode=False, dtype=self.compute_dtype)
+        return self.cached_decoder(self.bare)
 
     # ---- checkpoints ------------------------------------------------------------------
     def model_state_dict(self) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from model.generation import CachedDecoder, Decoder
+from model.generation import Decoder
 from model.io import clean_state_dict
 from train.parallel.context import ContextParallel
 from train.parallel.expert import sync_moe_grads
@@ -119,7 +119,7 @@ class PipelineStrategy(MeshStrategy):
     def sample_decoder(self) -> Decoder:
         if self.dims.tp > 1:  # MeshStrategy's whole windows, through eval_model: the view
             return super().sample_decoder()
-        return CachedDecoder(self.view, device=self.device, inference_mode=False, dtype=self.compute_dtype)
+        return self.cached_decoder(self.view)
 
     def state_dicts(self) -> tuple[dict, dict]:
         """As MeshStrategy's, with each optimizer group's parameter names over every stage: DCP keeps one
